@@ -1,0 +1,58 @@
+"""Server checkpoints: written atomically (temporary file, fsync, rename), read with weights_only=True.
+
+A checkpoint is a dict of tensors and plain values (generator and optimiser state, step, round, the sampling
+generator's state and the resolved configuration as JSON), so loading never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+
+import torch
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_path(directory: pathlib.Path, step: int) -> pathlib.Path:
+    return directory / f"step_{step:08d}.pt"
+
+
+def save_checkpoint(path: pathlib.Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one, never half
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: pathlib.Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def list_checkpoints(directory: pathlib.Path) -> list[pathlib.Path]:
+    """Checkpoints in `directory`, newest step first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
+
+
+def load_latest(directory: pathlib.Path) -> tuple[pathlib.Path, dict] | None:
+    """The newest checkpoint that loads; one that fails is reported by name and the previous one is tried."""
+    for path in list_checkpoints(directory):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as exc:  # any failure to read means: not usable, try the one before
+            log.error("checkpoint %s cannot be loaded (%s); trying the previous one", path, exc)
+    return None

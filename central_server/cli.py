@@ -1,0 +1,86 @@
+"""`asyndgan-server`: start the central server, or ask a running one for its status. Parsing only."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import click
+import grpc
+
+from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option
+from asyndgan.common.config import ServerConfig, load_config, parse_override
+from asyndgan.common.errors import AsynDGANError
+from asyndgan.common.logging_setup import setup_logging
+
+
+@click.group()
+def main() -> None:
+    """asyndgan central server: owns the generator and drives training."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path), help="TOML or JSON config file.")
+@click.option("--host", help="Address to listen on [0.0.0.0].")
+@click.option("--port", type=int, help="Port to listen on (0: any free port) [50051].")
+@click.option("--run-dir", type=click.Path(path_type=pathlib.Path), help="Checkpoints, samples, logs [runs/server].")
+@click.option("--family", type=click.Choice(["image2d", "mlp1d"]), help="Model family [image2d].")
+@click.option("--steps", type=int, help="Generator steps to train.")
+@click.option("--batch-size", type=int, help="Samples per site per step.")
+@click.option("--min-sites", type=int, help="Sites that must answer for a step to count.")
+@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Dtype of images and gradients on the wire.")
+@click.option("--threads", type=int, help="Torch CPU threads.")
+@click.option("--device", help="Torch device for the generator (cpu, cuda, cuda:1).")
+@click.option("--resume", is_flag=True, help="Continue from the newest usable checkpoint in the run folder.")
+@click.option("--port-file", type=click.Path(path_type=pathlib.Path), help="Write the bound port here (for scripts).")
+@set_option
+@log_level_option
+@friendly_errors
+def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, threads, device, resume,
+          port_file, overrides, log_level):
+    """Start the server and train until the schedule ends."""
+    from asyndgan.central_server.server import run_server
+
+    values = {
+        "host": host, "port": port, "run_dir": run_dir and str(run_dir), "site.model.family": family,
+        "site.schedule.steps": steps, "train.batch_size": batch_size, "train.min_sites": min_sites,
+        "train.wire_dtype": wire_dtype, "device": device, "threads": threads,
+    }
+    values.update(dict(parse_override(o) for o in overrides))
+    cfg = load_config(ServerConfig, config_file, values)
+    log_file = cfg.run_dir / "server.log"
+    setup_logging(log_level, log_file)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    run_server(cfg, resume=resume, port_file=port_file)
+
+
+@main.command()
+@click.option("--server", default="localhost:50051", show_default=True, help="HOST:PORT of the server.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@friendly_errors
+def status(server, timeout, as_json):
+    """Print connected sites, step, bytes moved and latest losses of a running server."""
+    from google.protobuf.json_format import MessageToDict
+
+    from asyndgan.common._generated import asyndgan_pb2 as pb
+    from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+    from asyndgan.common.grpc_options import OPTIONS
+    from asyndgan.central_server.status import format_status
+
+    with grpc.insecure_channel(server, options=OPTIONS) as channel:
+        try:
+            reply = pb_grpc.AsynDGANStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise AsynDGANError(f"no status from {server}: {exc.details()} ({exc.code().name})") from None
+    if as_json:
+        click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    else:
+        click.echo(format_status(reply))
+
+
+if __name__ == "__main__":
+    main()

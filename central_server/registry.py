@@ -1,0 +1,114 @@
+"""The connected sites: join checks, the set of sessions, waiting for a quorum, and byte totals.
+
+`join` validates a Hello against the server's settings and either returns a new SiteSession or raises
+JoinRefused with a reason (and a kind the transport maps to a status code).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from asyndgan.common import serde
+from asyndgan.common.config import ServerConfig
+from asyndgan.common.grpc_options import MAX_MESSAGE_BYTES
+from asyndgan.central_server.mask_bank import LabelMapUpload, MaskBank
+from asyndgan.central_server.session import SiteSession
+
+log = logging.getLogger(__name__)
+
+
+class JoinRefused(Exception):
+    """kind: 'duplicate' | 'incompatible' | 'invalid'."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class SiteRegistry:
+    def __init__(self, cfg: ServerConfig, bank: MaskBank):
+        self.cfg = cfg
+        self.bank = bank
+        self._sessions: dict[str, SiteSession] = {}
+        self._cond = threading.Condition()
+        self.departed_bytes_sent = 0
+        self.departed_bytes_received = 0
+
+    def join(self, hello: serde.Hello) -> SiteSession:
+        model = self.cfg.site.model
+        if hello.protocol_version != serde.PROTOCOL_VERSION:
+            raise JoinRefused("incompatible", f"protocol version {hello.protocol_version}; this server speaks "
+                                              f"{serde.PROTOCOL_VERSION}")
+        if not hello.site_id or len(hello.site_id) > 64:
+            raise JoinRefused("invalid", "site id must be 1 to 64 characters")
+        if hello.family != model.family:
+            raise JoinRefused("incompatible", f"site {hello.site_id} holds {hello.family} data but this server "
+                                              f"trains {model.family}")
+        channels = None
+        size = num_classes = None
+        if model.family == "image2d":
+            mods = model.image2d.modalities
+            unknown = [m for m in hello.modalities if m not in mods]
+            if unknown or not hello.modalities or len(set(hello.modalities)) != len(hello.modalities):
+                raise JoinRefused("incompatible", f"site {hello.site_id} holds modalities {hello.modalities}; "
+                                                  f"the server generates {mods}")
+            channels = [i for i, m in enumerate(mods) if m in hello.modalities]
+            size, num_classes = model.image2d.image_size, model.image2d.num_classes
+        upload = LabelMapUpload(hello.num_samples, size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)
+        session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
+                              max_gradient_bytes=MAX_MESSAGE_BYTES)
+        with self._cond:
+            if hello.site_id in self._sessions:
+                raise JoinRefused("duplicate", f"site id {hello.site_id!r} is already connected")
+            self._sessions[hello.site_id] = session
+        log.info("site %s connected: %d samples, modalities %s", hello.site_id, hello.num_samples,
+                 hello.modalities or "-")
+        return session
+
+    def _on_ready(self, session: SiteSession, maps: torch.Tensor | None) -> None:
+        self.bank.put(session.site_id, session.num_samples, maps)
+        log.info("site %s is ready (%d samples)", session.site_id, session.num_samples)
+        with self._cond:
+            self._cond.notify_all()
+
+    def leave(self, session: SiteSession, reason: str) -> None:
+        session.close(reason)
+        with self._cond:
+            if self._sessions.get(session.site_id) is session:
+                del self._sessions[session.site_id]
+                self.departed_bytes_sent += session.stats.bytes_sent
+                self.departed_bytes_received += session.stats.bytes_received
+            self._cond.notify_all()
+
+    def sessions(self) -> list[SiteSession]:
+        with self._cond:
+            return sorted(self._sessions.values(), key=lambda s: s.site_id)
+
+    def ready(self) -> list[SiteSession]:
+        return [s for s in self.sessions() if s.ready]
+
+    def wait_for_ready(self, n: int, timeout: float) -> list[SiteSession]:
+        """Block until at least n sites are ready or `timeout` passes; returns the ready sites."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                ready = [s for s in self._sessions.values() if s.ready]
+                remaining = end - time.monotonic()
+                if len(ready) >= n or remaining <= 0:
+                    return sorted(ready, key=lambda s: s.site_id)
+                self._cond.wait(remaining)
+
+    def bytes_moved(self) -> tuple[int, int]:
+        """(sent, received) over every session this server has had."""
+        with self._cond:
+            sent = self.departed_bytes_sent + sum(s.stats.bytes_sent for s in self._sessions.values())
+            recv = self.departed_bytes_received + sum(s.stats.bytes_received for s in self._sessions.values())
+        return sent, recv
+
+    def shutdown_all(self, reason: str) -> None:
+        for s in self.sessions():
+            s.send_shutdown(reason)

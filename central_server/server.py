@@ -1,0 +1,103 @@
+"""Server lifecycle: build the pieces, serve, train, stop gracefully.
+
+`create_server(servicer, address)` binds (port 0 picks a free one, for tests) and adds the standard health
+service. `run_server(cfg)` is what `asyndgan-server start` calls: SIGTERM or Ctrl-C stops training after the
+step in flight, writes a checkpoint, tells the sites, and stops the server with a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from asyndgan.common import serde
+from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+from asyndgan.common.config import ServerConfig
+from asyndgan.common.errors import AsynDGANError, ConfigError
+from asyndgan.common.grpc_options import OPTIONS
+from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.central_server.registry import SiteRegistry
+from asyndgan.central_server.servicer import AsynDGANServicer
+from asyndgan.central_server.status import build_status
+from asyndgan.central_server.trainer import Trainer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "asyndgan.v1.AsynDGAN"
+MAX_WORKERS = 128  # one thread per connected site's stream, plus status and health calls
+GRACE_S = 5.0
+
+
+def create_server(servicer: AsynDGANServicer, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
+                         options=OPTIONS)
+    pb_grpc.add_AsynDGANServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise AsynDGANError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise AsynDGANError(f"cannot listen on {address} (port in use or address not available)")
+    for name in (SERVICE_NAME, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
+    bank = MaskBank()
+    registry = SiteRegistry(cfg, bank)
+    trainer = Trainer(cfg, registry, bank, cfg.run_dir)
+    if resume:
+        found = ckpt.load_latest(cfg.run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'}")
+        path, state = found
+        trainer.load_state_dict(state)
+        log.info("resumed from %s at step %d", path, trainer.step)
+
+    def welcome() -> serde.Welcome:
+        return serde.Welcome(step=trainer.step, wire_dtype=cfg.train.wire_dtype, run_id=trainer.run_id,
+                             site_config=cfg.site)
+
+    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry))
+    return trainer, registry, servicer
+
+
+def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Trainer:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps(json.loads(cfg.model_dump_json()), indent=2))
+    trainer, registry, servicer = build(cfg, resume)
+    server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}")
+    server.start()
+    log.info("serving on %s:%d (run %s, %s, %d steps; run folder %s)", cfg.host, port, trainer.run_id,
+             cfg.site.model.family, cfg.site.schedule.steps, cfg.run_dir)
+    if port_file is not None:
+        port_file.write_text(str(port))
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.warning("received %s: stopping after the step in flight", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        trainer.run(stop)
+        if not cfg.exit_when_done and not stop.is_set():
+            log.info("training finished; still serving status until stopped (Ctrl-C)")
+            stop.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        health_servicer.enter_graceful_shutdown()
+        registry.shutdown_all("training finished" if trainer.state == "finished" else "server stopping")
+        server.stop(GRACE_S).wait()
+        log.info("server stopped at step %d", trainer.step)
+    return trainer

@@ -1,0 +1,151 @@
+"""One connected site as the training loop sees it: send a batch, get its gradient or a failure.
+
+The servicer feeds incoming messages to `handle` (join upload, gradients) from the stream's reader thread and
+drains `outbox` into the stream; the training loop calls `send_batch` and `await_gradient`. No gRPC here.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from asyndgan.common import serde
+from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.common.errors import ProtocolError
+from asyndgan.central_server.mask_bank import LabelMapUpload
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 3  # gradients failing checks in a row before a site is disconnected
+_CLOSED = object()
+
+
+class State(enum.Enum):
+    UPLOADING = "uploading"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass
+class SessionStats:
+    joined_at: float = field(default_factory=time.monotonic)
+    steps_answered: int = 0
+    steps_missed: int = 0
+    bad_messages: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+
+
+class SiteSession:
+    def __init__(
+        self,
+        hello: serde.Hello,
+        channels: list[int] | None,
+        upload: LabelMapUpload,
+        wire_dtype: str,
+        on_ready: Callable[["SiteSession", torch.Tensor | None], None],
+        max_gradient_bytes: int,
+    ):
+        self.site_id = hello.site_id
+        self.num_samples = hello.num_samples
+        self.modalities = hello.modalities
+        self.channels = channels
+        self.wire_dtype = wire_dtype
+        self.state = State.UPLOADING
+        self.failure: str | None = None
+        self.stats = SessionStats()
+        self.outbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue()
+        self._upload = upload
+        self._on_ready = on_ready
+        self._max_gradient_bytes = max_gradient_bytes
+        self._consecutive_bad = 0
+        self._lock = threading.Lock()
+
+    # ---- called from the transport -------------------------------------------------------------------------
+    def handle(self, msg: pb.SiteMessage) -> None:
+        """Take one message from the site. Raises ProtocolError for a message that breaks the protocol."""
+        self.stats.bytes_received += msg.ByteSize()
+        kind = msg.WhichOneof("kind")
+        if kind == "conditions" and self.state is State.UPLOADING:
+            self._upload.add(msg.conditions)
+        elif kind == "ready" and self.state is State.UPLOADING:
+            maps = self._upload.finish(int(msg.ready.num_chunks))
+            self._upload = None  # the bank owns the maps now
+            self.state = State.READY
+            self._on_ready(self, maps)
+        elif kind == "gradient" and self.state is State.READY:
+            self._inbox.put(msg.gradient)
+        else:
+            raise ProtocolError(f"unexpected {kind or 'empty'} message while {self.state.value}")
+
+    def close(self, reason: str, failure: bool = False) -> None:
+        """End the session: the stream finishes (with an error status if `failure`)."""
+        with self._lock:
+            if self.state is State.CLOSED:
+                return
+            self.state = State.CLOSED
+            if failure:
+                self.failure = reason
+        log.info("site %s left: %s", self.site_id, reason)
+        self._inbox.put(_CLOSED)
+        self.outbox.put(None)
+
+    def send_shutdown(self, reason: str) -> None:
+        self._push(pb.ServerMessage(shutdown=pb.Shutdown(reason=reason)))
+        self.close(reason)
+
+    # ---- called from the training loop --------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    def send_batch(self, batch: serde.SyntheticBatch) -> None:
+        self._push(serde.batch_to_proto(batch, self.wire_dtype))
+
+    def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float) -> serde.ImageGradient | str:
+        """The site's checked gradient for `round_`, or a one-line reason why there is none."""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                msg = self._inbox.get(timeout=max(0.0, remaining))
+            except queue.Empty:
+                self.stats.steps_missed += 1
+                return "no answer before the step deadline"
+            if msg is _CLOSED:
+                self._inbox.put(_CLOSED)  # stays closed for later calls
+                self.stats.steps_missed += 1
+                return "disconnected"
+            if msg.round != round_:
+                log.debug("site %s: dropped a late reply for round %d", self.site_id, msg.round)
+                continue
+            try:
+                grad = serde.gradient_from_proto(msg, wire_dtype=self.wire_dtype, shape=shape,
+                                                 max_bytes=self._max_gradient_bytes)
+            except ProtocolError as exc:
+                self._bad(str(exc))
+                return f"bad gradient: {exc}"
+            self._consecutive_bad = 0
+            self.stats.steps_answered += 1
+            self.stats.losses = grad.losses
+            return grad
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _push(self, msg: pb.ServerMessage) -> None:
+        self.stats.bytes_sent += msg.ByteSize()
+        self.outbox.put(msg)
+
+    def _bad(self, reason: str) -> None:
+        self.stats.bad_messages += 1
+        self._consecutive_bad += 1
+        log.warning("site %s sent a bad gradient (%s)", self.site_id, reason)
+        if self._consecutive_bad >= MAX_CONSECUTIVE_BAD:
+            self.close(f"{MAX_CONSECUTIVE_BAD} bad gradients in a row (last: {reason})", failure=True)

@@ -1,0 +1,44 @@
+"""The server's status as a StatusReply (for `asyndgan-server status`) and as text for a person."""
+
+from __future__ import annotations
+
+import time
+
+from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.central_server.registry import SiteRegistry
+from asyndgan.central_server.trainer import Trainer
+
+
+def build_status(trainer: Trainer, registry: SiteRegistry) -> pb.StatusReply:
+    sent, received = registry.bytes_moved()
+    reply = pb.StatusReply(
+        step=trainer.step, total_steps=trainer.cfg.site.schedule.steps, family=trainer.model_cfg.family,
+        state=trainer.state, bytes_sent=sent, bytes_received=received,
+        images_per_second=trainer.images_per_second, run_id=trainer.run_id,
+    )
+    now = time.monotonic()
+    for s in registry.sessions():
+        reply.sites.append(pb.SiteStatus(
+            site_id=s.site_id, num_samples=s.num_samples, ready=s.ready,
+            steps_answered=s.stats.steps_answered, steps_missed=s.stats.steps_missed,
+            bytes_sent=s.stats.bytes_sent, bytes_received=s.stats.bytes_received,
+            losses=s.stats.losses, connected_seconds=now - s.stats.joined_at,
+        ))
+    return reply
+
+
+def format_status(reply: pb.StatusReply) -> str:
+    lines = [
+        f"run {reply.run_id}  {reply.family}  {reply.state}  step {reply.step}/{reply.total_steps}  "
+        f"{reply.images_per_second:.1f} img/s",
+        f"bytes: {reply.bytes_sent / 1e6:.1f} MB sent to sites, {reply.bytes_received / 1e6:.1f} MB received",
+        f"sites connected: {len(reply.sites)}",
+    ]
+    for s in reply.sites:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(s.losses.items())) or "-"
+        lines.append(
+            f"  {s.site_id:<16} n={s.num_samples:<7} {'ready' if s.ready else 'joining':<8} "
+            f"answered {s.steps_answered}  missed {s.steps_missed}  "
+            f"{(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB  losses: {losses}"
+        )
+    return "\n".join(lines)

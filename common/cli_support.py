@@ -1,0 +1,35 @@
+"""Shared CLI plumbing: one-line errors instead of tracebacks, logging set once, dotted config overrides."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from asyndgan.common.errors import AsynDGANError
+
+log = logging.getLogger(__name__)
+
+log_level_option = click.option("--log-level", default="INFO", show_default=True,
+                                 type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override any config field, e.g. --set train.batch_size=4 (repeatable).")
+
+
+def friendly_errors(fn):
+    """Turn AsynDGANError into `error: <message>` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AsynDGANError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper

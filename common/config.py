@@ -1,0 +1,198 @@
+"""Typed configuration for server and sites: one tree of pydantic sections, validated once at load.
+
+Precedence is CLI > file > defaults: `load_config(Model, file, overrides)` reads a TOML or JSON file, applies
+dotted overrides (`train.steps=100`), validates, and turns any validation failure into a ConfigError whose one
+line names the field. The part every site must agree on (family, model shape, losses, discriminator optimiser,
+schedule) is `SiteFacingConfig`; the server sends it to each site in Welcome, so a hospital only needs to say
+where its data is and where the server is.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import tomllib
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from asyndgan.common.errors import ConfigError
+
+WireDType = Literal["float32", "float16", "bfloat16"]
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Image2DConfig(_Section):
+    """Label map -> multi-channel image (pix2pix-style)."""
+
+    image_size: int = Field(256, ge=16, le=1024, description="square side the label maps and images are resized to")
+    modalities: list[str] = Field(default_factory=lambda: list(BRATS_MODALITIES), min_length=1)
+    num_classes: int = Field(5, ge=2, le=64, description="label values 0..num_classes-1 in the label maps")
+    generator: Literal["resnet", "unet"] = "resnet"
+    ngf: int = Field(64, ge=1, le=512)
+    n_blocks: int = Field(9, ge=0, le=32, description="ResNet blocks (resnet generator)")
+    unet_depth: int = Field(7, ge=2, le=8, description="down-samplings (unet generator)")
+    ndf: int = Field(64, ge=1, le=512)
+    d_layers: int = Field(3, ge=1, le=6, description="PatchGAN strided layers (3 -> 70x70 receptive field)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Image2DConfig":
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities repeat: {self.modalities}")
+        if self.image_size % 4:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 4")
+        if self.generator == "unet" and self.image_size % (2**self.unet_depth):
+            raise ValueError(f"image_size {self.image_size} must be a multiple of 2**unet_depth={2**self.unet_depth}")
+        return self
+
+
+class MLP1DConfig(_Section):
+    """Noise -> scalar, for the paper's 1-D Gaussian-mixture experiment."""
+
+    noise_dim: int = Field(8, ge=1, le=256)
+    hidden: int = Field(64, ge=1, le=4096)
+    depth: int = Field(3, ge=1, le=16, description="hidden layers in G and D")
+
+
+class ModelConfig(_Section):
+    family: Literal["image2d", "mlp1d"] = "image2d"
+    image2d: Image2DConfig = Field(default_factory=Image2DConfig)
+    mlp1d: MLP1DConfig = Field(default_factory=MLP1DConfig)
+
+
+class LossConfig(_Section):
+    lambda_l1: float = Field(100.0, ge=0, description="weight of |fake - real| in L_G (paired families only)")
+
+
+class AdamConfig(_Section):
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(_Section):
+    steps: int = Field(10_000, ge=1, description="generator steps to train")
+    decay_start: float = Field(0.5, ge=0, le=1, description="fraction of steps after which lr decays linearly to 0")
+
+
+class SiteFacingConfig(_Section):
+    """What the server tells every site in Welcome."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    d_optim: AdamConfig = Field(default_factory=AdamConfig)
+    d_steps: int = Field(1, ge=1, le=16, description="discriminator updates per received batch")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    seed: int = 0
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(1, ge=1, le=4096, description="samples per site per step ('balance') or in all ('uniform')")
+    sampling: Literal["balance", "uniform"] = "balance"
+    min_sites: int = Field(1, ge=1, description="quorum: sites that must answer for a step to count")
+    step_deadline_s: float = Field(60.0, gt=0, description="how long a step waits for sites' gradients")
+    wire_dtype: WireDType = "float32"
+    flip: bool = Field(True, description="random left-right flips drawn by the server (image2d)")
+    seed: int = 0
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
+    run_dir: pathlib.Path = pathlib.Path("runs/server")
+    checkpoint_every: int = Field(500, ge=1)
+    sample_every: int = Field(250, ge=1)
+    site_timeout_s: float = Field(600.0, gt=0, description="a site that has not finished joining by then is dropped")
+    exit_when_done: bool = Field(True, description="stop serving once the last step is taken")
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+    g_optim: AdamConfig = Field(default_factory=AdamConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    site: SiteFacingConfig = Field(default_factory=SiteFacingConfig)
+
+
+class SiteConfig(_Section):
+    site_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    server: str = Field("localhost:50051", pattern=r"^[^\s:]+(:\d+)$|^\[[0-9a-fA-F:]+\]:\d+$")
+    data: pathlib.Path
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+    connect_timeout_s: float = Field(20.0, gt=0, description="how long to try reaching the server at start")
+    upload_chunk_mb: float = Field(4.0, gt=0, le=32, description="label-map upload chunk size")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); value parsed as JSON when it parses (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def read_config_file(path: pathlib.Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_config(
+    model: type[M], file: pathlib.Path | None = None, overrides: dict[str, Any] | None = None
+) -> M:
+    tree: dict[str, Any] = read_config_file(file) if file is not None else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None
+
+
+def validate_json(model: type[M], text: str) -> M:
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None
+
+
+def linear_decay(step: int, schedule: ScheduleConfig) -> float:
+    """Learning-rate factor: 1 until decay_start * steps, then linearly down to 0 at `steps` (pix2pix's policy)."""
+    start = int(schedule.decay_start * schedule.steps)
+    if step < start or schedule.steps <= start:
+        return 1.0
+    return max(0.0, 1.0 - (step - start) / (schedule.steps - start))

@@ -1,0 +1,45 @@
+"""`asyndgan-site`: run a hospital's site agent. Parsing only."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+
+from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option
+from asyndgan.common.config import SiteConfig, load_config, parse_override
+from asyndgan.common.logging_setup import setup_logging
+
+
+@click.group()
+def main() -> None:
+    """asyndgan site agent: trains a local discriminator; images never leave the site."""
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=pathlib.Path), help="The site's data folder.")
+@click.option("--server", help="HOST:PORT of the central server [localhost:50051].")
+@click.option("--site-id", help="This site's name (unique in the consortium).")
+@click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path), help="TOML or JSON config file.")
+@click.option("--threads", type=int, help="Torch CPU threads.")
+@click.option("--device", help="Torch device for the discriminators (cpu, cuda).")
+@set_option
+@log_level_option
+@friendly_errors
+def join(data, server, site_id, config_file, device, threads, overrides, log_level):
+    """Join a training run and answer the server's batches until it ends."""
+    from asyndgan.site_agent.agent import run_site
+
+    values = {"data": data and str(data), "server": server, "site_id": site_id, "device": device, "threads": threads}
+    values.update(dict(parse_override(o) for o in overrides))
+    cfg = load_config(SiteConfig, config_file, values)
+    setup_logging(log_level)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    run_site(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Where a site computes its gradient: its discriminator step(s), then d(L_G)/d(fake). No transport here.
+
+For the batch the server generated for this site's keys:
+    D step:   L_D = 1/2 [ BCE(D(x, real), 1) + BCE(D(x, fake), 0) ]   (one discriminator per modality, summed)
+    G loss:   L_G = sum_m BCE(D_m(x, fake_m), 1) + lambda_L1 * mean|fake - real|   (with the updated D)
+    returned: g = dL_G / dfake, same shape as fake.
+For mlp1d the discriminator is unconditional and L_G has no L1 term (samples are not paired).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyndgan.common.conditions import PAIRED_FAMILIES, one_hot
+from asyndgan.common.config import SiteFacingConfig, linear_decay
+from asyndgan.site_agent.discriminators import build_discriminators
+
+
+class GANLoss(nn.Module):
+    """Vanilla GAN loss (BCE with logits) against a constant real/fake target held as buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("real_label", torch.tensor(1.0))
+        self.register_buffer("fake_label", torch.tensor(0.0))
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+        target = self.real_label if target_is_real else self.fake_label
+        return self.bce(logits, target.expand_as(logits))
+
+
+class SiteLearner:
+    """A site's discriminators, their optimiser, and the computation of the generator gradient."""
+
+    def __init__(self, cfg: SiteFacingConfig, modalities: list[str], device: str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.paired = cfg.model.family in PAIRED_FAMILIES
+        torch.manual_seed(cfg.seed)  # same init for the same seed, so one-process references can rebuild it
+        self.discriminators = build_discriminators(cfg.model, modalities).to(self.device)
+        o = cfg.d_optim
+        self.optimizer = torch.optim.Adam(self.discriminators.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                          weight_decay=o.weight_decay)
+        self.gan_loss = GANLoss().to(self.device)
+
+    def _logits(self, name: str, x: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:
+        d = self.discriminators[name]
+        return d(sample) if x is None else d(torch.cat([x, sample], dim=1))
+
+    def _channels(self, t: torch.Tensor):
+        """(discriminator name, that discriminator's slice of t) pairs."""
+        if not self.paired:
+            return [("x", t)]
+        return [(name, t[:, i : i + 1]) for i, name in enumerate(self.discriminators.keys())]
+
+    def step(
+        self, step: int, label_maps: torch.Tensor | None, real: torch.Tensor, fake: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """label_maps uint8 [n, H, W] or None; real, fake [n, C, ...] -> (dL_G/dfake [n, C, ...], losses)."""
+        x = None
+        if self.paired:
+            x = one_hot(label_maps, self.cfg.model.image2d.num_classes).to(self.device)
+        real = real.to(self.device)
+        fake = fake.to(self.device).detach().requires_grad_(True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.d_optim.lr * linear_decay(step, self.cfg.schedule)
+
+        for _ in range(self.cfg.d_steps):
+            loss_d = 0.0
+            for (name, r), (_, f) in zip(self._channels(real), self._channels(fake.detach())):
+                loss_d = loss_d + 0.5 * (self.gan_loss(self._logits(name, x, r), True)
+                                         + self.gan_loss(self._logits(name, x, f), False))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.optimizer.step()
+
+        adv = sum(self.gan_loss(self._logits(name, x, f), True) for name, f in self._channels(fake))
+        loss_g = adv
+        losses = {"d": float(loss_d.detach()), "g_adv": float(adv.detach())}
+        if self.paired and self.cfg.loss.lambda_l1 > 0:
+            l1 = (fake - real).abs().mean()
+            loss_g = loss_g + self.cfg.loss.lambda_l1 * l1
+            losses["g_l1"] = float(l1.detach())
+        # Only the fake's gradient is wanted; D's parameter gradients from this pass are not kept.
+        (grad,) = torch.autograd.grad(loss_g, fake)
+        return grad.detach().cpu(), losses
