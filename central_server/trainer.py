@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from asyndgan.common import serde
 from asyndgan.common.conditions import apply_flips, one_hot, sample_shape
-from asyndgan.common.config import ServerConfig, linear_decay
+from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.central_server.aggregation import SiteGradient, combine, site_weights
 from asyndgan.central_server.generators import build_generator
@@ -67,9 +67,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.train.seed)
         self.generator = build_generator(self.model_cfg).to(self.device)
-        o = cfg.g_optim
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                          weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.generator.parameters(), cfg.g_optim)
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.round = 0
@@ -124,9 +122,11 @@ class Trainer:
             report.losses[p.session.site_id] = answer.losses
         for site, why in report.missed.items():
             log.warning("step %d: site %s left out (%s)", self.step, site, why)
-        if len(results) < self.cfg.train.min_sites:
+        # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
+        quorum = min(self.cfg.train.min_sites, len(planned))
+        if len(results) < quorum:
             log.warning("step %d: %d of %d sites answered, quorum is %d; retrying the step", self.step,
-                        len(results), len(planned), self.cfg.train.min_sites)
+                        len(results), len(planned), quorum)
             return None
 
         gradient = combine(results, site_weights(results, self.cfg.train.sampling), fake)

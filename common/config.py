@@ -68,7 +68,8 @@ class LossConfig(_Section):
     lambda_l1: float = Field(100.0, ge=0, description="weight of |fake - real| in L_G (paired families only)")
 
 
-class AdamConfig(_Section):
+class OptimizerConfig(_Section):
+    name: Literal["adam", "sgd"] = Field("adam", description="adam (the method's); sgd makes exactness tests sharp")
     lr: float = Field(2e-4, gt=0, le=1.0)
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
@@ -85,7 +86,7 @@ class SiteFacingConfig(_Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
-    d_optim: AdamConfig = Field(default_factory=AdamConfig)
+    d_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     d_steps: int = Field(1, ge=1, le=16, description="discriminator updates per received batch")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     seed: int = 0
@@ -111,7 +112,7 @@ class ServerConfig(_Section):
     exit_when_done: bool = Field(True, description="stop serving once the last step is taken")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
-    g_optim: AdamConfig = Field(default_factory=AdamConfig)
+    g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     site: SiteFacingConfig = Field(default_factory=SiteFacingConfig)
 
@@ -188,6 +189,14 @@ def validate_json(model: type[M], text: str) -> M:
         return model.model_validate_json(text)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {describe_validation_error(exc)}") from None
+
+
+def make_optimizer(params, cfg: OptimizerConfig):
+    import torch
+
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
 def linear_decay(step: int, schedule: ScheduleConfig) -> float:

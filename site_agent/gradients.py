@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from asyndgan.common.conditions import PAIRED_FAMILIES, one_hot
-from asyndgan.common.config import SiteFacingConfig, linear_decay
+from asyndgan.common.config import SiteFacingConfig, linear_decay, make_optimizer
 from asyndgan.site_agent.discriminators import build_discriminators
 
 
@@ -40,9 +40,7 @@ class SiteLearner:
         self.paired = cfg.model.family in PAIRED_FAMILIES
         torch.manual_seed(cfg.seed)  # same init for the same seed, so one-process references can rebuild it
         self.discriminators = build_discriminators(cfg.model, modalities).to(self.device)
-        o = cfg.d_optim
-        self.optimizer = torch.optim.Adam(self.discriminators.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                          weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(self.discriminators.parameters(), cfg.d_optim)
         self.gan_loss = GANLoss().to(self.device)
 
     def _logits(self, name: str, x: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:

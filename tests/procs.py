@@ -1,0 +1,72 @@
+"""Start real server and site processes for integration tests (free localhost ports, tiny CPU models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+TINY_IMAGE2D = {
+    "site.model.family": "image2d",
+    "site.model.image2d.image_size": 16,
+    "site.model.image2d.ngf": 4,
+    "site.model.image2d.n_blocks": 1,
+    "site.model.image2d.ndf": 4,
+    "site.model.image2d.d_layers": 2,
+}
+
+
+def _sets(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        out += ["--set", f"{k}={json.dumps(v)}"]
+    return out
+
+
+class Server:
+    def __init__(self, run_dir: pathlib.Path, overrides: dict, extra: list[str] = (), timeout: float = 30):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        port_file = run_dir / "port"
+        port_file.unlink(missing_ok=True)
+        self.log = open(run_dir / "server.out", "w")
+        cmd = [sys.executable, "-m", "asyndgan.central_server.cli", "start", "--host", "127.0.0.1", "--port", "0",
+               "--port-file", str(port_file), "--run-dir", str(run_dir), "--threads", "1", *_sets(overrides), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
+        end = time.monotonic() + timeout
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"server did not start:\n{self.output()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.run_dir / "server.out").read_text()
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path, extra: list[str] = ()):
+    cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", server,
+           "--site-id", site_id, "--threads", "1", *extra]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV)
+
+
+def run_cli(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
