@@ -91,7 +91,7 @@ class Samples1DDataset(SiteDataset):
             raise DataError(f"{root}/samples.npy must be a non-empty 1-D array, found shape {samples.shape}")
         if not np.isfinite(samples).all():
             raise DataError(f"{root}/samples.npy contains NaN or infinite values")
-        self._x = torch.from_numpy(np.asarray(samples, dtype=np.float32)).view(-1, 1)
+        self._x = torch.from_numpy(np.array(samples, dtype=np.float32)).view(-1, 1)
 
     def __len__(self) -> int:
         return self._x.shape[0]

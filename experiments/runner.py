@@ -1,0 +1,101 @@
+"""Run a real server and real site processes from Python (experiments, benchmarks, the demo).
+
+Processes are started with the installed console entry points' modules, each with its own log file in the run
+folder; the server binds a free port and reports it through a port file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from asyndgan.common.config import ServerConfig
+from asyndgan.common.errors import AsynDGANError
+
+log = logging.getLogger(__name__)
+
+
+def _env(threads: int | None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+class Cluster:
+    """One server and its sites as child processes; `wait()` returns when the server has finished."""
+
+    def __init__(self, cfg: ServerConfig, threads: int | None = 1):
+        self.cfg = cfg
+        self.threads = threads
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.address = ""
+
+    def start_server(self, timeout: float = 60) -> str:
+        run_dir = self.cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = run_dir / "server_config.json"
+        config_file.write_text(self.cfg.model_dump_json(indent=2))
+        port_file = run_dir / "port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "asyndgan.central_server.cli", "start", "--config", str(config_file),
+               "--port-file", str(port_file)]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        self._spawn("server", cmd, run_dir / "server.out")
+        end = time.monotonic() + timeout
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.procs[0][1].poll() is not None or time.monotonic() > end:
+                raise AsynDGANError(f"the server did not start; see {run_dir / 'server.out'}")
+            time.sleep(0.1)
+        host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::", "[::]") else self.cfg.host
+        self.address = f"{host}:{int(port_file.read_text())}"
+        return self.address
+
+    def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = ()) -> None:
+        cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", self.address,
+               "--site-id", site_id, *extra]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        self._spawn(site_id, cmd, self.cfg.run_dir / f"{site_id}.out")
+
+    def _spawn(self, name: str, cmd: list[str], out: pathlib.Path) -> None:
+        with open(out, "w") as f:
+            self.procs.append((name, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(self.threads))))
+
+    def wait(self, timeout: float) -> None:
+        """Wait for every process; raise naming the ones that failed (their logs are in the run folder)."""
+        end = time.monotonic() + timeout
+        failed = []
+        try:
+            for name, proc in self.procs:
+                try:
+                    rc = proc.wait(max(1.0, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    failed.append(f"{name} (timed out)")
+                    continue
+                if rc != 0:
+                    failed.append(f"{name} (exit {rc})")
+        finally:
+            self.stop()
+        if failed:
+            raise AsynDGANError(f"processes failed: {', '.join(failed)}; logs in {self.cfg.run_dir}")
+
+    def stop(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def write_json(path: pathlib.Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
