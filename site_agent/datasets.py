@@ -63,8 +63,8 @@ class ArrayImageDataset(SiteDataset):
         if labels.size and int(labels.max()) >= num_classes:
             raise DataError(f"{root}/labels.npy has label {int(labels.max())}; the server expects 0..{num_classes - 1}")
         size = cfg.model.image2d.image_size
-        img = torch.from_numpy(np.ascontiguousarray(images[:, order], dtype=np.float32))
-        lab = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8))
+        img = torch.from_numpy(np.array(images[:, order], dtype=np.float32))
+        lab = torch.from_numpy(np.array(labels, dtype=np.uint8))
         if img.shape[-1] != size or img.shape[-2] != size:
             img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
             lab = F.interpolate(lab[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)

@@ -47,7 +47,8 @@ class Server:
         self.address = f"127.0.0.1:{self.port}"
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.run_dir / "server.out").read_text()
 
     def wait(self, timeout: float = 120) -> int:

@@ -1,0 +1,85 @@
+"""Bad input at the command line gets one clear line naming the problem and a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from asyndgan.site_agent.toy_data import write_toy_sites
+from procs import TINY_IMAGE2D, Server, run_cli
+
+pytestmark = pytest.mark.integration
+SITE = ["asyndgan.site_agent.cli", "join"]
+SERVER = ["asyndgan.central_server.cli"]
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_site_with_a_missing_data_folder(tmp_path):
+    r = run_cli(SITE + ["--data", str(tmp_path / "nowhere"), "--server", "127.0.0.1:1", "--site-id", "a"])
+    _one_line_error(r, "nowhere", "does not exist")
+
+
+def test_site_with_a_folder_that_holds_no_dataset(tmp_path):
+    r = run_cli(SITE + ["--data", str(tmp_path), "--server", "127.0.0.1:1", "--site-id", "a"])
+    _one_line_error(r, "meta.json")
+
+
+def test_site_that_cannot_reach_the_server(tmp_path):
+    data = write_toy_sites(tmp_path, sites=1, per_site=[2], size=16)[0]
+    r = run_cli(SITE + ["--data", str(data), "--server", "127.0.0.1:9", "--site-id", "a",
+                        "--set", "connect_timeout_s=1"])
+    _one_line_error(r, "cannot reach the server at 127.0.0.1:9")
+
+
+def test_site_id_must_be_given_and_well_formed(tmp_path):
+    r = run_cli(SITE + ["--data", str(tmp_path), "--server", "127.0.0.1:1", "--site-id", "bad id!"])
+    _one_line_error(r, "site_id")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "0"], "train.batch_size"),
+    (["--set", "site.model.image2d.image_size=30"], "image_size"),
+    (["--config", "/nonexistent/server.toml"], "does not exist"),
+    (["--port", "70000"], "port"),
+])
+def test_server_config_out_of_range(tmp_path, args, needle):
+    r = run_cli(SERVER + ["start", "--run-dir", str(tmp_path)] + args)
+    _one_line_error(r, needle)
+
+
+def test_status_of_a_server_that_is_not_there():
+    r = run_cli(SERVER + ["status", "--server", "127.0.0.1:9", "--timeout", "1"])
+    _one_line_error(r, "no status from 127.0.0.1:9")
+
+
+def test_a_second_site_with_the_same_id_is_refused_and_the_wrong_family_too(tmp_path):
+    data = write_toy_sites(tmp_path / "d", sites=1, per_site=[3], size=16)[0]
+    server = Server(tmp_path / "run", {**TINY_IMAGE2D, "train.min_sites": 5, "site.schedule.steps": 1})
+    try:
+        from procs import start_site
+
+        first = start_site(data, server.address, "hospital-a", tmp_path / "a.log")
+        end = time.monotonic() + 30
+        while "hospital-a is ready" not in server.output():
+            assert time.monotonic() < end and first.poll() is None, server.output()
+            time.sleep(0.2)
+        r = run_cli(SITE + ["--data", str(data), "--server", server.address, "--site-id", "hospital-a"])
+        _one_line_error(r, "hospital-a", "already connected")
+        from asyndgan.site_agent.toy_data import write_gaussian_sites
+
+        g = write_gaussian_sites(tmp_path / "g", per_site=100)[0]
+        r = run_cli(SITE + ["--data", str(g), "--server", server.address, "--site-id", "hospital-b"])
+        _one_line_error(r, "mlp1d", "image2d")
+        assert first.poll() is None, "the refusals must not disturb the connected site"
+    finally:
+        server.kill()
+        first.kill()
