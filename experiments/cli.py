@@ -43,6 +43,28 @@ def toy(out, sites, per_site, size, seed, log_level):
         click.echo(str(folder))
 
 
+@main.command()
+@click.option("--out", type=click.Path(path_type=pathlib.Path), default="runs/demo", show_default=True)
+@click.option("--data", type=click.Path(path_type=pathlib.Path), default="data/toy", show_default=True,
+              help="Folder with one sub-folder per site (generated here if missing).")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(1))
+@click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 16))
+@log_level_option
+@friendly_errors
+def demo(out, data, steps, sites, log_level):
+    """The main job: a server and one process per site train image2d on this machine, then a summary."""
+    from asyndgan.experiments.demo import DemoConfig, run
+
+    setup_logging(log_level)
+    summary = run(DemoConfig(out=out, data=data, steps=steps, sites=sites))
+    click.echo(f"trained {summary['steps']} steps with {len(summary['sites'])} sites in {summary['seconds']} s")
+    click.echo(f"  latest sample grid: {summary['latest_samples']}")
+    click.echo(f"  all sample grids:   {summary['samples_folder']}")
+    click.echo(f"  checkpoint:         {summary['checkpoint']}")
+    click.echo(f"  logs:               {summary['server_log']}, {', '.join(summary['site_logs'])}")
+    click.echo(f"  summary:            {out / 'summary.json'}")
+
+
 @main.group()
 def experiment() -> None:
     """Reproduce the paper's experiments."""

@@ -68,6 +68,29 @@ class Cluster:
         with open(out, "w") as f:
             self.procs.append((name, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(self.threads))))
 
+    def follow(self, total: int, desc: str = "train") -> None:
+        """Show the server's progress (from its Status call) as a progress bar until it exits."""
+        import grpc
+        from tqdm import tqdm
+
+        from asyndgan.common._generated import asyndgan_pb2 as pb
+        from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+
+        server = self.procs[0][1]
+        with grpc.insecure_channel(self.address) as channel, tqdm(total=total, desc=desc, unit="step") as bar:
+            stub = pb_grpc.AsynDGANStub(channel)
+            while server.poll() is None:
+                try:
+                    s = stub.Status(pb.StatusRequest(), timeout=2)
+                except grpc.RpcError:
+                    time.sleep(1)
+                    continue
+                bar.update(s.step - bar.n)
+                ready = sum(x.ready for x in s.sites)
+                bar.set_postfix(sites=f"{ready}/{len(s.sites)}", img_s=f"{s.images_per_second:.1f}",
+                                MB=f"{(s.bytes_sent + s.bytes_received) / 1e6:.0f}", refresh=False)
+                time.sleep(1)
+
     def wait(self, timeout: float) -> None:
         """Wait for every process; raise naming the ones that failed (their logs are in the run folder)."""
         end = time.monotonic() + timeout
