@@ -54,6 +54,12 @@ def test_sites_join_while_training_and_a_killed_site_is_dropped(tmp_path):
         s = _wait(lambda s: _answered(s, "b") >= 5, server.address, "site b taking part")
         assert _answered(s, "a") > _answered(s, "b")
         assert s.state == "training" and s.bytes_received > 0
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(server.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="asyndgan.v1.AsynDGAN"), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
 
         cli = run_cli(["asyndgan.central_server.cli", "status", "--server", server.address])
         assert cli.returncode == 0, cli.stderr

@@ -1,0 +1,52 @@
+"""Model factories: shapes, the published parameter counts, loud failures on unknown names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyndgan.central_server.generators import build_generator
+from asyndgan.common.config import ModelConfig
+from asyndgan.site_agent.discriminators import build_discriminators
+
+
+def _count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_default_image2d_models_match_the_papers_sizes():
+    cfg = ModelConfig()
+    g = build_generator(cfg)
+    d = build_discriminators(cfg, ["t1"])["t1"]
+    assert abs(_count(g) / 1e6 - 11.4) < 0.1
+    assert abs(_count(d) / 1e6 - 2.77) < 0.05
+
+
+@pytest.mark.parametrize("generator", ["resnet", "unet"])
+def test_image2d_generators_map_label_maps_to_images(generator):
+    cfg = ModelConfig.model_validate({"image2d": {"generator": generator, "image_size": 32, "ngf": 4,
+                                                  "n_blocks": 1, "unet_depth": 4}})
+    x = torch.rand(2, 5, 32, 32)
+    y = build_generator(cfg)(x)
+    assert y.shape == (2, 4, 32, 32)
+    assert float(y.abs().max()) <= 1.0
+
+
+def test_one_patchgan_per_held_modality():
+    cfg = ModelConfig.model_validate({"image2d": {"ndf": 4}})
+    ds = build_discriminators(cfg, ["t2", "flair"])
+    assert list(ds.keys()) == ["t2", "flair"]
+    assert ds["t2"](torch.rand(1, 6, 64, 64)).shape == (1, 1, 6, 6)
+
+
+def test_mlp1d_models():
+    cfg = ModelConfig(family="mlp1d")
+    assert build_generator(cfg)(torch.randn(7, cfg.mlp1d.noise_dim)).shape == (7, 1)
+    assert build_discriminators(cfg, [])["x"](torch.randn(7, 1)).shape == (7, 1)
+
+
+def test_unknown_family_fails_loudly():
+    cfg = ModelConfig()
+    object.__setattr__(cfg, "family", "vae")
+    with pytest.raises(ValueError, match="unknown model family 'vae'"):
+        build_generator(cfg)
