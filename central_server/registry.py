@@ -57,7 +57,7 @@ class SiteRegistry:
                 raise JoinRefused("incompatible", f"site {hello.site_id} holds modalities {hello.modalities}; "
                                                   f"the server generates {mods}")
             channels = [i for i, m in enumerate(mods) if m in hello.modalities]
-            size, num_classes = model.image2d.image_size, model.image2d.num_classes
+            size, num_classes = model.image2d.stored_size, model.image2d.num_classes
         upload = LabelMapUpload(hello.num_samples, size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
                               max_gradient_bytes=MAX_MESSAGE_BYTES)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from asyndgan.common.conditions import Augmentation
+
 
 def plan_batches(sizes: dict[str, int], batch_size: int, mode: str, rng: torch.Generator) -> dict[str, torch.Tensor]:
     """site id -> int64 keys [b_j] (sites with no keys this step are left out)."""
@@ -29,7 +31,13 @@ def plan_batches(sizes: dict[str, int], batch_size: int, mode: str, rng: torch.G
     raise ValueError(f"unknown sampling mode {mode!r}; choose balance or uniform")
 
 
-def draw_flips(n: int, enabled: bool, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flip_h, flip_v) bool [n]: left-right flips with probability 1/2 when enabled; no top-bottom flips."""
-    flip_h = torch.rand(n, generator=rng) < 0.5 if enabled else torch.zeros(n, dtype=torch.bool)
-    return flip_h, torch.zeros(n, dtype=torch.bool)
+def draw_augmentation(n: int, flip: bool, stored_size: int, crop_size: int, rng: torch.Generator) -> Augmentation:
+    """Left-right flips with probability 1/2 (when `flip`), no top-bottom flips, and a uniformly placed
+    crop_size crop when the stored maps are larger. Draws flips first, then crop rows, then crop columns."""
+    flip_h = torch.rand(n, generator=rng) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    aug = Augmentation(flip_h, torch.zeros(n, dtype=torch.bool))
+    if stored_size > crop_size:
+        aug.crop_size = crop_size
+        aug.crop_y = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
+        aug.crop_x = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
+    return aug

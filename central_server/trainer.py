@@ -2,13 +2,13 @@
 
 One step (see DESIGN.md):
     keys_j  <- plan_batches(...)                 for every ready site j (sampling.py)
-    x_j     <- label maps for keys_j, flipped    (or noise, for mlp1d)
+    x_j     <- label maps for keys_j, augmented  (or noise, for mlp1d)
     fake    <- G(cat_j x_j)                      one forward for all sites
     send fake_j (only the channels site j holds); wait for g_j until the step deadline (session.py)
     g       <- combine(w_j * g_j)                (aggregation.py)
     fake.backward(gradient=g); Adam step
-The random generator is drawn in a fixed order (plan, then each site's flips in site-id order, then noise in the
-same order), so a one-process reference can replay a step exactly.
+The random generator is drawn in a fixed order (plan, then each site's augmentation in site-id order, then noise
+in the same order), so a one-process reference can replay a step exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from asyndgan.common import serde
-from asyndgan.common.conditions import apply_flips, one_hot, sample_shape
+from asyndgan.common.conditions import Augmentation, augment, one_hot, sample_shape
 from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.central_server.aggregation import SiteGradient, combine, site_weights
@@ -32,7 +32,7 @@ from asyndgan.central_server.generators import build_generator
 from asyndgan.central_server.mask_bank import MaskBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.samples import save_histogram, save_image_grid
-from asyndgan.central_server.sampling import draw_flips, plan_batches
+from asyndgan.central_server.sampling import draw_augmentation, plan_batches
 from asyndgan.central_server.session import SiteSession
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ class StepReport:
 class _Planned:
     session: SiteSession
     keys: torch.Tensor
-    flip_h: torch.Tensor
-    flip_v: torch.Tensor
+    aug: Augmentation
     rows: slice
 
 
@@ -78,9 +77,9 @@ class Trainer:
         self._last_sample: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def _condition(self, site: str, keys: torch.Tensor, flip_h, flip_v) -> torch.Tensor:
+    def _condition(self, site: str, keys: torch.Tensor, aug: Augmentation) -> torch.Tensor:
         if self.model_cfg.family == "image2d":
-            maps = apply_flips(self.bank.maps(site, keys), flip_h, flip_v)
+            maps = augment(self.bank.maps(site, keys), aug)
             return one_hot(maps, self.model_cfg.image2d.num_classes)
         return torch.randn(len(keys), self.model_cfg.mlp1d.noise_dim, generator=self.rng)
 
@@ -90,14 +89,18 @@ class Trainer:
         by_id = {s.site_id: s for s in sessions}
         plan = plan_batches({s: self.bank.size(s) for s in by_id}, self.cfg.train.batch_size,
                             self.cfg.train.sampling, self.rng)
-        flip = self.cfg.train.flip and self.model_cfg.family == "image2d"
+        image2d = self.model_cfg.family == "image2d"
         planned: list[_Planned] = []
         start = 0
         for site, keys in plan.items():
-            flip_h, flip_v = draw_flips(len(keys), flip, self.rng)
-            planned.append(_Planned(by_id[site], keys, flip_h, flip_v, slice(start, start + len(keys))))
+            if image2d:
+                i2d = self.model_cfg.image2d
+                aug = draw_augmentation(len(keys), self.cfg.train.flip, i2d.stored_size, i2d.image_size, self.rng)
+            else:
+                aug = Augmentation.none(len(keys))
+            planned.append(_Planned(by_id[site], keys, aug, slice(start, start + len(keys))))
             start += len(keys)
-        x = torch.cat([self._condition(p.session.site_id, p.keys, p.flip_h, p.flip_v) for p in planned])
+        x = torch.cat([self._condition(p.session.site_id, p.keys, p.aug) for p in planned])
         self.generator.train()
         fake = self.generator(x.to(self.device))  # [B, C, ...]
 
@@ -105,7 +108,7 @@ class Trainer:
         fake_cpu = fake.detach().cpu()
         for p in planned:
             part = fake_cpu[p.rows] if p.session.channels is None else fake_cpu[p.rows][:, p.session.channels]
-            p.session.send_batch(serde.SyntheticBatch(self.step, self.round, p.keys, part, p.flip_h, p.flip_v))
+            p.session.send_batch(serde.SyntheticBatch(self.step, self.round, p.keys, part, p.aug))
 
         deadline = time.monotonic() + self.cfg.train.step_deadline_s
         results: dict[str, SiteGradient] = {}
@@ -142,7 +145,8 @@ class Trainer:
         report.seconds = time.monotonic() - started
         if self.model_cfg.family == "image2d":
             first = planned[0]
-            self._last_sample = (self.bank.maps(first.session.site_id, first.keys), fake_cpu[first.rows])
+            self._last_sample = (augment(self.bank.maps(first.session.site_id, first.keys), first.aug),
+                                 fake_cpu[first.rows])
         return report
 
     # ---- the loop -----------------------------------------------------------------------------------------

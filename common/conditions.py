@@ -8,6 +8,8 @@ discriminator is unconditional.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,30 @@ PAIRED_FAMILIES = {"image2d"}  # families where a sample's key pairs a condition
 def one_hot(label_maps: torch.Tensor, num_classes: int) -> torch.Tensor:
     """uint8 [n, H, W] -> float32 [n, K, H, W]."""
     return F.one_hot(label_maps.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+@dataclass
+class Augmentation:
+    """Per-sample crop and flips. crop_size 0 means no crop."""
+
+    flip_h: torch.Tensor  # bool [n]
+    flip_v: torch.Tensor  # bool [n]
+    crop_size: int = 0
+    crop_y: torch.Tensor | None = None  # int64 [n]
+    crop_x: torch.Tensor | None = None  # int64 [n]
+
+    @staticmethod
+    def none(n: int) -> "Augmentation":
+        return Augmentation(torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool))
+
+
+def augment(t: torch.Tensor, aug: Augmentation) -> torch.Tensor:
+    """Crop (if any), then flip, sample i of t [n, ..., H, W]."""
+    if aug.crop_size:
+        s = aug.crop_size
+        t = torch.stack([t[i, ..., y : y + s, x : x + s] for i, (y, x) in
+                         enumerate(zip(aug.crop_y.tolist(), aug.crop_x.tolist()))])
+    return apply_flips(t, aug.flip_h, aug.flip_v)
 
 
 def apply_flips(t: torch.Tensor, flip_h: torch.Tensor, flip_v: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ class _Section(BaseModel):
 class Image2DConfig(_Section):
     """Label map -> multi-channel image (pix2pix-style)."""
 
-    image_size: int = Field(256, ge=16, le=1024, description="square side the label maps and images are resized to")
+    image_size: int = Field(256, ge=16, le=1024, description="square side of G's input and output")
+    load_size: int | None = Field(None, ge=16, le=2048, description="side the sites resize to before a random "
+                                  "crop of image_size (pix2pix: 286 for 256); None: same as image_size, no crop")
     modalities: list[str] = Field(default_factory=lambda: list(BRATS_MODALITIES), min_length=1)
     num_classes: int = Field(5, ge=2, le=64, description="label values 0..num_classes-1 in the label maps")
     generator: Literal["resnet", "unet"] = "resnet"
@@ -43,11 +45,18 @@ class Image2DConfig(_Section):
     def _check(self) -> "Image2DConfig":
         if len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities repeat: {self.modalities}")
+        if self.load_size is not None and self.load_size < self.image_size:
+            raise ValueError(f"load_size {self.load_size} must be at least image_size {self.image_size}")
         if self.image_size % 4:
             raise ValueError(f"image_size {self.image_size} must be a multiple of 4")
         if self.generator == "unet" and self.image_size % (2**self.unet_depth):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2**unet_depth={2**self.unet_depth}")
         return self
+
+    @property
+    def stored_size(self) -> int:
+        """Side of the label maps and images as the sites store and upload them."""
+        return self.load_size or self.image_size
 
 
 class MLP1DConfig(_Section):
@@ -65,6 +74,9 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
+    generator: Literal["vanilla", "kl"] = Field(
+        "vanilla", description="adversarial part of L_G: vanilla (non-saturating BCE, the papers') or kl "
+        "(f-GAN forward KL, -exp(logit); see site_agent/gradients.py)")
     lambda_l1: float = Field(100.0, ge=0, description="weight of |fake - real| in L_G (paired families only)")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from asyndgan.common import tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.common.conditions import Augmentation
 from asyndgan.common.config import SiteFacingConfig, validate_json
 from asyndgan.common.errors import ConfigError, ProtocolError
 
@@ -43,8 +44,7 @@ class SyntheticBatch:
     round: int
     keys: torch.Tensor  # int64 [n]
     fake: torch.Tensor  # [n, ...] floating
-    flip_h: torch.Tensor  # bool [n]
-    flip_v: torch.Tensor  # bool [n]
+    aug: Augmentation
 
 
 @dataclass
@@ -91,11 +91,35 @@ def welcome_from_proto(m: pb.Welcome) -> Welcome:
 def batch_to_proto(b: SyntheticBatch, wire_dtype: str) -> pb.ServerMessage:
     return pb.ServerMessage(batch=pb.SyntheticBatch(
         step=b.step, round=b.round, keys=b.keys.tolist(), fake=tensor_codec.encode(b.fake, wire_dtype),
-        augmentation=pb.Augmentation(flip_h=b.flip_h.tolist(), flip_v=b.flip_v.tolist()),
+        augmentation=_aug_to_proto(b.aug),
     ))
 
 
-def batch_from_proto(m: pb.SyntheticBatch, wire_dtype: str, num_samples: int) -> SyntheticBatch:
+def _aug_to_proto(a: Augmentation) -> pb.Augmentation:
+    msg = pb.Augmentation(flip_h=a.flip_h.tolist(), flip_v=a.flip_v.tolist(), crop_size=a.crop_size)
+    if a.crop_size:
+        msg.crop_y.extend(a.crop_y.tolist())
+        msg.crop_x.extend(a.crop_x.tolist())
+    return msg
+
+
+def _aug_from_proto(m: pb.Augmentation, n: int, stored_size: int | None) -> Augmentation:
+    aug = Augmentation(_flags(m.flip_h, n), _flags(m.flip_v, n))
+    if m.crop_size:
+        if stored_size is None or not 0 < m.crop_size <= stored_size:
+            raise ProtocolError(f"crop of {m.crop_size} for samples of size {stored_size}")
+        if len(m.crop_y) != n or len(m.crop_x) != n:
+            raise ProtocolError(f"augmentation has {len(m.crop_y)}/{len(m.crop_x)} crop offsets for {n} samples")
+        ys, xs = torch.tensor(list(m.crop_y)), torch.tensor(list(m.crop_x))
+        limit = stored_size - m.crop_size
+        if bool(((ys < 0) | (ys > limit) | (xs < 0) | (xs > limit)).any()):
+            raise ProtocolError(f"crop offsets outside 0..{limit}")
+        aug.crop_size, aug.crop_y, aug.crop_x = int(m.crop_size), ys, xs
+    return aug
+
+
+def batch_from_proto(m: pb.SyntheticBatch, wire_dtype: str, num_samples: int,
+                     stored_size: int | None = None) -> SyntheticBatch:
     fake = tensor_codec.decode(m.fake, dtype=wire_dtype, finite=True).float()
     n = fake.shape[0] if fake.dim() else -1
     keys = torch.tensor(list(m.keys), dtype=torch.int64)
@@ -103,9 +127,8 @@ def batch_from_proto(m: pb.SyntheticBatch, wire_dtype: str, num_samples: int) ->
         raise ProtocolError(f"batch for step {m.step} has {keys.numel()} keys for {n} samples")
     if bool((keys < 0).any()) or bool((keys >= num_samples).any()):
         raise ProtocolError(f"batch for step {m.step} names keys outside 0..{num_samples - 1}")
-    flip_h = _flags(m.augmentation.flip_h, n)
-    flip_v = _flags(m.augmentation.flip_v, n)
-    return SyntheticBatch(step=int(m.step), round=int(m.round), keys=keys, fake=fake, flip_h=flip_h, flip_v=flip_v)
+    aug = _aug_from_proto(m.augmentation, n, stored_size)
+    return SyntheticBatch(step=int(m.step), round=int(m.round), keys=keys, fake=fake, aug=aug)
 
 
 def _flags(values, n: int) -> torch.Tensor:

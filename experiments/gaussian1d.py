@@ -24,7 +24,7 @@ from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.central_server.generators import build_generator
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import (
-    MLP1DConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig,
+    LossConfig, MLP1DConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig,
 )
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
@@ -43,17 +43,19 @@ class Gaussian1DConfig(BaseModel):
     seed: int = 0
     samples_per_site: int = Field(10_000, ge=100)
     eval_samples: int = Field(100_000, ge=1000)
-    steps: int = Field(2000, ge=1)
+    # Tuned for seeds 0-7 (W1 0.03-0.06 for AsynDGAN; without the lr decay both GANs oscillate at the end).
+    steps: int = Field(1500, ge=1)
     batch_size: int = Field(256, ge=1, description="samples per site per step")
     decay_start: float = Field(0.5, ge=0, le=1)
-    noise_dim: int = 8
+    noise_dim: int = 4
     hidden: int = 64
-    depth: int = 3
-    g_lr: float = 1e-3
-    d_lr: float = 1e-3
+    depth: int = 2
+    g_lr: float = 2e-3
+    d_lr: float = 2e-3
     beta1: float = 0.5
     beta2: float = 0.999
     d_steps: int = 1
+    generator_loss: str = Field("kl", description="see site_agent/gradients.py for why not vanilla here")
     wire_dtype: str = "float32"
     timeout_s: float = 600
 
@@ -69,6 +71,7 @@ def server_config(cfg: Gaussian1DConfig, run_dir: pathlib.Path, min_sites: int) 
             model=ModelConfig(family="mlp1d", mlp1d=MLP1DConfig(noise_dim=cfg.noise_dim, hidden=cfg.hidden,
                                                                 depth=cfg.depth)),
             d_optim=OptimizerConfig(lr=cfg.d_lr, **opt), d_steps=cfg.d_steps,
+            loss=LossConfig(generator=cfg.generator_loss, lambda_l1=0.0),
             schedule=ScheduleConfig(steps=cfg.steps, decay_start=cfg.decay_start), seed=cfg.seed,
         ),
     )

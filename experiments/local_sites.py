@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from asyndgan.common import serde
-from asyndgan.common.conditions import apply_flips
+from asyndgan.common.conditions import augment
 from asyndgan.common.config import SiteFacingConfig
 from asyndgan.site_agent.datasets import SiteDataset
 from asyndgan.site_agent.gradients import SiteLearner
@@ -29,8 +29,8 @@ class LocalSession:
         self._answer: serde.ImageGradient | None = None
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
-        real = apply_flips(self.dataset.real(batch.keys), batch.flip_h, batch.flip_v)
-        maps = None if self._maps is None else apply_flips(self._maps[batch.keys], batch.flip_h, batch.flip_v)
+        real = augment(self.dataset.real(batch.keys), batch.aug)
+        maps = None if self._maps is None else augment(self._maps[batch.keys], batch.aug)
         grad, losses = self.learner.step(batch.step, maps, real, batch.fake.float())
         self._answer = serde.ImageGradient(batch.step, batch.round, grad, losses, grad.shape[0])
 

@@ -1,7 +1,7 @@
 """The site agent's connection and loop: dial the server, join, upload label maps, answer batches.
 
     Hello -> Welcome(settings) -> open dataset at those settings -> ConditionChunk* -> Ready
-    then for each SyntheticBatch: real images for its keys (same flips) -> SiteLearner.step -> ImageGradient
+    then for each SyntheticBatch: real images for its keys (same crop and flips) -> SiteLearner.step -> ImageGradient
 
 Only label maps (once), gradients w.r.t. synthetic images, scalar losses, the sample count and the modality
 list leave the site.
@@ -21,7 +21,7 @@ import torch
 from asyndgan.common import serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
-from asyndgan.common.conditions import apply_flips
+from asyndgan.common.conditions import augment
 from asyndgan.common.config import SiteConfig
 from asyndgan.common.errors import AsynDGANError, ProtocolError
 from asyndgan.common.grpc_options import OPTIONS
@@ -135,11 +135,12 @@ class SiteAgent:
     def _on_batch(self, msg: pb.SyntheticBatch) -> None:
         if self.learner is None or self.dataset is None:
             raise ProtocolError("server sent a batch before Welcome")
-        batch = serde.batch_from_proto(msg, self.wire_dtype, len(self.dataset))
-        real = apply_flips(self.dataset.real(batch.keys), batch.flip_h, batch.flip_v)
+        stored = self._label_maps.shape[-1] if self._label_maps is not None else None
+        batch = serde.batch_from_proto(msg, self.wire_dtype, len(self.dataset), stored)
+        real = augment(self.dataset.real(batch.keys), batch.aug)
         maps = None
         if self._label_maps is not None:
-            maps = apply_flips(self._label_maps[batch.keys], batch.flip_h, batch.flip_v)
+            maps = augment(self._label_maps[batch.keys], batch.aug)
         if real.shape != batch.fake.shape:
             raise ProtocolError(f"server sent fakes of shape {tuple(batch.fake.shape)} for real samples of "
                                 f"shape {tuple(real.shape)}")

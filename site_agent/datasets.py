@@ -62,7 +62,7 @@ class ArrayImageDataset(SiteDataset):
         num_classes = cfg.model.image2d.num_classes
         if labels.size and int(labels.max()) >= num_classes:
             raise DataError(f"{root}/labels.npy has label {int(labels.max())}; the server expects 0..{num_classes - 1}")
-        size = cfg.model.image2d.image_size
+        size = cfg.model.image2d.stored_size
         img = torch.from_numpy(np.array(images[:, order], dtype=np.float32))
         lab = torch.from_numpy(np.array(labels, dtype=np.uint8))
         if img.shape[-1] != size or img.shape[-2] != size:

@@ -17,7 +17,8 @@ TINY_IMAGE2D = {
     "site.model.image2d.ngf": 4,
     "site.model.image2d.n_blocks": 1,
     "site.model.image2d.ndf": 4,
-    "site.model.image2d.d_layers": 2,
+    "site.model.image2d.d_layers": 1,  # deeper PatchGANs on 16x16 crops end in 3x3 instance norms, whose
+    # amplification of float32 rounding (~1e-4) would blur the exactness test
 }
 
 

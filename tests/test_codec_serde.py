@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from asyndgan.common import serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.common.conditions import Augmentation
 from asyndgan.common.config import SiteFacingConfig
 from asyndgan.common.errors import ProtocolError
 
@@ -82,13 +83,17 @@ def test_fuzzed_tensors_only_raise_protocol_errors(dtype, shape, data):
 
 
 def test_batch_and_gradient_round_trip():
-    batch = serde.SyntheticBatch(step=5, round=9, keys=torch.tensor([3, 0]), fake=torch.randn(2, 4, 8, 8),
-                                 flip_h=torch.tensor([True, False]), flip_v=torch.tensor([False, False]))
+    aug = Augmentation(torch.tensor([True, False]), torch.tensor([False, False]), 8, torch.tensor([0, 2]),
+                       torch.tensor([1, 0]))
+    batch = serde.SyntheticBatch(step=5, round=9, keys=torch.tensor([3, 0]), fake=torch.randn(2, 4, 8, 8), aug=aug)
     msg = serde.batch_to_proto(batch, "float32")
-    back = serde.batch_from_proto(msg.batch, "float32", num_samples=4)
+    back = serde.batch_from_proto(msg.batch, "float32", num_samples=4, stored_size=10)
     assert (back.step, back.round) == (5, 9)
     assert torch.equal(back.keys, batch.keys) and torch.equal(back.fake, batch.fake)
-    assert torch.equal(back.flip_h, batch.flip_h)
+    assert torch.equal(back.aug.flip_h, aug.flip_h) and back.aug.crop_size == 8
+    assert torch.equal(back.aug.crop_y, aug.crop_y) and torch.equal(back.aug.crop_x, aug.crop_x)
+    with pytest.raises(ProtocolError, match="crop offsets"):
+        serde.batch_from_proto(msg.batch, "float32", num_samples=4, stored_size=9)
     grad = serde.ImageGradient(step=5, round=9, gradient=torch.randn(2, 4, 8, 8), losses={"d": 0.5}, num_samples=2)
     gmsg = serde.gradient_to_proto(grad, "float16")
     gback = serde.gradient_from_proto(gmsg.gradient, wire_dtype="float16", shape=(2, 4, 8, 8))
@@ -97,8 +102,7 @@ def test_batch_and_gradient_round_trip():
 
 
 def test_batch_with_keys_out_of_range_is_rejected():
-    batch = serde.SyntheticBatch(1, 1, torch.tensor([7]), torch.zeros(1, 1), torch.zeros(1, dtype=torch.bool),
-                                 torch.zeros(1, dtype=torch.bool))
+    batch = serde.SyntheticBatch(1, 1, torch.tensor([7]), torch.zeros(1, 1), Augmentation.none(1))
     with pytest.raises(ProtocolError, match="keys outside"):
         serde.batch_from_proto(serde.batch_to_proto(batch, "float32").batch, "float32", num_samples=3)
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from asyndgan.central_server.checkpoint import load_checkpoint
 from asyndgan.central_server.generators import build_generator
-from asyndgan.central_server.sampling import draw_flips, plan_batches
-from asyndgan.common.conditions import apply_flips, one_hot
+from asyndgan.central_server.sampling import draw_augmentation, plan_batches
+from asyndgan.common.conditions import augment, one_hot
 from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.site_agent.discriminators import build_discriminators
 from asyndgan.site_agent.toy_data import write_toy_sites
@@ -31,7 +31,8 @@ LAMBDA_L1 = 10.0
 def _overrides(mode: str) -> dict:
     return {**TINY_IMAGE2D, "site.schedule.steps": 1, "train.sampling": mode, "train.batch_size": 3,
             "train.min_sites": 3, "train.seed": 7, "site.seed": 11, "site.loss.lambda_l1": LAMBDA_L1,
-            "g_optim.name": "sgd", "g_optim.lr": 1.0, "site.d_optim.lr": 0.01}
+            "g_optim.name": "sgd", "g_optim.lr": 1.0, "site.d_optim.lr": 0.01,
+            "site.model.image2d.load_size": 20}  # random 16x16 crops of 20x20 maps, and flips
 
 
 def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: bool = False) -> dict:
@@ -46,8 +47,9 @@ def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: 
     plan = plan_batches({s: len(labels[s]) for s in data}, cfg.train.batch_size, cfg.train.sampling, rng)
     batches = []
     for s, keys in plan.items():
-        fh, fv = draw_flips(len(keys), cfg.train.flip, rng)
-        batches.append((s, apply_flips(labels[s][keys], fh, fv), apply_flips(images[s][keys], fh, fv)))
+        i2d = model.image2d
+        aug = draw_augmentation(len(keys), cfg.train.flip, i2d.stored_size, i2d.image_size, rng)
+        batches.append((s, augment(labels[s][keys], aug), augment(images[s][keys], aug)))
     x = torch.cat([one_hot(maps, model.image2d.num_classes) for _, maps, _ in batches])
     fake = g(x)
     total_n = sum(len(labels[s]) for s, _, _ in batches)
@@ -89,7 +91,7 @@ def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: 
 
 @pytest.mark.parametrize("mode", ["balance", "uniform"])
 def test_one_distributed_step_equals_single_process(tmp_path, mode):
-    folders = write_toy_sites(tmp_path / "data", sites=3, per_site=[7, 4, 2], size=16, seed=3)
+    folders = write_toy_sites(tmp_path / "data", sites=3, per_site=[7, 4, 2], size=20, seed=3)
     data = {f"site{i + 1}": f for i, f in enumerate(folders)}
     server = Server(tmp_path / "run", _overrides(mode))
     sites = [start_site(p, server.address, s, tmp_path / f"{s}.log") for s, p in data.items()]
