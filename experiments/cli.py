@@ -44,6 +44,39 @@ def toy(out, sites, per_site, size, seed, log_level):
 
 
 @main.command()
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Folder to write into.")
+@click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 64))
+@click.option("--cases-per-site", help="Comma-separated case counts, one per site (default: uneven, FeTS-like).")
+@click.option("--train-cases", default=60, show_default=True, type=click.IntRange(1),
+              help="Total training cases, split unevenly, when --cases-per-site is not given.")
+@click.option("--test-cases", default=12, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@log_level_option
+@friendly_errors
+def phantom(out, sites, cases_per_site, train_cases, test_cases, seed, log_level):
+    """A multi-site brain-tumour phantom in BraTS layout, built on the MNI152 template."""
+    from pydantic import ValidationError
+
+    from asyndgan.common.config import describe_validation_error
+    from asyndgan.common.errors import ConfigError
+    from asyndgan.site_agent.phantom import PhantomConfig, write_phantom
+
+    setup_logging(log_level)
+    try:
+        counts = [int(c) for c in cases_per_site.split(",")] if cases_per_site else None
+        cfg = PhantomConfig(sites=sites, cases_per_site=counts, train_cases=train_cases, test_cases=test_cases,
+                            seed=seed)
+    except ValueError as exc:
+        detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise ConfigError(f"invalid phantom settings: {detail}") from None
+    summary = write_phantom(out, cfg)
+    for site, n in summary.cases_per_site.items():
+        click.echo(f"{site}: {n} cases in {out / site}")
+    click.echo(f"test: {summary.test_cases} cases in {out / 'test'}; partition: {out / 'partition.csv'}")
+    click.echo(f"preview: {out / 'preview.png'}  ({summary.seconds_per_case:.1f} s per case)")
+
+
+@main.command()
 @click.option("--out", type=click.Path(path_type=pathlib.Path), default="runs/demo", show_default=True)
 @click.option("--data", type=click.Path(path_type=pathlib.Path), default="data/toy", show_default=True,
               help="Folder with one sub-folder per site (generated here if missing).")
