@@ -15,11 +15,15 @@ from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.errors import ProtocolError
 
 
+MAX_SAMPLES_PER_SITE = 5_000_000  # far above any real site (BraTS 2021: ~1,250 cases x ~80 tumour slices)
+
+
 class LabelMapUpload:
     """Collects one site's ConditionChunk messages in order and checks each."""
 
-    def __init__(self, num_samples: int, size: int | None, num_classes: int | None, max_chunk_bytes: int):
-        self.num_samples, self.size, self.num_classes = num_samples, size, num_classes
+    def __init__(self, size: int | None, num_classes: int | None, max_chunk_bytes: int,
+                 max_samples: int = MAX_SAMPLES_PER_SITE):
+        self.size, self.num_classes, self.max_samples = size, num_classes, max_samples
         self.max_chunk_bytes = max_chunk_bytes
         self.parts: list[torch.Tensor] = []
         self.received = 0
@@ -34,21 +38,23 @@ class LabelMapUpload:
         if maps.dim() != 3 or maps.shape[1:] != (self.size, self.size) or maps.shape[0] == 0:
             raise ProtocolError(f"label-map chunk {chunk.index} has shape {tuple(maps.shape)}; "
                                 f"expected [n, {self.size}, {self.size}]")
-        if self.received + maps.shape[0] > self.num_samples:
-            raise ProtocolError(f"site uploads more label maps than the {self.num_samples} it declared")
+        if self.received + maps.shape[0] > self.max_samples:
+            raise ProtocolError(f"site uploads more than {self.max_samples} label maps")
         if int(maps.max()) >= self.num_classes:
             raise ProtocolError(f"label-map chunk {chunk.index} holds label {int(maps.max())}; "
                                 f"allowed 0..{self.num_classes - 1}")
         self.parts.append(maps)
         self.received += maps.shape[0]
 
-    def finish(self, num_chunks: int) -> torch.Tensor | None:
+    def finish(self, num_chunks: int, num_samples: int) -> torch.Tensor | None:
         if num_chunks != len(self.parts):
             raise ProtocolError(f"site says it sent {num_chunks} chunks; {len(self.parts)} arrived")
+        if not 0 < num_samples <= self.max_samples:
+            raise ProtocolError(f"site declares {num_samples} samples (allowed 1..{self.max_samples})")
         if self.size is None:
             return None
-        if self.received != self.num_samples:
-            raise ProtocolError(f"site declared {self.num_samples} samples but uploaded {self.received} label maps")
+        if self.received != num_samples:
+            raise ProtocolError(f"site declared {num_samples} samples but uploaded {self.received} label maps")
         return torch.cat(self.parts)
 
 

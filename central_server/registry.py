@@ -58,15 +58,15 @@ class SiteRegistry:
                                                   f"the server generates {mods}")
             channels = [i for i, m in enumerate(mods) if m in hello.modalities]
             size, num_classes = model.image2d.stored_size, model.image2d.num_classes
-        upload = LabelMapUpload(hello.num_samples, size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)
+        upload = LabelMapUpload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
                               max_gradient_bytes=MAX_MESSAGE_BYTES)
         with self._cond:
             if hello.site_id in self._sessions:
                 raise JoinRefused("duplicate", f"site id {hello.site_id!r} is already connected")
             self._sessions[hello.site_id] = session
-        log.info("site %s connected: %d samples, modalities %s", hello.site_id, hello.num_samples,
-                 hello.modalities or "-")
+        log.info("site %s connected (modalities %s); waiting for its label maps", hello.site_id,
+                 ", ".join(hello.modalities) or "-")
         return session
 
     def _on_ready(self, session: SiteSession, maps: torch.Tensor | None) -> None:

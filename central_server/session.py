@@ -55,7 +55,7 @@ class SiteSession:
         max_gradient_bytes: int,
     ):
         self.site_id = hello.site_id
-        self.num_samples = hello.num_samples
+        self.num_samples = 0  # known at Ready
         self.modalities = hello.modalities
         self.channels = channels
         self.wire_dtype = wire_dtype
@@ -78,7 +78,8 @@ class SiteSession:
         if kind == "conditions" and self.state is State.UPLOADING:
             self._upload.add(msg.conditions)
         elif kind == "ready" and self.state is State.UPLOADING:
-            maps = self._upload.finish(int(msg.ready.num_chunks))
+            maps = self._upload.finish(int(msg.ready.num_chunks), int(msg.ready.num_samples))
+            self.num_samples = int(msg.ready.num_samples)
             self._upload = None  # the bank owns the maps now
             self.state = State.READY
             self._on_ready(self, maps)

@@ -129,6 +129,30 @@ class ServerConfig(_Section):
     site: SiteFacingConfig = Field(default_factory=SiteFacingConfig)
 
 
+def _default_cache() -> pathlib.Path:
+    import os
+
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "asyndgan"
+
+
+class DataPrepConfig(_Section):
+    """How a site turns its files into training slices (site-local; nothing here leaves the site)."""
+
+    modalities: list[str] | None = Field(None, description="modalities to use (default: every one found)")
+    min_tumour_pixels: int = Field(20, ge=0, description="axial slices with fewer tumour pixels are left out")
+    clip_percentiles: tuple[float, float] = Field((0.5, 99.5), description="per volume and modality, in the brain")
+    on_bad_case: Literal["skip", "error"] = Field("skip", description="skip a bad case with a warning, or stop")
+    cache_dir: pathlib.Path = Field(default_factory=_default_cache, description="prepared slices (memory-mapped)")
+    workers: int = Field(1, ge=1, le=64, description="processes preparing cases in parallel on the first start")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataPrepConfig":
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError(f"clip_percentiles {self.clip_percentiles} must satisfy 0 <= low < high <= 100")
+        return self
+
+
 class SiteConfig(_Section):
     site_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     server: str = Field("localhost:50051", pattern=r"^[^\s:]+(:\d+)$|^\[[0-9a-fA-F:]+\]:\d+$")
@@ -137,6 +161,7 @@ class SiteConfig(_Section):
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
     connect_timeout_s: float = Field(20.0, gt=0, description="how long to try reaching the server at start")
     upload_chunk_mb: float = Field(4.0, gt=0, le=32, description="label-map upload chunk size")
+    prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -24,7 +24,6 @@ MAX_LOSSES = 32
 class Hello:
     site_id: str
     family: str
-    num_samples: int
     modalities: list[str] = field(default_factory=list)
     protocol_version: int = PROTOCOL_VERSION
 
@@ -58,16 +57,15 @@ class ImageGradient:
 
 def hello_to_proto(h: Hello) -> pb.SiteMessage:
     return pb.SiteMessage(hello=pb.Hello(
-        protocol_version=h.protocol_version, site_id=h.site_id, family=h.family,
-        num_samples=h.num_samples, modalities=h.modalities,
+        protocol_version=h.protocol_version, site_id=h.site_id, family=h.family, modalities=h.modalities,
     ))
 
 
 def hello_from_proto(m: pb.Hello) -> Hello:
-    if m.num_samples <= 0:
-        raise ProtocolError(f"site declares {m.num_samples} samples; it needs at least one")
-    return Hello(site_id=m.site_id, family=m.family, num_samples=int(m.num_samples),
-                 modalities=list(m.modalities), protocol_version=int(m.protocol_version))
+    if len(m.modalities) > 64:
+        raise ProtocolError(f"site declares {len(m.modalities)} modalities")
+    return Hello(site_id=m.site_id, family=m.family, modalities=[str(x)[:32] for x in m.modalities],
+                 protocol_version=int(m.protocol_version))
 
 
 def welcome_to_proto(w: Welcome) -> pb.ServerMessage:

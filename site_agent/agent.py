@@ -69,9 +69,9 @@ class SiteAgent:
 
     def run(self) -> SiteStats:
         """Join and train until the server ends the run. Raises AsynDGANError with a one-line reason."""
-        summary = describe_dataset(self.cfg.data)  # fails fast on a bad path, before any network
-        log.info("site %s: %d %s samples in %s (modalities: %s)", self.cfg.site_id, summary.num_samples,
-                 summary.family, self.cfg.data, ", ".join(summary.modalities) or "-")
+        summary = describe_dataset(self.cfg.data, self.cfg.prep)  # a bad path fails here, before any network
+        log.info("site %s: %s data (%s layout) in %s, modalities: %s", self.cfg.site_id, summary.family,
+                 summary.layout, self.cfg.data, ", ".join(summary.modalities) or "-")
         channel = grpc.insecure_channel(self.cfg.server, options=OPTIONS)
         try:
             try:
@@ -81,8 +81,7 @@ class SiteAgent:
                                     f"within {self.cfg.connect_timeout_s:g} s") from None
             stub = pb_grpc.AsynDGANStub(channel)
             self._send(serde.hello_to_proto(serde.Hello(
-                site_id=self.cfg.site_id, family=summary.family, num_samples=summary.num_samples,
-                modalities=summary.modalities)))
+                site_id=self.cfg.site_id, family=summary.family, modalities=summary.modalities)))
             finished = False
             try:
                 # Read to the end of the stream even after Shutdown, so the call completes cleanly.
@@ -120,7 +119,7 @@ class SiteAgent:
 
     def _on_welcome(self, welcome: serde.Welcome) -> None:
         self.wire_dtype = welcome.wire_dtype
-        self.dataset = open_dataset(self.cfg.data, welcome.site_config)
+        self.dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
         self.learner = SiteLearner(welcome.site_config, self.dataset.modalities, self.cfg.device)
         self._label_maps = self.dataset.label_maps()
         chunks = 0
@@ -128,9 +127,9 @@ class SiteAgent:
             for chunk in label_map_chunks(self._label_maps, int(self.cfg.upload_chunk_mb * 1024 * 1024)):
                 self._send(chunk)
                 chunks += 1
-        self._send(pb.SiteMessage(ready=pb.Ready(num_chunks=chunks)))
-        log.info("joined run %s at step %d (wire dtype %s); uploaded %d label-map chunk(s)",
-                 welcome.run_id, welcome.step, welcome.wire_dtype, chunks)
+        self._send(pb.SiteMessage(ready=pb.Ready(num_chunks=chunks, num_samples=len(self.dataset))))
+        log.info("joined run %s at step %d (wire dtype %s) with %d samples; uploaded %d label-map chunk(s)",
+                 welcome.run_id, welcome.step, welcome.wire_dtype, len(self.dataset), chunks)
 
     def _on_batch(self, msg: pb.SyntheticBatch) -> None:
         if self.learner is None or self.dataset is None:

@@ -5,10 +5,13 @@ upload) and, privately, real samples by key. Keys are opaque positions 0..N-1; f
 `open_dataset` looks at a folder and picks the loader; a folder it does not recognise is a DataError that says
 what it expected.
 
-Layouts understood now:
+Layouts understood:
+- brats: one folder per case with BraTS 2018-2021 or 2023+ NIfTI names (site_agent/brats.py);
+- images: 2-D image files beside mask files, PNG or TIFF (site_agent/image_folders.py);
 - arrays (`meta.json` kind "arrays"): `images.npy` float32 [N, C, H, W] in [-1, 1], `labels.npy` uint8
-  [N, H, W]; written by `asyndgan data toy` and usable for any pre-processed 2-D data.
+  [N, H, W]; written by `asyndgan data toy` and usable for any pre-processed 2-D data;
 - samples1d (`meta.json` kind "samples1d"): `samples.npy` float32 [N], for the 1-D experiment.
+BraTS and image folders are prepared once at the server's size and cached (site_agent/cache.py).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from __future__ import annotations
 import abc
 import json
 import pathlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from asyndgan.common.config import SiteFacingConfig
+from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.errors import DataError
+from asyndgan.site_agent import brats, cache, image_folders
 
 
 class SiteDataset(abc.ABC):
@@ -100,6 +105,25 @@ class Samples1DDataset(SiteDataset):
         return self._x[keys]
 
 
+class PreparedImageDataset(SiteDataset):
+    """Slices prepared into the site's cache: memory-mapped, read per batch."""
+
+    family = "image2d"
+
+    def __init__(self, prepared: cache.Prepared):
+        self.prepared = prepared
+        self.modalities = list(prepared.modalities)
+
+    def __len__(self) -> int:
+        return self.prepared.labels.shape[0]
+
+    def label_maps(self) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.prepared.labels))
+
+    def real(self, keys: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.prepared.images[keys.numpy()].astype(np.float32))
+
+
 def _load_npy(path: pathlib.Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"missing data file {path}")
@@ -111,58 +135,78 @@ def _load_npy(path: pathlib.Path) -> np.ndarray:
 
 def read_meta(root: pathlib.Path) -> dict:
     path = root / "meta.json"
-    if not path.is_file():
-        raise DataError(f"{root} holds no recognised dataset (expected meta.json with images.npy/labels.npy, "
-                        "or samples.npy)")
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse {path}: {exc}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} must hold a JSON object")
     return meta
 
 
-def detect_family(root: pathlib.Path) -> str:
-    """The model family the data in `root` is for, without loading it."""
+_FAMILIES = {"arrays": "image2d", "samples1d": "mlp1d", "brats": "image2d", "images": "image2d"}
+
+
+def detect_layout(root: pathlib.Path) -> str:
+    """'brats' | 'images' | 'arrays' | 'samples1d', or a DataError saying what was expected."""
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder")
-    kind = read_meta(root).get("kind")
-    families = {"arrays": "image2d", "samples1d": "mlp1d"}
-    if kind not in families:
-        raise DataError(f"{root}/meta.json has kind {kind!r}; known kinds: {', '.join(families)}")
-    return families[kind]
+    if (root / "meta.json").is_file():
+        kind = read_meta(root).get("kind")
+        if kind not in ("arrays", "samples1d"):
+            raise DataError(f"{root}/meta.json has kind {kind!r}; known kinds: arrays, samples1d")
+        return kind
+    if brats.is_brats_tree(root):
+        return "brats"
+    if image_folders.find_pairs(root):
+        return "images"
+    raise DataError(f"{root} holds no recognised dataset: expected BraTS case folders "
+                    "(<case>/<case>_seg.nii.gz or <case>/<case>-seg.nii.gz), image/mask files "
+                    "(images/ + masks/, or <name>.png + <name>_mask.png), or meta.json")
 
 
-def open_dataset(root: pathlib.Path, cfg: SiteFacingConfig) -> SiteDataset:
-    family = detect_family(root)
-    if family != cfg.model.family:
-        raise DataError(f"{root} holds {family} data but the server trains the {cfg.model.family} family")
-    if family == "image2d":
-        return ArrayImageDataset(root, read_meta(root), cfg)
-    return Samples1DDataset(root)
-
-
-def modalities_of(root: pathlib.Path) -> list[str]:
-    return list(read_meta(root).get("modalities", []))
-
-
+@dataclass
 class DataSummary:
-    def __init__(self, family: str, num_samples: int, modalities: list[str]):
-        self.family, self.num_samples, self.modalities = family, num_samples, modalities
+    family: str
+    layout: str
+    modalities: list[str]
 
 
-def describe_dataset(root: pathlib.Path) -> DataSummary:
-    """Family, sample count and modalities, read cheaply (memory-mapped headers) before joining."""
-    family = detect_family(root)
-    if family == "image2d":
-        n = _load_npy(root / "labels.npy").shape[0]
-        mods = modalities_of(root)
+def describe_dataset(root: pathlib.Path, prep: DataPrepConfig | None = None) -> DataSummary:
+    """Family, layout and modalities, found cheaply (no volume is read) before joining."""
+    prep = prep or DataPrepConfig()
+    layout = detect_layout(root)
+    if layout == "brats":
+        mods = brats.held_modalities(root, prep)
+    elif layout == "images":
+        mods = image_folders.image_modalities(image_folders.find_pairs(root)[0][0])
+    elif layout == "arrays":
+        mods = list(read_meta(root).get("modalities", []))
     else:
-        n = _load_npy(root / "samples.npy").shape[0]
         mods = []
-    if n == 0:
-        raise DataError(f"{root} holds no samples")
-    return DataSummary(family, int(n), mods)
+    return DataSummary(_FAMILIES[layout], layout, mods)
+
+
+def open_dataset(root: pathlib.Path, cfg: SiteFacingConfig, prep: DataPrepConfig | None = None) -> SiteDataset:
+    """The dataset at the server's settings (preparing and caching it on the first start)."""
+    prep = prep or DataPrepConfig()
+    summary = describe_dataset(root, prep)
+    if summary.family != cfg.model.family:
+        raise DataError(f"{root} holds {summary.family} data but the server trains the {cfg.model.family} family")
+    if summary.layout == "samples1d":
+        return Samples1DDataset(root)
+    if summary.layout == "arrays":
+        return ArrayImageDataset(root, read_meta(root), cfg)
+    i2d = cfg.model.image2d
+    unknown = [m for m in summary.modalities if m not in i2d.modalities]
+    if unknown:
+        raise DataError(f"{root}: modalities {unknown} are not among the server's {i2d.modalities}")
+    if summary.layout == "brats":
+        if i2d.num_classes < brats.NUM_CLASSES:
+            raise DataError(f"BraTS label maps need num_classes >= {brats.NUM_CLASSES}; the server has "
+                            f"{i2d.num_classes}")
+        ordered = [m for m in i2d.modalities if m in summary.modalities]
+        return PreparedImageDataset(brats.prepare(root, ordered, prep, i2d.stored_size))
+    return PreparedImageDataset(image_folders.prepare(root, prep, i2d.stored_size, i2d.num_classes))

@@ -119,7 +119,7 @@ def test_welcome_and_hello_round_trip():
     cfg = SiteFacingConfig(seed=4)
     w = serde.welcome_from_proto(serde.welcome_to_proto(serde.Welcome(3, "bfloat16", "abc", cfg)).welcome)
     assert w.site_config == cfg and w.wire_dtype == "bfloat16" and w.step == 3
-    h = serde.hello_from_proto(serde.hello_to_proto(serde.Hello("a", "image2d", 12, ["t1"])).hello)
-    assert (h.site_id, h.num_samples, h.modalities) == ("a", 12, ["t1"])
-    with pytest.raises(ProtocolError, match="samples"):
-        serde.hello_from_proto(pb.Hello(site_id="a", num_samples=0))
+    h = serde.hello_from_proto(serde.hello_to_proto(serde.Hello("a", "image2d", ["t1"])).hello)
+    assert (h.site_id, h.family, h.modalities) == ("a", "image2d", ["t1"])
+    with pytest.raises(ProtocolError, match="modalities"):
+        serde.hello_from_proto(pb.Hello(site_id="a", modalities=["m"] * 100))

@@ -43,12 +43,12 @@ def test_override_parsing_and_missing_file(tmp_path):
         load_config(ServerConfig, tmp_path / "nope.toml")
 
 
-def _upload(maps: torch.Tensor, declared: int, chunk_bytes: int = 100) -> torch.Tensor:
-    up = LabelMapUpload(declared, size=maps.shape[-1], num_classes=5, max_chunk_bytes=1 << 20)
+def _upload(maps: torch.Tensor, declared: int, chunk_bytes: int = 100, max_samples: int = 1000) -> torch.Tensor:
+    up = LabelMapUpload(size=maps.shape[-1], num_classes=5, max_chunk_bytes=1 << 20, max_samples=max_samples)
     chunks = list(label_map_chunks(maps, chunk_bytes))
     for c in chunks:
         up.add(c.conditions)
-    return up.finish(len(chunks))
+    return up.finish(len(chunks), declared)
 
 
 def test_chunked_upload_reassembles_exactly():
@@ -64,7 +64,7 @@ def test_chunked_upload_reassembles_exactly():
 ])
 def test_bad_uploads_are_rejected(bad, message):
     with pytest.raises(ProtocolError, match=message):
-        up = LabelMapUpload(4, size=8, num_classes=5, max_chunk_bytes=1 << 20)
+        up = LabelMapUpload(size=8, num_classes=5, max_chunk_bytes=1 << 20)
         up.add(pb.ConditionChunk(index=0, first_key=0, maps=tensor_codec.encode(bad)))
 
 
@@ -72,9 +72,9 @@ def test_upload_count_and_order_are_checked():
     maps = torch.zeros(6, 8, 8, dtype=torch.uint8)
     with pytest.raises(ProtocolError, match="declared 7"):
         _upload(maps, 7)
-    with pytest.raises(ProtocolError, match="more label maps"):
-        _upload(maps, 5)
-    up = LabelMapUpload(6, size=8, num_classes=5, max_chunk_bytes=1 << 20)
+    with pytest.raises(ProtocolError, match="more than 5 label maps"):
+        _upload(maps, 6, max_samples=5)
+    up = LabelMapUpload(size=8, num_classes=5, max_chunk_bytes=1 << 20)
     chunks = list(label_map_chunks(maps, 128))
     with pytest.raises(ProtocolError, match="out of order"):
         up.add(chunks[1].conditions)

@@ -1,0 +1,252 @@
+"""BraTS-style NIfTI trees: find cases, check them, and turn them into 2-D training slices.
+
+Detected automatically, one folder per case:
+- 2018-2021 names `<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]`, labels 0, 1 necrotic core, 2 edema, 4 enhancing;
+- 2023+ names `<case>-{t1n,t1c,t2w,t2f,seg}.nii[.gz]`, enhancing tumour = 3.
+Preparation follows the published method: axial slices that contain tumour (at least `min_tumour_pixels`),
+per-volume per-modality percentile clipping in the brain and scaling to [-1, 1] (background -1), and a label map
+for the generator made of the tumour labels plus the brain outline, all resized to the server's size. Label
+values are normalised to: 0 background, 1 brain outline, 2 necrotic core, 3 edema, 4 enhancing tumour.
+A case with a missing file, shapes that disagree, an unreadable volume or unexpected labels is skipped with a
+warning naming the file (or stops preparation, with `on_bad_case = "error"`); one bad case never stops a site.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
+from asyndgan.common.errors import DataError
+from asyndgan.site_agent import cache
+
+log = logging.getLogger(__name__)
+
+OUTLINE, NECROTIC, EDEMA, ENHANCING = 1, 2, 3, 4
+NUM_CLASSES = 5
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    sep: str
+    files: dict[str, str]  # our modality name (and "seg") -> file suffix
+    labels: dict[int, int]  # file label -> our label
+
+
+SCHEMES = (
+    Scheme("brats2018-2021", "_", {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"},
+           {1: NECROTIC, 2: EDEMA, 4: ENHANCING}),
+    Scheme("brats2023", "-", {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"},
+           {1: NECROTIC, 2: EDEMA, 3: ENHANCING}),
+)
+
+
+@dataclass
+class Case:
+    name: str
+    scheme: Scheme
+    files: dict[str, pathlib.Path] = field(default_factory=dict)  # modality / "seg" -> path
+
+
+def _find_file(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
+    for ext in (".nii.gz", ".nii"):
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _scheme_of(folder: pathlib.Path) -> Scheme | None:
+    for scheme in SCHEMES:
+        if _find_file(folder, f"{folder.name}{scheme.sep}seg") is not None:
+            return scheme
+    return None
+
+
+def is_brats_tree(root: pathlib.Path) -> bool:
+    return any(p.is_dir() and _scheme_of(p) is not None for p in root.iterdir())
+
+
+def find_cases(root: pathlib.Path, modalities: list[str]) -> tuple[list[Case], list[str]]:
+    """Complete cases, and one problem line per incomplete case folder (naming the missing file)."""
+    cases, problems = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        scheme = _scheme_of(folder)
+        if scheme is None:
+            problems.append(f"{folder}: no {folder.name}_seg.nii[.gz] or {folder.name}-seg.nii[.gz]")
+            continue
+        case = Case(folder.name, scheme)
+        for key in [*modalities, "seg"]:
+            stem = f"{folder.name}{scheme.sep}{scheme.files[key]}"
+            path = _find_file(folder, stem)
+            if path is None:
+                problems.append(f"missing file {folder / stem}.nii.gz")
+                break
+            case.files[key] = path
+        else:
+            cases.append(case)
+    return cases, problems
+
+
+def held_modalities(root: pathlib.Path, prep: DataPrepConfig) -> list[str]:
+    """The modalities this site will use: the setting, or every BraTS modality the first case has."""
+    if prep.modalities:
+        unknown = [m for m in prep.modalities if m not in BRATS_MODALITIES]
+        if unknown:
+            raise DataError(f"unknown modalities {unknown}; BraTS trees hold {list(BRATS_MODALITIES)}")
+        return list(prep.modalities)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        scheme = _scheme_of(folder)
+        if scheme is not None:
+            found = [m for m in BRATS_MODALITIES
+                     if _find_file(folder, f"{folder.name}{scheme.sep}{scheme.files[m]}") is not None]
+            if found:
+                return found
+    raise DataError(f"{root} holds no BraTS case with an image")
+
+
+def _load(path: pathlib.Path, dtype=np.float32) -> np.ndarray:
+    try:
+        return np.asarray(nib.load(str(path)).dataobj, dtype=dtype)
+    except Exception as exc:  # nibabel raises many kinds (ImageFileError, EOFError, zlib.error, ValueError)
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def read_seg(case: Case) -> np.ndarray:
+    """Our labels (uint8, 0/2/3/4) from the case's seg file; unexpected values are an error naming it."""
+    raw = _load(case.files["seg"], np.float32)
+    if raw.ndim != 3:
+        raise DataError(f"{case.files['seg']} is {raw.ndim}-D; expected a 3-D volume")
+    values = set(np.unique(raw).tolist())
+    unexpected = values - {0.0, *map(float, case.scheme.labels)}
+    if unexpected:
+        raise DataError(f"{case.files['seg']} has unexpected labels {sorted(unexpected)} for "
+                        f"{case.scheme.name} (allowed 0, {', '.join(map(str, case.scheme.labels))})")
+    out = np.zeros(raw.shape, np.uint8)
+    for src, dst in case.scheme.labels.items():
+        out[raw == src] = dst
+    return out
+
+
+def tumour_slices(seg: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Axial (last-axis) indices with at least min_pixels tumour voxels (and at least one)."""
+    counts = (seg > 0).sum(axis=(0, 1))
+    return np.flatnonzero(counts >= max(1, min_pixels))
+
+
+def normalise(volume: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
+    """Clip to the brain's percentiles and scale to [-1, 1]; outside the brain (zero voxels) -1."""
+    brain = volume > 0
+    out = np.full(volume.shape, -1.0, np.float32)
+    if not brain.any():
+        return out
+    lo, hi = np.percentile(volume[brain], [lo_pct, hi_pct])
+    scaled = (np.clip(volume, lo, hi) - lo) / max(hi - lo, 1e-6) * 2 - 1
+    out[brain] = scaled[brain]
+    return out
+
+
+def label_maps(seg_slices: np.ndarray, brain_slices: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [k, size, size]: brain outline (1) plus tumour labels, at the target size."""
+    seg = torch.from_numpy(seg_slices[:, None].astype(np.float32))
+    brain = torch.from_numpy(brain_slices[:, None].astype(np.float32))
+    seg = F.interpolate(seg, size=(size, size), mode="nearest-exact")[:, 0].numpy().astype(np.uint8)
+    brain = F.interpolate(brain, size=(size, size), mode="nearest-exact")[:, 0].numpy() > 0.5
+    out = np.zeros_like(seg)
+    for i in range(len(out)):
+        filled = ndi.binary_fill_holes(brain[i])
+        out[i][filled & ~ndi.binary_erosion(filled)] = OUTLINE
+    out[seg > 0] = seg[seg > 0]
+    return out
+
+
+def prepare_case(case: Case, modalities: list[str], prep: DataPrepConfig, size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(images float16 [k, C, size, size], label maps uint8 [k, size, size]) for the case's tumour slices."""
+    seg = read_seg(case)
+    idx = tumour_slices(seg, prep.min_tumour_pixels)
+    vols = []
+    for m in modalities:
+        v = _load(case.files[m])
+        if v.shape != seg.shape:
+            raise DataError(f"{case.files[m]} has shape {v.shape} but {case.files['seg'].name} has {seg.shape}")
+        if not np.isfinite(v).all():
+            raise DataError(f"{case.files[m]} contains NaN or infinite values")
+        vols.append(v)
+    if len(idx) == 0:
+        return np.zeros((0, len(modalities), size, size), np.float16), np.zeros((0, size, size), np.uint8)
+    brain = np.any(np.stack([v[..., idx] > 0 for v in vols]), axis=0)  # [X, Y, k]
+    normed = np.stack([normalise(v, *prep.clip_percentiles)[..., idx] for v in vols])  # [C, X, Y, k]
+    # Axial slice k as an image: rows run along Y (front to back), columns along X.
+    images = torch.from_numpy(np.ascontiguousarray(normed.transpose(3, 0, 2, 1)))  # [k, C, Y, X]
+    images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    images = images.clamp_(-1, 1).numpy().astype(np.float16)
+    maps = label_maps(seg[..., idx].transpose(2, 1, 0), brain.transpose(2, 1, 0), size)
+    return images, maps
+
+
+def _bad(prep: DataPrepConfig, message: str) -> None:
+    if prep.on_bad_case == "error":
+        raise DataError(message)
+    log.warning("skipping a case: %s", message)
+
+
+def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, size: int) -> cache.Prepared:
+    """Prepared slices for the tree at `root`, from the cache when the sources and settings are unchanged."""
+    cases, problems = find_cases(root, modalities)
+    for p in problems:
+        _bad(prep, p)
+    if not cases:
+        raise DataError(f"{root} holds no complete BraTS case with modalities {modalities}")
+    settings = {"size": size, "modalities": modalities, "min_tumour_pixels": prep.min_tumour_pixels,
+                "clip_percentiles": list(prep.clip_percentiles), "on_bad_case": prep.on_bad_case}
+    files = [f for c in cases for f in c.files.values()]
+    name = f"brats-{cache.cache_key('brats', files, settings)}"
+    root_dir = cache.cache_root(prep.cache_dir)
+    if (hit := cache.load(root_dir / name)) is not None:
+        log.info("using prepared slices from %s (%d slices)", root_dir / name, hit.labels.shape[0])
+        return hit
+
+    log.info("preparing %d cases from %s (first start; cached in %s)", len(cases), root, root_dir)
+    counts: dict[str, int] = {}
+    for case in tqdm(cases, desc="scanning labels", unit="case"):
+        try:
+            counts[case.name] = len(tumour_slices(read_seg(case), prep.min_tumour_pixels))
+        except DataError as exc:
+            _bad(prep, str(exc))
+    good = [c for c in cases if counts.get(c.name)]
+    total = sum(counts[c.name] for c in good)
+    if total == 0:
+        raise DataError(f"{root}: no axial slice has {prep.min_tumour_pixels} or more tumour pixels")
+    writer = cache.EntryWriter(root_dir, name, total, len(modalities), size)
+    keep = np.ones(total, bool)
+    row, slice_cases = 0, []
+    try:
+        for case in tqdm(good, desc="preparing slices", unit="case"):
+            n = counts[case.name]
+            try:
+                images, maps = prepare_case(case, modalities, prep, size)
+                if len(images) != n:
+                    raise DataError(f"{case.files['seg']} changed while it was being read")
+                writer.images[row:row + n] = images
+                writer.labels[row:row + n] = maps
+            except DataError as exc:
+                _bad(prep, str(exc))
+                keep[row:row + n] = False
+            slice_cases.append([case.name, n])
+            row += n
+        return writer.commit(modalities, {"kind": "brats", "source": str(root), "cases": slice_cases,
+                                          "num_classes": NUM_CLASSES}, keep)
+    except BaseException:
+        writer.discard()
+        raise

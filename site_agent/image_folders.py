@@ -1,0 +1,104 @@
+"""2-D image folders (histopathology-like data): image files beside mask files, PNG or TIFF.
+
+Two layouts are recognised: `images/<name>.<ext>` with `masks/<name>.<ext>`, or `<name>.<ext>` with
+`<name>_mask.<ext>` in one folder. Images are greyscale (modality "gray") or RGB ("r", "g", "b"), scaled to
+[-1, 1]; masks hold class labels (a 0/255 mask becomes 0/1) and are the generator's label map as they are.
+Both are resized to the server's size (images bilinear, masks nearest) and cached like BraTS slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from asyndgan.common.config import DataPrepConfig
+from asyndgan.common.errors import DataError
+from asyndgan.site_agent import cache
+
+log = logging.getLogger(__name__)
+EXTENSIONS = (".png", ".tif", ".tiff")
+
+
+def find_pairs(root: pathlib.Path) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """(image, mask) pairs in either layout; empty when the folder is not an image folder."""
+    def images_in(folder):
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        masks = {p.stem: p for p in images_in(root / "masks")}
+        return [(p, masks[p.stem]) for p in images_in(root / "images") if p.stem in masks]
+    files = images_in(root)
+    masks = {p.stem[: -len("_mask")]: p for p in files if p.stem.endswith("_mask")}
+    return [(p, masks[p.stem]) for p in files if not p.stem.endswith("_mask") and p.stem in masks]
+
+
+def _open(path: pathlib.Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+
+
+def image_modalities(path: pathlib.Path) -> list[str]:
+    return ["gray"] if _open(path).mode in ("L", "I", "I;16", "F", "1") else ["r", "g", "b"]
+
+
+def load_pair(image: pathlib.Path, mask: pathlib.Path, size: int, channels: int, num_classes: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 [C, size, size] in [-1, 1], uint8 [size, size])."""
+    img = _open(image)
+    arr = np.asarray(img.convert("RGB") if channels == 3 else img, dtype=np.float32)
+    if channels == 1 and arr.ndim == 3:
+        raise DataError(f"{image} is a colour image in a greyscale set")
+    scale = 65535.0 if img.mode.startswith("I") and arr.max() > 255 else 255.0
+    arr = arr / scale * 2 - 1
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    m = np.asarray(_open(mask))
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.shape != arr.shape[1:]:
+        raise DataError(f"{mask} is {m.shape[1]}x{m.shape[0]} but {image} is {arr.shape[2]}x{arr.shape[1]}")
+    if set(np.unique(m).tolist()) <= {0, 255}:
+        m = (m > 0).astype(np.uint8)
+    if int(m.max()) >= num_classes:
+        raise DataError(f"{mask} has label {int(m.max())}; the server expects 0..{num_classes - 1}")
+    t = F.interpolate(torch.from_numpy(np.ascontiguousarray(arr))[None], size=(size, size), mode="bilinear",
+                      antialias=True, align_corners=False)[0].clamp(-1, 1)
+    mt = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(size, size),
+                       mode="nearest-exact")[0, 0]
+    return t.numpy().astype(np.float16), mt.numpy().astype(np.uint8)
+
+
+def prepare(root: pathlib.Path, prep: DataPrepConfig, size: int, num_classes: int) -> cache.Prepared:
+    pairs = find_pairs(root)
+    if not pairs:
+        raise DataError(f"{root} holds no image/mask pairs")
+    modalities = image_modalities(pairs[0][0])
+    settings = {"size": size, "num_classes": num_classes, "modalities": modalities}
+    name = f"images-{cache.cache_key('images', [f for p in pairs for f in p], settings)}"
+    root_dir = cache.cache_root(prep.cache_dir)
+    if (hit := cache.load(root_dir / name)) is not None:
+        return hit
+    writer = cache.EntryWriter(root_dir, name, len(pairs), len(modalities), size)
+    keep = np.ones(len(pairs), bool)
+    try:
+        for i, (image, mask) in enumerate(tqdm(pairs, desc="preparing images", unit="image")):
+            try:
+                writer.images[i], writer.labels[i] = load_pair(image, mask, size, len(modalities), num_classes)
+            except DataError as exc:
+                if prep.on_bad_case == "error":
+                    raise
+                log.warning("skipping an image: %s", exc)
+                keep[i] = False
+        return writer.commit(modalities, {"kind": "images", "source": str(root)}, keep)
+    except BaseException:
+        writer.discard()
+        raise
