@@ -78,8 +78,8 @@ def phantom(out, sites, cases_per_site, train_cases, test_cases, seed, log_level
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=pathlib.Path), default="runs/demo", show_default=True)
-@click.option("--data", type=click.Path(path_type=pathlib.Path), default="data/toy", show_default=True,
-              help="Folder with one sub-folder per site (generated here if missing).")
+@click.option("--data", type=click.Path(path_type=pathlib.Path), default="data/phantom", show_default=True,
+              help="Folder with one sub-folder per site (the phantom is generated here if missing).")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(1))
 @click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 16))
 @log_level_option

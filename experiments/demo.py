@@ -1,8 +1,9 @@
 """The main job on built-in data: a server and three site processes train `image2d` on this machine.
 
-Generates the default data once (for now the toy brain-like set; the phantom will replace it), starts the
-server and one process per site on localhost, trains for a few minutes on the CPU, and writes a summary of
-where the sample grids, checkpoints and logs are. `--data DIR` points it at folders of your own (one per site).
+Generates the default data once (the MNI152-based brain-tumour phantom, three sites of uneven size, in BraTS
+layout), starts the server and one process per site on localhost, trains for a few minutes on the CPU, and
+writes a summary of where the sample grids, checkpoints and logs are. `--data DIR` points it at a folder with one
+sub-folder per site (BraTS case folders, image folders or prepared arrays); a `test` sub-folder is left out.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.common.errors import DataError
 from asyndgan.experiments.runner import Cluster, write_json
 from asyndgan.site_agent.datasets import describe_dataset
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.site_agent.phantom import PhantomConfig, write_phantom
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: pathlib.Path = pathlib.Path("runs/demo")
-    data: pathlib.Path = pathlib.Path("data/toy")
+    data: pathlib.Path = pathlib.Path("data/phantom")
+    phantom_cases: int = Field(18, ge=3, description="training cases when the phantom is generated")
     sites: int = Field(3, ge=1, le=16)
     steps: int = Field(300, ge=1)
     image_size: int = 64
@@ -40,9 +42,10 @@ class DemoConfig(BaseModel):
 
 def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
     if not cfg.data.exists():
-        log.info("generating the default data set in %s (once)", cfg.data)
-        write_toy_sites(cfg.data, sites=cfg.sites, size=cfg.image_size, seed=0)
-    folders = sorted(p for p in cfg.data.iterdir() if p.is_dir())
+        log.info("generating the default data set, a brain-tumour phantom, in %s (once)", cfg.data)
+        write_phantom(cfg.data, PhantomConfig(sites=cfg.sites, train_cases=cfg.phantom_cases,
+                                              test_cases=max(1, cfg.phantom_cases // 6), seed=0))
+    folders = sorted(p for p in cfg.data.iterdir() if p.is_dir() and p.name != "test" and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{cfg.data} holds no site folders")
     for f in folders:
@@ -58,6 +61,7 @@ def run(cfg: DemoConfig) -> dict:
         "site.model.image2d.image_size": cfg.image_size, "site.model.image2d.ngf": cfg.ngf,
         "site.model.image2d.n_blocks": cfg.n_blocks, "site.model.image2d.ndf": cfg.ndf,
         "checkpoint_every": max(1, cfg.steps // 4), "sample_every": max(1, cfg.steps // 8),
+        "train.step_deadline_s": 300,  # the first step waits while every site prepares its data on 2 cores
     })
     started = time.monotonic()
     cluster = Cluster(server_cfg)
@@ -65,7 +69,7 @@ def run(cfg: DemoConfig) -> dict:
     log.info("server at %s; starting %d site processes; follow progress in %s", address, len(folders),
              cfg.out / "server.out")
     for i, folder in enumerate(folders):
-        cluster.start_site(f"site{i + 1}", folder)
+        cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.data / '.cache'}"])
     cluster.follow(cfg.steps)
     cluster.wait(timeout=600)
     latest = ckpt.list_checkpoints(cfg.out / "checkpoints")

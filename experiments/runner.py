@@ -89,6 +89,8 @@ class Cluster:
                 ready = sum(x.ready for x in s.sites)
                 bar.set_postfix(sites=f"{ready}/{len(s.sites)}", img_s=f"{s.images_per_second:.1f}",
                                 MB=f"{(s.bytes_sent + s.bytes_received) / 1e6:.0f}", refresh=False)
+                if s.state == "finished":
+                    break
                 time.sleep(1)
 
     def wait(self, timeout: float) -> None:

@@ -135,3 +135,24 @@ def test_no_message_a_site_sends_contains_its_image_bytes(tmp_path):
     # The check can fail: the same scan finds one image row hidden in a message.
     planted = sent[-1] + images[2, 1, 7].tobytes()
     assert leaks(planted) == ["float32"]
+
+
+def test_sites_train_on_brats_phantom_trees(tmp_path):
+    from asyndgan.site_agent.phantom import PhantomConfig, write_phantom
+
+    write_phantom(tmp_path / "data", PhantomConfig(sites=2, cases_per_site=[2, 1], test_cases=0, shape=(48, 48, 32)),
+                  progress=False)
+    server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 3, "train.min_sites": 2,
+                                       "site.model.image2d.load_size": 20, "sample_every": 3})
+    sites = [start_site(tmp_path / "data" / s, server.address, s, tmp_path / f"{s}.log",
+                        ["--set", f"prep.cache_dir={tmp_path / 'cache'}"]) for s in ("site1", "site2")]
+    try:
+        assert server.wait(120) == 0, server.output()
+        assert [p.wait(30) for p in sites] == [0, 0]
+    finally:
+        server.kill()
+    log = (tmp_path / "site1.log").read_text()
+    assert "brats layout" in log
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists()
+    assert (tmp_path / "run" / "samples" / "step_00000003.png").exists()
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("brats-")]) == 2
