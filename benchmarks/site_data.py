@@ -9,6 +9,10 @@ site's loader delivers from the cache on one core, in random batches of 8 as tra
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # figures only, no progress bars
+
 import argparse
 import logging
 import pathlib
