@@ -6,8 +6,12 @@ entry. Uploads are checked: dtype, shape, label range, chunk order and total cou
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import threading
 
+import numpy as np
 import torch
 
 from asyndgan.common import tensor_codec
@@ -59,15 +63,42 @@ class LabelMapUpload:
 
 
 class MaskBank:
-    def __init__(self):
+    """Label maps (or just counts) per site. With a folder, each upload is also written there once, named by
+    its digest, so a checkpoint can refer to it and a restarted server can verify and reload it."""
+
+    def __init__(self, folder: pathlib.Path | None = None):
         self._lock = threading.Lock()
         self._maps: dict[str, torch.Tensor | None] = {}
         self._sizes: dict[str, int] = {}
+        self._digests: dict[str, str] = {}
+        self.folder = folder
 
-    def put(self, site: str, num_samples: int, maps: torch.Tensor | None) -> None:
+    def put(self, site: str, num_samples: int, maps: torch.Tensor | None, digest: str = "") -> None:
+        if maps is not None and self.folder is not None:
+            self._write(site, maps, digest)
         with self._lock:
             self._maps[site] = maps
             self._sizes[site] = num_samples
+            self._digests[site] = digest
+
+    def _path(self, site: str, digest: str) -> pathlib.Path:
+        return self.folder / f"{site}-{digest[:16]}.npy"
+
+    def _write(self, site: str, maps: torch.Tensor, digest: str) -> None:
+        path = self._path(site, digest)
+        if path.exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, maps.numpy(), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def has(self, site: str, digest: str) -> bool:
+        with self._lock:
+            return bool(digest) and self._digests.get(site) == digest
 
     def size(self, site: str) -> int:
         with self._lock:
@@ -84,3 +115,32 @@ class MaskBank:
     def sites(self) -> list[str]:
         with self._lock:
             return sorted(self._sizes)
+
+    def state(self) -> str:
+        """JSON for checkpoints: per site its sample count and the digest of its maps (a verified reference)."""
+        with self._lock:
+            return json.dumps({s: {"num_samples": self._sizes[s], "digest": self._digests[s]} for s in self._sizes})
+
+    def restore(self, state: str) -> list[str]:
+        """Reload the maps a checkpoint refers to, checking each file against its digest; returns the problems
+        (a site whose maps are missing or altered is simply asked to upload again when it reconnects)."""
+        from asyndgan.common.serde import maps_digest
+
+        problems = []
+        for site, entry in json.loads(state).items():
+            digest = entry["digest"]
+            if not digest:
+                self.put(site, entry["num_samples"], None)
+                continue
+            path = self._path(site, digest) if self.folder is not None else None
+            try:
+                maps = torch.from_numpy(np.load(path, allow_pickle=False))
+            except (OSError, ValueError, TypeError) as exc:
+                problems.append(f"label maps of site {site} cannot be read from {path}: {exc}")
+                continue
+            if maps_digest(maps) != digest:
+                problems.append(f"label maps of site {site} in {path} do not match the checkpoint's digest")
+                continue
+            with self._lock:
+                self._maps[site], self._sizes[site], self._digests[site] = maps, int(entry["num_samples"]), digest
+        return problems

@@ -38,7 +38,11 @@ class SiteRegistry:
         self.departed_bytes_sent = 0
         self.departed_bytes_received = 0
 
-    def join(self, hello: serde.Hello) -> SiteSession:
+    def join(self, hello: serde.Hello, replace: bool = False) -> tuple[SiteSession, bool]:
+        """Admit a site: (its new session, whether the server already holds its label maps).
+
+        replace: an authenticated site whose id is still connected (a stale stream it lost) takes over; without
+        authentication a second connection with a connected id is refused."""
         model = self.cfg.site.model
         if hello.protocol_version != serde.PROTOCOL_VERSION:
             raise JoinRefused("incompatible", f"protocol version {hello.protocol_version}; this server speaks "
@@ -59,18 +63,26 @@ class SiteRegistry:
             channels = [i for i, m in enumerate(mods) if m in hello.modalities]
             size, num_classes = model.image2d.stored_size, model.image2d.num_classes
         upload = LabelMapUpload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)
+        have = self.bank.has(hello.site_id, hello.maps_digest)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
-                              max_gradient_bytes=MAX_MESSAGE_BYTES)
+                              max_gradient_bytes=MAX_MESSAGE_BYTES,
+                              known_samples=self.bank.size(hello.site_id) if have else None)
         with self._cond:
-            if hello.site_id in self._sessions:
+            old = self._sessions.get(hello.site_id)
+            if old is not None and not replace:
                 raise JoinRefused("duplicate", f"site id {hello.site_id!r} is already connected")
             self._sessions[hello.site_id] = session
-        log.info("site %s connected (modalities %s); waiting for its label maps", hello.site_id,
-                 ", ".join(hello.modalities) or "-")
-        return session
+            if old is not None:
+                self._retire(old)
+        if old is not None:
+            old.close("replaced by a new connection from the same site")
+        log.info("site %s connected (modalities %s); %s", hello.site_id, ", ".join(hello.modalities) or "-",
+                 "its label maps are already here" if have else "waiting for its label maps")
+        return session, have
 
-    def _on_ready(self, session: SiteSession, maps: torch.Tensor | None) -> None:
-        self.bank.put(session.site_id, session.num_samples, maps)
+    def _on_ready(self, session: SiteSession, maps: torch.Tensor | None, reused: bool) -> None:
+        if not reused:
+            self.bank.put(session.site_id, session.num_samples, maps, serde.maps_digest(maps))
         log.info("site %s is ready (%d samples)", session.site_id, session.num_samples)
         with self._cond:
             self._cond.notify_all()
@@ -80,9 +92,16 @@ class SiteRegistry:
         with self._cond:
             if self._sessions.get(session.site_id) is session:
                 del self._sessions[session.site_id]
-                self.departed_bytes_sent += session.stats.bytes_sent
-                self.departed_bytes_received += session.stats.bytes_received
+                self._retire(session)
             self._cond.notify_all()
+
+    def _retire(self, session: SiteSession) -> None:
+        """Keep a departed session's byte counts in the totals (each session is retired once)."""
+        if getattr(session, "_retired", False):
+            return
+        session._retired = True
+        self.departed_bytes_sent += session.stats.bytes_sent
+        self.departed_bytes_received += session.stats.bytes_received
 
     def sessions(self) -> list[SiteSession]:
         with self._cond:
@@ -109,6 +128,6 @@ class SiteRegistry:
             recv = self.departed_bytes_received + sum(s.stats.bytes_received for s in self._sessions.values())
         return sent, recv
 
-    def shutdown_all(self, reason: str) -> None:
+    def shutdown_all(self, reason: str, final: bool) -> None:
         for s in self.sessions():
-            s.send_shutdown(reason)
+            s.send_shutdown(reason, final)

@@ -52,7 +52,7 @@ def create_server(servicer: AsynDGANServicer, address: str) -> tuple[grpc.Server
 
 
 def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
-    bank = MaskBank()
+    bank = MaskBank(cfg.run_dir / "bank")
     registry = SiteRegistry(cfg, bank)
     trainer = Trainer(cfg, registry, bank, cfg.run_dir)
     if resume:
@@ -61,11 +61,14 @@ def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistr
             raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'}")
         path, state = found
         trainer.load_state_dict(state)
-        log.info("resumed from %s at step %d", path, trainer.step)
+        for problem in bank.restore(state["bank"]):
+            log.warning("%s; that site will upload them again", problem)
+        log.info("resumed from %s at step %d (label maps of %d site(s) restored)", path, trainer.step,
+                 len(bank.sites()))
 
-    def welcome() -> serde.Welcome:
+    def welcome(have_maps: bool) -> serde.Welcome:
         return serde.Welcome(step=trainer.step, wire_dtype=cfg.train.wire_dtype, run_id=trainer.run_id,
-                             site_config=cfg.site)
+                             site_config=cfg.site, have_maps=have_maps)
 
     servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry))
     return trainer, registry, servicer
@@ -97,7 +100,8 @@ def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Train
         for s, handler in previous.items():
             signal.signal(s, handler)
         health_servicer.enter_graceful_shutdown()
-        registry.shutdown_all("training finished" if trainer.state == "finished" else "server stopping")
+        finished = trainer.state == "finished"
+        registry.shutdown_all("training finished" if finished else "server stopping", final=finished)
         server.stop(GRACE_S).wait()
         log.info("server stopped at step %d", trainer.step)
     return trainer

@@ -29,7 +29,7 @@ _REFUSAL_CODES = {
 
 
 class AsynDGANServicer(pb_grpc.AsynDGANServicer):
-    def __init__(self, registry: SiteRegistry, welcome: Callable[[], serde.Welcome],
+    def __init__(self, registry: SiteRegistry, welcome: Callable[[bool], serde.Welcome],
                  status: Callable[[], pb.StatusReply]):
         self.registry = registry
         self.welcome = welcome
@@ -43,7 +43,7 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
         if first.WhichOneof("kind") != "hello":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a training stream must be Hello")
         try:
-            session = self.registry.join(serde.hello_from_proto(first.hello))
+            session, have_maps = self.registry.join(serde.hello_from_proto(first.hello))
         except JoinRefused as exc:
             log.warning("refused a site: %s", exc)
             context.abort(_REFUSAL_CODES[exc.kind], str(exc))
@@ -52,7 +52,7 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
         context.add_callback(lambda: self.registry.leave(session, "connection closed"))
         threading.Thread(target=_read_site, args=(request_iterator, session), daemon=True,
                          name=f"read-{session.site_id}").start()
-        yield serde.welcome_to_proto(self.welcome())
+        yield serde.welcome_to_proto(self.welcome(have_maps))
         while (msg := session.outbox.get()) is not None:
             yield msg
         self.registry.leave(session, "stream finished")

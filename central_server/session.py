@@ -51,8 +51,9 @@ class SiteSession:
         channels: list[int] | None,
         upload: LabelMapUpload,
         wire_dtype: str,
-        on_ready: Callable[["SiteSession", torch.Tensor | None], None],
+        on_ready: Callable[["SiteSession", torch.Tensor | None, bool], None],
         max_gradient_bytes: int,
+        known_samples: int | None = None,
     ):
         self.site_id = hello.site_id
         self.num_samples = 0  # known at Ready
@@ -68,6 +69,7 @@ class SiteSession:
         self._on_ready = on_ready
         self._max_gradient_bytes = max_gradient_bytes
         self._consecutive_bad = 0
+        self._known_samples = known_samples  # the server already holds this site's maps (a reconnect)
         self._lock = threading.Lock()
 
     # ---- called from the transport -------------------------------------------------------------------------
@@ -78,11 +80,16 @@ class SiteSession:
         if kind == "conditions" and self.state is State.UPLOADING:
             self._upload.add(msg.conditions)
         elif kind == "ready" and self.state is State.UPLOADING:
-            maps = self._upload.finish(int(msg.ready.num_chunks), int(msg.ready.num_samples))
-            self.num_samples = int(msg.ready.num_samples)
+            n, chunks = int(msg.ready.num_samples), int(msg.ready.num_chunks)
+            reuse = self._known_samples is not None and chunks == 0
+            if reuse and n != self._known_samples:
+                raise ProtocolError(f"site now declares {n} samples; the maps it uploaded before hold "
+                                    f"{self._known_samples}")
+            maps = None if reuse else self._upload.finish(chunks, n)
+            self.num_samples = n
             self._upload = None  # the bank owns the maps now
             self.state = State.READY
-            self._on_ready(self, maps)
+            self._on_ready(self, maps, reuse)
         elif kind == "gradient" and self.state is State.READY:
             self._inbox.put(msg.gradient)
         else:
@@ -100,8 +107,8 @@ class SiteSession:
         self._inbox.put(_CLOSED)
         self.outbox.put(None)
 
-    def send_shutdown(self, reason: str) -> None:
-        self._push(pb.ServerMessage(shutdown=pb.Shutdown(reason=reason)))
+    def send_shutdown(self, reason: str, final: bool) -> None:
+        self._push(pb.ServerMessage(shutdown=pb.Shutdown(reason=reason, final=final)))
         self.close(reason)
 
     # ---- called from the training loop --------------------------------------------------------------------

@@ -200,6 +200,7 @@ class Trainer:
             "rng": self.rng.get_state(),
             "config_json": self.cfg.model_dump_json(),
             "run_id": self.run_id,
+            "bank": self.bank.state(),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -18,6 +18,19 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
                           help="Override any config field, e.g. --set train.batch_size=4 (repeatable).")
 
 
+class StopRequested(Exception):
+    """SIGTERM arrived: unwind (saving what needs saving on the way) and exit 0."""
+
+
+def stop_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise StopRequested()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def friendly_errors(fn):
     """Turn AsynDGANError into `error: <message>` on stderr and exit status 2."""
 
@@ -28,6 +41,9 @@ def friendly_errors(fn):
         except AsynDGANError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except StopRequested:
+            click.echo("stopped (SIGTERM)", err=True)
+            sys.exit(0)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

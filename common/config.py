@@ -135,6 +135,12 @@ def _default_cache() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "asyndgan"
 
 
+def _default_state() -> pathlib.Path:
+    import os
+
+    return pathlib.Path(os.environ.get("XDG_DATA_HOME", pathlib.Path.home() / ".local" / "share")) / "asyndgan"
+
+
 class DataPrepConfig(_Section):
     """How a site turns its files into training slices (site-local; nothing here leaves the site)."""
 
@@ -161,6 +167,11 @@ class SiteConfig(_Section):
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
     connect_timeout_s: float = Field(20.0, gt=0, description="how long to try reaching the server at start")
     upload_chunk_mb: float = Field(4.0, gt=0, le=32, description="label-map upload chunk size")
+    reconnect_for_s: float = Field(6 * 3600, ge=0, description="after losing a joined server, keep retrying this long")
+    backoff_s: tuple[float, float] = Field((1.0, 30.0), description="reconnect delay: first, and the cap it doubles to")
+    state_dir: pathlib.Path = Field(default_factory=_default_state, description="where the site keeps its "
+                                    "discriminator state between runs")
+    save_every: int = Field(100, ge=1, description="save the discriminator state every this many batches")
     prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
 
 

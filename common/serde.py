@@ -25,6 +25,7 @@ class Hello:
     site_id: str
     family: str
     modalities: list[str] = field(default_factory=list)
+    maps_digest: str = ""
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -34,6 +35,7 @@ class Welcome:
     wire_dtype: str
     run_id: str
     site_config: SiteFacingConfig
+    have_maps: bool = False
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -58,6 +60,7 @@ class ImageGradient:
 def hello_to_proto(h: Hello) -> pb.SiteMessage:
     return pb.SiteMessage(hello=pb.Hello(
         protocol_version=h.protocol_version, site_id=h.site_id, family=h.family, modalities=h.modalities,
+        maps_digest=h.maps_digest,
     ))
 
 
@@ -65,13 +68,13 @@ def hello_from_proto(m: pb.Hello) -> Hello:
     if len(m.modalities) > 64:
         raise ProtocolError(f"site declares {len(m.modalities)} modalities")
     return Hello(site_id=m.site_id, family=m.family, modalities=[str(x)[:32] for x in m.modalities],
-                 protocol_version=int(m.protocol_version))
+                 maps_digest=str(m.maps_digest)[:64], protocol_version=int(m.protocol_version))
 
 
 def welcome_to_proto(w: Welcome) -> pb.ServerMessage:
     return pb.ServerMessage(welcome=pb.Welcome(
         protocol_version=w.protocol_version, step=w.step, wire_dtype=w.wire_dtype, run_id=w.run_id,
-        site_config_json=w.site_config.model_dump_json(),
+        site_config_json=w.site_config.model_dump_json(), have_maps=w.have_maps,
     ))
 
 
@@ -83,7 +86,19 @@ def welcome_from_proto(m: pb.Welcome) -> Welcome:
     except ConfigError as exc:
         raise ProtocolError(f"server sent unusable settings: {exc}") from None
     return Welcome(step=int(m.step), wire_dtype=m.wire_dtype, run_id=m.run_id, site_config=cfg,
-                   protocol_version=int(m.protocol_version))
+                   have_maps=bool(m.have_maps), protocol_version=int(m.protocol_version))
+
+
+def maps_digest(maps: torch.Tensor | None) -> str:
+    """sha256 of a site's label maps (shape and bytes): how a reconnecting site and the server agree that
+    the server already holds them."""
+    if maps is None:
+        return ""
+    import hashlib
+
+    h = hashlib.sha256(str(tuple(maps.shape)).encode())
+    h.update(maps.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def batch_to_proto(b: SyntheticBatch, wire_dtype: str) -> pb.ServerMessage:

@@ -63,3 +63,6 @@ class CountingBank:
 
     def maps(self, site: str, keys: torch.Tensor) -> torch.Tensor:
         return self._by_id[site]._maps[keys]
+
+    def state(self) -> str:
+        return "{}"  # local sites hold their own data; nothing to restore

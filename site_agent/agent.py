@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from asyndgan.common.conditions import augment
 from asyndgan.common.config import SiteConfig
 from asyndgan.common.errors import AsynDGANError, ProtocolError
 from asyndgan.common.grpc_options import OPTIONS
+from asyndgan.site_agent import state
 from asyndgan.site_agent.datasets import SiteDataset, describe_dataset, open_dataset
 from asyndgan.site_agent.gradients import SiteLearner
 
@@ -50,57 +52,103 @@ def label_map_chunks(maps: torch.Tensor, chunk_bytes: int):
         yield pb.SiteMessage(conditions=pb.ConditionChunk(index=index, first_key=first, maps=tensor_codec.encode(part)))
 
 
+class _Retry(Exception):
+    """The connection was lost (or could not be made) in a way that reconnecting may fix."""
+
+
+# Status codes after which a reconnect may succeed; the others (refusals, protocol errors) are final.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.ABORTED}
+
+
 class SiteAgent:
-    def __init__(self, cfg: SiteConfig):
+    def __init__(self, cfg: SiteConfig, channel_factory=None):
         self.cfg = cfg
         self.stats = SiteStats()
         self.dataset: SiteDataset | None = None
         self.learner: SiteLearner | None = None
         self._label_maps: torch.Tensor | None = None
+        self._maps_digest = ""
+        self._site_config = None
+        self._state_digest = ""
+        self._last_step = 0
+        self._joined_once = False
         self._outbox: queue.Queue = queue.Queue()
+        self._channel_factory = channel_factory or (lambda: grpc.insecure_channel(cfg.server, options=OPTIONS))
 
     def _send(self, msg: pb.SiteMessage) -> None:
         self.stats.bytes_sent += msg.ByteSize()
         self._outbox.put(msg)
 
-    def _requests(self):
-        while (msg := self._outbox.get()) is not None:
+    def _requests(self, outbox: queue.Queue):
+        while (msg := outbox.get()) is not None:
             yield msg
 
     def run(self) -> SiteStats:
-        """Join and train until the server ends the run. Raises AsynDGANError with a one-line reason."""
+        """Join and train until the server ends the run; reconnect with backoff after losing a server it had
+        joined. Raises AsynDGANError with a one-line reason."""
         summary = describe_dataset(self.cfg.data, self.cfg.prep)  # a bad path fails here, before any network
         log.info("site %s: %s data (%s layout) in %s, modalities: %s", self.cfg.site_id, summary.family,
                  summary.layout, self.cfg.data, ", ".join(summary.modalities) or "-")
-        channel = grpc.insecure_channel(self.cfg.server, options=OPTIONS)
+        attempt, give_up_at = 0, None
+        try:
+            while True:
+                try:
+                    self._connect_once(summary)
+                    return self.stats
+                except _Retry as exc:
+                    if not self._joined_once:
+                        raise AsynDGANError(str(exc)) from None
+                    now = time.monotonic()
+                    if self._joined_recently:
+                        attempt, give_up_at, self._joined_recently = 0, now + self.cfg.reconnect_for_s, False
+                    if now >= give_up_at:
+                        raise AsynDGANError(f"{exc}; gave up reconnecting after "
+                                            f"{self.cfg.reconnect_for_s:g} s") from None
+                    first, cap = self.cfg.backoff_s
+                    delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
+                    log.warning("%s; reconnecting in %.1f s", exc, delay)
+                    time.sleep(delay)
+                    attempt += 1
+        finally:
+            self._save_state()
+
+    def _connect_once(self, summary) -> None:
+        """One connection: returns when the server ends the run; raises _Retry or AsynDGANError otherwise."""
+        self._outbox = outbox = queue.Queue()
+        self._joined_recently = False
+        channel = self._channel_factory()
         try:
             try:
                 grpc.channel_ready_future(channel).result(timeout=self.cfg.connect_timeout_s)
             except grpc.FutureTimeoutError:
-                raise AsynDGANError(f"cannot reach the server at {self.cfg.server} "
-                                    f"within {self.cfg.connect_timeout_s:g} s") from None
+                raise _Retry(f"cannot reach the server at {self.cfg.server} "
+                             f"within {self.cfg.connect_timeout_s:g} s") from None
             stub = pb_grpc.AsynDGANStub(channel)
             self._send(serde.hello_to_proto(serde.Hello(
-                site_id=self.cfg.site_id, family=summary.family, modalities=summary.modalities)))
+                site_id=self.cfg.site_id, family=summary.family, modalities=summary.modalities,
+                maps_digest=self._maps_digest)))
             finished = False
             try:
                 # Read to the end of the stream even after Shutdown, so the call completes cleanly.
-                for msg in stub.Train(self._requests()):
+                for msg in stub.Train(self._requests(outbox)):
                     self.stats.bytes_received += msg.ByteSize()
                     finished = self._handle(msg) or finished
-                if not finished:
-                    raise AsynDGANError(f"the server at {self.cfg.server} closed the stream without a reason")
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    raise AsynDGANError(f"lost the connection to the server at {self.cfg.server}: "
-                                        f"{exc.details()}") from None
+                if code in _RETRYABLE:
+                    raise _Retry(f"lost the connection to the server at {self.cfg.server}: {exc.details()}") from None
+                if code == grpc.StatusCode.ALREADY_EXISTS and self._joined_once:
+                    # Our previous stream is still registered until the server notices it is dead.
+                    raise _Retry(f"the server still holds this site's previous connection ({exc.details()})") from None
                 raise AsynDGANError(f"the server refused site {self.cfg.site_id}: {exc.details()} "
                                     f"({code.name})") from None
+            if not finished:
+                raise _Retry(f"the server at {self.cfg.server} closed the stream without a reason")
         finally:
-            self._outbox.put(None)
+            outbox.put(None)
             channel.close()
-        return self.stats
 
     def _handle(self, msg: pb.ServerMessage) -> bool:
         """Act on one server message; True once the server has ended the run."""
@@ -110,8 +158,10 @@ class SiteAgent:
         elif kind == "batch":
             self._on_batch(msg.batch)
         elif kind == "shutdown":
-            log.info("server ended the run: %s", msg.shutdown.reason)
             self._outbox.put(None)
+            if not msg.shutdown.final:
+                raise _Retry(f"the server is stopping ({msg.shutdown.reason})")
+            log.info("server ended the run: %s", msg.shutdown.reason)
             return True
         else:
             raise ProtocolError(f"unexpected server message {kind!r}")
@@ -119,17 +169,37 @@ class SiteAgent:
 
     def _on_welcome(self, welcome: serde.Welcome) -> None:
         self.wire_dtype = welcome.wire_dtype
-        self.dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
-        self.learner = SiteLearner(welcome.site_config, self.dataset.modalities, self.cfg.device)
-        self._label_maps = self.dataset.label_maps()
+        self._joined_once = self._joined_recently = True
+        if welcome.site_config != self._site_config:  # first join, or the server's settings changed
+            self._save_state()
+            self.dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
+            self.learner = SiteLearner(welcome.site_config, self.dataset.modalities, self.cfg.device)
+            self._label_maps = self.dataset.label_maps()
+            self._maps_digest = serde.maps_digest(self._label_maps)
+            self._site_config = welcome.site_config
+            self._state_digest = state.settings_digest(welcome.site_config, self.dataset.modalities)
+            state.restore(self._state_file, self.learner, self._state_digest)
         chunks = 0
-        if self._label_maps is not None:
+        if self._label_maps is not None and not welcome.have_maps:
             for chunk in label_map_chunks(self._label_maps, int(self.cfg.upload_chunk_mb * 1024 * 1024)):
                 self._send(chunk)
                 chunks += 1
         self._send(pb.SiteMessage(ready=pb.Ready(num_chunks=chunks, num_samples=len(self.dataset))))
-        log.info("joined run %s at step %d (wire dtype %s) with %d samples; uploaded %d label-map chunk(s)",
-                 welcome.run_id, welcome.step, welcome.wire_dtype, len(self.dataset), chunks)
+        log.info("joined run %s at step %d (wire dtype %s) with %d samples; %s", welcome.run_id, welcome.step,
+                 welcome.wire_dtype, len(self.dataset),
+                 "the server already holds our label maps" if welcome.have_maps and self._label_maps is not None
+                 else f"uploaded {chunks} label-map chunk(s)")
+
+    @property
+    def _state_file(self):
+        return state.state_path(self.cfg.state_dir, self.cfg.site_id)
+
+    def _save_state(self) -> None:
+        if self.learner is not None and self._state_digest:
+            try:
+                state.save(self._state_file, self.learner, self._state_digest, self._last_step)
+            except OSError as exc:
+                log.warning("cannot save discriminator state to %s: %s", self._state_file, exc)
 
     def _on_batch(self, msg: pb.SyntheticBatch) -> None:
         if self.learner is None or self.dataset is None:
@@ -149,6 +219,9 @@ class SiteAgent:
             self.wire_dtype))
         self.stats.steps += 1
         self.stats.losses = losses
+        self._last_step = batch.step
+        if self.stats.steps % self.cfg.save_every == 0:
+            self._save_state()
         if self.stats.steps % 100 == 0:
             log.info("step %d: %s", batch.step, ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
 

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option
+from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option, stop_on_sigterm
 from asyndgan.common.config import SiteConfig, load_config, parse_override
 from asyndgan.common.logging_setup import setup_logging
 
@@ -34,6 +34,7 @@ def join(data, server, site_id, config_file, device, threads, overrides, log_lev
     values.update(dict(parse_override(o) for o in overrides))
     cfg = load_config(SiteConfig, config_file, values)
     setup_logging(log_level)
+    stop_on_sigterm()
     if cfg.threads:
         import torch
 

@@ -65,8 +65,10 @@ class Server:
 
 
 def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path, extra: list[str] = ()):
+    state = log.parent / "state"
     cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", server,
-           "--site-id", site_id, "--threads", "1", *extra]
+           "--site-id", site_id, "--threads", "1", "--set", f"state_dir={state}", "--set", "backoff_s=[0.2, 2]",
+           *extra]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV)
 
 

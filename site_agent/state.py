@@ -1,0 +1,57 @@
+"""A site's own state between runs: its discriminators and their optimiser, saved locally and never sent.
+
+Written atomically (temporary file, fsync, rename) and read with weights_only=True. The file records a digest of
+the settings it was trained under; state saved under other settings is ignored (with a log line) rather than
+loaded into a model of another shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+
+import torch
+
+from asyndgan.common.config import SiteFacingConfig
+
+log = logging.getLogger(__name__)
+
+
+def settings_digest(cfg: SiteFacingConfig, modalities: list[str]) -> str:
+    shape = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
+    return hashlib.sha256(repr(sorted(shape.items())).encode()).hexdigest()[:16]
+
+
+def state_path(state_dir: pathlib.Path, site_id: str) -> pathlib.Path:
+    return state_dir / f"{site_id}.discriminator.pt"
+
+
+def save(path: pathlib.Path, learner, digest: str, step: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"discriminators": learner.discriminators.state_dict(),
+                    "optimizer": learner.optimizer.state_dict(), "digest": digest, "step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def restore(path: pathlib.Path, learner, digest: str) -> int | None:
+    """Load saved state into `learner` if it matches; returns the step it was saved at, or None."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=learner.device, weights_only=True)
+        if state.get("digest") != digest:
+            log.info("ignoring saved discriminator state %s: it was trained under other settings", path)
+            return None
+        learner.discriminators.load_state_dict(state["discriminators"])
+        learner.optimizer.load_state_dict(state["optimizer"])
+    except Exception as exc:  # a damaged file must not stop the site: start its discriminators afresh
+        log.warning("cannot load discriminator state %s (%s); starting afresh", path, exc)
+        return None
+    log.info("restored discriminator state from %s (saved at step %d)", path, state["step"])
+    return int(state["step"])
