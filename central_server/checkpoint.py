@@ -7,11 +7,12 @@ generator's state and the resolved configuration as JSON), so loading never unpi
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import re
 
 import torch
+
+from asyndgan.common.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -22,18 +23,7 @@ def checkpoint_path(directory: pathlib.Path, step: int) -> pathlib.Path:
 
 
 def save_checkpoint(path: pathlib.Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one, never half
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: pathlib.Path) -> dict:

@@ -47,6 +47,10 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
         "train.wire_dtype": wire_dtype, "device": device, "threads": threads,
     }
     values.update(dict(parse_override(o) for o in overrides))
+    if resume and config_file is None:
+        # Resume with the settings the run was started with (saved in its folder), unless told otherwise.
+        saved = (run_dir or pathlib.Path(ServerConfig.model_fields["run_dir"].default)) / "config.json"
+        config_file = saved if saved.is_file() else None
     cfg = load_config(ServerConfig, config_file, values)
     log_file = cfg.run_dir / "server.log"
     setup_logging(log_level, log_file)

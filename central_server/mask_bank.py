@@ -7,7 +7,6 @@ entry. Uploads are checked: dtype, shape, label range, chunk order and total cou
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import threading
 
@@ -16,6 +15,7 @@ import torch
 
 from asyndgan.common import tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.common.atomic import atomic_write
 from asyndgan.common.errors import ProtocolError
 
 
@@ -86,15 +86,8 @@ class MaskBank:
 
     def _write(self, site: str, maps: torch.Tensor, digest: str) -> None:
         path = self._path(site, digest)
-        if path.exists():
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, maps.numpy(), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if not path.exists():
+            atomic_write(path, lambda f: np.save(f, maps.numpy(), allow_pickle=False))
 
     def has(self, site: str, digest: str) -> bool:
         with self._lock:

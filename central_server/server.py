@@ -7,7 +7,6 @@ step in flight, writes a checkpoint, tells the sites, and stops the server with 
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -18,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.config import ServerConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.common.grpc_options import OPTIONS
@@ -60,7 +60,11 @@ def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistr
         if found is None:
             raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'}")
         path, state = found
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ConfigError(f"checkpoint {path} does not fit this configuration (was the model changed?): "
+                              f"{str(exc).splitlines()[0]}") from None
         for problem in bank.restore(state["bank"]):
             log.warning("%s; that site will upload them again", problem)
         log.info("resumed from %s at step %d (label maps of %d site(s) restored)", path, trainer.step,
@@ -76,7 +80,7 @@ def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistr
 
 def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Trainer:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.json").write_text(json.dumps(json.loads(cfg.model_dump_json()), indent=2))
+    atomic_write_text(cfg.run_dir / "config.json", cfg.model_dump_json(indent=2))
     trainer, registry, servicer = build(cfg, resume)
     server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}")
     server.start()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pathlib
 
 import torch
 
+from asyndgan.common.atomic import atomic_write
 from asyndgan.common.config import SiteFacingConfig
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,9 @@ def state_path(state_dir: pathlib.Path, site_id: str) -> pathlib.Path:
 
 
 def save(path: pathlib.Path, learner, digest: str, step: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"discriminators": learner.discriminators.state_dict(),
-                    "optimizer": learner.optimizer.state_dict(), "digest": digest, "step": step}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    state = {"discriminators": learner.discriminators.state_dict(), "optimizer": learner.optimizer.state_dict(),
+             "digest": digest, "step": step}
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def restore(path: pathlib.Path, learner, digest: str) -> int | None:
