@@ -83,9 +83,10 @@ class SiteRegistry:
     def _on_ready(self, session: SiteSession, maps: torch.Tensor | None, reused: bool) -> None:
         if not reused:
             self.bank.put(session.site_id, session.num_samples, maps, serde.maps_digest(maps))
-        log.info("site %s is ready (%d samples)", session.site_id, session.num_samples)
         with self._cond:
+            session.mark_ready()  # only now: the trainer may sample a ready site's keys at once
             self._cond.notify_all()
+        log.info("site %s is ready (%d samples)", session.site_id, session.num_samples)
 
     def leave(self, session: SiteSession, reason: str) -> None:
         session.close(reason)

@@ -87,9 +87,8 @@ class SiteSession:
                                     f"{self._known_samples}")
             maps = None if reuse else self._upload.finish(chunks, n)
             self.num_samples = n
-            self._upload = None  # the bank owns the maps now
-            self.state = State.READY
-            self._on_ready(self, maps, reuse)
+            self._upload = None
+            self._on_ready(self, maps, reuse)  # the bank takes the maps, then the registry marks us ready
         elif kind == "gradient" and self.state is State.READY:
             self._inbox.put(msg.gradient)
         else:
@@ -106,6 +105,11 @@ class SiteSession:
         log.info("site %s left: %s", self.site_id, reason)
         self._inbox.put(_CLOSED)
         self.outbox.put(None)
+
+    def mark_ready(self) -> None:
+        with self._lock:
+            if self.state is State.UPLOADING:
+                self.state = State.READY
 
     def send_shutdown(self, reason: str, final: bool) -> None:
         self._push(pb.ServerMessage(shutdown=pb.Shutdown(reason=reason, final=final)))

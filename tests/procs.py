@@ -30,15 +30,16 @@ def _sets(overrides: dict) -> list[str]:
 
 
 class Server:
-    def __init__(self, run_dir: pathlib.Path, overrides: dict, extra: list[str] = (), timeout: float = 30):
+    def __init__(self, run_dir: pathlib.Path, overrides: dict, extra: list[str] = (), timeout: float = 30,
+                 port: int = 0, env: dict | None = None):
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         port_file = run_dir / "port"
         port_file.unlink(missing_ok=True)
-        self.log = open(run_dir / "server.out", "w")
-        cmd = [sys.executable, "-m", "asyndgan.central_server.cli", "start", "--host", "127.0.0.1", "--port", "0",
+        self.log = open(run_dir / "server.out", "a")
+        cmd = [sys.executable, "-m", "asyndgan.central_server.cli", "start", "--host", "127.0.0.1", "--port", str(port),
                "--port-file", str(port_file), "--run-dir", str(run_dir), "--threads", "1", *_sets(overrides), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=ENV)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**ENV, **(env or {})})
         end = time.monotonic() + timeout
         while not (port_file.exists() and port_file.read_text().strip()):
             if self.proc.poll() is not None or time.monotonic() > end:
