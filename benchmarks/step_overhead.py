@@ -15,7 +15,6 @@ import tempfile
 import threading
 import time
 
-import grpc
 import torch
 
 from asyndgan.central_server.trainer import Trainer
@@ -54,7 +53,7 @@ def distributed(tmp, folders, args) -> float:
     address = cluster.start_server()
     for i, f in enumerate(folders):
         cluster.start_site(f"site{i}", f)
-    with grpc.insecure_channel(address) as ch:
+    with cluster.channel() as ch:
         stub = pb_grpc.AsynDGANStub(ch)
         while (s := stub.Status(pb.StatusRequest())).step < 1:
             time.sleep(0.01)

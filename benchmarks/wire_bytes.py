@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 
-import grpc
 
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
@@ -68,8 +67,8 @@ class CountingProxy:
             return self.up, self.down
 
 
-def status(address: str) -> pb.StatusReply:
-    with grpc.insecure_channel(address) as ch:
+def status(cluster: Cluster) -> pb.StatusReply:
+    with cluster.channel() as ch:
         return pb_grpc.AsynDGANStub(ch).Status(pb.StatusRequest(), timeout=5)
 
 
@@ -79,6 +78,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--insecure", action="store_true", help="plain text instead of mutual TLS")
     args = ap.parse_args()
     setup_logging("WARNING")
     sites = 2
@@ -92,16 +92,16 @@ def main() -> None:
             "site.model.image2d.n_blocks": 2, "site.model.image2d.ndf": 8, "checkpoint_every": 10**6,
             "sample_every": 10**6,
         })
-        cluster = Cluster(cfg)
+        cluster = Cluster(cfg, tls=not args.insecure)
         address = cluster.start_server()
         host, port = address.rsplit(":", 1)
         proxy = CountingProxy((host, int(port)))
         for i, f in enumerate(folders):
             cluster.start_site(f"site{i + 1}", f, extra=["--server", f"127.0.0.1:{proxy.port}"])
-        while (s := status(address)).step < 5:
+        while (s := status(cluster)).step < 5:
             time.sleep(0.05)
         step0, (up0, down0) = s.step, proxy.counts()
-        while (s := status(address)).step < args.steps - 5:
+        while (s := status(cluster)).step < args.steps - 5:
             time.sleep(0.05)
         step1, (up1, down1) = s.step, proxy.counts()
         cluster.wait(300)
@@ -111,7 +111,7 @@ def main() -> None:
     down = (down1 - down0) / steps / sites
     up = (up1 - up0) / steps / sites
     print(f"image2d {args.size}x{args.size}, 4 channels, batch {args.batch} per site, wire {args.wire_dtype}, "
-          f"{steps} steps measured, {sites} sites")
+          f"{'plain text' if args.insecure else 'mutual TLS'}, {steps} steps measured, {sites} sites")
     print(f"raw tensor payload per site per step: {raw} B each way ({2 * raw} B both)")
     print(f"on the wire per site per step: down {down:.0f} B ({down / raw:.4f} x raw), "
           f"up {up:.0f} B ({up / raw:.4f} x raw), both {(up + down) / (2 * raw):.4f} x raw")

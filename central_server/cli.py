@@ -32,19 +32,22 @@ def main() -> None:
 @click.option("--threads", type=int, help="Torch CPU threads.")
 @click.option("--device", help="Torch device for the generator (cpu, cuda, cuda:1).")
 @click.option("--resume", is_flag=True, help="Continue from the newest usable checkpoint in the run folder.")
+@click.option("--certs", type=click.Path(path_type=pathlib.Path), help="TLS folder: ca.crt, server.crt, server.key [certs].")
+@click.option("--insecure", is_flag=True, default=None, help="Plain text without identities (local tests only).")
 @click.option("--port-file", type=click.Path(path_type=pathlib.Path), help="Write the bound port here (for scripts).")
 @set_option
 @log_level_option
 @friendly_errors
 def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, threads, device, resume,
-          port_file, overrides, log_level):
+          certs, insecure, port_file, overrides, log_level):
     """Start the server and train until the schedule ends."""
     from asyndgan.central_server.server import run_server
 
     values = {
         "host": host, "port": port, "run_dir": run_dir and str(run_dir), "site.model.family": family,
         "site.schedule.steps": steps, "train.batch_size": batch_size, "train.min_sites": min_sites,
-        "train.wire_dtype": wire_dtype, "device": device, "threads": threads,
+        "train.wire_dtype": wire_dtype, "device": device, "threads": threads, "insecure": insecure,
+        "certs": certs and str(certs),
     }
     values.update(dict(parse_override(o) for o in overrides))
     if resume and config_file is None:
@@ -65,17 +68,20 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
 @click.option("--server", default="localhost:50051", show_default=True, help="HOST:PORT of the server.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--certs", type=click.Path(path_type=pathlib.Path), default="certs/sites/operator", show_default=True,
+              help="A client kit (ca.crt, site.crt, site.key) from the consortium CA.")
+@click.option("--insecure", is_flag=True, help="The server runs without TLS.")
 @friendly_errors
-def status(server, timeout, as_json):
+def status(server, timeout, as_json, certs, insecure):
     """Print connected sites, step, bytes moved and latest losses of a running server."""
     from google.protobuf.json_format import MessageToDict
 
     from asyndgan.common._generated import asyndgan_pb2 as pb
     from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
-    from asyndgan.common.grpc_options import OPTIONS
+    from asyndgan.common.tls import open_channel
     from asyndgan.central_server.status import format_status
 
-    with grpc.insecure_channel(server, options=OPTIONS) as channel:
+    with open_channel(server, None if insecure else certs) as channel:
         try:
             reply = pb_grpc.AsynDGANStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:

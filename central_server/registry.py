@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class JoinRefused(Exception):
-    """kind: 'duplicate' | 'incompatible' | 'invalid'."""
+    """kind: 'duplicate' | 'incompatible' | 'invalid' | 'forbidden'."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)

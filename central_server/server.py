@@ -15,13 +15,14 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from asyndgan.common import serde
+from asyndgan.common import serde, tls
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.config import ServerConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.common.grpc_options import OPTIONS
 from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.central_server.identity import Authorizer
 from asyndgan.central_server.mask_bank import MaskBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.servicer import AsynDGANServicer
@@ -34,14 +35,17 @@ MAX_WORKERS = 128  # one thread per connected site's stream, plus status and hea
 GRACE_S = 5.0
 
 
-def create_server(servicer: AsynDGANServicer, address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(servicer: AsynDGANServicer, address: str, credentials: grpc.ServerCredentials | None
+                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Bind `address` (TLS with `credentials`, plain text with None); port 0 picks a free port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
                          options=OPTIONS)
     pb_grpc.add_AsynDGANServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as exc:
         raise AsynDGANError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
@@ -74,18 +78,34 @@ def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistr
         return serde.Welcome(step=trainer.step, wire_dtype=cfg.train.wire_dtype, run_id=trainer.run_id,
                              site_config=cfg.site, have_maps=have_maps)
 
-    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry))
+    authorizer = Authorizer(None if cfg.insecure else cfg.certs, cfg.allowed_sites)
+    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry), authorizer)
     return trainer, registry, servicer
 
 
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    if cfg.insecure:
+        log.warning("running WITHOUT TLS (--insecure): anyone who can reach this port can join as any site; "
+                    "use this for local tests only")
+        return None
+    missing = [n for n in ("ca.crt", "server.crt", "server.key") if not (cfg.certs / n).is_file()]
+    if missing:
+        raise ConfigError(f"no TLS identity in {cfg.certs} (missing {', '.join(missing)}): create it with "
+                          f"`asyndgan certs init --dir {cfg.certs}` and `asyndgan certs issue --dir {cfg.certs} "
+                          "--server HOST`, or pass --insecure for a local test")
+    return tls.server_credentials(cfg.certs)
+
+
 def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Trainer:
+    credentials = server_credentials(cfg)  # before anything is written: a missing certificate fails fast
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.run_dir / "config.json", cfg.model_dump_json(indent=2))
     trainer, registry, servicer = build(cfg, resume)
-    server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}")
+    server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}", credentials)
     server.start()
-    log.info("serving on %s:%d (run %s, %s, %d steps; run folder %s)", cfg.host, port, trainer.run_id,
-             cfg.site.model.family, cfg.site.schedule.steps, cfg.run_dir)
+    log.info("serving on %s:%d with %s (run %s, %s, %d steps; run folder %s)", cfg.host, port,
+             "plain text" if credentials is None else "mutual TLS", trainer.run_id, cfg.site.model.family,
+             cfg.site.schedule.steps, cfg.run_dir)
     if port_file is not None:
         port_file.write_text(str(port))
     stop = threading.Event()

@@ -16,6 +16,7 @@ from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.errors import ProtocolError
+from asyndgan.central_server.identity import Authorizer
 from asyndgan.central_server.registry import JoinRefused, SiteRegistry
 from asyndgan.central_server.session import SiteSession
 
@@ -25,13 +26,15 @@ _REFUSAL_CODES = {
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
     "incompatible": grpc.StatusCode.FAILED_PRECONDITION,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
 class AsynDGANServicer(pb_grpc.AsynDGANServicer):
     def __init__(self, registry: SiteRegistry, welcome: Callable[[bool], serde.Welcome],
-                 status: Callable[[], pb.StatusReply]):
+                 status: Callable[[], pb.StatusReply], authorizer: Authorizer):
         self.registry = registry
+        self.authorizer = authorizer
         self.welcome = welcome
         self.status = status
 
@@ -43,9 +46,12 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
         if first.WhichOneof("kind") != "hello":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a training stream must be Hello")
         try:
-            session, have_maps = self.registry.join(serde.hello_from_proto(first.hello))
+            hello = serde.hello_from_proto(first.hello)
+            self.authorizer.check(hello.site_id, context.auth_context())
+            # An authenticated site may take over its own stale connection; an unauthenticated one may not.
+            session, have_maps = self.registry.join(hello, replace=self.authorizer.secure)
         except JoinRefused as exc:
-            log.warning("refused a site: %s", exc)
+            log.warning("refused a site from %s: %s", context.peer(), exc)
             context.abort(_REFUSAL_CODES[exc.kind], str(exc))
         except ProtocolError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -116,6 +116,9 @@ class TrainConfig(_Section):
 
 class ServerConfig(_Section):
     host: str = "0.0.0.0"
+    certs: pathlib.Path = Field(pathlib.Path("certs"), description="ca.crt, server.crt, server.key, revoked.txt")
+    insecure: bool = Field(False, description="plain text, no identities: for local tests only")
+    allowed_sites: list[str] | None = Field(None, description="if set, only these site names may join")
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     run_dir: pathlib.Path = pathlib.Path("runs/server")
     checkpoint_every: int = Field(500, ge=1)
@@ -162,6 +165,9 @@ class DataPrepConfig(_Section):
 class SiteConfig(_Section):
     site_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     server: str = Field("localhost:50051", pattern=r"^[^\s:]+(:\d+)$|^\[[0-9a-fA-F:]+\]:\d+$")
+    certs: pathlib.Path | None = Field(None, description="the site's kit: ca.crt, site.crt, site.key "
+                                       "(default certs/sites/<site_id>)")
+    insecure: bool = Field(False, description="plain text, no identities: for local tests only")
     data: pathlib.Path
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")

@@ -30,11 +30,21 @@ def _env(threads: int | None) -> dict:
 class Cluster:
     """One server and its sites as child processes; `wait()` returns when the server has finished."""
 
-    def __init__(self, cfg: ServerConfig, threads: int | None = 1):
-        self.cfg = cfg
+    def __init__(self, cfg: ServerConfig, threads: int | None = 1, tls: bool = True):
+        """tls: give the run its own consortium CA in run_dir/certs and use mutual TLS, as a real deployment
+        does (plain text otherwise)."""
         self.threads = threads
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.address = ""
+        self.tls = tls
+        certs = cfg.run_dir / "certs"
+        self.cfg = cfg.model_copy(update={"certs": certs, "insecure": not tls})
+        if tls and not (certs / "server.crt").exists():
+            from asyndgan.common import tls as tls_lib
+
+            tls_lib.init_ca(certs, "asyndgan local run CA")
+            tls_lib.issue_server(certs, ["localhost", "127.0.0.1"])
+            tls_lib.issue_site(certs, "operator")
 
     def start_server(self, timeout: float = 60) -> str:
         run_dir = self.cfg.run_dir
@@ -57,9 +67,21 @@ class Cluster:
         self.address = f"{host}:{int(port_file.read_text())}"
         return self.address
 
+    def kit(self, site_id: str) -> pathlib.Path | None:
+        if not self.tls:
+            return None
+        kit = self.cfg.certs / "sites" / site_id
+        if not kit.exists():
+            from asyndgan.common import tls as tls_lib
+
+            tls_lib.issue_site(self.cfg.certs, site_id)
+        return kit
+
     def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = ()) -> None:
+        kit = self.kit(site_id)
         cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", self.address,
-               "--site-id", site_id, *extra]
+               "--site-id", site_id, *(["--certs", str(kit)] if kit else ["--insecure"]),
+               "--set", f"state_dir={self.cfg.run_dir / 'site_state'}", *extra]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         self._spawn(site_id, cmd, self.cfg.run_dir / f"{site_id}.out")
@@ -77,7 +99,7 @@ class Cluster:
         from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 
         server = self.procs[0][1]
-        with grpc.insecure_channel(self.address) as channel, tqdm(total=total, desc=desc, unit="step") as bar:
+        with self.channel() as channel, tqdm(total=total, desc=desc, unit="step") as bar:
             stub = pb_grpc.AsynDGANStub(channel)
             while server.poll() is None:
                 try:
@@ -92,6 +114,12 @@ class Cluster:
                 if s.state == "finished":
                     break
                 time.sleep(1)
+
+    def channel(self):
+        """A channel to the server for Status calls (with the run's operator kit under TLS)."""
+        from asyndgan.common.tls import open_channel
+
+        return open_channel(self.address, self.kit("operator"))
 
     def wait(self, timeout: float) -> None:
         """Wait for every process; raise naming the ones that failed (their logs are in the run folder)."""

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import logging
 import math
+import pathlib
 import queue
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from asyndgan.common import serde, tensor_codec
+from asyndgan.common import serde, tensor_codec, tls
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.conditions import augment
 from asyndgan.common.config import SiteConfig
 from asyndgan.common.errors import AsynDGANError, ProtocolError
-from asyndgan.common.grpc_options import OPTIONS
 from asyndgan.site_agent import state
 from asyndgan.site_agent.datasets import SiteDataset, describe_dataset, open_dataset
 from asyndgan.site_agent.gradients import SiteLearner
@@ -62,6 +63,20 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, gr
               grpc.StatusCode.ABORTED}
 
 
+def _unreachable(cfg: SiteConfig) -> str:
+    """Why the channel never became ready: nothing listening, or a TLS handshake that failed."""
+    host, _, port = cfg.server.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError:
+        return f"cannot reach the server at {cfg.server} within {cfg.connect_timeout_s:g} s"
+    if cfg.insecure:
+        return f"the server at {cfg.server} does not answer gRPC in plain text (does it require TLS?)"
+    return (f"reached {cfg.server} but the TLS handshake failed: the server's certificate must come from this "
+            "site's consortium CA and name the address dialled, and the server must accept this site's "
+            "certificate (not expired, same CA)")
+
+
 class SiteAgent:
     def __init__(self, cfg: SiteConfig, channel_factory=None):
         self.cfg = cfg
@@ -75,7 +90,13 @@ class SiteAgent:
         self._last_step = 0
         self._joined_once = False
         self._outbox: queue.Queue = queue.Queue()
-        self._channel_factory = channel_factory or (lambda: grpc.insecure_channel(cfg.server, options=OPTIONS))
+        if cfg.insecure:
+            log.warning("connecting WITHOUT TLS (--insecure): for local tests only")
+            kit = None
+        else:
+            kit = cfg.certs or pathlib.Path("certs") / "sites" / cfg.site_id
+            tls.channel_credentials(kit, cfg.site_id)  # a missing, expired or foreign certificate fails here
+        self._channel_factory = channel_factory or (lambda: tls.open_channel(cfg.server, kit, cfg.site_id))
 
     def _send(self, msg: pb.SiteMessage) -> None:
         self.stats.bytes_sent += msg.ByteSize()
@@ -123,8 +144,7 @@ class SiteAgent:
             try:
                 grpc.channel_ready_future(channel).result(timeout=self.cfg.connect_timeout_s)
             except grpc.FutureTimeoutError:
-                raise _Retry(f"cannot reach the server at {self.cfg.server} "
-                             f"within {self.cfg.connect_timeout_s:g} s") from None
+                raise _Retry(_unreachable(self.cfg)) from None
             stub = pb_grpc.AsynDGANStub(channel)
             self._send(serde.hello_to_proto(serde.Hello(
                 site_id=self.cfg.site_id, family=summary.family, modalities=summary.modalities,

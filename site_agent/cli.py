@@ -23,14 +23,18 @@ def main() -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path), help="TOML or JSON config file.")
 @click.option("--threads", type=int, help="Torch CPU threads.")
 @click.option("--device", help="Torch device for the discriminators (cpu, cuda).")
+@click.option("--certs", type=click.Path(path_type=pathlib.Path),
+              help="This site's TLS kit: ca.crt, site.crt, site.key [certs/sites/SITE_ID].")
+@click.option("--insecure", is_flag=True, default=None, help="Plain text without identities (local tests only).")
 @set_option
 @log_level_option
 @friendly_errors
-def join(data, server, site_id, config_file, device, threads, overrides, log_level):
+def join(data, server, site_id, config_file, device, threads, certs, insecure, overrides, log_level):
     """Join a training run and answer the server's batches until it ends."""
     from asyndgan.site_agent.agent import run_site
 
-    values = {"data": data and str(data), "server": server, "site_id": site_id, "device": device, "threads": threads}
+    values = {"data": data and str(data), "server": server, "site_id": site_id, "device": device, "threads": threads,
+              "certs": certs and str(certs), "insecure": insecure}
     values.update(dict(parse_override(o) for o in overrides))
     cfg = load_config(SiteConfig, config_file, values)
     setup_logging(log_level)

@@ -31,7 +31,7 @@ def _sets(overrides: dict) -> list[str]:
 
 class Server:
     def __init__(self, run_dir: pathlib.Path, overrides: dict, extra: list[str] = (), timeout: float = 30,
-                 port: int = 0, env: dict | None = None):
+                 port: int = 0, env: dict | None = None, certs: pathlib.Path | None = None):
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         port_file = run_dir / "port"
@@ -39,6 +39,7 @@ class Server:
         self.log = open(run_dir / "server.out", "a")
         cmd = [sys.executable, "-m", "asyndgan.central_server.cli", "start", "--host", "127.0.0.1", "--port", str(port),
                "--port-file", str(port_file), "--run-dir", str(run_dir), "--threads", "1", *_sets(overrides), *extra]
+        cmd += ["--certs", str(certs)] if certs else ["--insecure"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**ENV, **(env or {})})
         end = time.monotonic() + timeout
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -65,11 +66,12 @@ class Server:
             self.proc.wait()
 
 
-def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path, extra: list[str] = ()):
+def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path, extra: list[str] = (),
+               certs: pathlib.Path | None = None):
     state = log.parent / "state"
     cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", server,
            "--site-id", site_id, "--threads", "1", "--set", f"state_dir={state}", "--set", "backoff_s=[0.2, 2]",
-           *extra]
+           *(["--certs", str(certs)] if certs else ["--insecure"]), *extra]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV)
 
 

@@ -10,7 +10,7 @@ from asyndgan.site_agent.toy_data import write_toy_sites
 from procs import TINY_IMAGE2D, Server, run_cli
 
 pytestmark = pytest.mark.integration
-SITE = ["asyndgan.site_agent.cli", "join"]
+SITE = ["asyndgan.site_agent.cli", "join", "--insecure"]
 SERVER = ["asyndgan.central_server.cli"]
 
 
@@ -52,12 +52,12 @@ def test_site_id_must_be_given_and_well_formed(tmp_path):
     (["--port", "70000"], "port"),
 ])
 def test_server_config_out_of_range(tmp_path, args, needle):
-    r = run_cli(SERVER + ["start", "--run-dir", str(tmp_path)] + args)
+    r = run_cli(SERVER + ["start", "--insecure", "--run-dir", str(tmp_path)] + args)
     _one_line_error(r, needle)
 
 
 def test_status_of_a_server_that_is_not_there():
-    r = run_cli(SERVER + ["status", "--server", "127.0.0.1:9", "--timeout", "1"])
+    r = run_cli(SERVER + ["status", "--insecure", "--server", "127.0.0.1:9", "--timeout", "1"])
     _one_line_error(r, "no status from 127.0.0.1:9")
 
 

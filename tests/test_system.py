@@ -61,7 +61,7 @@ def test_sites_join_while_training_and_a_killed_site_is_dropped(tmp_path):
                 health_pb2.HealthCheckRequest(service="asyndgan.v1.AsynDGAN"), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
-        cli = run_cli(["asyndgan.central_server.cli", "status", "--server", server.address])
+        cli = run_cli(["asyndgan.central_server.cli", "status", "--insecure", "--server", server.address])
         assert cli.returncode == 0, cli.stderr
         assert "sites connected: 2" in cli.stdout and "a " in cli.stdout and "b " in cli.stdout
 
@@ -116,7 +116,8 @@ def test_no_message_a_site_sends_contains_its_image_bytes(tmp_path):
     }
     server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 3, "train.batch_size": 4})
     sent: list[bytes] = []
-    agent = SiteAgent(SiteConfig(site_id="private", server=server.address, data=folder))
+    agent = SiteAgent(SiteConfig(site_id="private", server=server.address, data=folder, insecure=True,
+                                 state_dir=tmp_path / "state"))
     original = agent._send
     agent._send = lambda msg: (sent.append(msg.SerializeToString()), original(msg))[1]
     try:

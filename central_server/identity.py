@@ -1,0 +1,40 @@
+"""Who a connecting site is: its certificate's common name, checked against the id it declares, the
+revocation list and the optional list of allowed sites. Called by the servicer with the TLS auth context."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+from asyndgan.common import tls
+from asyndgan.central_server.registry import JoinRefused
+
+log = logging.getLogger(__name__)
+
+
+class Authorizer:
+    def __init__(self, certs: pathlib.Path | None, allowed_sites: list[str] | None):
+        self.certs = certs  # None: --insecure, nobody is authenticated
+        self.allowed = set(allowed_sites) if allowed_sites else None
+
+    @property
+    def secure(self) -> bool:
+        return self.certs is not None
+
+    def check(self, site_id: str, auth_context: dict) -> None:
+        """Raise JoinRefused('forbidden', reason) unless this peer may join as `site_id`."""
+        if not self.secure:
+            return
+        cert = tls.peer_certificate(auth_context)
+        if cert is None:
+            raise JoinRefused("forbidden", "no client certificate was presented")
+        name = tls.common_name(cert)
+        if name != site_id:
+            raise JoinRefused("forbidden", f"the certificate is for site {name!r} but the site calls itself "
+                                           f"{site_id!r}")
+        # Read at every join, so that revoking takes effect without restarting the server.
+        if cert.serial_number in tls.load_revoked(self.certs / "revoked.txt"):
+            raise JoinRefused("forbidden", f"the certificate of site {name!r} (serial {cert.serial_number:x}) "
+                                           "has been revoked")
+        if self.allowed is not None and name not in self.allowed:
+            raise JoinRefused("forbidden", f"site {name!r} is not one of this consortium's allowed sites")
