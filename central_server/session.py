@@ -39,6 +39,7 @@ class SessionStats:
     steps_answered: int = 0
     steps_missed: int = 0
     bad_messages: int = 0
+    late_replies: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     losses: dict[str, float] = field(default_factory=dict)
@@ -137,7 +138,9 @@ class SiteSession:
                 self.stats.steps_missed += 1
                 return "disconnected"
             if msg.round != round_:
-                log.debug("site %s: dropped a late reply for round %d", self.site_id, msg.round)
+                self.stats.late_replies += 1
+                log.info("site %s: dropped a late reply (step %d, round %d; now round %d)", self.site_id,
+                         msg.step, msg.round, round_)
                 continue
             try:
                 grad = serde.gradient_from_proto(msg, wire_dtype=self.wire_dtype, shape=shape,

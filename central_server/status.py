@@ -23,6 +23,7 @@ def build_status(trainer: Trainer, registry: SiteRegistry) -> pb.StatusReply:
             steps_answered=s.stats.steps_answered, steps_missed=s.stats.steps_missed,
             bytes_sent=s.stats.bytes_sent, bytes_received=s.stats.bytes_received,
             losses=s.stats.losses, connected_seconds=now - s.stats.joined_at,
+            late_replies=s.stats.late_replies, bad_messages=s.stats.bad_messages,
         ))
     return reply
 
@@ -38,7 +39,7 @@ def format_status(reply: pb.StatusReply) -> str:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(s.losses.items())) or "-"
         lines.append(
             f"  {s.site_id:<16} n={s.num_samples:<7} {'ready' if s.ready else 'joining':<8} "
-            f"answered {s.steps_answered}  missed {s.steps_missed}  "
+            f"answered {s.steps_answered}  missed {s.steps_missed}  late {s.late_replies}  "
             f"{(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB  losses: {losses}"
         )
     return "\n".join(lines)

@@ -161,3 +161,27 @@ def test_a_site_sending_garbage_is_dropped_while_the_others_train(tmp_path, mode
     out = server.output()
     if mode not in ("order", "oversized"):
         assert "3 bad gradients in a row" in out
+
+
+def test_a_straggler_never_holds_training_up_and_its_late_replies_are_dropped(tmp_path):
+    folders = write_toy_sites(tmp_path / "d", sites=1, per_site=[6], size=20)
+    server = Server(tmp_path / "run", _overrides(**{"site.schedule.steps": 10**6, "train.min_sites": 1,
+                                                    "train.step_deadline_s": 0.5}))
+    good = start_site(folders[0], server.address, "good", tmp_path / "good.log")
+    slow = subprocess.Popen([sys.executable, os.path.join(HERE, "hostile_site.py"), server.address, "slow", "late"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        s = _wait(lambda s: (x := _site(s, "slow")) is not None and x.late_replies >= 3, server.address,
+                  "late replies from the straggler", timeout=90)
+        t0, step0 = time.monotonic(), s.step
+        s = _wait(lambda s: s.step >= step0 + 20, server.address, "20 more steps")
+        # Each step waits at most the 0.5 s deadline for the straggler, never its 1.5 s.
+        assert (time.monotonic() - t0) / (s.step - step0) < 0.75
+        x = _site(s, "slow")
+        assert x.steps_answered == 0 and x.steps_missed >= 3 and x.bad_messages == 0
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait(60)
+        good.kill()
+        slow.kill()
+    assert "dropped a late reply" in server.output()
