@@ -112,15 +112,17 @@ class SiteRegistry:
         return [s for s in self.sessions() if s.ready]
 
     def wait_for_ready(self, n: int, timeout: float) -> list[SiteSession]:
-        """Block until at least n sites are ready or `timeout` passes; returns the ready sites."""
+        """Block until at least n sites are available (ready, no batch outstanding) or `timeout` passes;
+        returns the available sites."""
         end = time.monotonic() + timeout
         with self._cond:
             while True:
-                ready = [s for s in self._sessions.values() if s.ready]
+                ready = [s for s in self._sessions.values() if s.available]
                 remaining = end - time.monotonic()
                 if len(ready) >= n or remaining <= 0:
                     return sorted(ready, key=lambda s: s.site_id)
-                self._cond.wait(remaining)
+                # Joins notify; a straggler's late answer does not, so look again soon.
+                self._cond.wait(min(remaining, 0.05))
 
     def bytes_moved(self) -> tuple[int, int]:
         """(sent, received) over every session this server has had."""

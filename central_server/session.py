@@ -71,6 +71,7 @@ class SiteSession:
         self._max_gradient_bytes = max_gradient_bytes
         self._consecutive_bad = 0
         self._known_samples = known_samples  # the server already holds this site's maps (a reconnect)
+        self._outstanding: int | None = None  # round of the batch the site has not answered yet
         self._lock = threading.Lock()
 
     # ---- called from the transport -------------------------------------------------------------------------
@@ -91,6 +92,9 @@ class SiteSession:
             self._upload = None
             self._on_ready(self, maps, reuse)  # the bank takes the maps, then the registry marks us ready
         elif kind == "gradient" and self.state is State.READY:
+            with self._lock:
+                if msg.gradient.round == self._outstanding:
+                    self._outstanding = None  # answered (in time or late): the site may get the next batch
             self._inbox.put(msg.gradient)
         else:
             raise ProtocolError(f"unexpected {kind or 'empty'} message while {self.state.value}")
@@ -121,7 +125,15 @@ class SiteSession:
     def ready(self) -> bool:
         return self.state is State.READY
 
+    @property
+    def available(self) -> bool:
+        """Ready and not still working on an earlier batch. A straggler gets no new batch until it has answered
+        the last one (late), so batches never pile up behind a slow or cut-off site."""
+        return self.state is State.READY and self._outstanding is None
+
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
+        with self._lock:
+            self._outstanding = batch.round
         self._push(serde.batch_to_proto(batch, self.wire_dtype))
 
     def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float) -> serde.ImageGradient | str:

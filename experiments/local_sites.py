@@ -23,7 +23,7 @@ class LocalSession:
         self.dataset = dataset
         self.num_samples = len(dataset)
         self.channels = channels
-        self.ready = True
+        self.ready = self.available = True
         self.learner = SiteLearner(cfg, dataset.modalities)
         self._maps = dataset.label_maps()
         self._answer: serde.ImageGradient | None = None
