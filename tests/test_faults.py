@@ -16,6 +16,7 @@ import torch
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+from asyndgan.common import tls
 from asyndgan.site_agent.toy_data import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, start_site
 
@@ -23,19 +24,19 @@ pytestmark = pytest.mark.integration
 HERE = os.path.dirname(__file__)
 
 
-def _status(address: str) -> pb.StatusReply | None:
+def _status(address: str, kit=None) -> pb.StatusReply | None:
     try:
-        with grpc.insecure_channel(address) as ch:
+        with tls.open_channel(address, kit) as ch:
             return pb_grpc.AsynDGANStub(ch).Status(pb.StatusRequest(), timeout=2)
     except grpc.RpcError:
         return None
 
 
-def _wait(predicate, address: str, what: str, timeout: float = 60) -> pb.StatusReply:
+def _wait(predicate, address: str, what: str, timeout: float = 60, kit=None) -> pb.StatusReply:
     end = time.monotonic() + timeout
     s = None
     while time.monotonic() < end:
-        s = _status(address)
+        s = _status(address, kit)
         if s is not None and predicate(s):
             return s
         time.sleep(0.1)
@@ -51,21 +52,34 @@ def _overrides(**extra) -> dict:
             "checkpoint_every": 10, "sample_every": 10**6, **extra}
 
 
-def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path):
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "mtls"])
+def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secure):
     folders = write_toy_sites(tmp_path / "d", sites=2, per_site=[6, 4], size=20)
     over = _overrides(**{"site.schedule.steps": 150, "train.min_sites": 2})
-    server = Server(tmp_path / "run", over)
+    certs = None
+    if secure:
+        certs = tmp_path / "certs"
+        tls.init_ca(certs)
+        tls.issue_server(certs, ["127.0.0.1"])
+        for name in ("s0", "s1", "operator"):
+            tls.issue_site(certs, name)
+    kit = (lambda name: certs / "sites" / name) if secure else (lambda name: None)
+    status = lambda: _status(server.address, kit("operator"))  # noqa: E731
+    server = Server(tmp_path / "run", over, certs=certs)
     port = server.port
-    sites = [start_site(f, server.address, f"s{i}", tmp_path / f"s{i}.log") for i, f in enumerate(folders)]
+    sites = [start_site(f, server.address, f"s{i}", tmp_path / f"s{i}.log", certs=kit(f"s{i}"))
+             for i, f in enumerate(folders)]
     try:
-        _wait(lambda s: s.step >= 35, server.address, "35 steps")
+        _wait(lambda s: s.step >= 35, server.address, "35 steps", kit=kit("operator"))
         server.proc.kill()  # kill -9: no checkpoint, no goodbye
         server.wait()
         before = load_latest(tmp_path / "run" / "checkpoints")[1]["step"]
         assert before >= 30
         time.sleep(1.0)
-        server = Server(tmp_path / "run", over, extra=["--resume"], port=port)
-        s = _wait(lambda s: s.step > before + 5 and len(s.sites) == 2, server.address, "training after resume")
+        server = Server(tmp_path / "run", over, extra=["--resume"], port=port, certs=certs)
+        s = _wait(lambda s: s.step > before + 5 and len(s.sites) == 2, server.address, "training after resume",
+                  kit=kit("operator"))
+        assert status() is not None
         assert s.run_id  # same run continues
         assert server.wait(120) == 0, server.output()
         assert [p.wait(60) for p in sites] == [0, 0]
