@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import tempfile
-import threading
 import time
 
 import torch
@@ -50,7 +49,7 @@ def in_process(tmp, folders, args) -> float:
 
 def distributed(tmp, folders, args) -> float:
     cluster = Cluster(config(tmp, "grpc", args), threads=1)
-    address = cluster.start_server()
+    cluster.start_server()
     for i, f in enumerate(folders):
         cluster.start_site(f"site{i}", f)
     with cluster.channel() as ch:

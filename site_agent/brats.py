@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
 from dataclasses import dataclass, field
 
 import nibabel as nib

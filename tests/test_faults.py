@@ -11,7 +11,6 @@ import time
 
 import grpc
 import pytest
-import torch
 
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from asyndgan.common._generated import asyndgan_pb2 as pb
@@ -88,7 +87,7 @@ def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secur
         for p in sites:
             p.kill()
     out = server.output()
-    assert f"resumed from" in out and f"at step {before}" in out
+    assert "resumed from" in out and f"at step {before}" in out
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000150.pt")
     assert final["step"] == 150
     for i in range(2):
