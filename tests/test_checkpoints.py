@@ -1,0 +1,52 @@
+"""Checkpoints: atomic writes, no pickle on load, a damaged newest checkpoint falls back to the one before,
+and the label-map bank is restored only when its files match the checkpoint's digests."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.common.serde import maps_digest
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, caplog):
+    for step in (10, 20):
+        ckpt.save_checkpoint(ckpt.checkpoint_path(tmp_path, step), {"step": step, "w": torch.ones(3) * step})
+    newest = ckpt.checkpoint_path(tmp_path, 20)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a disk that filled up
+    with caplog.at_level(logging.ERROR):
+        path, state = ckpt.load_latest(tmp_path)
+    assert path == ckpt.checkpoint_path(tmp_path, 10) and state["step"] == 10
+    assert str(newest) in caplog.text
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoints_refuse_arbitrary_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    path = tmp_path / "step_00000001.pt"
+    torch.save({"step": 1, "x": Evil()}, path)
+    assert ckpt.load_latest(tmp_path) is None  # weights_only=True refuses it
+
+
+def test_bank_restores_verified_maps_and_reports_altered_ones(tmp_path):
+    bank = MaskBank(tmp_path / "bank")
+    a, b = torch.randint(0, 5, (4, 8, 8), dtype=torch.uint8), torch.randint(0, 5, (2, 8, 8), dtype=torch.uint8)
+    bank.put("a", 4, a, maps_digest(a))
+    bank.put("b", 2, b, maps_digest(b))
+    bank.put("g", 100, None, "")
+    state = bank.state()
+    altered = next((tmp_path / "bank").glob("b-*.npy"))
+    import numpy as np
+
+    np.save(altered, np.zeros((2, 8, 8), np.uint8))
+    fresh = MaskBank(tmp_path / "bank")
+    problems = fresh.restore(state)
+    assert fresh.has("a", maps_digest(a)) and torch.equal(fresh.maps("a", torch.arange(4)), a)
+    assert not fresh.has("b", maps_digest(b)) and len(problems) == 1 and "site b" in problems[0]
+    assert fresh.size("g") == 100
