@@ -114,6 +114,8 @@ class Cluster:
                 if s.state == "finished":
                     break
                 time.sleep(1)
+            if server.wait() == 0:
+                bar.update(total - bar.n)  # the server finished between two polls
 
     def channel(self):
         """A channel to the server for Status calls (with the run's operator kit under TLS)."""
