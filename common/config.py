@@ -123,7 +123,6 @@ class ServerConfig(_Section):
     run_dir: pathlib.Path = pathlib.Path("runs/server")
     checkpoint_every: int = Field(500, ge=1)
     sample_every: int = Field(250, ge=1)
-    site_timeout_s: float = Field(600.0, gt=0, description="a site that has not finished joining by then is dropped")
     exit_when_done: bool = Field(True, description="stop serving once the last step is taken")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")

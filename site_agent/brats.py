@@ -14,8 +14,11 @@ warning naming the file (or stops preparation, with `on_bad_case = "error"`); on
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import pathlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import nibabel as nib
 import numpy as np
@@ -230,11 +233,19 @@ def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, siz
     writer = cache.EntryWriter(root_dir, name, total, len(modalities), size)
     keep = np.ones(total, bool)
     row, slice_cases = 0, []
+    # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang in them.
+    pool = (ProcessPoolExecutor(prep.workers, mp_context=multiprocessing.get_context("spawn"))
+            if prep.workers > 1 else None)
     try:
-        for case in tqdm(good, desc="preparing slices", unit="case"):
+        # Cases are prepared in order (in worker processes when prep.workers > 1) and written as they come.
+        results = (pool.map(_prepare_or_error, good, repeat(modalities), repeat(prep), repeat(size))
+                   if pool else map(_prepare_or_error, good, repeat(modalities), repeat(prep), repeat(size)))
+        for case, result in tqdm(zip(good, results), total=len(good), desc="preparing slices", unit="case"):
             n = counts[case.name]
             try:
-                images, maps = prepare_case(case, modalities, prep, size)
+                if isinstance(result, str):
+                    raise DataError(result)
+                images, maps = result
                 if len(images) != n:
                     raise DataError(f"{case.files['seg']} changed while it was being read")
                 writer.images[row:row + n] = images
@@ -249,3 +260,14 @@ def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, siz
     except BaseException:
         writer.discard()
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _prepare_or_error(case: Case, modalities: list[str], prep: DataPrepConfig, size: int):
+    """prepare_case, with a DataError turned into its message (so it crosses a process boundary as text)."""
+    try:
+        return prepare_case(case, modalities, prep, size)
+    except DataError as exc:
+        return str(exc)

@@ -173,3 +173,12 @@ def test_unrecognised_folder_says_what_it_expected(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="BraTS case folders"):
         describe_dataset(tmp_path)
+
+
+def test_parallel_preparation_gives_the_same_slices(tmp_path):
+    root = write_tree(tmp_path / "site", 3, NAMES_2018, "_", 4)
+    one = open_dataset(root, _cfg(), DataPrepConfig(cache_dir=tmp_path / "c1", min_tumour_pixels=1))
+    two = open_dataset(root, _cfg(), DataPrepConfig(cache_dir=tmp_path / "c2", min_tumour_pixels=1, workers=2))
+    keys = torch.arange(len(one))
+    assert len(one) == len(two) and torch.equal(one.real(keys), two.real(keys))
+    assert torch.equal(one.label_maps(), two.label_maps())
