@@ -82,7 +82,3 @@ def decode(
     if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise ProtocolError("tensor contains NaN or infinite values")
     return t
-
-
-def payload_bytes(msg: pb.Tensor) -> int:
-    return len(msg.data)
