@@ -9,6 +9,12 @@ import subprocess
 import sys
 import time
 
+import grpc
+
+from asyndgan.common import tls
+from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 TINY_IMAGE2D = {
@@ -77,3 +83,29 @@ def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path,
 
 def run_cli(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def status(address: str, kit: pathlib.Path | None = None):
+    """The server's StatusReply, or None while it does not answer."""
+    try:
+        with tls.open_channel(address, kit) as ch:
+            return pb_grpc.AsynDGANStub(ch).Status(pb.StatusRequest(), timeout=5)
+    except grpc.RpcError:
+        return None
+
+
+def wait_status(predicate, address: str, what: str, timeout: float = 60, kit: pathlib.Path | None = None):
+    """Poll Status until predicate(reply) holds; fail naming `what` and the last reply."""
+    end = time.monotonic() + timeout
+    s = None
+    while time.monotonic() < end:
+        s = status(address, kit)
+        if s is not None and predicate(s):
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; last status: {s}")
+
+
+def site_status(s, name: str):
+    """One site's SiteStatus in a reply, or None."""
+    return next((x for x in s.sites if x.site_id == name), None)

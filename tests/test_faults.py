@@ -9,41 +9,18 @@ import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
-from asyndgan.common._generated import asyndgan_pb2 as pb
-from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common import tls
 from asyndgan.site_agent.toy_data import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, start_site
+from procs import site_status as _site
+from procs import status as _status
+from procs import wait_status as _wait
 
 pytestmark = pytest.mark.integration
 HERE = os.path.dirname(__file__)
-
-
-def _status(address: str, kit=None) -> pb.StatusReply | None:
-    try:
-        with tls.open_channel(address, kit) as ch:
-            return pb_grpc.AsynDGANStub(ch).Status(pb.StatusRequest(), timeout=2)
-    except grpc.RpcError:
-        return None
-
-
-def _wait(predicate, address: str, what: str, timeout: float = 60, kit=None) -> pb.StatusReply:
-    end = time.monotonic() + timeout
-    s = None
-    while time.monotonic() < end:
-        s = _status(address, kit)
-        if s is not None and predicate(s):
-            return s
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last status: {s}")
-
-
-def _site(s: pb.StatusReply, name: str):
-    return next((x for x in s.sites if x.site_id == name), None)
 
 
 def _overrides(**extra) -> dict:

@@ -11,13 +11,10 @@ import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 
-from asyndgan.common._generated import asyndgan_pb2 as pb
-from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.site_agent.toy_data import write_toy_sites
-from procs import ENV, TINY_IMAGE2D, Server, start_site
+from procs import ENV, TINY_IMAGE2D, Server, site_status, start_site, status
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +47,8 @@ def namespace():
 
 
 def _answered(address: str, site: str) -> int:
-    with grpc.insecure_channel(address) as ch:
-        s = pb_grpc.AsynDGANStub(ch).Status(pb.StatusRequest(), timeout=5)
-    return next((x.steps_answered for x in s.sites if x.site_id == site), -1)
+    x = site_status(status(address), site)
+    return -1 if x is None else x.steps_answered
 
 
 def _wait_answered(address, site, n, timeout=60):

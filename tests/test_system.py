@@ -13,32 +13,19 @@ import numpy as np
 import pytest
 
 from asyndgan.common._generated import asyndgan_pb2 as pb
-from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import SiteConfig
 from asyndgan.site_agent.agent import SiteAgent
 from asyndgan.site_agent.toy_data import write_toy_sites
-from procs import TINY_IMAGE2D, Server, run_cli, start_site
+from procs import TINY_IMAGE2D, Server, run_cli, site_status, start_site
+from procs import status as _status
+from procs import wait_status as _wait
 
 pytestmark = pytest.mark.integration
 
 
-def _status(address: str) -> pb.StatusReply:
-    with grpc.insecure_channel(address) as ch:
-        return pb_grpc.AsynDGANStub(ch).Status(pb.StatusRequest(), timeout=5)
-
-
-def _wait(predicate, address: str, what: str, timeout: float = 60) -> pb.StatusReply:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s = _status(address)
-        if predicate(s):
-            return s
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last status: {s}")
-
-
 def _answered(s: pb.StatusReply, site: str) -> int:
-    return next((x.steps_answered for x in s.sites if x.site_id == site), -1)
+    x = site_status(s, site)
+    return -1 if x is None else x.steps_answered
 
 
 def test_sites_join_while_training_and_a_killed_site_is_dropped(tmp_path):
