@@ -49,3 +49,27 @@ def friendly_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def exit_hard(fn):
+    """Flush and leave with os._exit once the command is done (outside friendly_errors).
+
+    gRPC's C++ threads can still be winding down a finished stream while Python finalises, which aborts the
+    process ("terminate called without an active exception") and turns a clean exit into SIGABRT. Everything
+    worth keeping (logs, the site's saved state) is written before this point."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import os
+
+        code = 0
+        try:
+            fn(*args, **kwargs)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    return wrapper

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option, stop_on_sigterm
+from asyndgan.common.cli_support import exit_hard, friendly_errors, log_level_option, set_option, stop_on_sigterm
 from asyndgan.common.config import SiteConfig, load_config, parse_override
 from asyndgan.common.logging_setup import setup_logging
 
@@ -28,6 +28,7 @@ def main() -> None:
 @click.option("--insecure", is_flag=True, default=None, help="Plain text without identities (local tests only).")
 @set_option
 @log_level_option
+@exit_hard
 @friendly_errors
 def join(data, server, site_id, config_file, device, threads, certs, insecure, overrides, log_level):
     """Join a training run and answer the server's batches until it ends."""
