@@ -24,7 +24,7 @@ import torch
 
 from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.logging_setup import setup_logging
-from asyndgan.site_agent import phantom
+from asyndgan.demo_data import phantom
 from asyndgan.site_agent.datasets import open_dataset
 
 

@@ -24,7 +24,7 @@ from asyndgan.common.logging_setup import setup_logging
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster
 from asyndgan.site_agent.datasets import open_dataset
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 
 
 def config(tmp: pathlib.Path, name: str, args) -> ServerConfig:

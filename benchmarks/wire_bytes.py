@@ -23,7 +23,7 @@ from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import load_config, ServerConfig
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.experiments.runner import Cluster
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 
 log = logging.getLogger("wire_bytes")
 

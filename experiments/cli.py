@@ -17,7 +17,7 @@ def main() -> None:
 
 @main.group()
 def data() -> None:
-    """Generate data sets."""
+    """Generate stand-in data sets for demos and tests (input for sites, not the trained generator's output)."""
 
 
 @data.command()
@@ -31,7 +31,7 @@ def data() -> None:
 def toy(out, sites, per_site, size, seed, log_level):
     """Small brain-like toy images with tumour label maps (arrays layout), one folder per site."""
     from asyndgan.common.errors import ConfigError
-    from asyndgan.site_agent.toy_data import write_toy_sites
+    from asyndgan.demo_data.toy import write_toy_sites
 
     setup_logging(log_level)
     try:
@@ -43,7 +43,7 @@ def toy(out, sites, per_site, size, seed, log_level):
         click.echo(str(folder))
 
 
-@main.command()
+@data.command()
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Folder to write into.")
 @click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 64))
 @click.option("--cases-per-site", help="Comma-separated case counts, one per site (default: uneven, FeTS-like).")
@@ -59,7 +59,7 @@ def phantom(out, sites, cases_per_site, train_cases, test_cases, seed, log_level
 
     from asyndgan.common.config import describe_validation_error
     from asyndgan.common.errors import ConfigError
-    from asyndgan.site_agent.phantom import PhantomConfig, write_phantom
+    from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 
     setup_logging(log_level)
     try:
@@ -74,6 +74,16 @@ def phantom(out, sites, cases_per_site, train_cases, test_cases, seed, log_level
         click.echo(f"{site}: {n} cases in {out / site}")
     click.echo(f"test: {summary.test_cases} cases in {out / 'test'}; partition: {out / 'partition.csv'}")
     click.echo(f"preview: {out / 'preview.png'}  ({summary.seconds_per_case:.1f} s per case)")
+
+
+def _phantom_moved(**kwargs):
+    click.echo("note: `asyndgan phantom` is now `asyndgan data phantom`", err=True)
+    phantom.callback(**kwargs)
+
+
+# The old name keeps working for scripts written against it, hidden from the help.
+main.add_command(click.Command("phantom", params=phantom.params, callback=_phantom_moved, hidden=True,
+                               help="Moved to `asyndgan data phantom`."))
 
 
 @main.command()

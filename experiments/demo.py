@@ -19,7 +19,7 @@ from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.common.errors import DataError
 from asyndgan.experiments.runner import Cluster, write_json
 from asyndgan.site_agent.datasets import describe_dataset
-from asyndgan.site_agent.phantom import PhantomConfig, write_phantom
+from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalS
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
 from asyndgan.experiments.runner import Cluster, write_json
 from asyndgan.site_agent.datasets import Samples1DDataset
-from asyndgan.site_agent.toy_data import GAUSSIAN_SUBSETS, write_gaussian_sites
+from asyndgan.demo_data.toy import GAUSSIAN_SUBSETS, write_gaussian_sites
 
 log = logging.getLogger(__name__)
 METHODS = ("syn_all", "syn_subset_1", "syn_subset_2", "syn_subset_3", "asyndgan")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 from procs import TINY_IMAGE2D, Server, run_cli
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def test_a_second_site_with_the_same_id_is_refused_and_the_wrong_family_too(tmp_
             time.sleep(0.2)
         r = run_cli(SITE + ["--data", str(data), "--server", server.address, "--site-id", "hospital-a"])
         _one_line_error(r, "hospital-a", "already connected")
-        from asyndgan.site_agent.toy_data import write_gaussian_sites
+        from asyndgan.demo_data.toy import write_gaussian_sites
 
         g = write_gaussian_sites(tmp_path / "g", per_site=100)[0]
         r = run_cli(SITE + ["--data", str(g), "--server", server.address, "--site-id", "hospital-b"])

@@ -21,7 +21,7 @@ from asyndgan.central_server.sampling import draw_augmentation, plan_batches
 from asyndgan.common.conditions import augment, one_hot
 from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.site_agent.discriminators import build_discriminators
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 from procs import TINY_IMAGE2D, Server, start_site
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import pytest
 
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from asyndgan.common import tls
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, start_site
 from procs import site_status as _site
 from procs import status as _status

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, site_status, start_site, status
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from PIL import Image
 from pydantic import ValidationError
 from scipy import ndimage as ndi
 
-from asyndgan.site_agent import phantom as P
+from asyndgan.demo_data import phantom as P
 
 SMALL = (96, 96, 62)  # the BraTS field of view at 2.5 mm: same anatomy, a sixteenth of the voxels
 CUBE = np.ones((3, 3, 3), bool)

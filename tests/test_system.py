@@ -15,7 +15,7 @@ import pytest
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.config import SiteConfig
 from asyndgan.site_agent.agent import SiteAgent
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 from procs import TINY_IMAGE2D, Server, run_cli, site_status, start_site
 from procs import status as _status
 from procs import wait_status as _wait
@@ -132,7 +132,7 @@ def test_no_message_a_site_sends_contains_its_image_bytes(tmp_path):
 
 
 def test_sites_train_on_brats_phantom_trees(tmp_path):
-    from asyndgan.site_agent.phantom import PhantomConfig, write_phantom
+    from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 
     write_phantom(tmp_path / "data", PhantomConfig(sites=2, cases_per_site=[2, 1], test_cases=0, shape=(48, 48, 32)),
                   progress=False)

@@ -15,7 +15,7 @@ from asyndgan.common import tls
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.errors import ConfigError
-from asyndgan.site_agent.toy_data import write_toy_sites
+from asyndgan.demo_data.toy import write_toy_sites
 from procs import TINY_IMAGE2D, Server, run_cli, start_site
 
 SITE = ["asyndgan.site_agent.cli", "join"]

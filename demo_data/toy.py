@@ -2,7 +2,8 @@
 
 `write_toy_sites`: brain-like ellipses with a tumour (necrotic core, enhancing rim, edema) and four channels
 whose contrasts loosely follow T1, T1ce, T2 and FLAIR; label map = brain outline + tumour labels, as the
-generator's input. Per-site gain and noise differ. It stands in for MRI until the phantom data set exists.
+generator's input. Per-site gain and noise differ. Fast stand-in for MRI in tests and benchmarks (the phantom,
+beside it, is the realistic one).
 `write_gaussian_sites`: the 1-D experiment's subsets, one Gaussian per site.
 """
 

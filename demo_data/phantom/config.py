@@ -1,0 +1,116 @@
+"""What the phantom generates: the recipe (sites, case counts, shape, seed) and each site's scanner and population
+profile. A validated `PhantomConfig` is the full recipe; it is saved beside the data as config.json."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BRATS_SHAPE = (240, 240, 155)
+# FeTS 2021 institution sizes (REFERENCE.md); the default split takes the largest few, so that a 3-site run is
+# as uneven as real institutions without leaving a site with a single case.
+FETS_2021_PARTITION_SIZES = (129, 14, 5, 9, 22, 34, 12, 8, 4, 8, 6, 9, 27, 3, 11, 34, 6)
+
+class SiteProfile(BaseModel):
+    """Scanner and population effects of one site. Defaults are a clean 1 mm 3D protocol."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gain: float = Field(1.0, gt=0, le=10, description="global intensity multiplier (receiver gain)")
+    bias_strength: float = Field(0.12, ge=0, le=1, description="std of the log of the smooth bias field")
+    noise: float = Field(0.02, ge=0, le=0.5, description="Rician sigma / brightest normal tissue")
+    contrast_dose: float = Field(1.0, ge=0, le=3, description="gadolinium effect; 1: enhancing T1 350 ms")
+    slice_thickness_mm: float = Field(1.0, gt=0, le=10, description="acquired thickness; >1 blurs along z")
+    tumour_radius_mm: tuple[float, float] = Field((8.0, 20.0), description="range of the tumour core radius")
+    high_grade_fraction: float = Field(0.75, ge=0, le=1, description="share with necrosis + enhancing rim")
+    misregistration_mm: float = Field(0.0, ge=0, le=5, description="max shift of t1/t2/flair vs t1ce and seg")
+    head_scale_sd: float = Field(0.03, ge=0, le=0.1, description="std of per-axis head size / template")
+    mass_effect: float = Field(0.5, ge=0, le=1, description="displaced-tissue radius / core radius")
+
+    @field_validator("tumour_radius_mm")
+    @classmethod
+    def _radius_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (2.0 <= lo <= hi <= 40.0):
+            raise ValueError(f"need 2 <= low <= high <= 40 mm, got {v}")
+        return v
+
+
+class PhantomConfig(BaseModel):
+    """What to generate. Unset `cases_per_site` and `profiles` are filled in at validation, so the validated
+    config is the full recipe (it is saved as out/config.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sites: int = Field(3, ge=1, le=64)
+    cases_per_site: list[int] | None = None
+    train_cases: int = Field(60, ge=1, description="total training cases when cases_per_site is not given")
+    test_cases: int = Field(12, ge=0)
+    seed: int = Field(0, ge=0)
+    shape: tuple[int, int, int] = BRATS_SHAPE
+    profiles: list[SiteProfile] | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 24 <= n <= 512 for n in v):
+            raise ValueError(f"each dimension must be in 24..512, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> PhantomConfig:
+        if self.cases_per_site is None:
+            self.cases_per_site = default_cases_per_site(self.sites, self.train_cases)
+        if len(self.cases_per_site) != self.sites or any(n < 1 for n in self.cases_per_site):
+            raise ValueError(f"cases_per_site needs {self.sites} positive counts, got {self.cases_per_site}")
+        if self.profiles is None:
+            self.profiles = default_profiles(self.sites, self.seed)
+        if len(self.profiles) != self.sites:
+            raise ValueError(f"profiles needs {self.sites} entries, got {len(self.profiles)}")
+        return self
+
+
+class PhantomSummary(BaseModel):
+    out: pathlib.Path
+    cases_per_site: dict[str, int]
+    test_cases: int
+    seconds: float
+    seconds_per_case: float
+
+
+def default_cases_per_site(sites: int, total: int) -> list[int]:
+    """Split `total` in proportion to the largest FeTS 2021 institutions (at least 2 per site)."""
+    ranked = sorted(FETS_2021_PARTITION_SIZES, reverse=True)
+    weights = np.array([ranked[i % len(ranked)] for i in range(sites)], float)
+    share = weights / weights.sum() * max(total, 2 * sites)
+    counts = np.maximum(np.floor(share).astype(int), 2)
+    # Largest remainder for what is left, so the counts add up to the total where the minimum allows.
+    for i in np.argsort(-(share - np.floor(share)))[: max(0, int(total - counts.sum()))]:
+        counts[i] += 1
+    return [int(n) for n in counts]
+
+
+def default_profiles(sites: int, seed: int) -> list[SiteProfile]:
+    """Deterministically different scanners and populations, one per site."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, PROFILE_STREAM]))
+    out = []
+    for k in range(sites):
+        lo = float(rng.uniform(6.0, 12.0))
+        out.append(SiteProfile(
+            gain=round(float(rng.uniform(0.7, 1.4)), 3),
+            bias_strength=round(float(rng.uniform(0.05, 0.3)), 3),
+            noise=round(float(rng.uniform(0.01, 0.05)), 4),
+            contrast_dose=round(float(rng.uniform(0.6, 1.3)), 3),
+            # A third of sites acquire thick slices, as older 2D protocols in the BraTS collections did.
+            slice_thickness_mm=round(float(rng.uniform(3.0, 5.0)), 2) if k % 3 == 2 else 1.0,
+            tumour_radius_mm=(round(lo, 1), round(lo + float(rng.uniform(6.0, 14.0)), 1)),
+            high_grade_fraction=round(float(rng.uniform(0.5, 0.95)), 3),
+            misregistration_mm=round(float(rng.uniform(0.5, 1.5)), 2) if k % 3 == 1 else 0.0,
+        ))
+    return out
+
+
+PROFILE_STREAM = 7919
+TEST_STREAM = 0  # training cases of site k use stream k (1-based)
