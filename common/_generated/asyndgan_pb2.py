@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x61syndgan.proto\x12\x0b\x61syndgan.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc2\x01\n\x0bSiteMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.asyndgan.v1.HelloH\x00\x12\x31\n\nconditions\x18\x02 \x01(\x0b\x32\x1b.asyndgan.v1.ConditionChunkH\x00\x12.\n\x08gradient\x18\x03 \x01(\x0b\x32\x1a.asyndgan.v1.ImageGradientH\x00\x12#\n\x05ready\x18\x04 \x01(\x0b\x32\x12.asyndgan.v1.ReadyH\x00\x42\x06\n\x04kind\"\x80\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x13\n\x0bmaps_digest\x18\x07 \x01(\t\x12\x12\n\nmodalities\x18\x05 \x03(\t\"U\n\x0e\x43onditionChunk\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x11\n\tfirst_key\x18\x02 \x01(\x03\x12!\n\x04maps\x18\x03 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\"0\n\x05Ready\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\"\xcf\x01\n\rImageGradient\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x05 \x01(\x03\x12%\n\x08gradient\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x36\n\x06losses\x18\x03 \x03(\x0b\x32&.asyndgan.v1.ImageGradient.LossesEntry\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x99\x01\n\rServerMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.asyndgan.v1.WelcomeH\x00\x12,\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1b.asyndgan.v1.SyntheticBatchH\x00\x12)\n\x08shutdown\x18\x03 \x01(\x0b\x32\x15.asyndgan.v1.ShutdownH\x00\x42\x06\n\x04kind\"\x82\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nwire_dtype\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x18\n\x10site_config_json\x18\x05 \x01(\t\x12\x11\n\thave_maps\x18\x06 \x01(\x08\"a\n\x0c\x41ugmentation\x12\x0e\n\x06\x66lip_h\x18\x01 \x03(\x08\x12\x0e\n\x06\x66lip_v\x18\x02 \x03(\x08\x12\x11\n\tcrop_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x63rop_y\x18\x04 \x03(\x05\x12\x0e\n\x06\x63rop_x\x18\x05 \x03(\x05\"\x8f\x01\n\x0eSyntheticBatch\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x0c\n\x04keys\x18\x02 \x03(\x03\x12!\n\x04\x66\x61ke\x18\x03 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12/\n\x0c\x61ugmentation\x18\x04 \x01(\x0b\x32\x19.asyndgan.v1.Augmentation\")\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x0f\n\rStatusRequest\"\xc6\x02\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x16\n\x0esteps_answered\x18\x04 \x01(\x03\x12\x14\n\x0csteps_missed\x18\x05 \x01(\x03\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x03\x12\x33\n\x06losses\x18\x08 \x03(\x0b\x32#.asyndgan.v1.SiteStatus.LossesEntry\x12\x19\n\x11\x63onnected_seconds\x18\t \x01(\x01\x12\x14\n\x0clate_replies\x18\n \x01(\x03\x12\x14\n\x0c\x62\x61\x64_messages\x18\x0b \x01(\x03\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xce\x01\n\x0bStatusReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12&\n\x05sites\x18\x05 \x03(\x0b\x32\x17.asyndgan.v1.SiteStatus\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x03\x12\x19\n\x11images_per_second\x18\x08 \x01(\x01\x12\x0e\n\x06run_id\x18\t \x01(\t2\x8d\x01\n\x08\x41synDGAN\x12\x41\n\x05Train\x12\x18.asyndgan.v1.SiteMessage\x1a\x1a.asyndgan.v1.ServerMessage(\x01\x30\x01\x12>\n\x06Status\x12\x1a.asyndgan.v1.StatusRequest\x1a\x18.asyndgan.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0e\x61syndgan.proto\x12\x0b\x61syndgan.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc2\x01\n\x0bSiteMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.asyndgan.v1.HelloH\x00\x12\x31\n\nconditions\x18\x02 \x01(\x0b\x32\x1b.asyndgan.v1.ConditionChunkH\x00\x12.\n\x08gradient\x18\x03 \x01(\x0b\x32\x1a.asyndgan.v1.ImageGradientH\x00\x12#\n\x05ready\x18\x04 \x01(\x0b\x32\x12.asyndgan.v1.ReadyH\x00\x42\x06\n\x04kind\"~\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x13\n\x0bmaps_digest\x18\x07 \x01(\t\x12\x12\n\nmodalities\x18\x05 \x03(\tJ\x04\x08\x04\x10\x05R\x0bnum_samples\"g\n\x0e\x43onditionChunk\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x11\n\tfirst_key\x18\x02 \x01(\x03\x12!\n\x04maps\x18\x03 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x10\n\x08\x65ncoding\x18\x04 \x01(\t\"0\n\x05Ready\x12\x12\n\nnum_chunks\x18\x01 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\"\xcf\x01\n\rImageGradient\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x05 \x01(\x03\x12%\n\x08gradient\x18\x02 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12\x36\n\x06losses\x18\x03 \x03(\x0b\x32&.asyndgan.v1.ImageGradient.LossesEntry\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x99\x01\n\rServerMessage\x12\'\n\x07welcome\x18\x01 \x01(\x0b\x32\x14.asyndgan.v1.WelcomeH\x00\x12,\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1b.asyndgan.v1.SyntheticBatchH\x00\x12)\n\x08shutdown\x18\x03 \x01(\x0b\x32\x15.asyndgan.v1.ShutdownH\x00\x42\x06\n\x04kind\"\x82\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nwire_dtype\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x18\n\x10site_config_json\x18\x05 \x01(\t\x12\x11\n\thave_maps\x18\x06 \x01(\x08\"a\n\x0c\x41ugmentation\x12\x0e\n\x06\x66lip_h\x18\x01 \x03(\x08\x12\x0e\n\x06\x66lip_v\x18\x02 \x03(\x08\x12\x11\n\tcrop_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x63rop_y\x18\x04 \x03(\x05\x12\x0e\n\x06\x63rop_x\x18\x05 \x03(\x05\"\x8f\x01\n\x0eSyntheticBatch\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x0c\n\x04keys\x18\x02 \x03(\x03\x12!\n\x04\x66\x61ke\x18\x03 \x01(\x0b\x32\x13.asyndgan.v1.Tensor\x12/\n\x0c\x61ugmentation\x18\x04 \x01(\x0b\x32\x19.asyndgan.v1.Augmentation\")\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x0f\n\rStatusRequest\"\xc6\x02\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x16\n\x0esteps_answered\x18\x04 \x01(\x03\x12\x14\n\x0csteps_missed\x18\x05 \x01(\x03\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x03\x12\x33\n\x06losses\x18\x08 \x03(\x0b\x32#.asyndgan.v1.SiteStatus.LossesEntry\x12\x19\n\x11\x63onnected_seconds\x18\t \x01(\x01\x12\x14\n\x0clate_replies\x18\n \x01(\x03\x12\x14\n\x0c\x62\x61\x64_messages\x18\x0b \x01(\x03\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xce\x01\n\x0bStatusReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12&\n\x05sites\x18\x05 \x03(\x0b\x32\x17.asyndgan.v1.SiteStatus\x12\x12\n\nbytes_sent\x18\x06 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x07 \x01(\x03\x12\x19\n\x11images_per_second\x18\x08 \x01(\x01\x12\x0e\n\x06run_id\x18\t \x01(\t2\x8d\x01\n\x08\x41synDGAN\x12\x41\n\x05Train\x12\x18.asyndgan.v1.SiteMessage\x1a\x1a.asyndgan.v1.ServerMessage(\x01\x30\x01\x12>\n\x06Status\x12\x1a.asyndgan.v1.StatusRequest\x1a\x18.asyndgan.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,34 +40,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_end=83
   _globals['_SITEMESSAGE']._serialized_start=86
   _globals['_SITEMESSAGE']._serialized_end=280
-  _globals['_HELLO']._serialized_start=283
-  _globals['_HELLO']._serialized_end=411
-  _globals['_CONDITIONCHUNK']._serialized_start=413
-  _globals['_CONDITIONCHUNK']._serialized_end=498
-  _globals['_READY']._serialized_start=500
-  _globals['_READY']._serialized_end=548
-  _globals['_IMAGEGRADIENT']._serialized_start=551
-  _globals['_IMAGEGRADIENT']._serialized_end=758
-  _globals['_IMAGEGRADIENT_LOSSESENTRY']._serialized_start=713
-  _globals['_IMAGEGRADIENT_LOSSESENTRY']._serialized_end=758
-  _globals['_SERVERMESSAGE']._serialized_start=761
-  _globals['_SERVERMESSAGE']._serialized_end=914
-  _globals['_WELCOME']._serialized_start=917
-  _globals['_WELCOME']._serialized_end=1047
-  _globals['_AUGMENTATION']._serialized_start=1049
-  _globals['_AUGMENTATION']._serialized_end=1146
-  _globals['_SYNTHETICBATCH']._serialized_start=1149
-  _globals['_SYNTHETICBATCH']._serialized_end=1292
-  _globals['_SHUTDOWN']._serialized_start=1294
-  _globals['_SHUTDOWN']._serialized_end=1335
-  _globals['_STATUSREQUEST']._serialized_start=1337
-  _globals['_STATUSREQUEST']._serialized_end=1352
-  _globals['_SITESTATUS']._serialized_start=1355
-  _globals['_SITESTATUS']._serialized_end=1681
-  _globals['_SITESTATUS_LOSSESENTRY']._serialized_start=713
-  _globals['_SITESTATUS_LOSSESENTRY']._serialized_end=758
-  _globals['_STATUSREPLY']._serialized_start=1684
-  _globals['_STATUSREPLY']._serialized_end=1890
-  _globals['_ASYNDGAN']._serialized_start=1893
-  _globals['_ASYNDGAN']._serialized_end=2034
+  _globals['_HELLO']._serialized_start=282
+  _globals['_HELLO']._serialized_end=408
+  _globals['_CONDITIONCHUNK']._serialized_start=410
+  _globals['_CONDITIONCHUNK']._serialized_end=513
+  _globals['_READY']._serialized_start=515
+  _globals['_READY']._serialized_end=563
+  _globals['_IMAGEGRADIENT']._serialized_start=566
+  _globals['_IMAGEGRADIENT']._serialized_end=773
+  _globals['_IMAGEGRADIENT_LOSSESENTRY']._serialized_start=728
+  _globals['_IMAGEGRADIENT_LOSSESENTRY']._serialized_end=773
+  _globals['_SERVERMESSAGE']._serialized_start=776
+  _globals['_SERVERMESSAGE']._serialized_end=929
+  _globals['_WELCOME']._serialized_start=932
+  _globals['_WELCOME']._serialized_end=1062
+  _globals['_AUGMENTATION']._serialized_start=1064
+  _globals['_AUGMENTATION']._serialized_end=1161
+  _globals['_SYNTHETICBATCH']._serialized_start=1164
+  _globals['_SYNTHETICBATCH']._serialized_end=1307
+  _globals['_SHUTDOWN']._serialized_start=1309
+  _globals['_SHUTDOWN']._serialized_end=1350
+  _globals['_STATUSREQUEST']._serialized_start=1352
+  _globals['_STATUSREQUEST']._serialized_end=1367
+  _globals['_SITESTATUS']._serialized_start=1370
+  _globals['_SITESTATUS']._serialized_end=1696
+  _globals['_SITESTATUS_LOSSESENTRY']._serialized_start=728
+  _globals['_SITESTATUS_LOSSESENTRY']._serialized_end=773
+  _globals['_STATUSREPLY']._serialized_start=1699
+  _globals['_STATUSREPLY']._serialized_end=1905
+  _globals['_ASYNDGAN']._serialized_start=1908
+  _globals['_ASYNDGAN']._serialized_end=2049
 # @@protoc_insertion_point(module_scope)
