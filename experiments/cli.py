@@ -8,6 +8,7 @@ import click
 
 from asyndgan.common.cli_support import friendly_errors, log_level_option
 from asyndgan.common.logging_setup import setup_logging
+from asyndgan.common.pki_cli import certs
 
 
 @click.group()
@@ -108,56 +109,7 @@ def demo(out, data, steps, sites, log_level):
     click.echo(f"  summary:            {out / 'summary.json'}")
 
 
-@main.group()
-def certs() -> None:
-    """Consortium identities for mutual TLS: a CA, the server's certificate, one kit per site."""
-
-
-_certs_dir = click.option("--dir", "folder", type=click.Path(path_type=pathlib.Path), default="certs",
-                          show_default=True, help="Certificate folder (keep ca.key offline).")
-
-
-@certs.command("init")
-@_certs_dir
-@click.option("--name", default="asyndgan consortium CA", show_default=True)
-@friendly_errors
-def certs_init(folder, name):
-    """Create the consortium CA (ca.crt, ca.key)."""
-    from asyndgan.common import tls
-
-    click.echo(f"CA certificate: {tls.init_ca(folder, name)} (key {folder / 'ca.key'}, owner-only)")
-
-
-@certs.command("issue")
-@_certs_dir
-@click.option("--server", "hosts", multiple=True, help="Issue the server certificate for this host name or IP "
-              "address (repeat for each name the sites may dial).")
-@click.option("--site", "sites", multiple=True, help="Issue a site kit for this site name (repeatable).")
-@click.option("--days", default=825, show_default=True, type=click.IntRange(1, 3650))
-@friendly_errors
-def certs_issue(folder, hosts, sites, days):
-    """Issue the server's certificate and/or site kits signed by the CA."""
-    from asyndgan.common import tls
-    from asyndgan.common.errors import ConfigError
-
-    if not hosts and not sites:
-        raise ConfigError("say what to issue: --server HOST ... and/or --site NAME ...")
-    if hosts:
-        click.echo(f"server certificate for {', '.join(hosts)}: {tls.issue_server(folder, list(hosts), days)}")
-    for site in sites:
-        click.echo(f"site kit for {site}: {tls.issue_site(folder, site, days)} (give this folder to the site)")
-
-
-@certs.command("revoke")
-@_certs_dir
-@click.option("--site", required=True, help="The site whose certificate is revoked.")
-@friendly_errors
-def certs_revoke(folder, site):
-    """Revoke a site's certificate (the server refuses it from its next connection on)."""
-    from asyndgan.common import tls
-
-    serial = tls.revoke_site(folder, site)
-    click.echo(f"revoked {site} (serial {serial:x}) in {folder / 'revoked.txt'}")
+main.add_command(certs)
 
 
 @main.group()

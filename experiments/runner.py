@@ -40,11 +40,11 @@ class Cluster:
         certs = cfg.run_dir / "certs"
         self.cfg = cfg.model_copy(update={"certs": certs, "insecure": not tls})
         if tls and not (certs / "server.crt").exists():
-            from asyndgan.common import tls as tls_lib
+            from asyndgan.common import pki
 
-            tls_lib.init_ca(certs, "asyndgan local run CA")
-            tls_lib.issue_server(certs, ["localhost", "127.0.0.1"])
-            tls_lib.issue_site(certs, "operator")
+            pki.init_ca(certs, "asyndgan local run CA")
+            pki.issue_server(certs, ["localhost", "127.0.0.1"])
+            pki.issue_site(certs, "operator")
 
     def start_server(self, timeout: float = 60) -> str:
         run_dir = self.cfg.run_dir
@@ -72,9 +72,9 @@ class Cluster:
             return None
         kit = self.cfg.certs / "sites" / site_id
         if not kit.exists():
-            from asyndgan.common import tls as tls_lib
+            from asyndgan.common import pki
 
-            tls_lib.issue_site(self.cfg.certs, site_id)
+            pki.issue_site(self.cfg.certs, site_id)
         return kit
 
     def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = ()) -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
-from asyndgan.common import tls
+from asyndgan.common import pki
 from asyndgan.demo_data.toy import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, start_site
 from procs import site_status as _site
@@ -35,10 +35,10 @@ def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secur
     certs = None
     if secure:
         certs = tmp_path / "certs"
-        tls.init_ca(certs)
-        tls.issue_server(certs, ["127.0.0.1"])
+        pki.init_ca(certs)
+        pki.issue_server(certs, ["127.0.0.1"])
         for name in ("s0", "s1", "operator"):
-            tls.issue_site(certs, name)
+            pki.issue_site(certs, name)
     kit = (lambda name: certs / "sites" / name) if secure else (lambda name: None)
     status = lambda: _status(server.address, kit("operator"))  # noqa: E731
     server = Server(tmp_path / "run", over, certs=certs)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from asyndgan.common import tls
+from asyndgan.common import pki, tls
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.errors import ConfigError
@@ -43,6 +43,24 @@ def test_certs_command_writes_owner_only_keys_and_names(consortium):
     assert r.returncode == 2 and "refusing to replace" in r.stderr
 
 
+@pytest.mark.parametrize("bad", ["../../x", "a/b", "..", "bad id"])
+def test_certs_issue_refuses_a_bad_site_id_and_writes_nothing(tmp_path, bad):
+    certs = tmp_path / "deep" / "certs"
+    assert run_cli(["asyndgan.experiments.cli", "certs", "init", "--dir", str(certs)]).returncode == 0
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = run_cli(["asyndgan.experiments.cli", "certs", "issue", "--dir", str(certs), "--server", "localhost",
+                 "--site", "good", "--site", bad])
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "site id" in lines[0] and "not allowed" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # not even server.crt
+    with pytest.raises(ConfigError, match="not allowed"):
+        pki.issue_site(certs, bad)
+    with pytest.raises(ConfigError, match="not allowed"):
+        pki.revoke_site(certs, bad)
+
+
 def test_own_certificate_problems_are_named(consortium, tmp_path):
     kit = consortium / "sites" / "a"
     with pytest.raises(ConfigError, match="certificate of 'a', not of 'b'"):
@@ -50,10 +68,10 @@ def test_own_certificate_problems_are_named(consortium, tmp_path):
     with pytest.raises(ConfigError, match="not the private key"):
         tls.check_own_certificate(kit / "site.crt", consortium / "sites" / "b" / "site.key", kit / "ca.crt")
     other = tmp_path / "other"
-    tls.init_ca(other)
+    pki.init_ca(other)
     with pytest.raises(ConfigError, match="not issued by the consortium CA"):
         tls.check_own_certificate(kit / "site.crt", kit / "site.key", other / "ca.crt")
-    old = tls.issue_site(consortium, "old", days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+    old = pki.issue_site(consortium, "old", days=1, not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
     with pytest.raises(ConfigError, match="expired on"):
         tls.check_own_certificate(old / "site.crt", old / "site.key", old / "ca.crt", "old")
 
@@ -94,8 +112,8 @@ def test_mutual_tls_training_and_every_refusal(consortium, tmp_path):
         assert r.returncode == 2 and "does not answer gRPC in plain text" in r.stderr
         # 2. a certificate from another CA (self-made), presented directly
         other = tmp_path / "other"
-        tls.init_ca(other)
-        rogue = tls.issue_site(other, "a")
+        pki.init_ca(other)
+        rogue = pki.issue_site(other, "a")
         code, _ = _raw_join(addr, ((consortium / "ca.crt").read_bytes(), *_kit(rogue)[1:]), "a")
         assert code == "UNAVAILABLE"
         # ... and through the site agent, which names the problem before dialling
@@ -109,12 +127,12 @@ def test_mutual_tls_training_and_every_refusal(consortium, tmp_path):
                             "--site-id", "b"])
         assert r.returncode == 2 and "certificate of 'a', not of 'b'" in r.stderr
         # 4. expired
-        old = tls.issue_site(consortium, "old", days=1,
+        old = pki.issue_site(consortium, "old", days=1,
                              not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
         code, _ = _raw_join(addr, _kit(old), "old")
         assert code == "UNAVAILABLE"
         # 5. a site the consortium does not list
-        stranger = tls.issue_site(consortium, "c")
+        stranger = pki.issue_site(consortium, "c")
         code, details = _raw_join(addr, _kit(stranger), "c")
         assert code == "PERMISSION_DENIED" and "not one of this consortium's allowed sites" in details
         # 6. revoked
@@ -124,7 +142,7 @@ def test_mutual_tls_training_and_every_refusal(consortium, tmp_path):
                             "--site-id", "b"])
         assert r.returncode == 2 and "has been revoked" in r.stderr and "PERMISSION_DENIED" in r.stderr
         # A good site still trains over mutual TLS (quorum 2: a and a fresh b)
-        tls.issue_site(consortium, "b")
+        pki.issue_site(consortium, "b")
         good = [start_site(data, addr, s, tmp_path / f"{s}.log", certs=consortium / "sites" / s) for s in "ab"]
         assert server.wait(120) == 0, server.output()
         assert [p.wait(30) for p in good] == [0, 0]
