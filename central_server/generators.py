@@ -1,116 +1,20 @@
-"""Generator factories: the models the server owns. `build_generator` fails loudly on unknown names.
+"""The server's generator factory: the generator of the run's model family (see common/families.py).
 
-image2d: pix2pix ResNet generator (reflection padding, instance norm, 2 down-samplings, n residual blocks, tanh
-output) or a U-Net with skip connections. mlp1d: a small MLP from noise to one scalar. Every generator maps a
-condition tensor to a sample tensor and nothing else (no hidden state).
+The layers themselves live in common/networks.py, where sites can import them too; these names stay for the
+server's callers.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from asyndgan.common.config import Image2DConfig, MLP1DConfig, ModelConfig
+from asyndgan.common.config import ModelConfig
+from asyndgan.common.families import get_family
+from asyndgan.common.networks import ResidualBlock, ResNetGenerator, UNetGenerator, mlp
 
-
-class ResidualBlock(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
-class ResNetGenerator(nn.Module):
-    """[n, in_ch, H, W] -> [n, out_ch, H, W] in [-1, 1]; H and W multiples of 4."""
-
-    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9):
-        super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
-        ch = ngf
-        for _ in range(2):
-            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
-            ch *= 2
-        layers += [ResidualBlock(ch) for _ in range(n_blocks)]
-        for _ in range(2):
-            layers += [
-                nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
-                nn.InstanceNorm2d(ch // 2), nn.ReLU(True),
-            ]
-            ch //= 2
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_ch, 7), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class UNetGenerator(nn.Module):
-    """U-Net with `depth` stride-2 down-samplings and skip connections; H and W multiples of 2**depth."""
-
-    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, depth: int = 7):
-        super().__init__()
-        widths = [min(ngf * 2**i, ngf * 8) for i in range(depth)]
-        self.down = nn.ModuleList()
-        prev = in_ch
-        for i, w in enumerate(widths):
-            block: list[nn.Module] = [nn.LeakyReLU(0.2, True)] if i else []
-            block.append(nn.Conv2d(prev, w, 4, stride=2, padding=1))
-            if 0 < i < depth - 1:
-                block.append(nn.InstanceNorm2d(w))
-            self.down.append(nn.Sequential(*block))
-            prev = w
-        self.up = nn.ModuleList()
-        for i in reversed(range(depth)):
-            in_w = widths[i] if i == depth - 1 else widths[i] * 2
-            out_w = widths[i - 1] if i else out_ch
-            block = [nn.ReLU(True), nn.ConvTranspose2d(in_w, out_w, 4, stride=2, padding=1)]
-            block.append(nn.InstanceNorm2d(out_w) if i else nn.Tanh())
-            self.up.append(nn.Sequential(*block))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for layer in self.down:
-            x = layer(x)
-            skips.append(x)
-        skips.pop()  # the bottleneck feeds the first up-sampling directly
-        for layer in self.up:
-            x = layer(x)
-            if skips:
-                x = torch.cat([x, skips.pop()], dim=1)
-        return x
-
-
-def mlp(in_dim: int, hidden: int, depth: int, out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    prev = in_dim
-    for _ in range(depth):
-        layers += [nn.Linear(prev, hidden), nn.LeakyReLU(0.2)]
-        prev = hidden
-    layers.append(nn.Linear(prev, out_dim))
-    return nn.Sequential(*layers)
-
-
-def build_image2d_generator(cfg: Image2DConfig) -> nn.Module:
-    in_ch, out_ch = cfg.num_classes, len(cfg.modalities)
-    if cfg.generator == "resnet":
-        return ResNetGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks)
-    if cfg.generator == "unet":
-        return UNetGenerator(in_ch, out_ch, cfg.ngf, cfg.unet_depth)
-    raise ValueError(f"unknown image2d generator {cfg.generator!r}; choose resnet or unet")
-
-
-def build_mlp1d_generator(cfg: MLP1DConfig) -> nn.Module:
-    return mlp(cfg.noise_dim, cfg.hidden, cfg.depth, 1)
+__all__ = ["ResidualBlock", "ResNetGenerator", "UNetGenerator", "mlp", "build_generator"]
 
 
 def build_generator(model: ModelConfig) -> nn.Module:
-    if model.family == "image2d":
-        return build_image2d_generator(model.image2d)
-    if model.family == "mlp1d":
-        return build_mlp1d_generator(model.mlp1d)
-    raise ValueError(f"unknown model family {model.family!r}; choose image2d or mlp1d")
+    """G for this model config; an unknown family is a ConfigError naming the known ones."""
+    return get_family(model.family).build_generator(model)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from asyndgan.common.conditions import Augmentation
+# draw_augmentation moved to common/conditions.py (the image2d family draws it); the name stays importable here.
+from asyndgan.common.conditions import draw_augmentation  # noqa: F401
 
 
 def plan_batches(sizes: dict[str, int], batch_size: int, mode: str, rng: torch.Generator) -> dict[str, torch.Tensor]:
@@ -29,15 +30,3 @@ def plan_batches(sizes: dict[str, int], batch_size: int, mode: str, rng: torch.G
                 plan[s] = keys
         return plan
     raise ValueError(f"unknown sampling mode {mode!r}; choose balance or uniform")
-
-
-def draw_augmentation(n: int, flip: bool, stored_size: int, crop_size: int, rng: torch.Generator) -> Augmentation:
-    """Left-right flips with probability 1/2 (when `flip`), no top-bottom flips, and a uniformly placed
-    crop_size crop when the stored maps are larger. Draws flips first, then crop rows, then crop columns."""
-    flip_h = torch.rand(n, generator=rng) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
-    aug = Augmentation(flip_h, torch.zeros(n, dtype=torch.bool))
-    if stored_size > crop_size:
-        aug.crop_size = crop_size
-        aug.crop_y = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
-        aug.crop_x = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
-    return aug

@@ -1,9 +1,8 @@
-"""How a family's condition tensor is made, shared by server and site so both see the same thing.
+"""Label-map conditions and their augmentation, shared by server and site so both see the same thing.
 
-image2d: the uint8 label map a site uploaded becomes a one-hot float tensor [n, K, H, W]; augmentation is a
-per-sample left-right / top-bottom flip, drawn by the server, applied to the label map before G and by the site
-to its real image. mlp1d: the condition is Gaussian noise drawn by the server; there is no label map and the
-discriminator is unconditional.
+A uint8 label map becomes a one-hot float tensor [n, K, H, W]. Augmentation (a crop, left-right / top-bottom
+flips) is drawn by the server, applied to the label map before G and by the site to its real image. Which
+family uses these, and how, is in common/families.py; `sample_shape` here only forwards to it.
 """
 
 from __future__ import annotations
@@ -14,9 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from asyndgan.common.config import ModelConfig
-
-PAIRED_FAMILIES = {"image2d"}  # families where a sample's key pairs a condition with a real image
-
 
 def one_hot(label_maps: torch.Tensor, num_classes: int) -> torch.Tensor:
     """uint8 [n, H, W] -> float32 [n, K, H, W]."""
@@ -56,10 +52,21 @@ def apply_flips(t: torch.Tensor, flip_h: torch.Tensor, flip_v: torch.Tensor) -> 
     return t
 
 
+def draw_augmentation(n: int, flip: bool, stored_size: int, crop_size: int, rng: torch.Generator) -> Augmentation:
+    """Left-right flips with probability 1/2 (when `flip`), no top-bottom flips, and a uniformly placed
+    crop_size crop when the stored maps are larger. Draws flips first, then crop rows, then crop columns."""
+    flip_h = torch.rand(n, generator=rng) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    aug = Augmentation(flip_h, torch.zeros(n, dtype=torch.bool))
+    if stored_size > crop_size:
+        aug.crop_size = crop_size
+        aug.crop_y = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
+        aug.crop_x = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
+    return aug
+
+
 def sample_shape(model: ModelConfig, n: int, channels: int | None = None) -> tuple[int, ...]:
-    """Shape of G's output for n samples (optionally only `channels` of the image2d modalities)."""
-    if model.family == "image2d":
-        size = model.image2d.image_size
-        c = len(model.image2d.modalities) if channels is None else channels
-        return (n, c, size, size)
-    return (n, 1)
+    """Shape of G's output for n samples; kept for callers of the old name: use
+    get_family(model.family).sample_shape."""
+    from asyndgan.common.families import get_family  # families imports this module: resolve at call time
+
+    return get_family(model.family).sample_shape(model, n, channels)

@@ -4,7 +4,8 @@ For the batch the server generated for this site's keys:
     D step:   L_D = 1/2 [ BCE(D(x, real), 1) + BCE(D(x, fake), 0) ]   (one discriminator per modality, summed)
     G loss:   L_G = sum_m BCE(D_m(x, fake_m), 1) + lambda_L1 * mean|fake - real|   (with the updated D)
     returned: g = dL_G / dfake, same shape as fake.
-For mlp1d the discriminator is unconditional and L_G has no L1 term (samples are not paired).
+For unpaired families (mlp1d) the discriminator is unconditional and L_G has no L1 term; what D sees and how
+the sample splits between discriminators is the family's (common/families.py).
 
 Why a second adversarial loss (`loss.generator = "kl"`, -exp(logit), f-GAN's forward KL): with an optimal D_j,
 exp(logit_j) estimates p_j / p_G, so the sites' weighted gradients sum to that of p_mix / p_G and the pooled
@@ -19,9 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyndgan.common.conditions import PAIRED_FAMILIES, one_hot
 from asyndgan.common.config import SiteFacingConfig, linear_decay, make_optimizer
-from asyndgan.site_agent.discriminators import build_discriminators
+from asyndgan.common.families import get_family
 
 
 class GANLoss(nn.Module):
@@ -55,9 +55,10 @@ class SiteLearner:
     def __init__(self, cfg: SiteFacingConfig, modalities: list[str], device: str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)
-        self.paired = cfg.model.family in PAIRED_FAMILIES
+        self.family = get_family(cfg.model.family)
+        self.paired = self.family.paired
         torch.manual_seed(cfg.seed)  # same init for the same seed, so one-process references can rebuild it
-        self.discriminators = build_discriminators(cfg.model, modalities).to(self.device)
+        self.discriminators = self.family.build_discriminators(cfg.model, modalities).to(self.device)
         self.optimizer = make_optimizer(self.discriminators.parameters(), cfg.d_optim)
         self.gan_loss = GANLoss().to(self.device)
 
@@ -67,17 +68,15 @@ class SiteLearner:
 
     def _channels(self, t: torch.Tensor):
         """(discriminator name, that discriminator's slice of t) pairs."""
-        if not self.paired:
-            return [("x", t)]
-        return [(name, t[:, i : i + 1]) for i, name in enumerate(self.discriminators.keys())]
+        return self.family.discriminator_inputs(list(self.discriminators.keys()), t)
 
     def step(
         self, step: int, label_maps: torch.Tensor | None, real: torch.Tensor, fake: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """label_maps uint8 [n, H, W] or None; real, fake [n, C, ...] -> (dL_G/dfake [n, C, ...], losses)."""
-        x = None
-        if self.paired:
-            x = one_hot(label_maps, self.cfg.model.image2d.num_classes).to(self.device)
+        x = self.family.discriminator_condition(self.cfg.model, label_maps)
+        if x is not None:
+            x = x.to(self.device)
         real = real.to(self.device)
         fake = fake.to(self.device).detach().requires_grad_(True)
         for group in self.optimizer.param_groups:

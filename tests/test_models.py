@@ -7,6 +7,7 @@ import torch
 
 from asyndgan.central_server.generators import build_generator
 from asyndgan.common.config import ModelConfig
+from asyndgan.common.errors import ConfigError
 from asyndgan.site_agent.discriminators import build_discriminators
 
 
@@ -48,5 +49,6 @@ def test_mlp1d_models():
 def test_unknown_family_fails_loudly():
     cfg = ModelConfig()
     object.__setattr__(cfg, "family", "vae")
-    with pytest.raises(ValueError, match="unknown model family 'vae'"):
-        build_generator(cfg)
+    for build in (build_generator, lambda c: build_discriminators(c, ["t1"])):
+        with pytest.raises(ConfigError, match="unknown model family 'vae'; known families: image2d, mlp1d"):
+            build(cfg)

@@ -1,0 +1,114 @@
+"""The network layers of the model families, importable by both the server and the sites.
+
+Generators (the server's): pix2pix's ResNet generator (reflection padding, instance norm, 2 down-samplings,
+n residual blocks, tanh output), a U-Net with skip connections, and a small MLP. Discriminators (a site's):
+PatchGAN, and the same MLP. They live in `common` so that a site never imports server code; which family uses
+which, at what size, is decided in common/families.py. Every module maps a tensor to a tensor (no hidden state).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(True),
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNetGenerator(nn.Module):
+    """[n, in_ch, H, W] -> [n, out_ch, H, W] in [-1, 1]; H and W multiples of 4."""
+
+    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9):
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+        ch = ngf
+        for _ in range(2):
+            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
+            ch *= 2
+        layers += [ResidualBlock(ch) for _ in range(n_blocks)]
+        for _ in range(2):
+            layers += [
+                nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1),
+                nn.InstanceNorm2d(ch // 2), nn.ReLU(True),
+            ]
+            ch //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ch, out_ch, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class UNetGenerator(nn.Module):
+    """U-Net with `depth` stride-2 down-samplings and skip connections; H and W multiples of 2**depth."""
+
+    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, depth: int = 7):
+        super().__init__()
+        widths = [min(ngf * 2**i, ngf * 8) for i in range(depth)]
+        self.down = nn.ModuleList()
+        prev = in_ch
+        for i, w in enumerate(widths):
+            block: list[nn.Module] = [nn.LeakyReLU(0.2, True)] if i else []
+            block.append(nn.Conv2d(prev, w, 4, stride=2, padding=1))
+            if 0 < i < depth - 1:
+                block.append(nn.InstanceNorm2d(w))
+            self.down.append(nn.Sequential(*block))
+            prev = w
+        self.up = nn.ModuleList()
+        for i in reversed(range(depth)):
+            in_w = widths[i] if i == depth - 1 else widths[i] * 2
+            out_w = widths[i - 1] if i else out_ch
+            block = [nn.ReLU(True), nn.ConvTranspose2d(in_w, out_w, 4, stride=2, padding=1)]
+            block.append(nn.InstanceNorm2d(out_w) if i else nn.Tanh())
+            self.up.append(nn.Sequential(*block))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for layer in self.down:
+            x = layer(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck feeds the first up-sampling directly
+        for layer in self.up:
+            x = layer(x)
+            if skips:
+                x = torch.cat([x, skips.pop()], dim=1)
+        return x
+
+
+def mlp(in_dim: int, hidden: int, depth: int, out_dim: int) -> nn.Sequential:
+    """[n, in_dim] -> [n, out_dim] through `depth` hidden layers of LeakyReLU(0.2)."""
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for _ in range(depth):
+        layers += [nn.Linear(prev, hidden), nn.LeakyReLU(0.2)]
+        prev = hidden
+    layers.append(nn.Linear(prev, out_dim))
+    return nn.Sequential(*layers)
+
+
+class PatchGAN(nn.Module):
+    """[n, in_ch, H, W] -> patch logits [n, 1, h, w]; with n_layers=3 each logit sees a 70x70 patch."""
+
+    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_ch, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        ch = ndf
+        for i in range(1, n_layers + 1):
+            out = ndf * min(2**i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride=stride, padding=1), nn.InstanceNorm2d(out), nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
