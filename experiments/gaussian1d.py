@@ -21,11 +21,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.central_server import checkpoint as ckpt
-from asyndgan.central_server.generators import build_generator
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import (
     LossConfig, MLP1DConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig,
 )
+from asyndgan.common.families import get_family
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
 from asyndgan.experiments.runner import Cluster, write_json
@@ -101,7 +101,7 @@ def train_distributed(cfg: Gaussian1DConfig, folders: list[pathlib.Path]) -> tor
     state = found[1] if found else None
     if state is None or int(state["step"]) != cfg.steps:
         raise RuntimeError(f"the distributed run did not finish; see {scfg.run_dir}")
-    g = build_generator(scfg.site.model)
+    g = get_family(scfg.site.model.family).build_generator(scfg.site.model)
     g.load_state_dict(state["generator"])
     return g
 

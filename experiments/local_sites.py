@@ -1,4 +1,4 @@
-"""Sites in the server's own process: the same SiteLearner behind the SiteSession interface, no network.
+"""Sites in the server's own process: the same SiteWorker as the gRPC agent behind the SiteSession interface.
 
 Used for the single-GAN baselines of the experiments (Syn-All, Syn-Subset) and for quick simulations; the
 distributed runs use real site processes over gRPC.
@@ -9,30 +9,30 @@ from __future__ import annotations
 import torch
 
 from asyndgan.common import serde
-from asyndgan.common.conditions import augment
 from asyndgan.common.config import SiteFacingConfig
 from asyndgan.site_agent.datasets import SiteDataset
-from asyndgan.site_agent.gradients import SiteLearner
+from asyndgan.site_agent.worker import SiteWorker
 
 
 class LocalSession:
-    """Duck-types central_server.session.SiteSession for the trainer."""
+    """Duck-types central_server.session.SiteSession for the trainer.
 
-    def __init__(self, site_id: str, dataset: SiteDataset, cfg: SiteFacingConfig, channels: list[int] | None = None):
+    channels: indices of G's channels this site is sent; by default those of the modalities its dataset holds."""
+
+    def __init__(self, site_id: str, dataset: SiteDataset, cfg: SiteFacingConfig, channels: list[int] | None = None,
+                 device: str = "cpu"):
         self.site_id = site_id
-        self.dataset = dataset
-        self.num_samples = len(dataset)
+        self.worker = SiteWorker(cfg, dataset, device)
+        self.num_samples = self.worker.num_samples
+        if channels is None:
+            channels = self.worker.family.channels_for(cfg.model, self.worker.modalities)
         self.channels = channels
         self.ready = self.available = True
-        self.learner = SiteLearner(cfg, dataset.modalities)
-        self._maps = dataset.label_maps()
         self._answer: serde.ImageGradient | None = None
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
-        real = augment(self.dataset.real(batch.keys), batch.aug)
-        maps = None if self._maps is None else augment(self._maps[batch.keys], batch.aug)
-        grad, losses = self.learner.step(batch.step, maps, real, batch.fake.float())
-        self._answer = serde.ImageGradient(batch.step, batch.round, grad, losses, grad.shape[0])
+        # A wrong shape raises ProtocolError here, as it would in a site process.
+        self._answer = self.worker.answer(batch)
 
     def await_gradient(self, round_: int, shape, deadline: float):
         answer, self._answer = self._answer, None
@@ -62,7 +62,7 @@ class CountingBank:
         return self._by_id[site].num_samples
 
     def maps(self, site: str, keys: torch.Tensor) -> torch.Tensor:
-        return self._by_id[site]._maps[keys]
+        return self._by_id[site].worker.label_maps[keys]
 
     def state(self) -> str:
         return "{}"  # local sites hold their own data; nothing to restore

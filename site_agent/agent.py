@@ -1,7 +1,9 @@
 """The site agent's connection and loop: dial the server, join, upload label maps, answer batches.
 
     Hello -> Welcome(settings) -> open dataset at those settings -> ConditionChunk* -> Ready
-    then for each SyntheticBatch: real images for its keys (same crop and flips) -> SiteLearner.step -> ImageGradient
+    then for each SyntheticBatch: SiteWorker.answer (site_agent/worker.py) -> ImageGradient
+
+This module keeps the connection, reconnects and the protocol; what a site computes is the worker's.
 
 Only label maps (once), gradients w.r.t. synthetic images, scalar losses, the sample count and the modality
 list leave the site.
@@ -24,12 +26,11 @@ import torch
 from asyndgan.common import serde, tensor_codec, tls
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
-from asyndgan.common.conditions import augment
 from asyndgan.common.config import SiteConfig
 from asyndgan.common.errors import AsynDGANError, ProtocolError
 from asyndgan.site_agent import state
 from asyndgan.site_agent.datasets import SiteDataset, describe_dataset, open_dataset
-from asyndgan.site_agent.gradients import SiteLearner
+from asyndgan.site_agent.worker import SiteWorker
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,11 @@ class SiteAgent:
     def __init__(self, cfg: SiteConfig, channel_factory=None):
         self.cfg = cfg
         self.stats = SiteStats()
+        self.worker: SiteWorker | None = None
         self.dataset: SiteDataset | None = None
-        self.learner: SiteLearner | None = None
         self._label_maps: torch.Tensor | None = None
         self._maps_digest = ""
         self._site_config = None
-        self._state_digest = ""
         self._last_step = 0
         self._joined_once = False
         self._outbox: queue.Queue = queue.Queue()
@@ -192,13 +192,12 @@ class SiteAgent:
         self._joined_once = self._joined_recently = True
         if welcome.site_config != self._site_config:  # first join, or the server's settings changed
             self._save_state()
-            self.dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
-            self.learner = SiteLearner(welcome.site_config, self.dataset.modalities, self.cfg.device)
-            self._label_maps = self.dataset.label_maps()
-            self._maps_digest = serde.maps_digest(self._label_maps)
+            dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
+            self.worker = SiteWorker(welcome.site_config, dataset, self.cfg.device)
+            self.dataset, self._label_maps = dataset, self.worker.label_maps
+            self._maps_digest = self.worker.maps_digest
             self._site_config = welcome.site_config
-            self._state_digest = state.settings_digest(welcome.site_config, self.dataset.modalities)
-            state.restore(self._state_file, self.learner, self._state_digest)
+            self.worker.restore_state(self._state_file)
         chunks = 0
         if self._label_maps is not None and not welcome.have_maps:
             for chunk in label_map_chunks(self._label_maps, int(self.cfg.upload_chunk_mb * 1024 * 1024)):
@@ -215,28 +214,19 @@ class SiteAgent:
         return state.state_path(self.cfg.state_dir, self.cfg.site_id)
 
     def _save_state(self) -> None:
-        if self.learner is not None and self._state_digest:
+        if self.worker is not None:
             try:
-                state.save(self._state_file, self.learner, self._state_digest, self._last_step)
+                self.worker.save_state(self._state_file, self._last_step)
             except OSError as exc:
                 log.warning("cannot save discriminator state to %s: %s", self._state_file, exc)
 
     def _on_batch(self, msg: pb.SyntheticBatch) -> None:
-        if self.learner is None or self.dataset is None:
+        if self.worker is None:
             raise ProtocolError("server sent a batch before Welcome")
-        stored = self._label_maps.shape[-1] if self._label_maps is not None else None
-        batch = serde.batch_from_proto(msg, self.wire_dtype, len(self.dataset), stored)
-        real = augment(self.dataset.real(batch.keys), batch.aug)
-        maps = None
-        if self._label_maps is not None:
-            maps = augment(self._label_maps[batch.keys], batch.aug)
-        if real.shape != batch.fake.shape:
-            raise ProtocolError(f"server sent fakes of shape {tuple(batch.fake.shape)} for real samples of "
-                                f"shape {tuple(real.shape)}")
-        grad, losses = self.learner.step(batch.step, maps, real, batch.fake)
-        self._send(serde.gradient_to_proto(serde.ImageGradient(
-            step=batch.step, round=batch.round, gradient=grad, losses=losses, num_samples=grad.shape[0]),
-            self.wire_dtype))
+        batch = serde.batch_from_proto(msg, self.wire_dtype, self.worker.num_samples, self.worker.stored_size)
+        answer = self.worker.answer(batch)  # checks the fakes' shape against this site's samples
+        losses = answer.losses
+        self._send(serde.gradient_to_proto(answer, self.wire_dtype))
         self.stats.steps += 1
         self.stats.losses = losses
         self._last_step = batch.step

@@ -1,0 +1,87 @@
+"""A site's training side without any transport: where a site answers a batch of synthetic images.
+
+`SiteWorker` owns the site's opened dataset, its label maps (for the upload at join), its discriminators and
+their optimiser (the SiteLearner), and the one method that turns a decoded SyntheticBatch into an ImageGradient:
+
+    check the fakes' shape -> real samples for the batch's keys, with the batch's crop and flips
+    -> discriminator step(s) and dL_G/dfake (site_agent/gradients.py) -> ImageGradient
+
+The gRPC agent (site_agent/agent.py) and the in-process sites (experiments/local_sites.py) both answer through
+this class, so the checks and the math cannot drift apart. Nothing here imports grpc or server code.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+from asyndgan.common import serde
+from asyndgan.common.conditions import augment
+from asyndgan.common.config import SiteFacingConfig
+from asyndgan.common.errors import DataError, ProtocolError
+from asyndgan.common.families import get_family
+from asyndgan.site_agent import state
+from asyndgan.site_agent.datasets import SiteDataset
+from asyndgan.site_agent.gradients import SiteLearner
+
+
+class SiteWorker:
+    """One site's dataset and discriminators under the server's settings (from Welcome)."""
+
+    def __init__(self, cfg: SiteFacingConfig, dataset: SiteDataset, device: str = "cpu"):
+        self.cfg = cfg
+        self.family = get_family(cfg.model.family)
+        if dataset.family != self.family.name:
+            raise DataError(f"the site holds {dataset.family} data but the server trains the {self.family.name} family")
+        self.dataset = dataset
+        self.learner = SiteLearner(cfg, dataset.modalities, device)
+        # Read once: they are uploaded at join and indexed by key for every batch.
+        self.label_maps: torch.Tensor | None = dataset.label_maps() if self.family.uploads_maps else None
+        self.maps_digest = serde.maps_digest(self.label_maps)
+        self.state_digest = state.settings_digest(cfg, dataset.modalities)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.dataset.modalities)
+
+    @property
+    def stored_size(self) -> int | None:
+        """Side of the stored label maps, against which the server's crops are checked (None: no maps)."""
+        return None if self.label_maps is None else int(self.label_maps.shape[-1])
+
+    def expected_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of the fakes for n samples: only the channels of the modalities this site holds."""
+        channels = len(self.dataset.modalities) if self.family.modalities(self.cfg.model) else None
+        return self.family.sample_shape(self.cfg.model, n, channels)
+
+    def answer(self, batch: serde.SyntheticBatch) -> serde.ImageGradient:
+        """The gradient of this site's L_G w.r.t. batch.fake [n, C, ...]; ProtocolError when the fakes do not
+        fit this site's samples (the server must not be trusted to have sent the right shape)."""
+        fake = batch.fake.float()
+        n = int(batch.keys.numel())
+        want = self.expected_shape(n)
+        if tuple(fake.shape) != want:
+            raise ProtocolError(f"server sent fakes of shape {tuple(fake.shape)} for {n} keys; this site expects "
+                                f"{want} ({len(self.dataset.modalities)} modalities held)")
+        real = augment(self.dataset.real(batch.keys), batch.aug)
+        if real.shape != fake.shape:
+            # e.g. a crop of another size than G's output: the fakes cannot be compared with the real samples.
+            raise ProtocolError(f"server sent fakes of shape {tuple(fake.shape)} for real samples of shape "
+                                f"{tuple(real.shape)} after its augmentation")
+        maps = None if self.label_maps is None else augment(self.label_maps[batch.keys], batch.aug)
+        grad, losses = self.learner.step(batch.step, maps, real, fake)
+        return serde.ImageGradient(step=batch.step, round=batch.round, gradient=grad, losses=losses,
+                                   num_samples=grad.shape[0])
+
+    # ---- state kept at the site between runs (site_agent/state.py) ------------------------------------------
+    def save_state(self, path: pathlib.Path, step: int) -> None:
+        state.save(path, self.learner, self.state_digest, step)
+
+    def restore_state(self, path: pathlib.Path) -> int | None:
+        """Load saved discriminator state trained under the same settings; the step it was saved at, or None."""
+        return state.restore(path, self.learner, self.state_digest)
