@@ -8,13 +8,14 @@ import pathlib
 import click
 import grpc
 
-from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option
+from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option, version_option
 from asyndgan.common.config import ServerConfig, load_config, parse_override
 from asyndgan.common.errors import AsynDGANError
 from asyndgan.common.logging_setup import setup_logging
 
 
 @click.group()
+@version_option
 def main() -> None:
     """asyndgan central server: owns the generator and drives training."""
 

@@ -14,8 +14,18 @@ log = logging.getLogger(__name__)
 
 log_level_option = click.option("--log-level", default="INFO", show_default=True,
                                  type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                          help="Override any config field, e.g. --set train.batch_size=4 (repeatable).")
+
+
+def _set_option(example: str):
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                        help=f"Override any config field, e.g. --set {example} (repeatable).")
+
+
+# Each command's example names one of its own settings: a hospital's `asyndgan-site` never sets train.*.
+set_option = _set_option("train.batch_size=4")
+site_set_option = _set_option("prep.workers=2")
+# The version installed (package metadata), so that a site and the server can compare what they run.
+version_option = click.version_option(package_name="asyndgan", message="%(prog)s %(version)s")
 
 
 class StopRequested(Exception):

@@ -6,12 +6,13 @@ import pathlib
 
 import click
 
-from asyndgan.common.cli_support import friendly_errors, log_level_option
+from asyndgan.common.cli_support import friendly_errors, log_level_option, version_option
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.common.pki_cli import certs
 
 
 @click.group()
+@version_option
 def main() -> None:
     """asyndgan: train one generator across hospitals without moving their images."""
 
@@ -93,15 +94,18 @@ main.add_command(click.Command("phantom", params=phantom.params, callback=_phant
               help="Folder with one sub-folder per site (the phantom is generated here if missing).")
 @click.option("--steps", default=300, show_default=True, type=click.IntRange(1))
 @click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 16))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the server and the sites compute (auto: cuda when a GPU is visible).")
 @log_level_option
 @friendly_errors
-def demo(out, data, steps, sites, log_level):
+def demo(out, data, steps, sites, device, log_level):
     """The main job: a server and one process per site train image2d on this machine, then a summary."""
     from asyndgan.experiments.demo import DemoConfig, run
 
     setup_logging(log_level)
-    summary = run(DemoConfig(out=out, data=data, steps=steps, sites=sites))
-    click.echo(f"trained {summary['steps']} steps with {len(summary['sites'])} sites in {summary['seconds']} s")
+    summary = run(DemoConfig(out=out, data=data, steps=steps, sites=sites, device=device))
+    click.echo(f"trained {summary['steps']} steps with {len(summary['sites'])} sites on {summary['device']} in "
+               f"{summary['seconds']} s")
     click.echo(f"  latest sample grid: {summary['latest_samples']}")
     click.echo(f"  all sample grids:   {summary['samples_folder']}")
     click.echo(f"  checkpoint:         {summary['checkpoint']}")

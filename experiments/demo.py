@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import pathlib
 import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.common.config import ServerConfig, load_config
-from asyndgan.common.errors import DataError
+from asyndgan.common.errors import ConfigError, DataError
 from asyndgan.experiments.runner import Cluster, write_json
 from asyndgan.site_agent.datasets import describe_dataset
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
@@ -38,6 +39,19 @@ class DemoConfig(BaseModel):
     n_blocks: int = 6
     ndf: int = 32
     wire_dtype: str = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
+
+
+def resolve_device(device: str) -> str:
+    """'cpu' or 'cuda'; auto picks cuda when torch sees a GPU. Asking for cuda without one is a ConfigError
+    here rather than a traceback in every child process."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU on this machine (use --device cpu)")
+    return device
 
 
 def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
@@ -55,7 +69,10 @@ def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
 
 def run(cfg: DemoConfig) -> dict:
     folders = site_folders(cfg)
+    device = resolve_device(cfg.device)
+    log.info("server and sites compute on %s", device)
     server_cfg = load_config(ServerConfig, None, {
+        "device": device,
         "host": "127.0.0.1", "port": 0, "run_dir": str(cfg.out), "site.schedule.steps": cfg.steps,
         "train.batch_size": cfg.batch_size, "train.min_sites": len(folders), "train.wire_dtype": cfg.wire_dtype,
         "site.model.image2d.image_size": cfg.image_size, "site.model.image2d.ngf": cfg.ngf,
@@ -65,17 +82,22 @@ def run(cfg: DemoConfig) -> dict:
     })
     started = time.monotonic()
     cluster = Cluster(server_cfg)
-    address = cluster.start_server()
-    log.info("server at %s; starting %d site processes; follow progress in %s", address, len(folders),
-             cfg.out / "server.out")
-    for i, folder in enumerate(folders):
-        cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.data / '.cache'}"])
-    cluster.follow(cfg.steps)
-    cluster.wait(timeout=600)
+    try:  # whatever goes wrong here (a child failing, Ctrl-C), no process is left behind
+        address = cluster.start_server()
+        log.info("server at %s; starting %d site processes; follow progress in %s", address, len(folders),
+                 cfg.out / "server.out")
+        for i, folder in enumerate(folders):
+            cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.data / '.cache'}",
+                                                                "--device", device])
+        cluster.follow(cfg.steps)  # raises, naming the process and its log, as soon as any child fails
+        cluster.wait(timeout=600)
+    finally:
+        cluster.stop()
     latest = ckpt.list_checkpoints(cfg.out / "checkpoints")
     samples = sorted((cfg.out / "samples").glob("*.png"))
     summary = {
         "steps": cfg.steps,
+        "device": device,
         "sites": {f"site{i + 1}": str(f) for i, f in enumerate(folders)},
         "seconds": round(time.monotonic() - started, 1),
         "checkpoint": str(latest[0]) if latest else None,

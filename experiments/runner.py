@@ -1,7 +1,10 @@
 """Run a real server and real site processes from Python (experiments, benchmarks, the demo).
 
 Processes are started with the installed console entry points' modules, each with its own log file in the run
-folder; the server binds a free port and reports it through a port file.
+folder; the server binds a free port and reports it through a port file. Every child is watched, not only the
+server: the server's quorum may need every site, so a site that dies would otherwise leave the run waiting
+forever. A child that fails (or a site that leaves while the server still trains) stops the others and raises
+AsynDGANError naming it and its log file.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -27,14 +31,30 @@ def _env(threads: int | None) -> dict:
     return env
 
 
+# How long the server may keep running after a site left cleanly (exit 0): a site exits 0 when the server ends
+# the run, and the server then still writes its final checkpoint; longer than this, the site left mid-run.
+SITE_LEFT_GRACE_S = 30.0
+
+
+def _exit_text(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with status {rc}"
+
+
 class Cluster:
-    """One server and its sites as child processes; `wait()` returns when the server has finished."""
+    """One server and its sites as child processes; `wait()` returns when every one has finished."""
 
     def __init__(self, cfg: ServerConfig, threads: int | None = 1, tls: bool = True):
         """tls: give the run its own consortium CA in run_dir/certs and use mutual TLS, as a real deployment
         does (plain text otherwise)."""
         self.threads = threads
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.logs: dict[str, pathlib.Path] = {}
+        self._site_left_at: dict[str, float] = {}
         self.address = ""
         self.tls = tls
         certs = cfg.run_dir / "certs"
@@ -89,6 +109,29 @@ class Cluster:
     def _spawn(self, name: str, cmd: list[str], out: pathlib.Path) -> None:
         with open(out, "w") as f:
             self.procs.append((name, subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(self.threads))))
+        self.logs[name] = out
+
+    def check(self) -> bool:
+        """Look at every child once; True when all have exited cleanly. Raises AsynDGANError (after stopping
+        the others) when one failed: the server or a site exited non-zero or was killed, or a site left
+        while the server kept training for longer than SITE_LEFT_GRACE_S."""
+        server_running = self.procs[0][1].poll() is None
+        now = time.monotonic()
+        problem = None
+        for name, proc in self.procs:
+            rc = proc.poll()
+            if rc is None or (rc == 0 and not server_running) or (rc == 0 and name == "server"):
+                continue
+            if rc != 0:
+                problem = f"{name} {_exit_text(rc)}"
+            else:
+                left = self._site_left_at.setdefault(name, now)
+                if now - left > SITE_LEFT_GRACE_S:
+                    problem = f"{name} left (exit 0) while the server was still training"
+            if problem:
+                self.stop()
+                raise AsynDGANError(f"{problem}; see its log {self.logs[name]} (stopped the other processes)")
+        return all(proc.poll() == 0 for _, proc in self.procs)
 
     def follow(self, total: int, desc: str = "train") -> None:
         """Show the server's progress (from its Status call) as a progress bar until it exits."""
@@ -102,6 +145,7 @@ class Cluster:
         with self.channel() as channel, tqdm(total=total, desc=desc, unit="step") as bar:
             stub = pb_grpc.AsynDGANStub(channel)
             while server.poll() is None:
+                self.check()
                 try:
                     s = stub.Status(pb.StatusRequest(), timeout=2)
                 except grpc.RpcError:
@@ -114,6 +158,7 @@ class Cluster:
                 if s.state == "finished":
                     break
                 time.sleep(1)
+            self.check()  # the server itself may have failed
             if server.wait() == 0:
                 bar.update(total - bar.n)  # the server finished between two polls
 
@@ -124,22 +169,18 @@ class Cluster:
         return open_channel(self.address, self.kit("operator"))
 
     def wait(self, timeout: float) -> None:
-        """Wait for every process; raise naming the ones that failed (their logs are in the run folder)."""
+        """Wait for every process to exit cleanly, watching all of them (see `check`); on a failure or after
+        `timeout` seconds, stop them all and raise naming the process and its log."""
         end = time.monotonic() + timeout
-        failed = []
         try:
-            for name, proc in self.procs:
-                try:
-                    rc = proc.wait(max(1.0, end - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    failed.append(f"{name} (timed out)")
-                    continue
-                if rc != 0:
-                    failed.append(f"{name} (exit {rc})")
+            while not self.check():
+                if time.monotonic() > end:
+                    running = [name for name, proc in self.procs if proc.poll() is None]
+                    raise AsynDGANError(f"timed out after {timeout:g} s waiting for {', '.join(running)}; logs: "
+                                        f"{', '.join(str(self.logs[n]) for n in running)}")
+                time.sleep(0.2)
         finally:
             self.stop()
-        if failed:
-            raise AsynDGANError(f"processes failed: {', '.join(failed)}; logs in {self.cfg.run_dir}")
 
     def stop(self) -> None:
         for _, proc in self.procs:

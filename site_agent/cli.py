@@ -6,12 +6,14 @@ import pathlib
 
 import click
 
-from asyndgan.common.cli_support import exit_hard, friendly_errors, log_level_option, set_option, stop_on_sigterm
+from asyndgan.common.cli_support import (exit_hard, friendly_errors, log_level_option, site_set_option, stop_on_sigterm,
+                                          version_option)
 from asyndgan.common.config import SiteConfig, load_config, parse_override
 from asyndgan.common.logging_setup import setup_logging
 
 
 @click.group()
+@version_option
 def main() -> None:
     """asyndgan site agent: trains a local discriminator; images never leave the site."""
 
@@ -26,7 +28,7 @@ def main() -> None:
 @click.option("--certs", type=click.Path(path_type=pathlib.Path),
               help="This site's TLS kit: ca.crt, site.crt, site.key [certs/sites/SITE_ID].")
 @click.option("--insecure", is_flag=True, default=None, help="Plain text without identities (local tests only).")
-@set_option
+@site_set_option
 @log_level_option
 @exit_hard
 @friendly_errors

@@ -83,3 +83,25 @@ def test_a_second_site_with_the_same_id_is_refused_and_the_wrong_family_too(tmp_
     finally:
         server.kill()
         first.kill()
+
+
+@pytest.mark.parametrize("module", ["asyndgan.experiments.cli", "asyndgan.central_server.cli",
+                                    "asyndgan.site_agent.cli"])
+def test_every_command_tells_its_version(module):
+    from importlib.metadata import version
+
+    r = run_cli([module, "--version"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(version("asyndgan")), r.stdout
+
+
+def test_site_help_suggests_site_settings_not_server_ones():
+    r = run_cli(SITE[:2] + ["--help"])
+    assert r.returncode == 0, r.stderr
+    assert "prep.workers=2" in r.stdout
+    assert "train." not in r.stdout and "batch_size" not in r.stdout
+
+
+def test_demo_refuses_an_unknown_device():
+    r = run_cli(["asyndgan.experiments.cli", "demo", "--device", "tpu"])
+    assert r.returncode == 2 and "tpu" in r.stderr
