@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from asyndgan.central_server.checkpoint import load_checkpoint
-from asyndgan.central_server.generators import build_generator
-from asyndgan.central_server.sampling import draw_augmentation, plan_batches
-from asyndgan.common.conditions import augment, one_hot
+from asyndgan.central_server.sampling import plan_batches
+from asyndgan.common.conditions import augment, draw_augmentation, one_hot
 from asyndgan.common.config import ServerConfig, load_config
-from asyndgan.site_agent.discriminators import build_discriminators
+from asyndgan.common.families import get_family
 from asyndgan.demo_data.toy import write_toy_sites
 from procs import TINY_IMAGE2D, Server, start_site
 
@@ -38,8 +37,9 @@ def _overrides(mode: str) -> dict:
 def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: bool = False) -> dict:
     """The step computed in one process with autograd; returns G's parameters after it."""
     model = cfg.site.model
+    family = get_family(model.family)
     torch.manual_seed(cfg.train.seed)
-    g = build_generator(model)
+    g = family.build_generator(model)
     opt = torch.optim.SGD(g.parameters(), lr=cfg.g_optim.lr)
     rng = torch.Generator().manual_seed(cfg.train.seed)
     images = {s: torch.from_numpy(np.load(p / "images.npy")) for s, p in data.items()}
@@ -61,7 +61,7 @@ def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: 
         start += b
         xs = one_hot(maps, model.image2d.num_classes)
         torch.manual_seed(cfg.site.seed)
-        ds = build_discriminators(model, model.image2d.modalities)
+        ds = family.build_discriminators(model, model.image2d.modalities)
         d_opt = torch.optim.Adam(ds.parameters(), lr=cfg.site.d_optim.lr, betas=(0.5, 0.999))
 
         def logits(m, c, img):
@@ -108,7 +108,7 @@ def test_one_distributed_step_equals_single_process(tmp_path, mode):
     want = _reference(cfg, data)
     wrong = _reference(cfg, data, equal_weights=True)
     torch.manual_seed(cfg.train.seed)
-    before = build_generator(cfg.site.model).state_dict()
+    before = get_family(cfg.site.model.family).build_generator(cfg.site.model).state_dict()
 
     err = max(float((got[k] - want[k]).abs().max()) for k in want)
     moved = max(float((want[k] - before[k]).abs().max()) for k in want)
