@@ -10,12 +10,10 @@ import logging
 import threading
 import time
 
-import torch
-
 from asyndgan.common import serde
 from asyndgan.common.config import ServerConfig
 from asyndgan.common.grpc_options import MAX_MESSAGE_BYTES
-from asyndgan.central_server.mask_bank import LabelMapUpload, MaskBank
+from asyndgan.central_server.mask_bank import MaskBank, UploadedMaps
 from asyndgan.central_server.session import SiteSession
 
 log = logging.getLogger(__name__)
@@ -62,7 +60,7 @@ class SiteRegistry:
                                                   f"the server generates {mods}")
             channels = [i for i, m in enumerate(mods) if m in hello.modalities]
             size, num_classes = model.image2d.stored_size, model.image2d.num_classes
-        upload = LabelMapUpload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)
+        upload = self.bank.upload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)  # streams into the bank folder
         have = self.bank.has(hello.site_id, hello.maps_digest)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
                               max_gradient_bytes=MAX_MESSAGE_BYTES,
@@ -80,9 +78,9 @@ class SiteRegistry:
                  "its label maps are already here" if have else "waiting for its label maps")
         return session, have
 
-    def _on_ready(self, session: SiteSession, maps: torch.Tensor | None, reused: bool) -> None:
+    def _on_ready(self, session: SiteSession, maps: UploadedMaps | None, reused: bool) -> None:
         if not reused:
-            self.bank.put(session.site_id, session.num_samples, maps, serde.maps_digest(maps))
+            self.bank.add_upload(session.site_id, session.num_samples, maps)
         with self._cond:
             session.mark_ready()  # only now: the trainer may sample a ready site's keys at once
             self._cond.notify_all()

@@ -14,12 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.errors import ProtocolError
-from asyndgan.central_server.mask_bank import LabelMapUpload
+from asyndgan.central_server.mask_bank import LabelMapUpload, UploadedMaps
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ class SiteSession:
         channels: list[int] | None,
         upload: LabelMapUpload,
         wire_dtype: str,
-        on_ready: Callable[["SiteSession", torch.Tensor | None, bool], None],
+        on_ready: Callable[["SiteSession", UploadedMaps | None, bool], None],
         max_gradient_bytes: int,
         known_samples: int | None = None,
     ):
@@ -80,14 +78,19 @@ class SiteSession:
         self.stats.bytes_received += msg.ByteSize()
         kind = msg.WhichOneof("kind")
         if kind == "conditions" and self.state is State.UPLOADING:
-            self._upload.add(msg.conditions)
+            # Decoded with a ceiling (compressed chunks), checked and streamed to the bank's folder by the upload.
+            self._upload.add(serde.label_map_chunk_from_proto(msg.conditions, size=self._upload.size,
+                                                              max_bytes=self._upload.max_chunk_bytes))
         elif kind == "ready" and self.state is State.UPLOADING:
-            n, chunks = int(msg.ready.num_samples), int(msg.ready.num_chunks)
+            ready = serde.ready_from_proto(msg.ready)
+            n, chunks = ready.num_samples, ready.num_chunks
             reuse = self._known_samples is not None and chunks == 0
             if reuse and n != self._known_samples:
                 raise ProtocolError(f"site now declares {n} samples; the maps it uploaded before hold "
                                     f"{self._known_samples}")
-            maps = None if reuse else self._upload.finish(chunks, n)
+            maps = None if reuse else self._upload.finish(chunks, n)  # a refused upload leaves no file behind
+            if reuse:
+                self._upload.discard()
             self.num_samples = n
             self._upload = None
             self._on_ready(self, maps, reuse)  # the bank takes the maps, then the registry marks us ready
@@ -108,6 +111,9 @@ class SiteSession:
             if failure:
                 self.failure = reason
         log.info("site %s left: %s", self.site_id, reason)
+        upload = self._upload
+        if upload is not None:  # left before Ready: drop the partial upload's temporary file
+            upload.discard()
         self._inbox.put(_CLOSED)
         self.outbox.put(None)
 
@@ -117,7 +123,7 @@ class SiteSession:
                 self.state = State.READY
 
     def send_shutdown(self, reason: str, final: bool) -> None:
-        self._push(pb.ServerMessage(shutdown=pb.Shutdown(reason=reason, final=final)))
+        self._push(serde.shutdown_to_proto(serde.Shutdown(reason=reason, final=final)))
         self.close(reason)
 
     # ---- called from the training loop --------------------------------------------------------------------

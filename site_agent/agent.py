@@ -18,12 +18,13 @@ import queue
 import random
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
-from asyndgan.common import serde, tensor_codec, tls
+from asyndgan.common import serde, tls
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import SiteConfig
@@ -43,15 +44,24 @@ class SiteStats:
     losses: dict[str, float] = field(default_factory=dict)
 
 
-def label_map_chunks(maps: torch.Tensor, chunk_bytes: int):
-    """Split uint8 [N, H, W] into ConditionChunk messages of at most ~chunk_bytes each."""
-    per_map = max(1, maps[0].numel())
-    per_chunk = max(1, chunk_bytes // per_map)
-    total = math.ceil(maps.shape[0] / per_chunk)
-    for index in range(total):
+def _maps_per_chunk(maps: torch.Tensor, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // max(1, maps[0].numel()))
+
+
+def label_map_chunk_count(maps: torch.Tensor, chunk_bytes: int) -> int:
+    """How many messages label_map_chunks yields (Ready declares it; known before any chunk is made)."""
+    return math.ceil(maps.shape[0] / _maps_per_chunk(maps, chunk_bytes))
+
+
+def label_map_chunks(maps: torch.Tensor, chunk_bytes: int, encoding: str = "zlib") -> Iterator[pb.SiteMessage]:
+    """ConditionChunk messages of at most ~chunk_bytes of uint8 [N, H, W] maps each (before compression), made
+    lazily: each slice of a memory-mapped `maps` is read and compressed only when the stream asks for it, so the
+    site never holds its whole upload in memory."""
+    per_chunk = _maps_per_chunk(maps, chunk_bytes)
+    for index in range(label_map_chunk_count(maps, chunk_bytes)):
         first = index * per_chunk
-        part = maps[first : first + per_chunk]
-        yield pb.SiteMessage(conditions=pb.ConditionChunk(index=index, first_key=first, maps=tensor_codec.encode(part)))
+        chunk = serde.LabelMapChunk(index=index, first_key=first, maps=maps[first : first + per_chunk])
+        yield serde.label_map_chunk_to_proto(chunk, encoding)
 
 
 class _Retry(Exception):
@@ -98,13 +108,17 @@ class SiteAgent:
             tls.channel_credentials(kit, cfg.site_id)  # a missing, expired or foreign certificate fails here
         self._channel_factory = channel_factory or (lambda: tls.open_channel(cfg.server, kit, cfg.site_id))
 
-    def _send(self, msg: pb.SiteMessage) -> None:
-        self.stats.bytes_sent += msg.ByteSize()
+    def _send(self, msg: pb.SiteMessage | Iterator[pb.SiteMessage]) -> None:
+        """Queue a message, or an iterator of messages that the stream drains lazily (the label-map upload)."""
         self._outbox.put(msg)
 
     def _requests(self, outbox: queue.Queue):
-        while (msg := outbox.get()) is not None:
-            yield msg
+        """The gRPC request iterator: gRPC pulls the next message only once the previous one went out, so an
+        iterator in the queue (the upload) is read, and its chunks made, at the pace of the stream."""
+        while (item := outbox.get()) is not None:
+            for msg in (item,) if isinstance(item, pb.SiteMessage) else item:
+                self.stats.bytes_sent += msg.ByteSize()
+                yield msg
 
     def run(self) -> SiteStats:
         """Join and train until the server ends the run; reconnect with backoff after losing a server it had
@@ -178,10 +192,11 @@ class SiteAgent:
         elif kind == "batch":
             self._on_batch(msg.batch)
         elif kind == "shutdown":
+            shutdown = serde.shutdown_from_proto(msg.shutdown)
             self._outbox.put(None)
-            if not msg.shutdown.final:
-                raise _Retry(f"the server is stopping ({msg.shutdown.reason})")
-            log.info("server ended the run: %s", msg.shutdown.reason)
+            if not shutdown.final:
+                raise _Retry(f"the server is stopping ({shutdown.reason})")
+            log.info("server ended the run: %s", shutdown.reason)
             return True
         else:
             raise ProtocolError(f"unexpected server message {kind!r}")
@@ -200,14 +215,14 @@ class SiteAgent:
             self.worker.restore_state(self._state_file)
         chunks = 0
         if self._label_maps is not None and not welcome.have_maps:
-            for chunk in label_map_chunks(self._label_maps, int(self.cfg.upload_chunk_mb * 1024 * 1024)):
-                self._send(chunk)
-                chunks += 1
-        self._send(pb.SiteMessage(ready=pb.Ready(num_chunks=chunks, num_samples=len(self.dataset))))
+            chunk_bytes = int(self.cfg.upload_chunk_mb * 1024 * 1024)
+            chunks = label_map_chunk_count(self._label_maps, chunk_bytes)
+            self._send(label_map_chunks(self._label_maps, chunk_bytes))  # lazy: made as the stream pulls
+        self._send(serde.ready_to_proto(serde.Ready(num_chunks=chunks, num_samples=len(self.dataset))))
         log.info("joined run %s at step %d (wire dtype %s) with %d samples; %s", welcome.run_id, welcome.step,
                  welcome.wire_dtype, len(self.dataset),
                  "the server already holds our label maps" if welcome.have_maps and self._label_maps is not None
-                 else f"uploaded {chunks} label-map chunk(s)")
+                 else f"uploading {chunks} label-map chunk(s)")
 
     @property
     def _state_file(self):

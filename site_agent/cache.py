@@ -49,7 +49,9 @@ def load(entry: pathlib.Path) -> Prepared | None:
     try:
         meta = json.loads((entry / "meta.json").read_text())
         images = np.load(entry / "images.npy", mmap_mode="r", allow_pickle=False)
-        labels = np.load(entry / "labels.npy", mmap_mode="r", allow_pickle=False)
+        # Copy-on-write rather than read-only: torch can then wrap the mapping without a copy (label_maps() of a
+        # BraTS site is gigabytes), and a stray write would change a private page, never the cache file.
+        labels = np.load(entry / "labels.npy", mmap_mode="c", allow_pickle=False)
     except (OSError, ValueError):
         return None
     if images.shape[0] != labels.shape[0] or images.shape[0] != meta.get("num_samples"):

@@ -38,7 +38,8 @@ class SiteDataset(abc.ABC):
     def __len__(self) -> int: ...
 
     def label_maps(self) -> torch.Tensor | None:
-        """uint8 [N, H, W] to upload at join, or None when the family has no condition to upload."""
+        """uint8 [N, H, W] to upload at join, or None when the family has no condition to upload. May be
+        memory-mapped (read only as needed): treat it as read-only."""
         return None
 
     @abc.abstractmethod
@@ -118,7 +119,8 @@ class PreparedImageDataset(SiteDataset):
         return self.prepared.labels.shape[0]
 
     def label_maps(self) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.prepared.labels))
+        """The cache's labels.npy memory-mapped, not copied: pages are read as the upload and batches need them."""
+        return torch.from_numpy(self.prepared.labels)
 
     def real(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.prepared.images[keys.numpy()].astype(np.float32))

@@ -41,7 +41,7 @@ def test_bank_restores_verified_maps_and_reports_altered_ones(tmp_path):
     bank.put("b", 2, b, maps_digest(b))
     bank.put("g", 100, None, "")
     state = bank.state()
-    altered = next((tmp_path / "bank").glob("b-*.npy"))
+    altered = tmp_path / "bank" / f"{maps_digest(b)}.npy"  # bank files are named by digest, never by site id
     import numpy as np
 
     np.save(altered, np.zeros((2, 8, 8), np.uint8))

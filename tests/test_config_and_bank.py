@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asyndgan.central_server.mask_bank import LabelMapUpload
-from asyndgan.common import tensor_codec
+from asyndgan.common import serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.config import ServerConfig, SiteFacingConfig, load_config, parse_override
 from asyndgan.common.errors import ConfigError, ProtocolError
@@ -42,12 +42,16 @@ def test_override_parsing_and_missing_file(tmp_path):
         load_config(ServerConfig, tmp_path / "nope.toml")
 
 
+def _add(up: LabelMapUpload, msg: pb.ConditionChunk) -> None:
+    up.add(serde.label_map_chunk_from_proto(msg, size=up.size, max_bytes=up.max_chunk_bytes))
+
+
 def _upload(maps: torch.Tensor, declared: int, chunk_bytes: int = 100, max_samples: int = 1000) -> torch.Tensor:
     up = LabelMapUpload(size=maps.shape[-1], num_classes=5, max_chunk_bytes=1 << 20, max_samples=max_samples)
     chunks = list(label_map_chunks(maps, chunk_bytes))
     for c in chunks:
-        up.add(c.conditions)
-    return up.finish(len(chunks), declared)
+        _add(up, c.conditions)
+    return up.finish(len(chunks), declared).maps
 
 
 def test_chunked_upload_reassembles_exactly():
@@ -64,7 +68,7 @@ def test_chunked_upload_reassembles_exactly():
 def test_bad_uploads_are_rejected(bad, message):
     with pytest.raises(ProtocolError, match=message):
         up = LabelMapUpload(size=8, num_classes=5, max_chunk_bytes=1 << 20)
-        up.add(pb.ConditionChunk(index=0, first_key=0, maps=tensor_codec.encode(bad)))
+        _add(up, pb.ConditionChunk(index=0, first_key=0, maps=tensor_codec.encode(bad)))
 
 
 def test_upload_count_and_order_are_checked():
@@ -76,7 +80,7 @@ def test_upload_count_and_order_are_checked():
     up = LabelMapUpload(size=8, num_classes=5, max_chunk_bytes=1 << 20)
     chunks = list(label_map_chunks(maps, 128))
     with pytest.raises(ProtocolError, match="out of order"):
-        up.add(chunks[1].conditions)
+        _add(up, chunks[1].conditions)
 
 
 def test_site_gradient_is_the_gradient_of_its_loss_and_only_for_its_channels():
