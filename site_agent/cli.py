@@ -49,5 +49,44 @@ def join(data, server, site_id, config_file, device, threads, certs, insecure, o
     run_site(cfg)
 
 
+@main.command()
+@click.option("--data", type=click.Path(path_type=pathlib.Path), help="The site's data folder.")
+@click.option("--server", help="HOST:PORT of the central server [localhost:50051].")
+@click.option("--site-id", help="This site's name [the name in the kit's certificate].")
+@click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path), help="TOML or JSON config file.")
+@click.option("--certs", type=click.Path(path_type=pathlib.Path),
+              help="This site's TLS kit: ca.crt, site.crt, site.key [certs/sites/SITE_ID].")
+@click.option("--insecure", is_flag=True, default=None, help="Plain text, no kit checks (local tests only).")
+@site_set_option
+@click.option("--log-level", default="ERROR", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Log lines besides the check lines (their findings are printed anyway).")
+@exit_hard
+@friendly_errors
+def check(data, server, site_id, config_file, certs, insecure, overrides, log_level):
+    """Dry run: data, cases, kit, server and identity checked as `join` would, without training.
+
+    Prints one line per check (ok / warning / problem); exits 0 when the site can join, else 2 with the
+    first problem."""
+    from asyndgan.common.errors import AsynDGANError
+    from asyndgan.site_agent.check import first_problem, run_checks
+
+    if site_id is None and not insecure and certs is not None and (certs / "site.crt").is_file():
+        from asyndgan.common.tls import common_name, load_cert
+
+        site_id = common_name(load_cert(certs / "site.crt"))  # the kit says whose it is
+    values = {"data": data and str(data), "server": server, "site_id": site_id, "certs": certs and str(certs),
+              "insecure": insecure}
+    values.update(dict(parse_override(o) for o in overrides))
+    cfg = load_config(SiteConfig, config_file, values)
+    setup_logging(log_level)
+    results = run_checks(cfg)
+    for r in results:
+        click.echo(r.line())
+    problem = first_problem(results)
+    if problem is not None:
+        raise AsynDGANError(problem.detail)
+
+
 if __name__ == "__main__":
     main()
