@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from asyndgan.common.cli_support import friendly_errors, log_level_option, version_option
+from asyndgan.common.cli_support import friendly_errors, log_level_option, stop_on_sigterm, version_option
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.common.pki_cli import certs
 
@@ -103,6 +103,7 @@ def demo(out, data, steps, sites, device, log_level):
     from asyndgan.experiments.demo import DemoConfig, run
 
     setup_logging(log_level)
+    stop_on_sigterm()  # unwinds through run(), which stops the child processes on the way out
     summary = run(DemoConfig(out=out, data=data, steps=steps, sites=sites, device=device))
     click.echo(f"trained {summary['steps']} steps with {len(summary['sites'])} sites on {summary['device']} in "
                f"{summary['seconds']} s")
