@@ -68,8 +68,8 @@ def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
 
 
 def run(cfg: DemoConfig) -> dict:
+    device = resolve_device(cfg.device)  # before the phantom's minute of generation
     folders = site_folders(cfg)
-    device = resolve_device(cfg.device)
     log.info("server and sites compute on %s", device)
     server_cfg = load_config(ServerConfig, None, {
         "device": device,

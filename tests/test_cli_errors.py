@@ -105,3 +105,14 @@ def test_site_help_suggests_site_settings_not_server_ones():
 def test_demo_refuses_an_unknown_device():
     r = run_cli(["asyndgan.experiments.cli", "demo", "--device", "tpu"])
     assert r.returncode == 2 and "tpu" in r.stderr
+
+
+def test_demo_on_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = run_cli(["asyndgan.experiments.cli", "demo", "--device", "cuda", "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run")])
+    _one_line_error(r, "--device cuda", "no CUDA GPU")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
