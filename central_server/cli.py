@@ -8,7 +8,7 @@ import pathlib
 import click
 import grpc
 
-from asyndgan.common.cli_support import friendly_errors, log_level_option, set_option, version_option
+from asyndgan.common.cli_support import exit_hard, friendly_errors, log_level_option, set_option, version_option
 from asyndgan.common.config import ServerConfig, load_config, parse_override
 from asyndgan.common.errors import AsynDGANError
 from asyndgan.common.logging_setup import setup_logging
@@ -38,6 +38,7 @@ def main() -> None:
 @click.option("--port-file", type=click.Path(path_type=pathlib.Path), help="Write the bound port here (for scripts).")
 @set_option
 @log_level_option
+@exit_hard  # a gRPC call that never completed must not hold the process after the last checkpoint is written
 @friendly_errors
 def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, threads, device, resume,
           certs, insecure, port_file, overrides, log_level):

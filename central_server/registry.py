@@ -13,8 +13,9 @@ import time
 from asyndgan.common import serde
 from asyndgan.common.config import ServerConfig
 from asyndgan.common.grpc_options import MAX_MESSAGE_BYTES
+from asyndgan.common.identifiers import site_id_problem
 from asyndgan.central_server.mask_bank import MaskBank, UploadedMaps
-from asyndgan.central_server.session import SiteSession
+from asyndgan.central_server.session import SiteSession, State
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ class SiteRegistry:
         if hello.protocol_version != serde.PROTOCOL_VERSION:
             raise JoinRefused("incompatible", f"protocol version {hello.protocol_version}; this server speaks "
                                               f"{serde.PROTOCOL_VERSION}")
-        if not hello.site_id or len(hello.site_id) > 64:
-            raise JoinRefused("invalid", "site id must be 1 to 64 characters")
+        problem = site_id_problem(hello.site_id)
+        if problem:  # ids end up in file names, logs and status output: one rule everywhere
+            raise JoinRefused("invalid", problem)
         if hello.family != model.family:
             raise JoinRefused("incompatible", f"site {hello.site_id} holds {hello.family} data but this server "
                                               f"trains {model.family}")
@@ -121,6 +123,16 @@ class SiteRegistry:
                     return sorted(ready, key=lambda s: s.site_id)
                 # Joins notify; a straggler's late answer does not, so look again soon.
                 self._cond.wait(min(remaining, 0.05))
+
+    def end_stalled_uploads(self, idle_s: float) -> list[str]:
+        """Close joining sessions that sent nothing for `idle_s` seconds (their streams then end, freeing the
+        threads they held); returns the site ids closed."""
+        now = time.monotonic()
+        stalled = [s for s in self.sessions() if s.state is State.UPLOADING and now - s.last_activity > idle_s]
+        for s in stalled:
+            s.close(f"no upload message for {idle_s:g} s while joining", failure=True)
+            self.leave(s, "stalled while joining")
+        return [s.site_id for s in stalled]
 
     def bytes_moved(self) -> tuple[int, int]:
         """(sent, received) over every session this server has had."""

@@ -24,15 +24,34 @@ def image_to_rgb(img: np.ndarray) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def save_image_grid(path: pathlib.Path, label_maps: torch.Tensor, fake: torch.Tensor, max_rows: int = 4) -> None:
-    """One row per sample: label map, then each generated channel. label_maps uint8 [n, H, W]; fake [n, C, H, W]."""
+MIN_TILE = 192  # small training crops (64 px) are enlarged so that a person can see the anatomy
+TITLE_H = 22
+
+
+def save_image_grid(path: pathlib.Path, label_maps: torch.Tensor, fake: torch.Tensor, max_rows: int = 4,
+                    titles: list[str] | None = None) -> np.ndarray:
+    """One row per sample: label map, then each generated channel, under a row of column titles (e.g. the
+    modalities). label_maps uint8 [n, H, W]; fake [n, C, H, W]. Returns the picture, uint8 [H, W, 3]."""
+    from PIL import ImageDraw
+
+    scale = max(1, -(-MIN_TILE // fake.shape[-1]))
     rows = []
     for i in range(min(max_rows, fake.shape[0])):
         tiles = [label_to_rgb(label_maps[i].numpy())]
         tiles += [image_to_rgb(fake[i, c].float().numpy()) for c in range(fake.shape[1])]
-        rows.append(np.concatenate(tiles, axis=1))
+        row = np.concatenate(tiles, axis=1)
+        rows.append(row.repeat(scale, axis=0).repeat(scale, axis=1))  # nearest: no invented detail
+    grid = np.concatenate(rows, axis=0)
+    if titles:
+        header = Image.new("RGB", (grid.shape[1], TITLE_H), (255, 255, 255))
+        draw = ImageDraw.Draw(header)
+        tile_w = grid.shape[1] // (fake.shape[1] + 1)
+        for col, title in enumerate(titles[: fake.shape[1] + 1]):
+            draw.text((col * tile_w + 6, 5), title, fill=(0, 0, 0))
+        grid = np.concatenate([np.asarray(header), grid], axis=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 def save_histogram(path: pathlib.Path, samples: np.ndarray, title: str) -> None:

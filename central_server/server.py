@@ -27,19 +27,25 @@ from asyndgan.central_server.mask_bank import MaskBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.servicer import AsynDGANServicer
 from asyndgan.central_server.status import build_status
-from asyndgan.central_server.trainer import Trainer
+from asyndgan.central_server.trainer import RunState, Trainer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "asyndgan.v1.AsynDGAN"
-MAX_WORKERS = 128  # one thread per connected site's stream, plus status and health calls
-GRACE_S = 5.0
+GRACE_S = 5.0  # in-flight calls get this long to finish at shutdown
+# grpc-python can leave a call that failed to deserialize without its final status, and then the stop never
+# completes: past this, the server goes on with its shutdown (everything worth keeping is already written).
+STOP_WAIT_S = GRACE_S + 5.0
+REAP_EVERY_S = 1.0
 
 
-def create_server(servicer: AsynDGANServicer, address: str, credentials: grpc.ServerCredentials | None
-                  ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Bind `address` (TLS with `credentials`, plain text with None); port 0 picks a free port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
-                         options=OPTIONS)
+def create_server(servicer: AsynDGANServicer, address: str, credentials: grpc.ServerCredentials | None,
+                  max_workers: int = 72) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Bind `address` (TLS with `credentials`, plain text with None); port 0 picks a free port.
+
+    max_workers: one thread per open training stream plus some for Status and health calls. Calls beyond it are
+    refused with RESOURCE_EXHAUSTED instead of queueing behind streams that may never end."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                         options=OPTIONS, maximum_concurrent_rpcs=max_workers)
     pb_grpc.add_AsynDGANServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -78,8 +84,8 @@ def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistr
         return serde.Welcome(step=trainer.step, wire_dtype=cfg.train.wire_dtype, run_id=trainer.run_id,
                              site_config=cfg.site, have_maps=have_maps)
 
-    authorizer = Authorizer(None if cfg.insecure else cfg.certs, cfg.allowed_sites)
-    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry), authorizer)
+    authorizer = Authorizer(None if cfg.insecure else cfg.certs, cfg.allowed_sites, cfg.operators)
+    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry), authorizer, cfg.limits)
     return trainer, registry, servicer
 
 
@@ -101,7 +107,8 @@ def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Train
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.run_dir / "config.json", cfg.model_dump_json(indent=2))
     trainer, registry, servicer = build(cfg, resume)
-    server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}", credentials)
+    server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}", credentials,
+                                                  cfg.limits.max_sessions + cfg.limits.status_threads)
     server.start()
     log.info("serving on %s:%d with %s (run %s, %s, %d steps; run folder %s)", cfg.host, port,
              "plain text" if credentials is None else "mutual TLS", trainer.run_id, cfg.site.model.family,
@@ -109,6 +116,9 @@ def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Train
     if port_file is not None:
         port_file.write_text(str(port))
     stop = threading.Event()
+    reaper_done = threading.Event()
+    threading.Thread(target=_reap, args=(registry, cfg.limits.upload_idle_s, reaper_done), daemon=True,
+                     name="reaper").start()
 
     def on_signal(signum, _frame):
         log.warning("received %s: stopping after the step in flight", signal.Signals(signum).name)
@@ -123,9 +133,19 @@ def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Train
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        reaper_done.set()
         health_servicer.enter_graceful_shutdown()
-        finished = trainer.state == "finished"
+        finished = trainer.state is RunState.FINISHED
         registry.shutdown_all("training finished" if finished else "server stopping", final=finished)
-        server.stop(GRACE_S).wait()
+        if not server.stop(GRACE_S).wait(STOP_WAIT_S):
+            log.warning("gRPC did not finish stopping within %g s (a call that failed to decode may never "
+                        "complete); exiting anyway", STOP_WAIT_S)
         log.info("server stopped at step %d", trainer.step)
     return trainer
+
+
+def _reap(registry: SiteRegistry, idle_s: float, done: threading.Event) -> None:
+    """End joining sessions that went silent, so that they give their threads back."""
+    while not done.wait(REAP_EVERY_S):
+        for site in registry.end_stalled_uploads(idle_s):
+            log.warning("site %s sent nothing for %g s while joining; closed its stream", site, idle_s)

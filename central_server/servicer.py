@@ -1,12 +1,15 @@
 """gRPC transport only: turns streams into SiteSession traffic and Status calls into a snapshot.
 
-Train: read Hello, ask the registry to admit the site (or abort with a status naming why), then a reader
-thread feeds the site's messages to its session while this generator streams the session's outbox back.
+Train: take one of a fixed number of stream slots (or refuse with RESOURCE_EXHAUSTED), wait a bounded time for
+Hello, ask the registry to admit the site (or abort with a status naming why), then a reader thread feeds the
+site's messages to its session while this generator streams the session's outbox back. Status answers only
+peers that Train would accept (or the consortium's operators).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from typing import Callable
 
@@ -15,6 +18,7 @@ import grpc
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+from asyndgan.common.config import LimitsConfig
 from asyndgan.common.errors import ProtocolError
 from asyndgan.central_server.identity import Authorizer
 from asyndgan.central_server.registry import JoinRefused, SiteRegistry
@@ -30,21 +34,88 @@ _REFUSAL_CODES = {
 }
 
 
+class _StreamReader:
+    """Reads one stream on its own thread: the first message (Hello) into a hand-off the servicer waits on with a
+    deadline, then every later message straight into the session, in order. Reading on a separate thread is what
+    lets a silent peer be timed out; the thread ends when the stream does (gRPC wakes a blocked read then)."""
+
+    def __init__(self, request_iterator, peer: str):
+        self._it = request_iterator
+        self._first: queue.Queue = queue.Queue(maxsize=1)
+        self._session: queue.Queue = queue.Queue(maxsize=1)
+        threading.Thread(target=self._run, daemon=True, name=f"read-{peer}").start()
+
+    def first(self, timeout: float):
+        """The first message, None if the stream ended before one, or raises queue.Empty after `timeout`."""
+        return self._first.get(timeout=timeout)
+
+    def attach(self, session: SiteSession | None) -> None:
+        """Hand the rest of the stream to `session` (None: stop reading). Call exactly once."""
+        self._session.put(session)
+
+    def _run(self) -> None:
+        try:
+            first = next(self._it)
+        except Exception:  # end of stream, a lost connection, or bytes that do not parse
+            first = None
+        self._first.put(first)
+        if first is None:
+            return
+        session = self._session.get()
+        if session is not None:
+            _read_site(self._it, session)
+
+
 class AsynDGANServicer(pb_grpc.AsynDGANServicer):
     def __init__(self, registry: SiteRegistry, welcome: Callable[[bool], serde.Welcome],
-                 status: Callable[[], pb.StatusReply], authorizer: Authorizer):
+                 status: Callable[[], pb.StatusReply], authorizer: Authorizer, limits: LimitsConfig):
         self.registry = registry
         self.authorizer = authorizer
         self.welcome = welcome
         self.status = status
+        self.limits = limits
+        # Each training stream holds a worker thread for its whole life; past this many, refuse at once so that
+        # Status, health and the sites already training keep their threads.
+        self._slots = threading.BoundedSemaphore(limits.max_sessions)
 
     def Train(self, request_iterator, context):
+        if not self._slots.acquire(blocking=False):
+            log.warning("refused a stream from %s: %d training connections already open", context.peer(),
+                        self.limits.max_sessions)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server already has its maximum of "
+                          f"{self.limits.max_sessions} training connections open; try again later")
         try:
-            first = next(request_iterator)
-        except (StopIteration, grpc.RpcError):
-            return
-        if first.WhichOneof("kind") != "hello":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a training stream must be Hello")
+            yield from self._train(request_iterator, context)
+        finally:
+            self._slots.release()
+
+    def _train(self, request_iterator, context):
+        reader = _StreamReader(request_iterator, context.peer())
+        session, have_maps = None, False
+        try:
+            try:
+                first = reader.first(timeout=self.limits.hello_timeout_s)
+            except queue.Empty:
+                log.warning("dropped a stream from %s: no Hello within %g s", context.peer(),
+                            self.limits.hello_timeout_s)
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no Hello within {self.limits.hello_timeout_s:g} s")
+            if first is None:
+                return
+            if first.WhichOneof("kind") != "hello":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message on a training stream must be Hello")
+            session, have_maps = self._join(first, context)
+        finally:
+            reader.attach(session)
+        context.add_callback(lambda: self.registry.leave(session, "connection closed"))
+        yield serde.welcome_to_proto(self.welcome(have_maps))
+        while (msg := session.outbox.get()) is not None:
+            yield msg
+        self.registry.leave(session, "stream finished")
+        if session.failure:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.failure)
+
+    def _join(self, first: pb.SiteMessage, context) -> tuple[SiteSession, bool]:
         try:
             hello = serde.hello_from_proto(first.hello)
             self.authorizer.check(hello.site_id, context.auth_context())
@@ -55,17 +126,14 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
             context.abort(_REFUSAL_CODES[exc.kind], str(exc))
         except ProtocolError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        context.add_callback(lambda: self.registry.leave(session, "connection closed"))
-        threading.Thread(target=_read_site, args=(request_iterator, session), daemon=True,
-                         name=f"read-{session.site_id}").start()
-        yield serde.welcome_to_proto(self.welcome(have_maps))
-        while (msg := session.outbox.get()) is not None:
-            yield msg
-        self.registry.leave(session, "stream finished")
-        if session.failure:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.failure)
+        return session, have_maps
 
     def Status(self, request, context):
+        try:
+            self.authorizer.check_reader(context.auth_context())
+        except JoinRefused as exc:
+            log.warning("refused a status request from %s: %s", context.peer(), exc)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         return self.status()
 
 

@@ -6,6 +6,7 @@ drains `outbox` into the stream; the training loop calls `send_batch` and `await
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import queue
@@ -21,7 +22,8 @@ from asyndgan.central_server.mask_bank import LabelMapUpload, UploadedMaps
 
 log = logging.getLogger(__name__)
 
-MAX_CONSECUTIVE_BAD = 3  # gradients failing checks in a row before a site is disconnected
+MAX_CONSECUTIVE_BAD = 3  # gradients failing checks (or not asked for) in a row before a site is disconnected
+INBOX_SIZE = 3  # the answer awaited, a stale one, the close marker
 _CLOSED = object()
 
 
@@ -63,19 +65,24 @@ class SiteSession:
         self.failure: str | None = None
         self.stats = SessionStats()
         self.outbox: queue.Queue = queue.Queue()
-        self._inbox: queue.Queue = queue.Queue()
+        # Holds at most the answer to the one batch outstanding (plus a stale one and the close marker): gradients
+        # nobody asked for are counted and dropped in handle(), so a peer cannot fill the server's memory.
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
+        self.last_activity = time.monotonic()  # last message from the site (the reaper ends stalled uploads)
         self._upload = upload
         self._on_ready = on_ready
         self._max_gradient_bytes = max_gradient_bytes
         self._consecutive_bad = 0
         self._known_samples = known_samples  # the server already holds this site's maps (a reconnect)
         self._outstanding: int | None = None  # round of the batch the site has not answered yet
+        self._awaited: int | None = None  # round the trainer still waits for (None once it gave up)
         self._lock = threading.Lock()
 
     # ---- called from the transport -------------------------------------------------------------------------
     def handle(self, msg: pb.SiteMessage) -> None:
         """Take one message from the site. Raises ProtocolError for a message that breaks the protocol."""
         self.stats.bytes_received += msg.ByteSize()
+        self.last_activity = time.monotonic()
         kind = msg.WhichOneof("kind")
         if kind == "conditions" and self.state is State.UPLOADING:
             # Decoded with a ceiling (compressed chunks), checked and streamed to the bank's folder by the upload.
@@ -95,12 +102,33 @@ class SiteSession:
             self._upload = None
             self._on_ready(self, maps, reuse)  # the bank takes the maps, then the registry marks us ready
         elif kind == "gradient" and self.state is State.READY:
-            with self._lock:
-                if msg.gradient.round == self._outstanding:
-                    self._outstanding = None  # answered (in time or late): the site may get the next batch
-            self._inbox.put(msg.gradient)
+            self._take_gradient(msg.gradient)
         else:
             raise ProtocolError(f"unexpected {kind or 'empty'} message while {self.state.value}")
+
+    def _take_gradient(self, g: pb.ImageGradient) -> None:
+        """Keep a gradient only if it answers the batch outstanding and the trainer still waits for it."""
+        with self._lock:
+            asked = self._outstanding is not None and g.round == self._outstanding
+            if asked:
+                self._outstanding = None  # answered (in time or late): the site may get the next batch
+                wanted = g.round == self._awaited
+        if not asked:
+            self._bad(f"a gradient for round {g.round}, which is not the batch outstanding")
+            return
+        if not wanted:
+            self.stats.late_replies += 1
+            log.info("site %s: dropped a late reply (step %d, round %d)", self.site_id, g.step, g.round)
+            return
+        self._deliver(g)
+
+    def _deliver(self, item) -> None:
+        try:
+            self._inbox.put_nowait(item)
+        except queue.Full:  # only stale answers can be in the way: the newest item wins
+            with contextlib.suppress(queue.Empty):
+                self._inbox.get_nowait()
+            self._inbox.put_nowait(item)
 
     def close(self, reason: str, failure: bool = False) -> None:
         """End the session: the stream finishes (with an error status if `failure`)."""
@@ -114,7 +142,7 @@ class SiteSession:
         upload = self._upload
         if upload is not None:  # left before Ready: drop the partial upload's temporary file
             upload.discard()
-        self._inbox.put(_CLOSED)
+        self._deliver(_CLOSED)
         self.outbox.put(None)
 
     def mark_ready(self) -> None:
@@ -139,7 +167,7 @@ class SiteSession:
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         with self._lock:
-            self._outstanding = batch.round
+            self._outstanding = self._awaited = batch.round
         self._push(serde.batch_to_proto(batch, self.wire_dtype))
 
     def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float) -> serde.ImageGradient | str:
@@ -149,11 +177,11 @@ class SiteSession:
             try:
                 msg = self._inbox.get(timeout=max(0.0, remaining))
             except queue.Empty:
-                self.stats.steps_missed += 1
+                self._give_up(round_)
                 return "no answer before the step deadline"
             if msg is _CLOSED:
-                self._inbox.put(_CLOSED)  # stays closed for later calls
-                self.stats.steps_missed += 1
+                self._deliver(_CLOSED)  # stays closed for later calls
+                self._give_up(round_)
                 return "disconnected"
             if msg.round != round_:
                 self.stats.late_replies += 1
@@ -171,14 +199,23 @@ class SiteSession:
             self.stats.losses = grad.losses
             return grad
 
+    def _give_up(self, round_: int) -> None:
+        with self._lock:
+            if self._awaited == round_:
+                self._awaited = None  # its answer, should it come, is late
+        self.stats.steps_missed += 1
+
     # ---- internals ----------------------------------------------------------------------------------------
     def _push(self, msg: pb.ServerMessage) -> None:
         self.stats.bytes_sent += msg.ByteSize()
         self.outbox.put(msg)
 
     def _bad(self, reason: str) -> None:
-        self.stats.bad_messages += 1
-        self._consecutive_bad += 1
+        """Count a gradient that fails the checks or was not asked for (called from the reader and the trainer)."""
+        with self._lock:
+            self.stats.bad_messages += 1
+            self._consecutive_bad += 1
+            too_many = self._consecutive_bad >= MAX_CONSECUTIVE_BAD
         log.warning("site %s sent a bad gradient (%s)", self.site_id, reason)
-        if self._consecutive_bad >= MAX_CONSECUTIVE_BAD:
+        if too_many:
             self.close(f"{MAX_CONSECUTIVE_BAD} bad gradients in a row (last: {reason})", failure=True)

@@ -13,7 +13,7 @@ def build_status(trainer: Trainer, registry: SiteRegistry) -> pb.StatusReply:
     sent, received = registry.bytes_moved()
     reply = pb.StatusReply(
         step=trainer.step, total_steps=trainer.cfg.site.schedule.steps, family=trainer.model_cfg.family,
-        state=trainer.state, bytes_sent=sent, bytes_received=received,
+        state=trainer.state.value, bytes_sent=sent, bytes_received=received,
         images_per_second=trainer.images_per_second, run_id=trainer.run_id,
     )
     now = time.monotonic()

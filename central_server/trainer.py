@@ -1,18 +1,19 @@
 """The server's training loop: the one place to read how a step happens. No gRPC here.
 
-One step (see DESIGN.md):
-    keys_j  <- plan_batches(...)                 for every ready site j (sampling.py)
-    x_j     <- label maps for keys_j, augmented  (or noise, for mlp1d)
-    fake    <- G(cat_j x_j)                      one forward for all sites
-    send fake_j (only the channels site j holds); wait for g_j until the step deadline (session.py)
-    g       <- combine(w_j * g_j)                (aggregation.py)
-    fake.backward(gradient=g); Adam step
+One step (see DESIGN.md), in named stages:
+    plan        keys_j and augmentation for every available site j      (sampling.py, the family's draw)
+    conditions  x_j <- the family's condition (label maps read once, augmented; or noise)
+    dispatch    fake <- G(cat_j x_j), one forward for all sites; send fake_j (only the channels j holds)
+    collect     wait for each g_j until the step deadline                 (session.py)
+    update      g <- combine(w_j * g_j) (aggregation.py); fake.backward(gradient=g); optimiser step
 The random generator is drawn in a fixed order (plan, then each site's augmentation in site-id order, then noise
-in the same order), so a one-process reference can replay a step exactly.
+in the same order), so a one-process reference can replay a step exactly. Each stage takes and returns plain
+values; the step's preview (label maps and fakes for the sample grid) comes back in its StepReport.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import pathlib
 import threading
@@ -24,18 +25,26 @@ import torch
 from tqdm import tqdm
 
 from asyndgan.common import serde
-from asyndgan.common.conditions import Augmentation, augment, one_hot, sample_shape
+from asyndgan.common.conditions import Augmentation, augment
 from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
+from asyndgan.common.families import get_family
 from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.central_server.aggregation import SiteGradient, combine, site_weights
-from asyndgan.central_server.generators import build_generator
 from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.central_server.monitoring import TrainingLog
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.samples import save_histogram, save_image_grid
-from asyndgan.central_server.sampling import draw_augmentation, plan_batches
+from asyndgan.central_server.sampling import plan_batches
 from asyndgan.central_server.session import SiteSession
 
 log = logging.getLogger(__name__)
+
+
+class RunState(enum.Enum):
+    WAITING = "waiting"  # fewer sites available than the quorum
+    TRAINING = "training"
+    FINISHED = "finished"  # the schedule is done
+    STOPPED = "stopped"  # stopped early (signal); a restart with --resume continues
 
 
 @dataclass
@@ -46,14 +55,18 @@ class StepReport:
     answered: list[str]
     missed: dict[str, str] = field(default_factory=dict)
     losses: dict[str, dict[str, float]] = field(default_factory=dict)
+    preview: tuple[torch.Tensor, torch.Tensor] | None = None  # (label maps uint8 [n, H, W], fakes [n, C, H, W])
 
 
 @dataclass
 class _Planned:
+    """One site's part of a step: its keys, augmentation, rows of the joint batch and (once read) label maps."""
+
     session: SiteSession
-    keys: torch.Tensor
+    keys: torch.Tensor  # int64 [b]
     aug: Augmentation
     rows: slice
+    maps: torch.Tensor | None = None  # uint8 [b, H, W], augmented; read from the bank once per step
 
 
 class Trainer:
@@ -63,75 +76,71 @@ class Trainer:
         self.bank = bank
         self.run_dir = run_dir
         self.model_cfg = cfg.site.model
+        self.family = get_family(self.model_cfg.family)
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.train.seed)
-        self.generator = build_generator(self.model_cfg).to(self.device)
+        self.generator = self.family.build_generator(self.model_cfg).to(self.device)
         self.optimizer = make_optimizer(self.generator.parameters(), cfg.g_optim)
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.round = 0
         self.run_id = uuid.uuid4().hex[:12]
-        self.state = "waiting"
+        self.state = RunState.WAITING
         self.images_per_second = 0.0
         self.last_report: StepReport | None = None
-        self._last_sample: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.monitor: TrainingLog | None = None
 
-    # ---- one step -----------------------------------------------------------------------------------------
-    def _condition(self, site: str, keys: torch.Tensor, aug: Augmentation) -> torch.Tensor:
-        if self.model_cfg.family == "image2d":
-            maps = augment(self.bank.maps(site, keys), aug)
-            return one_hot(maps, self.model_cfg.image2d.num_classes)
-        return torch.randn(len(keys), self.model_cfg.mlp1d.noise_dim, generator=self.rng)
-
-    def train_step(self, sessions: list[SiteSession]) -> StepReport | None:
-        """One generator step with these sites. None when fewer than the quorum answered (no update)."""
-        started = time.monotonic()
+    # ---- one step, stage by stage ------------------------------------------------------------------------
+    def _plan(self, sessions: list[SiteSession]) -> list[_Planned]:
         by_id = {s.site_id: s for s in sessions}
-        plan = plan_batches({s: self.bank.size(s) for s in by_id}, self.cfg.train.batch_size,
+        keys = plan_batches({s: self.bank.size(s) for s in by_id}, self.cfg.train.batch_size,
                             self.cfg.train.sampling, self.rng)
-        image2d = self.model_cfg.family == "image2d"
-        planned: list[_Planned] = []
-        start = 0
-        for site, keys in plan.items():
-            if image2d:
-                i2d = self.model_cfg.image2d
-                aug = draw_augmentation(len(keys), self.cfg.train.flip, i2d.stored_size, i2d.image_size, self.rng)
-            else:
-                aug = Augmentation.none(len(keys))
-            planned.append(_Planned(by_id[site], keys, aug, slice(start, start + len(keys))))
-            start += len(keys)
-        x = torch.cat([self._condition(p.session.site_id, p.keys, p.aug) for p in planned])
-        self.generator.train()
-        fake = self.generator(x.to(self.device))  # [B, C, ...]
+        planned, start = [], 0
+        for site, k in keys.items():
+            aug = self.family.draw_augmentation(self.model_cfg, len(k), self.cfg.train.flip, self.rng)
+            planned.append(_Planned(by_id[site], k, aug, slice(start, start + len(k))))
+            start += len(k)
+        return planned
 
+    def _conditions(self, planned: list[_Planned]) -> torch.Tensor:
+        """G's input for every planned row [B, ...]; reads each site's label maps once and keeps them on the plan
+        (a site that re-uploads meanwhile cannot change what this step uses)."""
+        parts = []
+        for p in planned:
+            if self.family.uploads_maps:
+                p.maps = augment(self.bank.maps(p.session.site_id, p.keys), p.aug)
+            parts.append(self.family.condition(self.model_cfg, p.maps, len(p.keys), self.rng))
+        return torch.cat(parts)
+
+    def _dispatch(self, planned: list[_Planned], x: torch.Tensor) -> torch.Tensor:
+        """fake = G(x) [B, C, ...] (with its graph); each site is sent its rows and channels."""
+        self.generator.train()
+        fake = self.generator(x.to(self.device))
         self.round += 1
         fake_cpu = fake.detach().cpu()
         for p in planned:
             part = fake_cpu[p.rows] if p.session.channels is None else fake_cpu[p.rows][:, p.session.channels]
             p.session.send_batch(serde.SyntheticBatch(self.step, self.round, p.keys, part, p.aug))
+        return fake
 
+    def _collect(self, planned: list[_Planned], report: StepReport) -> dict[str, SiteGradient]:
+        """Each site's checked gradient, waiting until the step deadline; the misses go into the report."""
         deadline = time.monotonic() + self.cfg.train.step_deadline_s
         results: dict[str, SiteGradient] = {}
-        report = StepReport(self.step, 0, 0.0, [])
         for p in planned:
             channels = p.session.channels
-            shape = sample_shape(self.model_cfg, len(p.keys), None if channels is None else len(channels))
+            shape = self.family.sample_shape(self.model_cfg, len(p.keys), None if channels is None else len(channels))
             answer = p.session.await_gradient(self.round, shape, deadline)
             if isinstance(answer, str):
                 report.missed[p.session.site_id] = answer
+                log.warning("step %d: site %s left out (%s)", self.step, p.session.site_id, answer)
                 continue
             results[p.session.site_id] = SiteGradient(p.rows, channels, answer.gradient, p.session.num_samples,
                                                       len(p.keys))
             report.losses[p.session.site_id] = answer.losses
-        for site, why in report.missed.items():
-            log.warning("step %d: site %s left out (%s)", self.step, site, why)
-        # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
-        quorum = min(self.cfg.train.min_sites, len(planned))
-        if len(results) < quorum:
-            log.warning("step %d: %d of %d sites answered, quorum is %d; retrying the step", self.step,
-                        len(results), len(planned), quorum)
-            return None
+        return results
 
+    def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient]) -> None:
         gradient = combine(results, site_weights(results, self.cfg.train.sampling), fake)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.g_optim.lr * linear_decay(self.step, self.cfg.site.schedule)
@@ -139,20 +148,36 @@ class Trainer:
         fake.backward(gradient=gradient)
         self.optimizer.step()
 
+    def train_step(self, sessions: list[SiteSession]) -> StepReport | None:
+        """One generator step with these sites. None when fewer than the quorum answered (no update)."""
+        started = time.monotonic()
+        planned = self._plan(sessions)
+        x = self._conditions(planned)
+        fake = self._dispatch(planned, x)
+        report = StepReport(self.step, 0, 0.0, [])
+        results = self._collect(planned, report)
+        # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
+        quorum = min(self.cfg.train.min_sites, len(planned))
+        if len(results) < quorum:
+            log.warning("step %d: %d of %d sites answered, quorum is %d; retrying the step", self.step,
+                        len(results), len(planned), quorum)
+            return None
+        self._update(fake, results)
         self.step += 1
         report.answered = sorted(results)
         report.images = sum(r.batch_size for r in results.values())
         report.seconds = time.monotonic() - started
-        if self.model_cfg.family == "image2d":
-            first = planned[0]
-            self._last_sample = (augment(self.bank.maps(first.session.site_id, first.keys), first.aug),
-                                 fake_cpu[first.rows])
+        first = planned[0]
+        if first.maps is not None:
+            report.preview = (first.maps, fake.detach().cpu()[first.rows])
         return report
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         total = self.cfg.site.schedule.steps
         min_sites = self.cfg.train.min_sites
+        if self.cfg.tensorboard and self.monitor is None:
+            self.monitor = TrainingLog(self.run_dir / "tensorboard")
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         last_wait_log = 0.0
         t0, bytes0 = time.monotonic(), sum(self.registry.bytes_moved())
@@ -160,12 +185,12 @@ class Trainer:
             while self.step < total and not stop.is_set():
                 sessions = self.registry.wait_for_ready(min_sites, timeout=0.5)
                 if len(sessions) < min_sites:
-                    self.state = "waiting"
+                    self.state = RunState.WAITING
                     if time.monotonic() - last_wait_log > 15:
                         log.info("waiting for sites: %d ready, quorum %d", len(sessions), min_sites)
                         last_wait_log = time.monotonic()
                     continue
-                self.state = "training"
+                self.state = RunState.TRAINING
                 report = self.train_step(sessions)
                 if report is None:
                     continue
@@ -178,17 +203,26 @@ class Trainer:
                                 MB_s=f"{(moved - bytes0) / max(now - t0, 1e-9) / 1e6:.2f}",
                                 sites=len(report.answered), refresh=False)
                 bar.update(1)
+                if self.monitor is not None:
+                    self.monitor.log_step(report, self.images_per_second, self._bytes_by_site())
                 if self.step % self.cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.step % self.cfg.sample_every == 0:
-                    self.save_samples()
+                    self.save_samples(report)
         finally:
             bar.close()
-        self.state = "finished" if self.step >= total else "stopped"
+        self.state = RunState.FINISHED if self.step >= total else RunState.STOPPED
         if self.step % self.cfg.checkpoint_every:
             self.save_checkpoint()
         if self.step % self.cfg.sample_every:
-            self.save_samples()
+            self.save_samples(self.last_report)
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def _bytes_by_site(self) -> dict[str, tuple[int, int]]:
+        """(sent to, received from) per connected site, for the training log."""
+        sessions = getattr(self.registry, "sessions", lambda: [])()
+        return {s.site_id: (s.stats.bytes_sent, s.stats.bytes_received) for s in sessions}
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -217,15 +251,18 @@ class Trainer:
         log.info("step %d: checkpoint %s", self.step, path)
         return path
 
-    def save_samples(self) -> pathlib.Path | None:
+    def save_samples(self, report: StepReport | None) -> pathlib.Path | None:
+        """The picture for this step: label maps | generated modalities (image2d), or a histogram (mlp1d)."""
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        if self.model_cfg.family == "image2d":
-            if self._last_sample is None:
+        if self.family.preview == "grid":
+            if report is None or report.preview is None:
                 return None
-            save_image_grid(path, *self._last_sample)
+            grid = save_image_grid(path, *report.preview, titles=["label map", *self.family.modalities(self.model_cfg)])
+            if self.monitor is not None:
+                self.monitor.log_image("samples", grid, self.step)
         else:
             with torch.no_grad():
-                z = torch.randn(20_000, self.model_cfg.mlp1d.noise_dim)
+                z = self.family.condition(self.model_cfg, None, 20_000)
                 x = self.generator(z.to(self.device)).cpu().numpy().ravel()
             save_histogram(path, x, f"generator samples, step {self.step}")
         return path

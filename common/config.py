@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from asyndgan.common.errors import ConfigError
+from asyndgan.common.identifiers import SITE_ID_PATTERN
 
 WireDType = Literal["float32", "float16", "bfloat16"]
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -51,6 +52,13 @@ class Image2DConfig(_Section):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 4")
         if self.generator == "unet" and self.image_size % (2**self.unet_depth):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2**unet_depth={2**self.unet_depth}")
+        # The PatchGAN halves the map d_layers times, then a stride-1 layer with instance norm takes 1 pixel off
+        # each side: that map must keep more than one pixel, or every site dies on its first batch.
+        if self.image_size // 2**self.d_layers < 3:
+            deepest = max((n for n in range(1, 7) if self.image_size // 2**n >= 3), default=0)
+            raise ValueError(f"d_layers {self.d_layers} is too deep for image_size {self.image_size}: the "
+                             f"discriminator's last normalised map would be under 2x2 pixels; use image_size >= "
+                             f"{3 * 2**self.d_layers} or d_layers <= {deepest}")
         return self
 
     @property
@@ -114,6 +122,18 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+class LimitsConfig(_Section):
+    """What one peer may hold on the server, so that silent or hostile peers cannot lock real sites out."""
+
+    max_sessions: int = Field(64, ge=1, le=4096, description="training streams open at once (joining or "
+                              "joined); more are refused with RESOURCE_EXHAUSTED")
+    hello_timeout_s: float = Field(20.0, gt=0, description="a new stream must send Hello within this time")
+    upload_idle_s: float = Field(120.0, gt=0, description="a joining site must send its next upload message "
+                                 "(label-map chunk or Ready) within this time")
+    status_threads: int = Field(8, ge=1, le=256, description="worker threads kept beyond max_sessions for "
+                                "Status and health calls")
+
+
 class ServerConfig(_Section):
     host: str = "0.0.0.0"
     certs: pathlib.Path = Field(pathlib.Path("certs"), description="ca.crt, server.crt, server.key, revoked.txt")
@@ -126,6 +146,10 @@ class ServerConfig(_Section):
     exit_when_done: bool = Field(True, description="stop serving once the last step is taken")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+    operators: list[str] = Field(default_factory=lambda: ["operator"], description="certificate names that "
+                                 "may read Status even when allowed_sites does not list them")
+    tensorboard: bool = Field(True, description="write TensorBoard event files to run_dir/tensorboard")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     site: SiteFacingConfig = Field(default_factory=SiteFacingConfig)
@@ -162,7 +186,7 @@ class DataPrepConfig(_Section):
 
 
 class SiteConfig(_Section):
-    site_id: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    site_id: str = Field(..., min_length=1, max_length=64, pattern=SITE_ID_PATTERN)
     server: str = Field("localhost:50051", pattern=r"^[^\s:]+(:\d+)$|^\[[0-9a-fA-F:]+\]:\d+$")
     certs: pathlib.Path | None = Field(None, description="the site's kit: ca.crt, site.crt, site.key "
                                        "(default certs/sites/<site_id>)")

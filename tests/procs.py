@@ -72,6 +72,23 @@ class Server:
             self.proc.wait()
 
 
+def wait_port_free(port: int, timeout: float = 30) -> None:
+    """Wait until `port` can be bound again on loopback (a killed server's socket may linger briefly)."""
+    import socket
+
+    end = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > end:
+                    raise AssertionError(f"port {port} still in use after {timeout} s") from None
+        time.sleep(0.05)
+
+
 def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path, extra: list[str] = (),
                certs: pathlib.Path | None = None):
     state = log.parent / "state"

@@ -14,7 +14,7 @@ import pytest
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from asyndgan.common import pki
 from asyndgan.demo_data.toy import write_toy_sites
-from procs import ENV, TINY_IMAGE2D, Server, start_site
+from procs import ENV, TINY_IMAGE2D, Server, start_site, wait_port_free
 from procs import site_status as _site
 from procs import status as _status
 from procs import wait_status as _wait
@@ -46,17 +46,17 @@ def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secur
     sites = [start_site(f, server.address, f"s{i}", tmp_path / f"s{i}.log", certs=kit(f"s{i}"))
              for i, f in enumerate(folders)]
     try:
-        _wait(lambda s: s.step >= 35, server.address, "35 steps", kit=kit("operator"))
+        run_id = _wait(lambda s: s.step >= 35, server.address, "35 steps", kit=kit("operator")).run_id
         server.proc.kill()  # kill -9: no checkpoint, no goodbye
         server.wait()
         before = load_latest(tmp_path / "run" / "checkpoints")[1]["step"]
         assert before >= 30
-        time.sleep(1.0)
+        wait_port_free(port)
         server = Server(tmp_path / "run", over, extra=["--resume"], port=port, certs=certs)
         s = _wait(lambda s: s.step > before + 5 and len(s.sites) == 2, server.address, "training after resume",
                   kit=kit("operator"))
         assert status() is not None
-        assert s.run_id  # same run continues
+        assert len(run_id) == 12 and s.run_id == run_id  # the same run continues
         assert server.wait(120) == 0, server.output()
         assert [p.wait(60) for p in sites] == [0, 0]
     finally:
@@ -125,7 +125,7 @@ def test_a_site_killed_mid_step_is_dropped_and_rejoins_with_its_state(tmp_path):
             p.kill()
     log = (tmp_path / "b2.log").read_text()
     assert "restored discriminator state" in log  # a new process: it uploads its maps again, keeps its D
-    assert "step" in server.output() and "site b left out (disconnected)" in server.output()
+    assert "site b left out (disconnected)" in server.output()
 
 
 @pytest.mark.parametrize("mode", ["nan", "shape", "dtype", "huge", "oversized", "order"])

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from google.protobuf.message import DecodeError
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from asyndgan.central_server.mask_bank import LabelMapUpload
 from asyndgan.central_server.session import SiteSession, State
 from asyndgan.common import serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
+from asyndgan.common.conditions import Augmentation
 from asyndgan.common.errors import ProtocolError
 
 
@@ -66,15 +67,25 @@ def test_random_bytes_never_get_past_parsing_as_anything_but_protocol_errors(blo
         pass
 
 
+VALID = pb.Tensor(dtype="float32", shape=[1, 1, 2, 2], data=b"\0" * 16)
+
+
 @settings(max_examples=200, deadline=None)
 @given(tensors, st.integers(0, 3))
+@example(VALID, 1)  # hypothesis alone almost never builds a well-formed gradient: make sure that branch runs
 def test_fuzzed_gradients_are_checked_against_what_was_sent(tensor, round_):
     session = _session()
     session.state = State.READY
+    session.send_batch(serde.SyntheticBatch(0, 1, torch.tensor([0]), torch.zeros(1, 1, 2, 2), Augmentation.none(1)))
     session.handle(pb.SiteMessage(gradient=pb.ImageGradient(step=0, round=round_, gradient=tensor)))
-    answer = session.await_gradient(round_, (1, 1, 2, 2), deadline=0)
+    answer = session.await_gradient(1, (1, 1, 2, 2), deadline=0)
+    if tensor == VALID and round_ == 1:
+        assert isinstance(answer, serde.ImageGradient) and bool((answer.gradient == 0).all())
     if isinstance(answer, serde.ImageGradient):
         assert answer.gradient.shape == (1, 1, 2, 2) and bool(torch.isfinite(answer.gradient).all())
+        assert round_ == 1  # only the answer to the batch outstanding is ever taken
+    else:
+        assert session.stats.bad_messages + session.stats.steps_missed >= 1
 
 
 def test_a_valid_upload_makes_the_session_ready():

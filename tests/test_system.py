@@ -105,12 +105,19 @@ def test_no_message_a_site_sends_contains_its_image_bytes(tmp_path):
     sent: list[bytes] = []
     agent = SiteAgent(SiteConfig(site_id="private", server=server.address, data=folder, insecure=True,
                                  state_dir=tmp_path / "state"))
-    original = agent._send
-    agent._send = lambda msg: (sent.append(msg.SerializeToString()), original(msg))[1]
+    original = agent._requests
+
+    def spy(outbox):  # every message as it goes on the wire (the upload is made lazily, as the stream pulls)
+        for msg in original(outbox):
+            sent.append(msg.SerializeToString())
+            yield msg
+
+    agent._requests = spy
     try:
         thread = threading.Thread(target=agent.run, daemon=True)
         thread.start()
         thread.join(90)
+        assert not thread.is_alive(), "the site agent did not finish"
         assert server.wait(30) == 0, server.output()
     finally:
         server.kill()
