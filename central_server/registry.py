@@ -12,6 +12,7 @@ import time
 
 from asyndgan.common import serde
 from asyndgan.common.config import ServerConfig
+from asyndgan.common.families import get_family
 from asyndgan.common.grpc_options import MAX_MESSAGE_BYTES
 from asyndgan.common.identifiers import site_id_problem
 from asyndgan.central_server.mask_bank import MaskBank, UploadedMaps
@@ -52,16 +53,14 @@ class SiteRegistry:
         if hello.family != model.family:
             raise JoinRefused("incompatible", f"site {hello.site_id} holds {hello.family} data but this server "
                                               f"trains {model.family}")
-        channels = None
-        size = num_classes = None
-        if model.family == "image2d":
-            mods = model.image2d.modalities
-            unknown = [m for m in hello.modalities if m not in mods]
-            if unknown or not hello.modalities or len(set(hello.modalities)) != len(hello.modalities):
-                raise JoinRefused("incompatible", f"site {hello.site_id} holds modalities {hello.modalities}; "
-                                                  f"the server generates {mods}")
-            channels = [i for i, m in enumerate(mods) if m in hello.modalities]
-            size, num_classes = model.image2d.stored_size, model.image2d.num_classes
+        family = get_family(model.family)
+        mods = family.modalities(model)
+        if mods and (not hello.modalities or len(set(hello.modalities)) != len(hello.modalities)
+                     or any(m not in mods for m in hello.modalities)):
+            raise JoinRefused("incompatible", f"site {hello.site_id} holds modalities {hello.modalities}; "
+                                              f"the server generates {mods}")
+        channels = family.channels_for(model, hello.modalities) if mods else None
+        size, num_classes = family.stored_size(model), family.num_classes(model)
         upload = self.bank.upload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)  # streams into the bank folder
         have = self.bank.has(hello.site_id, hello.maps_digest)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
