@@ -109,6 +109,8 @@ def demo(out, data, steps, sites, device, log_level):
                f"{summary['seconds']} s")
     click.echo(f"  latest sample grid: {summary['latest_samples']}")
     click.echo(f"  all sample grids:   {summary['samples_folder']}")
+    click.echo(f"  training curves:    .venv/bin/tensorboard --logdir {summary['tensorboard']}  (then open "
+               "http://localhost:6006)")
     click.echo(f"  checkpoint:         {summary['checkpoint']}")
     click.echo(f"  logs:               {summary['server_log']}, {', '.join(summary['site_logs'])}")
     click.echo(f"  summary:            {out / 'summary.json'}")

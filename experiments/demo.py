@@ -84,8 +84,8 @@ def run(cfg: DemoConfig) -> dict:
     cluster = Cluster(server_cfg)
     try:  # whatever goes wrong here (a child failing, Ctrl-C), no process is left behind
         address = cluster.start_server()
-        log.info("server at %s; starting %d site processes; follow progress in %s", address, len(folders),
-                 cfg.out / "server.out")
+        log.info("server at %s; starting %d site processes; follow progress in %s, or live curves with "
+                 "`tensorboard --logdir %s`", address, len(folders), cfg.out / "server.out", cfg.out / "tensorboard")
         for i, folder in enumerate(folders):
             cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.data / '.cache'}",
                                                                 "--device", device])
@@ -103,6 +103,7 @@ def run(cfg: DemoConfig) -> dict:
         "checkpoint": str(latest[0]) if latest else None,
         "latest_samples": str(samples[-1]) if samples else None,
         "samples_folder": str(cfg.out / "samples"),
+        "tensorboard": str(cfg.out / "tensorboard"),
         "server_log": str(cfg.out / "server.log"),
         "site_logs": [str(cfg.out / f"site{i + 1}.out") for i in range(len(folders))],
     }
