@@ -51,8 +51,8 @@ class SiteRegistry:
         if problem:  # ids end up in file names, logs and status output: one rule everywhere
             raise JoinRefused("invalid", problem)
         if hello.family != model.family:
-            raise JoinRefused("incompatible", f"site {hello.site_id} holds {hello.family} data but this server "
-                                              f"trains {model.family}")
+            raise JoinRefused("incompatible", f"site {hello.site_id} holds {hello.family[:32]!r} data but this "
+                                              f"server trains {model.family!r}")
         family = get_family(model.family)
         mods = family.modalities(model)
         if mods and (not hello.modalities or len(set(hello.modalities)) != len(hello.modalities)

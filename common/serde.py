@@ -310,6 +310,7 @@ def gradient_from_proto(
     grad = tensor_codec.decode(m.gradient, dtype=wire_dtype, shape=shape, max_bytes=max_bytes, finite=True)
     if len(m.losses) > MAX_LOSSES:
         raise ProtocolError(f"gradient carries {len(m.losses)} losses (at most {MAX_LOSSES})")
-    losses = {str(k)[:64]: float(v) for k, v in m.losses.items()}
+    # Loss names reach logs, status output and TensorBoard tags: printable characters only.
+    losses = {"".join(c for c in str(k)[:64] if c.isprintable()): float(v) for k, v in m.losses.items()}
     return ImageGradient(step=int(m.step), round=int(m.round), gradient=grad.float(), losses=losses,
                          num_samples=int(m.num_samples))

@@ -76,6 +76,11 @@ def test_sites_join_while_training_and_a_killed_site_is_dropped(tmp_path):
     checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
     samples = sorted((tmp_path / "run" / "samples").glob("step_*.png"))
     assert checkpoints and samples
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"loss/d/a", "loss/d/b", "speed/images_per_second", "bytes_from_site/b"} <= set(curves.Tags()["scalars"])
+    assert curves.Tags()["images"] == ["samples"]
 
 
 def _windows(arr: np.ndarray, n: int) -> set[bytes]:
