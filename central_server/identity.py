@@ -42,6 +42,13 @@ class Authorizer:
         if self.allowed is not None and name not in self.allowed and name not in self.operators:
             raise JoinRefused("forbidden", f"{name!r} is neither an allowed site nor an operator")
 
+    def peer_name(self, auth_context: dict) -> str | None:
+        """The name on the peer's certificate (None without TLS or certificate); no other check."""
+        if not self.secure:
+            return None
+        cert = tls.peer_certificate(auth_context)
+        return None if cert is None else tls.common_name(cert)
+
     def _valid_name(self, auth_context: dict) -> str:
         """The peer certificate's name, after the checks every caller needs (present, not revoked)."""
         cert = tls.peer_certificate(auth_context)

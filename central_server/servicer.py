@@ -8,6 +8,7 @@ peers that Train would accept (or the consortium's operators).
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -25,6 +26,10 @@ from asyndgan.central_server.registry import JoinRefused, SiteRegistry
 from asyndgan.central_server.session import SiteSession
 
 log = logging.getLogger(__name__)
+
+# A site's new stream may overlap the stale one it lost for a moment; more at once from one certificate is not a
+# reconnect.
+MAX_STREAMS_PER_IDENTITY = 2
 
 _REFUSAL_CODES = {
     "duplicate": grpc.StatusCode.ALREADY_EXISTS,
@@ -77,6 +82,9 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
         # Each training stream holds a worker thread for its whole life; past this many, refuse at once so that
         # Status, health and the sites already training keep their threads.
         self._slots = threading.BoundedSemaphore(limits.max_sessions)
+        # Under TLS every stream is tied to a certificate from its first byte: one identity may not take many slots.
+        self._per_identity: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
 
     def Train(self, request_iterator, context):
         if not self._slots.acquire(blocking=False):
@@ -84,9 +92,22 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
                         self.limits.max_sessions)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server already has its maximum of "
                           f"{self.limits.max_sessions} training connections open; try again later")
+        identity = self.authorizer.peer_name(context.auth_context())
         try:
+            if identity is not None:
+                with self._lock:
+                    held = self._per_identity[identity]
+                    if held < MAX_STREAMS_PER_IDENTITY:
+                        self._per_identity[identity] += 1
+                if held >= MAX_STREAMS_PER_IDENTITY:
+                    identity = None  # nothing taken, nothing to give back
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this certificate already holds "
+                                  f"{MAX_STREAMS_PER_IDENTITY} training connections")
             yield from self._train(request_iterator, context)
         finally:
+            if identity is not None:
+                with self._lock:
+                    self._per_identity[identity] -= 1
             self._slots.release()
 
     def _train(self, request_iterator, context):

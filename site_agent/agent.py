@@ -65,7 +65,12 @@ def label_map_chunks(maps: torch.Tensor, chunk_bytes: int, encoding: str = "zlib
 
 
 class _Retry(Exception):
-    """The connection was lost (or could not be made) in a way that reconnecting may fix."""
+    """The connection was lost (or could not be made) in a way that reconnecting may fix. busy: the server is
+    up but has no room for another connection right now (worth waiting for even before the first join)."""
+
+    def __init__(self, message: str, busy: bool = False):
+        super().__init__(message)
+        self.busy = busy
 
 
 # Status codes after which a reconnect may succeed; the others (refusals, protocol errors) are final.
@@ -133,10 +138,10 @@ class SiteAgent:
                     self._connect_once(summary)
                     return self.stats
                 except _Retry as exc:
-                    if not self._joined_once:
+                    if not self._joined_once and not exc.busy:
                         raise AsynDGANError(str(exc)) from None
                     now = time.monotonic()
-                    if self._joined_recently:
+                    if give_up_at is None or self._joined_recently:
                         attempt, give_up_at, self._joined_recently = 0, now + self.cfg.reconnect_for_s, False
                     if now >= give_up_at:
                         raise AsynDGANError(f"{exc}; gave up reconnecting after "
@@ -171,6 +176,8 @@ class SiteAgent:
                     finished = self._handle(msg) or finished
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "training connections" in (exc.details() or ""):
+                    raise _Retry(f"the server at {self.cfg.server} is full: {exc.details()}", busy=True) from None
                 if code in _RETRYABLE:
                     raise _Retry(f"lost the connection to the server at {self.cfg.server}: {exc.details()}") from None
                 if code == grpc.StatusCode.ALREADY_EXISTS and self._joined_once:

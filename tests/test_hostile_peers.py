@@ -133,7 +133,8 @@ def test_silent_peers_are_refused_or_timed_out_and_real_sites_still_train(tmp_pa
     data = write_toy_sites(tmp_path / "d", sites=1, per_site=[4], size=16)[0]
     limits = {"limits.max_sessions": 3, "limits.status_threads": 2, "limits.hello_timeout_s": 2,
               "limits.upload_idle_s": 2}
-    server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 3, **limits})
+    # enough steps that the run outlives every silent peer's deadline
+    server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 60, "checkpoint_every": 20, **limits})
     results: queue.Queue = queue.Queue()
     release = threading.Event()
 
@@ -152,6 +153,8 @@ def test_silent_peers_are_refused_or_timed_out_and_real_sites_still_train(tmp_pa
             t.start()
             time.sleep(0.05)
         assert status(server.address) is not None  # Status keeps its threads while streams are held
+        # A real site arriving now finds the server full: it is told so, waits, and joins once the peers are cut.
+        site = start_site(data, server.address, "real", tmp_path / "real.log")
         for t in threads:
             t.join(20)
         assert not any(t.is_alive() for t in threads), "a silent peer was never cut off"
@@ -165,14 +168,13 @@ def test_silent_peers_are_refused_or_timed_out_and_real_sites_still_train(tmp_pa
                 assert code in ("DEADLINE_EXCEEDED", "INVALID_ARGUMENT"), (code, details)
                 assert "no Hello within 2 s" in details or "no upload message for 2 s" in details
                 assert seconds < 10
-        release.set()
-        site = start_site(data, server.address, "real", tmp_path / "real.log")
         assert server.wait(90) == 0, server.output()
         assert site.wait(30) == 0
     finally:
         release.set()
         server.kill()
-    assert "step 3: checkpoint" in server.output()
+    assert "step 60: checkpoint" in server.output()
+    assert "is full" in (tmp_path / "real.log").read_text()
 
 
 # ---- 5: status for revoked and foreign certificates ----------------------------------------------------------
@@ -198,6 +200,21 @@ def test_status_refuses_revoked_and_not_allowed_certificates(tmp_path):
                     certs=certs)
     try:
         assert _status_with(server.address, certs / "sites" / "a") == "OK"
+        # one certificate cannot take more than two training slots (a reconnect may overlap its stale stream)
+        creds = grpc.ssl_channel_credentials(*[(certs / "sites" / "a" / n).read_bytes()
+                                               for n in ("ca.crt", "site.key", "site.crt")])
+        release = threading.Event()
+        with grpc.secure_channel(server.address, creds) as ch:
+            stub = pb_grpc.AsynDGANStub(ch)
+            held = [stub.Train(iter(release.wait, True), timeout=30) for _ in range(2)]
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as third:
+                next(stub.Train(iter(release.wait, True), timeout=30))
+            release.set()
+            for call in held:
+                call.cancel()
+        assert third.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this certificate already holds 2" in third.value.details()
         assert _status_with(server.address, certs / "sites" / "operator") == "OK"  # the operator kit
         r = run_cli(["asyndgan.central_server.cli", "status", "--server", server.address, "--certs",
                      str(certs / "sites" / "operator")])

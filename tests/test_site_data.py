@@ -159,7 +159,7 @@ def test_image_folders(tmp_path, layout):
     _write_png_folder(root, 3, layout)
     summary = describe_dataset(root)
     assert (summary.layout, summary.family, summary.modalities) == ("images", "image2d", ["r", "g", "b"])
-    cfg = SiteFacingConfig.model_validate({"model": {"image2d": {"image_size": 16, "modalities": ["r", "g", "b"],
+    cfg = SiteFacingConfig.model_validate({"model": {"image2d": {"image_size": 16, "d_layers": 2, "modalities": ["r", "g", "b"],
                                                                  "num_classes": 2}}})
     ds = open_dataset(root, cfg, DataPrepConfig(cache_dir=tmp_path / "cache"))
     assert len(ds) == 3
