@@ -45,8 +45,7 @@ def test_a_site_killed_mid_run_ends_follow_naming_it_and_its_log(tmp_path):
                 errors.append(exc)
 
         watcher = threading.Thread(target=follow, daemon=True)
-        watcher.start()
-        time.sleep(1.0)
+        watcher.start()  # whether follow() is already polling or starts after the kill, it must notice
         killed_at = time.monotonic()
         os.kill(dict(cluster.procs)["site2"].pid, signal.SIGKILL)
         watcher.join(timeout=20)
