@@ -61,7 +61,8 @@ class SiteRegistry:
                                               f"the server generates {mods}")
         channels = family.channels_for(model, hello.modalities) if mods else None
         size, num_classes = family.stored_size(model), family.num_classes(model)
-        upload = self.bank.upload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES)  # streams into the bank folder
+        upload = self.bank.upload(size, num_classes, max_chunk_bytes=MAX_MESSAGE_BYTES,
+                                  max_samples=self.cfg.limits.max_label_maps)  # streams into the bank folder
         have = self.bank.has(hello.site_id, hello.maps_digest)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
                               max_gradient_bytes=MAX_MESSAGE_BYTES,

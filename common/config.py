@@ -130,6 +130,8 @@ class LimitsConfig(_Section):
     hello_timeout_s: float = Field(20.0, gt=0, description="a new stream must send Hello within this time")
     upload_idle_s: float = Field(120.0, gt=0, description="a joining site must send its next upload message "
                                  "(label-map chunk or Ready) within this time")
+    max_label_maps: int = Field(1_000_000, ge=1, le=5_000_000, description="label maps one site may upload "
+                                "(BraTS 2021 has about 100k tumour slices; each 256 px map is 64 KiB on disk)")
     status_threads: int = Field(8, ge=1, le=256, description="worker threads kept beyond max_sessions for "
                                 "Status and health calls")
 

@@ -275,3 +275,17 @@ def test_a_site_replacing_its_maps_mid_step_cannot_crash_the_step(tmp_path):
     maps, fake = report.preview
     assert maps.shape == (4, 16, 16) and fake.shape == (4, 4, 16, 16)
     assert trainer.save_samples(report).is_file()
+
+
+def test_a_site_cannot_upload_more_label_maps_than_the_server_allows(tmp_path):
+    from asyndgan.central_server.registry import SiteRegistry
+    from asyndgan.common.config import ServerConfig, load_config
+
+    cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "limits.max_label_maps": 2, "run_dir": str(tmp_path)})
+    registry = SiteRegistry(cfg, MaskBank(tmp_path / "bank"))
+    session, _ = registry.join(serde.Hello("a", "image2d", ["t1"]))
+    maps = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    chunk = pb.SiteMessage(conditions=pb.ConditionChunk(index=0, first_key=0, maps=tensor_codec.encode(maps)))
+    with pytest.raises(ProtocolError, match="more than 2 label maps"):
+        session.handle(chunk)
+    assert not [p for p in (tmp_path / "bank").glob("*") if p.is_file()]  # nothing of it kept on disk
