@@ -22,7 +22,6 @@ import json
 import logging
 import pathlib
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import time
 
 import click
 import numpy as np
+
+from counting_proxy import CountingProxy  # benchmarks/counting_proxy.py, beside this script
 
 log = logging.getLogger("label_map_upload")
 NUM_CLASSES = 5  # BraTS: background, brain outline, and three tumour labels
@@ -87,41 +88,6 @@ class MemorySampler:
         self.peak_anon_kib = max(self.peak_anon_kib, _status_kib("RssAnon"))
         return {"peak_anon_mb": self.peak_anon_kib / 1024, "vm_hwm_mb": _status_kib("VmHWM") / 1024,
                 "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-
-
-# ---- loopback proxy that counts bytes --------------------------------------------------------------------------
-class CountingProxy:
-    """TCP proxy on a free localhost port: what crosses the socket from site to server (HTTP/2 and all)."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.up = self.down = 0
-        self._lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self.sock.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, "up"), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, "down"), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
-        try:
-            while data := src.recv(1 << 20):
-                dst.sendall(data)
-                with self._lock:
-                    setattr(self, direction, getattr(self, direction) + len(data))
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 # ---- the two roles (run as child processes) ------------------------------------------------------------------
@@ -209,7 +175,7 @@ def measure(maps_file: pathlib.Path, workdir: pathlib.Path, chunk_mb: float, tim
             if server.poll() is not None:
                 raise click.ClickException("the server process exited before listening")
             time.sleep(0.05)
-        proxy = CountingProxy(int(port_file.read_text()))
+        proxy = CountingProxy(("127.0.0.1", int(port_file.read_text())))
         site = _child(["site", "--server", f"127.0.0.1:{proxy.port}", "--maps-file", str(maps_file),
                        "--workdir", str(run_dir), "--chunk-mb", str(chunk_mb), "--result", str(site_out)])
         if site.wait(timeout_s) != 0 or server.wait(60) != 0:

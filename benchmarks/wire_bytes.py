@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
-import socket
 import tempfile
-import threading
 import time
 
 
@@ -24,47 +22,9 @@ from asyndgan.common.config import load_config, ServerConfig
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.experiments.runner import Cluster
 from asyndgan.demo_data.toy import write_toy_sites
+from counting_proxy import CountingProxy  # benchmarks/counting_proxy.py, beside this script
 
 log = logging.getLogger("wire_bytes")
-
-
-class CountingProxy:
-    """TCP proxy on a free localhost port; counts bytes in each direction."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.up = 0  # site -> server
-        self.down = 0  # server -> site
-        self._lock = threading.Lock()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            client, _ = self.sock.accept()
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, "up"), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, "down"), daemon=True).start()
-
-    def _pipe(self, src, dst, direction):
-        try:
-            while data := src.recv(1 << 20):
-                dst.sendall(data)
-                with self._lock:
-                    setattr(self, direction, getattr(self, direction) + len(data))
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return self.up, self.down
 
 
 def status(cluster: Cluster) -> pb.StatusReply:
