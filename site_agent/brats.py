@@ -187,14 +187,32 @@ def prepare_case(case: Case, modalities: list[str], prep: DataPrepConfig, size: 
         vols.append(v)
     if len(idx) == 0:
         return np.zeros((0, len(modalities), size, size), np.float16), np.zeros((0, size, size), np.uint8)
-    brain = np.any(np.stack([v[..., idx] > 0 for v in vols]), axis=0)  # [X, Y, k]
     normed = np.stack([normalise(v, *prep.clip_percentiles)[..., idx] for v in vols])  # [C, X, Y, k]
     # Axial slice k as an image: rows run along Y (front to back), columns along X.
     images = torch.from_numpy(np.ascontiguousarray(normed.transpose(3, 0, 2, 1)))  # [k, C, Y, X]
     images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     images = images.clamp_(-1, 1).numpy().astype(np.float16)
-    maps = label_maps(seg[..., idx].transpose(2, 1, 0), brain.transpose(2, 1, 0), size)
-    return images, maps
+    return images, slice_label_maps(seg, vols, idx, size)
+
+
+def slice_label_maps(seg: np.ndarray, volumes: list[np.ndarray], idx: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [k, size, size]: the generator's label maps for axial slices `idx` of a case, seg [X, Y, Z] in our
+    labels, the brain being wherever any of `volumes` (the case's images) is above 0. The one recipe for the
+    site's upload and for `asyndgan generate`, so that a generator is fed maps made the way it was trained on."""
+    brain = np.any(np.stack([v[..., idx] > 0 for v in volumes]), axis=0)  # [X, Y, k]
+    # Axial slice k as an image: rows run along Y (front to back), columns along X.
+    return label_maps(seg[..., idx].transpose(2, 1, 0), brain.transpose(2, 1, 0), size)
+
+
+def case_image_files(case: Case) -> dict[str, pathlib.Path]:
+    """The BraTS images (our modality names) the case's folder holds, whichever of the four are there."""
+    folder = case.files["seg"].parent
+    found = {}
+    for m in BRATS_MODALITIES:
+        path = _find_file(folder, f"{case.name}{case.scheme.sep}{case.scheme.files[m]}")
+        if path is not None:
+            found[m] = path
+    return found
 
 
 def _bad(prep: DataPrepConfig, message: str) -> None:

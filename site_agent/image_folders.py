@@ -61,20 +61,32 @@ def load_pair(image: pathlib.Path, mask: pathlib.Path, size: int, channels: int,
     scale = 65535.0 if img.mode.startswith("I") and arr.max() > 255 else 255.0
     arr = arr / scale * 2 - 1
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    m = np.asarray(_open(mask))
-    if m.ndim == 3:
-        m = m[..., 0]
+    m = read_mask(mask)
     if m.shape != arr.shape[1:]:
         raise DataError(f"{mask} is {m.shape[1]}x{m.shape[0]} but {image} is {arr.shape[2]}x{arr.shape[1]}")
-    if set(np.unique(m).tolist()) <= {0, 255}:
-        m = (m > 0).astype(np.uint8)
     if int(m.max()) >= num_classes:
         raise DataError(f"{mask} has label {int(m.max())}; the server expects 0..{num_classes - 1}")
     t = F.interpolate(torch.from_numpy(np.ascontiguousarray(arr))[None], size=(size, size), mode="bilinear",
                       antialias=True, align_corners=False)[0].clamp(-1, 1)
+    return t.numpy().astype(np.float16), resize_mask(m, size)
+
+
+def read_mask(path: pathlib.Path) -> np.ndarray:
+    """A mask file's class labels [H, W] (a colour mask's first channel; a 0/255 mask becomes 0/1). Shared with
+    `asyndgan generate`, which must read masks the way the sites did."""
+    m = np.asarray(_open(path))
+    if m.ndim == 3:
+        m = m[..., 0]
+    if set(np.unique(m).tolist()) <= {0, 255}:
+        m = (m > 0).astype(np.uint8)
+    return m
+
+
+def resize_mask(m: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [size, size]: a label map resized without inventing labels (nearest-exact)."""
     mt = F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=(size, size),
                        mode="nearest-exact")[0, 0]
-    return t.numpy().astype(np.float16), mt.numpy().astype(np.uint8)
+    return mt.numpy().astype(np.uint8)
 
 
 def prepare(root: pathlib.Path, prep: DataPrepConfig, size: int, num_classes: int) -> cache.Prepared:
