@@ -94,5 +94,23 @@ def status(server, timeout, as_json, certs, insecure):
         click.echo(format_status(reply))
 
 
+@main.command()
+@click.option("--run-dir", type=click.Path(path_type=pathlib.Path), required=True,
+              help="The run folder: its newest usable checkpoint is exported.")
+@click.option("--checkpoint", type=click.Path(path_type=pathlib.Path),
+              help="Export this checkpoint instead of the newest one.")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="FILE.safetensors to write.")
+@log_level_option
+@friendly_errors
+def export(run_dir, checkpoint, out, log_level):
+    """Write the generator's weights and model settings (no optimiser, no label maps) as safetensors: what a
+    consortium publishes. `asyndgan generate --generator FILE` reads it."""
+    from asyndgan.synthesis.generator_file import export_generator
+
+    setup_logging(log_level)
+    loaded = export_generator(checkpoint or run_dir, out)
+    click.echo(f"exported the generator of run {loaded.run_id} at step {loaded.step} ({loaded.source}) to {out}")
+
+
 if __name__ == "__main__":
     main()

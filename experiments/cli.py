@@ -116,6 +116,55 @@ def demo(out, data, steps, sites, device, log_level):
     click.echo(f"  summary:            {out / 'summary.json'}")
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=pathlib.Path),
+              help="A server checkpoint (step_NNNNNNNN.pt), or a run folder: its newest checkpoint.")
+@click.option("--generator", "generator_file", type=click.Path(path_type=pathlib.Path),
+              help="A published generator (.safetensors from `asyndgan-server export`).")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Folder to write (new or empty; the same command again resumes an interrupted run).")
+@click.option("--label-maps", type=click.Path(path_type=pathlib.Path),
+              help="A BraTS tree (case folders with _seg/-seg and at least one image) or 2-D mask files "
+                   "[the run's own bank, with --checkpoint].")
+@click.option("--count", type=click.IntRange(1), help="Cases (BraTS) or images (2-D) to write [all].")
+@click.option("--format", "fmt", type=click.Choice(["nifti", "png", "arrays"]),
+              help="nifti: BraTS cases; png: image/mask files (1 or 3 channels); arrays: images.npy + labels.npy "
+                   "[nifti from a BraTS tree, else png when it fits, else arrays].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="Slices through the generator at once.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Draws from the bank.")
+@log_level_option
+@friendly_errors
+def generate(checkpoint, generator_file, out, label_maps, count, fmt, device, batch_size, seed, log_level):
+    """Synthesise a labelled data set from a trained generator and label maps.
+
+    From a BraTS tree, every case is written whole in BraTS layout: every axial slice generated (tumour-free
+    ones too), at the volume's in-plane size, with the source's affine and header and its seg copied. The label
+    maps are made as the sites made them: tumour labels plus the brain outline, the brain being wherever any of
+    the case's images is above 0; so a case needs at least one image beside its seg (a seg-only case is
+    refused: its brain's extent is unknown). The images are 0 outside that brain. Every output has a
+    provenance JSON (run id, step, configuration digest, "synthetic": true).
+    """
+    from pydantic import ValidationError
+
+    from asyndgan.common.config import describe_validation_error
+    from asyndgan.common.errors import ConfigError
+    from asyndgan.synthesis.generate import GenerateConfig, run
+
+    setup_logging(log_level)
+    try:
+        cfg = GenerateConfig(checkpoint=checkpoint, generator=generator_file, out=out, label_maps=label_maps,
+                             count=count, format=fmt, device=device, batch_size=batch_size, seed=seed)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc).removeprefix("config: Value error, ")) from None
+    summary = run(cfg)
+    unit = "cases" if summary["format"] == "nifti" else "images"
+    kept = f" ({summary['kept']} already there)" if summary["kept"] else ""
+    click.echo(f"wrote {summary['written']} synthetic {unit}{kept} to {summary['out']} ({summary['format']}) in "
+               f"{summary['seconds']} s")
+
+
 main.add_command(certs)
 
 
