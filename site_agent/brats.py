@@ -140,6 +140,16 @@ def read_seg(case: Case) -> np.ndarray:
     return out
 
 
+def read_image(case: Case, modality: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One modality of the case (float32, raw intensities), checked to have the seg's `shape` and finite values."""
+    v = _load(case.files[modality])
+    if v.shape != shape:
+        raise DataError(f"{case.files[modality]} has shape {v.shape} but {case.files['seg'].name} has {shape}")
+    if not np.isfinite(v).all():
+        raise DataError(f"{case.files[modality]} contains NaN or infinite values")
+    return v
+
+
 def tumour_slices(seg: np.ndarray, min_pixels: int) -> np.ndarray:
     """Axial (last-axis) indices with at least min_pixels tumour voxels (and at least one)."""
     counts = (seg > 0).sum(axis=(0, 1))
@@ -179,12 +189,7 @@ def prepare_case(case: Case, modalities: list[str], prep: DataPrepConfig, size: 
     idx = tumour_slices(seg, prep.min_tumour_pixels)
     vols = []
     for m in modalities:
-        v = _load(case.files[m])
-        if v.shape != seg.shape:
-            raise DataError(f"{case.files[m]} has shape {v.shape} but {case.files['seg'].name} has {seg.shape}")
-        if not np.isfinite(v).all():
-            raise DataError(f"{case.files[m]} contains NaN or infinite values")
-        vols.append(v)
+        vols.append(read_image(case, m, seg.shape))
     if len(idx) == 0:
         return np.zeros((0, len(modalities), size, size), np.float16), np.zeros((0, size, size), np.uint8)
     normed = np.stack([normalise(v, *prep.clip_percentiles)[..., idx] for v in vols])  # [C, X, Y, k]

@@ -1,0 +1,187 @@
+"""BraTS volumes as segmentation data: whole cases read with the site's own reader, training slices, test cases.
+
+Reading reuses site_agent/brats.py (case discovery, 2018 vs 2023 names and labels, label checks, percentile
+normalisation), so a synthetic tree written by `asyndgan generate` and a real one are read the same way. What
+differs from the site's prepared cache: the site keeps tumour slices only, at the generator's size; segmentation
+needs healthy slices too (training) and every slice on the original grid (evaluation).
+
+Orientation: volumes stay in their voxel axes [X, Y, Z]; an axial slice is [X, Y] at one Z. The 2-D net never
+needs to know which way is up, as long as training and evaluation slice the same way (they share these functions).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import zlib
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from asyndgan.common.errors import DataError
+from asyndgan.segmentation.config import REGION_LABELS, Preprocessing, SegmentationRecipe
+from asyndgan.site_agent import brats
+
+log = logging.getLogger(__name__)
+
+BRAIN = 1  # in CaseVolume.seg: brain without tumour (the tumour labels keep the site's values 2, 3, 4)
+
+
+@dataclass
+class CaseVolume:
+    """One case on its original grid."""
+
+    name: str
+    images: np.ndarray  # float32 [C, X, Y, Z], each modality clipped and scaled to [-1, 1], background -1
+    seg: np.ndarray  # uint8 [X, Y, Z]: 0 outside the brain, BRAIN, or a tumour label (2, 3, 4)
+    spacing: tuple[float, float, float]  # mm per voxel along X, Y, Z (the NIfTI header's zooms)
+
+
+def check_data_dir(path: pathlib.Path) -> None:
+    """A one-line DataError unless `path` is a folder holding at least one BraTS case folder."""
+    if not path.exists():
+        raise DataError(f"data folder {path} does not exist")
+    if not path.is_dir():
+        raise DataError(f"data folder {path} is not a folder")
+    if not brats.is_brats_tree(path):
+        raise DataError(f"{path} holds no BraTS case (a folder <case>/ with <case>_seg.nii[.gz] or "
+                        f"<case>-seg.nii[.gz])")
+
+
+def find_cases(root: pathlib.Path, modalities: list[str], strict: bool) -> list[brats.Case]:
+    """The complete cases under `root`; an incomplete one is skipped with a warning, or an error if `strict`."""
+    check_data_dir(root)
+    cases, problems = brats.find_cases(root, modalities)
+    for problem in problems:
+        if strict:
+            raise DataError(problem)
+        log.warning("skipping a case: %s", problem)
+    if not cases:
+        raise DataError(f"{root} holds no complete BraTS case with modalities {modalities}")
+    return cases
+
+
+def read_case(case: brats.Case, prep: Preprocessing) -> CaseVolume:
+    """The case's modalities normalised as the site does, its labels, brain mask and voxel spacing."""
+    seg = brats.read_seg(case)
+    volumes = [brats.read_image(case, m, seg.shape) for m in prep.modalities]
+    brain = np.any(np.stack([v > 0 for v in volumes]), axis=0)  # skull-stripped: the brain is where signal is
+    images = np.stack([brats.normalise(v, *prep.clip_percentiles) for v in volumes])
+    labelled = np.where(seg > 0, seg, np.where(brain, BRAIN, 0)).astype(np.uint8)
+    try:
+        zooms = nib.load(str(case.files["seg"])).header.get_zooms()[:3]
+    except Exception as exc:  # nibabel raises many kinds; the volume itself was readable a moment ago
+        raise DataError(f"cannot read the header of {case.files['seg']}: {exc}") from None
+    spacing = tuple(float(z) for z in zooms)
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise DataError(f"{case.files['seg']} has voxel spacing {spacing}; expected three positive sizes in mm")
+    return CaseVolume(case.name, images, labelled, spacing)  # type: ignore[arg-type]
+
+
+def region_mask(seg: np.ndarray, region: str) -> np.ndarray:
+    """bool, same shape as `seg`: voxels of the region (whole tumour, tumour core or enhancing tumour)."""
+    return np.isin(seg, REGION_LABELS[region])
+
+
+def slices_to_net(images: np.ndarray, size: int) -> torch.Tensor:
+    """float32 [k, C, size, size] from images [C, X, Y, k] (each slice resized in-plane, antialiased)."""
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(3, 0, 1, 2)))
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp_(-1, 1)
+
+
+def masks_to_net(mask: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [k, size, size] from a bool mask [X, Y, k] (nearest, as the site resizes label maps)."""
+    m = torch.from_numpy(np.ascontiguousarray(mask.transpose(2, 0, 1)).astype(np.float32))[:, None]
+    if m.shape[-2:] != (size, size):
+        m = F.interpolate(m, size=(size, size), mode="nearest-exact")
+    return m[:, 0].to(torch.uint8)
+
+
+def training_slice_indices(seg: np.ndarray, healthy_ratio: float, seed: int, name: str) -> tuple[np.ndarray, int]:
+    """(sorted axial indices, number of tumour slices): every slice with tumour, plus round(healthy_ratio x that
+    many) brain slices without tumour drawn at random. The draw is seeded by the case's name, so a case keeps its
+    slices whatever else is pooled with it."""
+    tumour = (seg > BRAIN).any(axis=(0, 1))
+    brain = (seg > 0).any(axis=(0, 1))
+    t_idx = np.flatnonzero(tumour)
+    healthy = np.flatnonzero(brain & ~tumour)
+    n = min(len(healthy), int(round(healthy_ratio * len(t_idx))))
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+    h_idx = rng.choice(healthy, size=n, replace=False) if n else np.zeros(0, np.int64)
+    return np.sort(np.concatenate([t_idx, h_idx])), len(t_idx)
+
+
+@dataclass
+class SliceSet:
+    """Training slices pooled from one or more trees, at the network's size."""
+
+    images: torch.Tensor  # float16 [N, C, s, s]
+    masks: torch.Tensor  # uint8 [N, s, s]: 1 inside the region
+    cases: list[str] = field(default_factory=list)  # "<tree>/<case>" per case used
+    tumour_slices: int = 0
+    healthy_slices: int = 0
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def load_training_slices(dirs: list[pathlib.Path], recipe: SegmentationRecipe, progress: bool = True) -> SliceSet:
+    """Every tumour slice of every case under `dirs`, plus healthy brain slices (recipe.training.healthy_ratio).
+    A bad case is skipped with a warning naming its file; no usable case at all is an error."""
+    prep, size = recipe.preprocessing, recipe.preprocessing.image_size
+    cases = [(root, c) for root in dirs for c in find_cases(root, prep.modalities, strict=False)]
+    images, masks, names = [], [], []
+    n_tumour = n_healthy = 0
+    for root, case in tqdm(cases, desc="reading training cases", unit="case", disable=not progress):
+        try:
+            vol = read_case(case, prep)
+        except DataError as exc:
+            log.warning("skipping a case: %s", exc)
+            continue
+        idx, t = training_slice_indices(vol.seg, recipe.training.healthy_ratio, recipe.training.seed, case.name)
+        if len(idx) == 0:
+            log.warning("skipping %s: no tumour slice", case.files["seg"])
+            continue
+        images.append(slices_to_net(vol.images[..., idx], size).to(torch.float16))
+        masks.append(masks_to_net(region_mask(vol.seg[..., idx], recipe.region), size))
+        names.append(f"{root.name}/{case.name}")
+        n_tumour, n_healthy = n_tumour + t, n_healthy + len(idx) - t
+    if not names:
+        raise DataError(f"no usable training case in {', '.join(map(str, dirs))}")
+    log.info("training slices: %d with tumour, %d healthy, from %d cases", n_tumour, n_healthy, len(names))
+    return SliceSet(torch.cat(images), torch.cat(masks), names, n_tumour, n_healthy)
+
+
+@dataclass
+class TestCase:
+    """A case ready for 3-D evaluation: network inputs for every slice, and the truth on the original grid."""
+
+    name: str
+    inputs: torch.Tensor  # float16 [C, s, s, Z]: every axial slice at the network's size
+    seg: np.ndarray  # uint8 [X, Y, Z] as CaseVolume.seg
+    spacing: tuple[float, float, float]
+
+
+@dataclass
+class TestSet:
+    root: pathlib.Path
+    preprocessing: Preprocessing
+    cases: list[TestCase]
+
+
+def load_test_cases(root: pathlib.Path, prep: Preprocessing, progress: bool = True) -> TestSet:
+    """Every case under `root`, every slice. Strict: an incomplete or unreadable case is an error naming its
+    file, since silently dropping a test patient would change the numbers being compared."""
+    out = []
+    for case in tqdm(find_cases(root, prep.modalities, strict=True), desc="reading test cases", unit="case",
+                     disable=not progress):
+        vol = read_case(case, prep)
+        inputs = slices_to_net(vol.images, prep.image_size).to(torch.float16).permute(1, 2, 3, 0).contiguous()
+        out.append(TestCase(case.name, inputs, vol.seg, vol.spacing))
+    return TestSet(root, prep.model_copy(deep=True), out)

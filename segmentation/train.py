@@ -1,0 +1,140 @@
+"""Training the downstream 2-D U-Net on pooled slices: a fixed number of Adam steps on Dice + cross-entropy.
+
+`train_model(slices, recipe, out)` is the library entry (an experiment loads its slices once and trains several
+models on them); `train(TrainRunConfig)` is what `asyndgan segment train` runs. Batches are drawn epoch by epoch
+from a seeded permutation, so the same recipe, data and seed give the same model on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from asyndgan.common.atomic import atomic_write_text
+from asyndgan.common.errors import ConfigError
+from asyndgan.segmentation.config import REGION_NAMES, SegmentationRecipe, TrainRunConfig
+from asyndgan.segmentation.data import SliceSet, load_training_slices
+from asyndgan.segmentation.model import build_loss, build_network, save_model
+
+log = logging.getLogger(__name__)
+
+TRAINING_JSON = "training.json"
+
+
+@dataclass
+class TrainResult:
+    out: pathlib.Path  # the model folder
+    steps: int
+    final_loss: float  # mean loss over the last 50 steps (or all, if fewer)
+    seconds: float
+    slices: int
+    cases: int
+    parameters: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator):
+    """Endless batches of slice indices: one seeded permutation per epoch, the last short batch carried over."""
+    pending = np.zeros(0, np.int64)
+    while True:
+        while len(pending) < batch_size:
+            pending = np.concatenate([pending, rng.permutation(n)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path, device: str | torch.device = "auto",
+                progress: bool = True) -> TrainResult:
+    """Train a fresh network on `slices` and write the model folder `out` (weights, recipe, training.json,
+    tensorboard/). [N, C, s, s] slices with [N, s, s] region masks in, a saved model out."""
+    out = pathlib.Path(out)
+    cfg = recipe.training
+    size = recipe.preprocessing.image_size
+    if tuple(slices.images.shape[1:]) != (len(recipe.preprocessing.modalities), size, size):
+        raise ConfigError(f"slices are {tuple(slices.images.shape[1:])} but the recipe needs "
+                          f"({len(recipe.preprocessing.modalities)}, {size}, {size})")
+    dev = resolve_device(device) if isinstance(device, str) else device
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net = build_network(recipe).to(dev)
+    loss_fn = build_loss()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Cosine decay to 0 over the run: the last steps refine at a small learning rate whatever `steps` is.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    n_params = sum(p.numel() for p in net.parameters())
+    log.info("training a %s U-Net (%.2f M parameters) on %d slices from %d cases for %d steps on %s",
+             REGION_NAMES[recipe.region], n_params / 1e6, len(slices), len(slices.cases), cfg.steps, dev)
+
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    started = time.perf_counter()
+    recent: list[float] = []
+    net.train()
+    try:
+        bar = tqdm(range(cfg.steps), desc="segmentation training", unit="step", disable=not progress)
+        batches = _batches(len(slices), cfg.batch_size, rng)
+        for step in bar:
+            idx = torch.from_numpy(next(batches))
+            x = slices.images[idx].to(dev, torch.float32)  # [B, C, s, s]
+            y = slices.masks[idx].to(dev, torch.long)[:, None]  # [B, 1, s, s]
+            if cfg.flip:
+                flip = torch.from_numpy(rng.random(len(idx)) < 0.5).to(dev)
+                x = torch.where(flip[:, None, None, None], x.flip(-2), x)
+                y = torch.where(flip[:, None, None, None], y.flip(-2), y)
+            loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ConfigError(f"the segmentation loss became {value} at step {step + 1}; lower "
+                                  f"recipe.training.lr (now {cfg.lr})")
+            recent = (recent + [value])[-50:]
+            if step % 10 == 0 or step == cfg.steps - 1:
+                writer.add_scalar("segmentation/loss", value, step + 1)
+                writer.add_scalar("segmentation/lr", opt.param_groups[0]["lr"], step + 1)
+                bar.set_postfix(loss=f"{np.mean(recent):.3f}")
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - started
+    save_model(out, net.cpu(), recipe)
+    result = TrainResult(out, cfg.steps, float(np.mean(recent)), round(seconds, 1), len(slices),
+                         len(slices.cases), n_params)
+    atomic_write_text(out / TRAINING_JSON, json.dumps({
+        "steps": cfg.steps, "final_loss": result.final_loss, "seconds": result.seconds, "device": str(dev),
+        "parameters": n_params, "slices": {"tumour": slices.tumour_slices, "healthy": slices.healthy_slices},
+        "cases": slices.cases,
+    }, indent=2) + "\n")
+    log.info("trained %d steps in %.1f s (final loss %.4f); model in %s", cfg.steps, seconds, result.final_loss,
+             out)
+    return result
+
+
+def train(cfg: TrainRunConfig) -> TrainResult:
+    """Read the trees in cfg.data, train, write cfg.out."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = resolve_device(cfg.device)  # before reading data: a bad device should not cost a minute of reading
+    slices = load_training_slices(cfg.data, cfg.recipe, progress=cfg.progress)
+    return train_model(slices, cfg.recipe, cfg.out, dev, progress=cfg.progress)
