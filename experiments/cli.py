@@ -114,6 +114,9 @@ def demo(out, data, steps, sites, device, log_level):
     click.echo(f"  checkpoint:         {summary['checkpoint']}")
     click.echo(f"  logs:               {summary['server_log']}, {', '.join(summary['site_logs'])}")
     click.echo(f"  summary:            {out / 'summary.json'}")
+    if summary.get("generate_command"):
+        click.echo(f"  synthetic data:     {summary['generate_command']}")
+        click.echo(f"  publish generator:  {summary['export_command']}")
 
 
 @main.command()

@@ -107,5 +107,23 @@ def run(cfg: DemoConfig) -> dict:
         "server_log": str(cfg.out / "server.log"),
         "site_logs": [str(cfg.out / f"site{i + 1}.out") for i in range(len(folders))],
     }
+    summary.update(after_training_commands(cfg, summary["checkpoint"]))
     write_json(cfg.out / "summary.json", summary)
     return summary
+
+
+def after_training_commands(cfg: DemoConfig, checkpoint: str | None) -> dict:
+    """The exact command lines that turn what the demo trained into a synthetic data set and a published
+    generator: from the held-out test cases' segmentations when the data has a BraTS `test` folder (whole
+    synthetic cases), else from the run's own label-map bank."""
+    import shlex
+
+    from asyndgan.site_agent import brats
+
+    if checkpoint is None:
+        return {"generate_command": None, "export_command": None}
+    test = cfg.data / "test"
+    source = ["--label-maps", str(test)] if test.is_dir() and brats.is_brats_tree(test) else []
+    generate = ["asyndgan", "generate", "--checkpoint", checkpoint, *source, "--out", str(cfg.out / "synthetic")]
+    export = ["asyndgan-server", "export", "--run-dir", str(cfg.out), "--out", str(cfg.out / "generator.safetensors")]
+    return {"generate_command": shlex.join(generate), "export_command": shlex.join(export)}

@@ -73,10 +73,6 @@ def make_run(run_dir: pathlib.Path, overrides: dict, maps: torch.Tensor | None, 
     return trainer.save_checkpoint()
 
 
-def invoke(group, args):
-    return CliRunner().invoke(group.main if hasattr(group, "main") else group, args)
-
-
 def generate(args):
     return CliRunner().invoke(asyndgan_cli.main, ["generate", "--device", "cpu", "--log-level", "WARNING", *args])
 
@@ -319,3 +315,28 @@ def test_four_channel_bank_maps_become_an_arrays_data_set(brats_run, tmp_path):
 
 def test_generate_needs_exactly_one_generator(tmp_path):
     assert "exactly one of --checkpoint and --generator" in one_error_line(generate(["--out", str(tmp_path / "o")]))
+
+
+def test_the_demos_summary_commands_run_as_printed(brats_run, tree, tmp_path):
+    import shlex
+    import shutil
+
+    from asyndgan.experiments.demo import DemoConfig, after_training_commands
+
+    data = tmp_path / "data"
+    shutil.copytree(tree, data / "test")
+    out = brats_run["run_dir"]
+    cfg = DemoConfig(out=out, data=data)
+    commands = after_training_commands(cfg, str(brats_run["checkpoint"]))
+    generate_args = shlex.split(commands["generate_command"])
+    assert generate_args[:2] == ["asyndgan", "generate"] and str(data / "test") in generate_args
+    r = CliRunner().invoke(asyndgan_cli.main, [*generate_args[1:], "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert (out / "synthetic" / "CASE_000" / "CASE_000_t1.nii.gz").is_file()
+    export_args = shlex.split(commands["export_command"])
+    assert export_args[:2] == ["asyndgan-server", "export"]
+    r = CliRunner().invoke(server_cli.main, export_args[1:])
+    assert r.exit_code == 0 and (out / "generator.safetensors").is_file(), r.output
+    # Without a BraTS test folder the command draws from the run's own bank.
+    bank_cmd = after_training_commands(DemoConfig(out=out, data=tmp_path / "nothing"), str(brats_run["checkpoint"]))
+    assert "--label-maps" not in bank_cmd["generate_command"]
