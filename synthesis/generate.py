@@ -146,8 +146,8 @@ def _start_output(out: pathlib.Path, header: dict, whole: bool) -> bool:
         return True
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} is not empty and holds no asyndgan synthetic output; choose a new or empty --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if not whole:
+    if not whole:  # a whole-set output (arrays) appears at the end, by rename
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(header, indent=2))
     return False
 
@@ -278,7 +278,10 @@ def _two_d(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, h
         total = len(files)
     if total == 0:
         raise DataError("no label maps to generate from")
-    arrays = writers.ArraysWriter(cfg.out, total, len(i2d.modalities), size) if fmt == "arrays" else None
+    try:
+        arrays = writers.ArraysWriter(cfg.out, total, len(i2d.modalities), size) if fmt == "arrays" else None
+    except OSError as exc:
+        raise _write_error("the arrays", cfg.out, exc) from None
     written = kept = 0
     origins: list[dict] = []
     try:

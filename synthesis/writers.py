@@ -141,11 +141,18 @@ class ArraysWriter:
 
     def __init__(self, out: pathlib.Path, n: int, channels: int, size: int):
         self.out = out
+        for stale in out.parent.glob(f".{out.name}{TMP_MARK}*"):  # left by a run that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp = out.parent / f".{out.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir(parents=True)
         try:
             self.images = np.lib.format.open_memmap(self.tmp / "images.npy", "w+", np.float32, (n, channels, size, size))
             self.labels = np.lib.format.open_memmap(self.tmp / "labels.npy", "w+", np.uint8, (n, size, size))
+            # Reserve the blocks now: a write into a memory map of a sparse file on a full disk is a SIGBUS, not
+            # an OSError, and would leave no chance to clean up or say what happened.
+            for name in ("images.npy", "labels.npy"):
+                with open(self.tmp / name, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         except BaseException:
             self.discard()
             raise

@@ -340,3 +340,15 @@ def test_the_demos_summary_commands_run_as_printed(brats_run, tree, tmp_path):
     # Without a BraTS test folder the command draws from the run's own bank.
     bank_cmd = after_training_commands(DemoConfig(out=out, data=tmp_path / "nothing"), str(brats_run["checkpoint"]))
     assert "--label-maps" not in bank_cmd["generate_command"]
+
+
+def test_a_full_disk_while_reserving_the_arrays_leaves_nothing(brats_run, tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "posix_fallocate", full)
+    out = tmp_path / "arrays"
+    line = one_error_line(generate(["--checkpoint", str(brats_run["checkpoint"]), "--out", str(out)]))
+    assert "cannot write the arrays" in line and "No space left on device" in line
+    assert not out.exists()
+    no_leftovers(out)
