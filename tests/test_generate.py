@@ -182,10 +182,21 @@ def test_generation_builds_the_label_maps_the_site_uploaded(brats_run, tree):
     assert np.array_equal(np.concatenate(made), brats_run["site_maps"])
 
 
-@pytest.mark.parametrize("kind", ["mlp1d checkpoint", "random file", "random safetensors", "foreign safetensors"])
-def test_a_foreign_generator_is_one_line_and_writes_nothing(kind, tree, tmp_path):
+@pytest.mark.parametrize("kind", ["mlp1d checkpoint", "random file", "random safetensors", "foreign safetensors",
+                                  "weights unlike its settings", "cuda without a GPU"])
+def test_a_foreign_generator_is_one_line_and_writes_nothing(kind, brats_run, tree, tmp_path):
     out = tmp_path / "out"
-    if kind == "mlp1d checkpoint":
+    if kind == "weights unlike its settings":
+        state = torch.load(brats_run["checkpoint"], weights_only=True)
+        state["config_json"] = state["config_json"].replace('"ngf":4', '"ngf":8')
+        path = tmp_path / "step_00000007.pt"
+        torch.save(state, path)
+        args, needle = ["--checkpoint", str(path)], "the weights do not fit the model settings it names"
+    elif kind == "cuda without a GPU":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args, needle = ["--checkpoint", str(brats_run["checkpoint"]), "--device", "cuda"], "no such CUDA GPU"
+    elif kind == "mlp1d checkpoint":
         path = make_run(tmp_path / "run1d", {"site.model.family": "mlp1d"}, None, samples=100)
         args, needle = ["--checkpoint", str(path)], "holds a mlp1d generator"
     elif kind == "random file":
@@ -203,7 +214,7 @@ def test_a_foreign_generator_is_one_line_and_writes_nothing(kind, tree, tmp_path
         save_file({"w": torch.zeros(3)}, str(path), metadata={"format": "pt"})
         args, needle = ["--generator", str(path)], "is not an asyndgan generator export"
     line = one_error_line(generate([*args, "--label-maps", str(tree), "--out", str(out)]))
-    assert needle in line and str(path) in line
+    assert needle in line and (kind == "cuda without a GPU" or str(path) in line)
     assert not out.exists()
 
 
