@@ -207,19 +207,20 @@ def segment() -> None:
 @click.option("--out", type=click.Path(path_type=pathlib.Path), help="Model folder to write.")
 @click.option("--region", type=click.Choice(["whole", "core", "enhancing"]), help="Tumour region [whole].")
 @click.option("--size", type=int, help="In-plane side slices are resized to [64].")
-@click.option("--steps", type=int, help="Optimiser steps [3000].")
+@click.option("--steps", type=int, help="Optimiser steps [2000].")
 @click.option("--batch-size", type=int, help="Slices per step [16].")
 @click.option("--seed", type=int, help="Seed of the weights, slice choice and batch order [0].")
 @click.option("--device", help="auto, cpu, cuda, cuda:1 [auto].")
 @click.option("--threads", type=int, help="Torch CPU threads.")
+@click.option("--workers", type=int, help="Processes reading cases in parallel [1].")
 @click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path), help="TOML or JSON settings.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any setting, e.g. --set recipe.training.lr=0.01 (repeatable).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @log_level_option
 @friendly_errors
-def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, seed, device, threads, config_file,
-                  overrides, progress, log_level):
+def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, seed, device, threads, workers,
+                  config_file, overrides, progress, log_level):
     """Train a segmentation model on BraTS tree(s); writes weights, recipe, training.json and TensorBoard logs."""
     from asyndgan.common.config import load_config, parse_override
     from asyndgan.segmentation import TrainRunConfig, train
@@ -227,8 +228,9 @@ def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, se
 
     dirs = [str(d) for d in (*data_dirs, *more_data)]
     values = {"data": dirs or None, "out": out and str(out), "device": device, "threads": threads,
-              "progress": progress, "recipe.region": region, "recipe.preprocessing.image_size": size,
-              "recipe.training.steps": steps, "recipe.training.batch_size": batch_size, "recipe.training.seed": seed}
+              "workers": workers, "progress": progress, "recipe.region": region,
+              "recipe.preprocessing.image_size": size, "recipe.training.steps": steps,
+              "recipe.training.batch_size": batch_size, "recipe.training.seed": seed}
     values.update(dict(parse_override(o) for o in overrides))
     cfg = load_config(TrainRunConfig, config_file, values)
     for folder in cfg.data:  # before the log file creates the model folder
@@ -248,17 +250,19 @@ def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, se
 @click.option("--out", type=click.Path(path_type=pathlib.Path), help="Results folder [MODEL/eval-<data name>].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
 @click.option("--threads", type=int, help="Torch CPU threads.")
+@click.option("--workers", default=1, show_default=True, type=int, help="Processes reading cases in parallel.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @log_level_option
 @friendly_errors
-def segment_eval(model, data, out, device, threads, progress, log_level):
+def segment_eval(model, data, out, device, threads, workers, progress, log_level):
     """Per-patient 3-D Dice and HD95 of a model on a BraTS tree: per_patient.csv and summary.json."""
     from asyndgan.common.config import load_config
     from asyndgan.segmentation import EvalRunConfig, evaluate
 
     setup_logging(log_level)
     cfg = load_config(EvalRunConfig, None, {"model": str(model), "data": str(data), "out": out and str(out),
-                                            "device": device, "threads": threads, "progress": progress})
+                                            "device": device, "threads": threads, "workers": workers,
+                                            "progress": progress})
     result, folder = evaluate(cfg)
     s = result.summary
     click.echo(f"{s['region_name']}, {s['patients']} patients: Dice {s['dice']['mean']:.4f} +- {s['dice']['sd']:.4f}, "

@@ -61,7 +61,7 @@ class TrainingConfig(_Section):
     """Dice + cross-entropy (MONAI DiceCELoss), Adam with cosine decay, a fixed number of steps (no early stopping:
     there is no validation split to stop on, and the test cases are never used for tuning)."""
 
-    steps: int = Field(3000, ge=1, description="optimiser steps (batches), whatever the data set's size")
+    steps: int = Field(2000, ge=1, description="optimiser steps (batches), whatever the data set's size")
     batch_size: int = Field(16, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(1e-5, ge=0, le=1)
@@ -95,6 +95,7 @@ class TrainRunConfig(_Section):
     recipe: SegmentationRecipe = Field(default_factory=SegmentationRecipe)
     device: Device = "auto"
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
+    workers: int = Field(1, ge=1, le=64, description="processes reading and preparing cases in parallel")
     progress: bool = True
 
 
@@ -104,4 +105,5 @@ class EvalRunConfig(_Section):
     out: pathlib.Path | None = Field(None, description="results folder (default: MODEL/eval-<data folder name>)")
     device: Device = "auto"
     threads: int | None = Field(None, ge=1, le=256)
+    workers: int = Field(1, ge=1, le=64, description="processes reading and preparing cases in parallel")
     progress: bool = True

@@ -12,9 +12,12 @@ needs to know which way is up, as long as training and evaluation slice the same
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import pathlib
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import nibabel as nib
 import numpy as np
@@ -131,27 +134,53 @@ class SliceSet:
         return int(self.images.shape[0])
 
 
-def load_training_slices(dirs: list[pathlib.Path], recipe: SegmentationRecipe, progress: bool = True) -> SliceSet:
+def _map_cases(fn, cases: list, args: tuple, workers: int, desc: str, progress: bool):
+    """fn(case, *args) for each case, in order, in `workers` processes when > 1 (reading and normalising a
+    BraTS case is ~2 s of single-threaded numpy and gzip; a data set of 60 cases is worth spreading)."""
+    if workers <= 1 or len(cases) <= 1:
+        results = map(fn, cases, *(repeat(a) for a in args))
+        return list(tqdm(results, total=len(cases), desc=desc, unit="case", disable=not progress))
+    # spawn, not fork: a forked child inherits torch's thread pools mid-state and can hang in them (as the site).
+    with ProcessPoolExecutor(min(workers, len(cases)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = pool.map(fn, cases, *(repeat(a) for a in args))
+        return list(tqdm(results, total=len(cases), desc=desc, unit="case", disable=not progress))
+
+
+def _training_slices_of(case: brats.Case, recipe: SegmentationRecipe):
+    """(images float16 [k, C, s, s], masks uint8 [k, s, s], tumour slice count) as numpy, or a DataError's
+    message (text crosses a process boundary where an exception object might not)."""
+    try:
+        vol = read_case(case, recipe.preprocessing)
+    except DataError as exc:
+        return str(exc)
+    size = recipe.preprocessing.image_size
+    idx, n_tumour = training_slice_indices(vol.seg, recipe.training.healthy_ratio, recipe.training.seed, case.name)
+    images = slices_to_net(vol.images[..., idx], size).to(torch.float16).numpy()
+    masks = masks_to_net(region_mask(vol.seg[..., idx], recipe.region), size).numpy()
+    return images, masks, n_tumour
+
+
+def load_training_slices(dirs: list[pathlib.Path], recipe: SegmentationRecipe, progress: bool = True,
+                         workers: int = 1) -> SliceSet:
     """Every tumour slice of every case under `dirs`, plus healthy brain slices (recipe.training.healthy_ratio).
     A bad case is skipped with a warning naming its file; no usable case at all is an error."""
-    prep, size = recipe.preprocessing, recipe.preprocessing.image_size
-    cases = [(root, c) for root in dirs for c in find_cases(root, prep.modalities, strict=False)]
+    found = [(root, c) for root in dirs for c in find_cases(root, recipe.preprocessing.modalities, strict=False)]
+    results = _map_cases(_training_slices_of, [c for _, c in found], (recipe,), workers, "reading training cases",
+                         progress)
     images, masks, names = [], [], []
     n_tumour = n_healthy = 0
-    for root, case in tqdm(cases, desc="reading training cases", unit="case", disable=not progress):
-        try:
-            vol = read_case(case, prep)
-        except DataError as exc:
-            log.warning("skipping a case: %s", exc)
+    for (root, case), result in zip(found, results):
+        if isinstance(result, str):
+            log.warning("skipping a case: %s", result)
             continue
-        idx, t = training_slice_indices(vol.seg, recipe.training.healthy_ratio, recipe.training.seed, case.name)
-        if len(idx) == 0:
+        case_images, case_masks, t = result
+        if len(case_images) == 0:
             log.warning("skipping %s: no tumour slice", case.files["seg"])
             continue
-        images.append(slices_to_net(vol.images[..., idx], size).to(torch.float16))
-        masks.append(masks_to_net(region_mask(vol.seg[..., idx], recipe.region), size))
+        images.append(torch.from_numpy(case_images))
+        masks.append(torch.from_numpy(case_masks))
         names.append(f"{root.name}/{case.name}")
-        n_tumour, n_healthy = n_tumour + t, n_healthy + len(idx) - t
+        n_tumour, n_healthy = n_tumour + t, n_healthy + len(case_images) - t
     if not names:
         raise DataError(f"no usable training case in {', '.join(map(str, dirs))}")
     log.info("training slices: %d with tumour, %d healthy, from %d cases", n_tumour, n_healthy, len(names))
@@ -175,13 +204,24 @@ class TestSet:
     cases: list[TestCase]
 
 
-def load_test_cases(root: pathlib.Path, prep: Preprocessing, progress: bool = True) -> TestSet:
+def _test_case_of(case: brats.Case, prep: Preprocessing):
+    """(name, inputs float16 [C, s, s, Z], seg, spacing) as numpy, or a DataError's message."""
+    try:
+        vol = read_case(case, prep)
+    except DataError as exc:
+        return str(exc)
+    inputs = slices_to_net(vol.images, prep.image_size).to(torch.float16).permute(1, 2, 3, 0).contiguous()
+    return case.name, inputs.numpy(), vol.seg, vol.spacing
+
+
+def load_test_cases(root: pathlib.Path, prep: Preprocessing, progress: bool = True, workers: int = 1) -> TestSet:
     """Every case under `root`, every slice. Strict: an incomplete or unreadable case is an error naming its
     file, since silently dropping a test patient would change the numbers being compared."""
+    cases = find_cases(root, prep.modalities, strict=True)
     out = []
-    for case in tqdm(find_cases(root, prep.modalities, strict=True), desc="reading test cases", unit="case",
-                     disable=not progress):
-        vol = read_case(case, prep)
-        inputs = slices_to_net(vol.images, prep.image_size).to(torch.float16).permute(1, 2, 3, 0).contiguous()
-        out.append(TestCase(case.name, inputs, vol.seg, vol.spacing))
+    for result in _map_cases(_test_case_of, cases, (prep,), workers, "reading test cases", progress):
+        if isinstance(result, str):
+            raise DataError(result)
+        name, inputs, seg, spacing = result
+        out.append(TestCase(name, torch.from_numpy(inputs), seg, spacing))
     return TestSet(root, prep.model_copy(deep=True), out)

@@ -117,7 +117,7 @@ def evaluate(cfg: EvalRunConfig) -> tuple[EvalResult, pathlib.Path]:
         torch.set_num_threads(cfg.threads)
     net, recipe = load_model(cfg.model)
     dev = resolve_device(cfg.device)
-    test = load_test_cases(cfg.data, recipe.preprocessing, progress=cfg.progress)
+    test = load_test_cases(cfg.data, recipe.preprocessing, progress=cfg.progress, workers=cfg.workers)
     result = evaluate_model((net, recipe), test, dev, progress=cfg.progress)
     result.summary["model"] = str(cfg.model)
     out = cfg.out or cfg.model / f"eval-{cfg.data.resolve().name}"

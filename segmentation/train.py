@@ -80,7 +80,8 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
     loss_fn = build_loss()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Cosine decay to 0 over the run: the last steps refine at a small learning rate whatever `steps` is.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     n_params = sum(p.numel() for p in net.parameters())
     log.info("training a %s U-Net (%.2f M parameters) on %d slices from %d cases for %d steps on %s",
              REGION_NAMES[recipe.region], n_params / 1e6, len(slices), len(slices.cases), cfg.steps, dev)
@@ -136,5 +137,5 @@ def train(cfg: TrainRunConfig) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = resolve_device(cfg.device)  # before reading data: a bad device should not cost a minute of reading
-    slices = load_training_slices(cfg.data, cfg.recipe, progress=cfg.progress)
+    slices = load_training_slices(cfg.data, cfg.recipe, progress=cfg.progress, workers=cfg.workers)
     return train_model(slices, cfg.recipe, cfg.out, dev, progress=cfg.progress)

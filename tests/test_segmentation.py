@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.segmentation import (
-    Preprocessing, SegmentationRecipe, diagonal_mm, evaluate_model, load_model, load_test_cases, score_case,
-    summarise)
+    Preprocessing, SegmentationRecipe, diagonal_mm, evaluate_model, load_model, load_test_cases,
+    load_training_slices, score_case, summarise)
 from asyndgan.segmentation.data import BRAIN, region_mask, training_slice_indices
 from procs import run_cli
 
@@ -151,6 +151,17 @@ TINY = ["--size", "16", "--steps", "120", "--batch-size", "8", "--threads", "1",
         "--set", "recipe.training.lr=0.01", "--set", "recipe.training.healthy_ratio=1.0"]
 
 
+def test_training_masks_follow_the_region(trees):
+    whole = load_training_slices([trees / "train2023"], SegmentationRecipe(region="whole"), progress=False)
+    core = load_training_slices([trees / "train2023"], SegmentationRecipe(region="core"), progress=False)
+    enhancing = load_training_slices([trees / "train2023"], SegmentationRecipe(region="enhancing"), progress=False)
+    assert len(whole) == len(core) == len(enhancing) and torch.equal(whole.images, core.images)
+    w, c, e = (s.masks.sum().item() for s in (whole, core, enhancing))
+    assert w > c > e > 0  # 2023 labels: enhancing is 3, read as the site reads it
+    assert bool(((core.masks == 1) <= (whole.masks == 1)).all() and ((enhancing.masks == 1) <= (core.masks == 1)).all())
+    assert whole.images.shape[1:] == (4, 64, 64) and whole.images.dtype == torch.float16
+
+
 def _one_line_error(result, *needles):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -216,6 +227,9 @@ def test_library_evaluation_matches_the_recipe_and_refuses_other_preprocessing(t
     assert recipe.preprocessing.image_size == 16 and recipe.network.channels == [8, 16, 32]
     test = load_test_cases(trees / "test", recipe.preprocessing, progress=False)
     assert [tuple(c.inputs.shape) for c in test.cases] == [(4, 16, 16, SHAPE[2])] * 4
+    in_two = load_test_cases(trees / "test", recipe.preprocessing, progress=False, workers=2)  # worker processes
+    assert [c.name for c in in_two.cases] == [c.name for c in test.cases]
+    assert all(torch.equal(a.inputs, b.inputs) and (a.seg == b.seg).all() for a, b in zip(test.cases, in_two.cases))
     result = evaluate_model(model, test, "cpu", progress=False)
     with open(model.parent / "results" / "per_patient.csv") as f:
         assert [row["dice"] for row in csv.DictReader(f)] == [str(r["dice"]) for r in result.rows]  # deterministic
