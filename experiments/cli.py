@@ -156,6 +156,7 @@ def generate(checkpoint, generator_file, out, label_maps, count, fmt, device, ba
     from asyndgan.synthesis.generate import GenerateConfig, run
 
     setup_logging(log_level)
+    stop_on_sigterm()  # unwinds, so the case being written is removed rather than left half-done
     try:
         cfg = GenerateConfig(checkpoint=checkpoint, generator=generator_file, out=out, label_maps=label_maps,
                              count=count, format=fmt, device=device, batch_size=batch_size, seed=seed)

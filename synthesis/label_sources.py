@@ -16,6 +16,7 @@ Any label value the generator was not trained for (>= its num_classes) is an err
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ import torch
 from asyndgan.central_server.mask_bank import MaskBank
 from asyndgan.common.errors import DataError
 from asyndgan.site_agent import brats, image_folders
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +73,9 @@ def describe(source: pathlib.Path) -> str:
 
 # ---- BraTS trees ----------------------------------------------------------------------------------------------
 def brats_cases(root: pathlib.Path) -> list[brats.Case]:
-    cases, _ = brats.find_cases(root, [])  # only the seg is required here; images are looked up per case
+    cases, problems = brats.find_cases(root, [])  # only the seg is required here; images are looked up per case
+    for problem in problems:
+        log.warning("not a case, left out: %s", problem)
     if not cases:
         raise DataError(f"{root} holds no BraTS case with a segmentation")
     return cases
