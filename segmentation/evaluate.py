@@ -29,7 +29,7 @@ from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.errors import ConfigError
 from asyndgan.segmentation.config import REGION_NAMES, EvalRunConfig, SegmentationRecipe
 from asyndgan.segmentation.data import TestCase, TestSet, load_test_cases, region_mask
-from asyndgan.segmentation.metrics import EMPTY_RULE, score_case, summarise
+from asyndgan.segmentation.metrics import EMPTY_RULE, dice_on_tumour_slices, score_case, summarise
 from asyndgan.segmentation.model import load_model
 from asyndgan.segmentation.train import resolve_device
 
@@ -40,7 +40,11 @@ PROTOCOL = ("per patient, 3-D, whole volume: every axial slice segmented by the 
             "brain (any modality > 0), slices stacked in order; Dice and HD95 (mm, NIfTI voxel spacing) from MONAI "
             "against the case's segmentation; mean and sample SD over patients")
 CSV_NAME, SUMMARY_NAME = "per_patient.csv", "summary.json"
-CSV_FIELDS = ("case", "dice", "hd95_mm", "empty", "truth_voxels", "predicted_voxels", "spacing_mm")
+CSV_FIELDS = ("case", "dice", "hd95_mm", "empty", "truth_voxels", "predicted_voxels", "spacing_mm",
+              "dice_tumour_slices")
+TUMOUR_SLICES_NOTE = ("dice_tumour_slices: Dice on the slices where the truth has the region only (the DSL code's "
+                      "protocol), for comparison with the papers; not the reported figure; patients without "
+                      "the region have none and are left out of its mean")
 
 
 @torch.no_grad()
@@ -77,11 +81,14 @@ def evaluate_model(model: pathlib.Path | tuple[torch.nn.Module, SegmentationReci
     rows = []
     for case in tqdm(test.cases, desc="evaluating", unit="case", disable=not progress):
         pred = predict_case(net, case, dev)
-        score = score_case(pred, region_mask(case.seg, recipe.region), case.spacing)
+        truth = region_mask(case.seg, recipe.region)
+        score = score_case(pred, truth, case.spacing)
+        on_slices = dice_on_tumour_slices(pred, truth)
         rows.append({"case": case.name, "dice": round(score.dice, 6), "hd95_mm": round(score.hd95_mm, 4),
                      "empty": score.empty, "truth_voxels": score.truth_voxels,
                      "predicted_voxels": score.predicted_voxels,
-                     "spacing_mm": "x".join(f"{s:g}" for s in case.spacing)})
+                     "spacing_mm": "x".join(f"{s:g}" for s in case.spacing),
+                     "dice_tumour_slices": "" if on_slices is None else round(on_slices, 6)})
         log.debug("%s: Dice %.4f, HD95 %.2f mm (%s)", case.name, score.dice, score.hd95_mm, score.empty)
     empty = {k: sum(r["empty"] == k for r in rows) for k in ("prediction", "truth", "both")}
     summary = {
@@ -93,6 +100,8 @@ def evaluate_model(model: pathlib.Path | tuple[torch.nn.Module, SegmentationReci
         "dice": summarise([r["dice"] for r in rows]),
         "hd95_mm": summarise([r["hd95_mm"] for r in rows]),
         "empty_cases": empty,
+        "dice_tumour_slices": summarise([r["dice_tumour_slices"] for r in rows if r["dice_tumour_slices"] != ""]),
+        "dice_tumour_slices_note": TUMOUR_SLICES_NOTE,
         "empty_rule": EMPTY_RULE,
         "protocol": PROTOCOL,
         "recipe": recipe.model_dump(mode="json"),

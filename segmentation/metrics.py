@@ -78,6 +78,17 @@ def score_case(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) 
     return CaseScore(float(dice.item()), float(hd95.item()), "none", n_truth, n_pred)
 
 
+def dice_on_tumour_slices(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """Dice restricted to the axial slices (last axis) where the truth has the region: the DSL code's protocol
+    (its models saw tumour slices only), reported beside the whole-volume figures for comparison with the papers.
+    None when the truth is empty (no such slice)."""
+    keep = truth.reshape(-1, truth.shape[-1]).any(axis=0)
+    if not keep.any():
+        return None
+    y_pred, y = _one_hot(pred[..., keep].astype(bool)), _one_hot(truth[..., keep].astype(bool))
+    return float(DiceMetric(include_background=False, reduction="none")(y_pred, y).item())
+
+
 def summarise(values: list[float]) -> dict[str, float | int]:
     """Mean and sample standard deviation (n - 1; 0 for a single patient) over patients."""
     arr = np.asarray(values, dtype=np.float64)

@@ -19,6 +19,7 @@ from asyndgan.segmentation import (
     Preprocessing, SegmentationRecipe, diagonal_mm, evaluate_model, load_model, load_test_cases,
     load_training_slices, score_case, summarise)
 from asyndgan.segmentation.data import BRAIN, region_mask, training_slice_indices
+from asyndgan.segmentation.metrics import dice_on_tumour_slices
 from procs import run_cli
 
 SPACING = (0.8, 1.2, 2.5)  # mm along X, Y, Z: every axis different, so a swapped axis shows
@@ -72,6 +73,15 @@ def test_empty_masks_follow_the_documented_rule():
     assert diagonal_mm((240, 240, 155), (1.0, 1.0, 1.0)) == pytest.approx(373.13, abs=0.01)  # BraTS' value
     with pytest.raises(ValueError, match="shape"):
         score_case(truth[:-1], truth, SPACING)
+
+
+def test_tumour_slice_dice_ignores_false_positives_on_other_slices():
+    truth = _cube()  # slices 10..19 along the last axis
+    pred = truth.copy()
+    pred[10:20, 10:20, 30] = True  # a false positive on a slice without tumour
+    assert score_case(pred, truth, SPACING).dice == pytest.approx(2000 / 2100, abs=1e-6)  # whole volume
+    assert dice_on_tumour_slices(pred, truth) == pytest.approx(1.0)
+    assert dice_on_tumour_slices(pred, np.zeros_like(truth)) is None
 
 
 def test_summary_is_mean_and_sample_sd_over_every_patient():
@@ -200,6 +210,7 @@ def test_train_then_eval_through_the_cli(trees, trained):
     assert all(row["spacing_mm"] == "1.5x1.25x3" for row in rows.values())  # the NIfTI spacing, not 1 mm
     healthy = rows["Brats18_T_healthy"]
     assert healthy["truth_voxels"] == "0" and healthy["empty"] in ("truth", "both")
+    assert healthy["dice_tumour_slices"] == ""  # no tumour slice: left out of that secondary figure
     if healthy["empty"] == "both":
         assert (float(healthy["dice"]), float(healthy["hd95_mm"])) == (1.0, 0.0)
     else:
@@ -219,6 +230,7 @@ def test_train_then_eval_through_the_cli(trees, trained):
     assert summary["hd95_mm"]["mean"] == pytest.approx(np.mean(hd), abs=1e-4)
     assert summary["hd95_mm"]["sd"] == pytest.approx(np.std(hd, ddof=1), abs=1e-4)
     assert "every axial slice" in summary["protocol"] and "Dice 1, HD95 0 mm" in summary["empty_rule"]
+    assert summary["dice_tumour_slices"]["n"] == 3
 
 
 def test_library_evaluation_matches_the_recipe_and_refuses_other_preprocessing(trees, trained):
