@@ -7,7 +7,9 @@ segmented by the 2-D net (MONAI's SliceInferer over the stacked slices); the tum
 modality is above 0: tumour is never outside a skull-stripped brain), and the slices are stacked in order into
 a volume on the original grid. Dice and HD95 (mm, from the NIfTI voxel spacing) are then computed per patient
 on that whole volume against the case's own segmentation of the model's region, with the empty rule of
-metrics.py; mean and sample standard deviation are over patients, every patient counted.
+metrics.py; mean and sample standard deviation are over patients, every patient counted. Beside them, and only
+for comparison with the papers, Dice on the slices where the truth has tumour (the DSL code's protocol: its
+models never saw a healthy slice, and false positives elsewhere would not count).
 """
 
 from __future__ import annotations
