@@ -14,10 +14,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from asyndgan.common.errors import AsynDGANError, ConfigError
+from asyndgan.common.errors import AsynDGANError, ConfigError, DataError
 from asyndgan.segmentation import (
     Preprocessing, SegmentationRecipe, diagonal_mm, evaluate_model, load_model, load_test_cases,
-    load_training_slices, score_case, summarise)
+    load_training_slices, score_case, summarise, train_model)
 from asyndgan.segmentation.data import BRAIN, region_mask, training_slice_indices
 from asyndgan.segmentation.metrics import dice_on_tumour_slices
 from procs import run_cli
@@ -276,3 +276,32 @@ def test_weights_that_do_not_fit_the_recipe_are_refused(trained, tmp_path):
     with pytest.raises(ValidationError, match="multiple of 4"):
         SegmentationRecipe.model_validate({"preprocessing": {"image_size": 18},
                                            "network": {"channels": [8, 16, 32]}})
+
+
+def test_an_incomplete_case_is_skipped_for_training_but_stops_evaluation(trees, tmp_path):
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(trees / "test", tree)
+    (tree / "Brats18_T_1" / "Brats18_T_1_flair.nii.gz").unlink()
+    slices = load_training_slices([tree], SegmentationRecipe(), progress=False)
+    assert sorted(slices.cases) == ["tree/Brats18_T_0", "tree/Brats18_T_2"]  # the healthy case has no tumour slice
+    with pytest.raises(DataError, match="Brats18_T_1_flair"):
+        load_test_cases(tree, Preprocessing(), progress=False)
+
+
+def test_same_recipe_data_and_seed_give_the_same_model(trees, tmp_path):
+    recipe = SegmentationRecipe.model_validate({
+        "preprocessing": {"image_size": 16}, "network": {"channels": [4, 8], "num_res_units": 0},
+        "training": {"steps": 5, "batch_size": 4}})
+    slices = load_training_slices([trees / "train2018"], recipe, progress=False)
+    states = []
+    for name in ("a", "b"):
+        train_model(slices, recipe, tmp_path / name, "cpu", progress=False)
+        states.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": 1})})
+    train_model(slices, seeded, tmp_path / "c", "cpu", progress=False)
+    other = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
+    assert not all(torch.equal(states[0][k], other[k]) for k in other)
