@@ -225,7 +225,7 @@ def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, se
     """Train a segmentation model on BraTS tree(s); writes weights, recipe, training.json and TensorBoard logs."""
     from asyndgan.common.config import load_config, parse_override
     from asyndgan.segmentation import TrainRunConfig, train
-    from asyndgan.segmentation.data import check_data_dir
+    from asyndgan.segmentation.train import check_run
 
     dirs = [str(d) for d in (*data_dirs, *more_data)]
     values = {"data": dirs or None, "out": out and str(out), "device": device, "threads": threads,
@@ -234,8 +234,7 @@ def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, se
               "recipe.training.batch_size": batch_size, "recipe.training.seed": seed}
     values.update(dict(parse_override(o) for o in overrides))
     cfg = load_config(TrainRunConfig, config_file, values)
-    for folder in cfg.data:  # before the log file creates the model folder
-        check_data_dir(folder)
+    check_run(cfg)  # a bad folder or device fails before the log file creates the model folder
     setup_logging(log_level, cfg.out / "train.log")
     result = train(cfg)
     click.echo(f"trained {result.steps} steps on {result.slices} slices from {result.cases} cases in "

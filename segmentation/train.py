@@ -22,7 +22,7 @@ from tqdm import tqdm
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.errors import ConfigError
 from asyndgan.segmentation.config import REGION_NAMES, SegmentationRecipe, TrainRunConfig
-from asyndgan.segmentation.data import SliceSet, load_training_slices
+from asyndgan.segmentation.data import SliceSet, check_data_dir, load_training_slices
 from asyndgan.segmentation.model import build_loss, build_network, save_model
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,18 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
     return result
 
 
+def check_run(cfg: TrainRunConfig) -> torch.device:
+    """The checks that cost nothing (data folders, device), so that a typo fails before anything is read or
+    written; the device to train on."""
+    for folder in cfg.data:
+        check_data_dir(folder)
+    return resolve_device(cfg.device)
+
+
 def train(cfg: TrainRunConfig) -> TrainResult:
     """Read the trees in cfg.data, train, write cfg.out."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dev = resolve_device(cfg.device)  # before reading data: a bad device should not cost a minute of reading
+    dev = check_run(cfg)
     slices = load_training_slices(cfg.data, cfg.recipe, progress=cfg.progress, workers=cfg.workers)
     return train_model(slices, cfg.recipe, cfg.out, dev, progress=cfg.progress)

@@ -259,6 +259,11 @@ def test_bad_paths_give_one_line_and_exit_2(trees, trained, tmp_path):
     r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(tmp_path), "--out",
                  str(tmp_path / "m")])
     _one_line_error(r, "holds no BraTS case")
+    if not torch.cuda.is_available():
+        r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(trees / "train2018"), "--out",
+                     str(tmp_path / "m"), "--device", "cuda"])
+        _one_line_error(r, "no CUDA GPU")
+        assert not (tmp_path / "m").exists()
     r = run_cli(["asyndgan.experiments.cli", "segment", "eval", "--model", str(trees / "test"), "--data",
                  str(trees / "test")])
     _one_line_error(r, "is not a segmentation model")
