@@ -106,16 +106,17 @@ def masks_to_net(mask: np.ndarray, size: int) -> torch.Tensor:
     return m[:, 0].to(torch.uint8)
 
 
-def training_slice_indices(seg: np.ndarray, healthy_ratio: float, seed: int, name: str) -> tuple[np.ndarray, int]:
+def training_slice_indices(seg: np.ndarray, healthy_ratio: float, name: str) -> tuple[np.ndarray, int]:
     """(sorted axial indices, number of tumour slices): every slice with tumour, plus round(healthy_ratio x that
-    many) brain slices without tumour drawn at random. The draw is seeded by the case's name, so a case keeps its
-    slices whatever else is pooled with it."""
+    many) brain slices without tumour drawn at random. The draw is seeded by the case's name only: a case keeps
+    its slices whatever else is pooled with it, and the training seed (weights, batch order) can vary over one
+    loaded SliceSet."""
     tumour = (seg > BRAIN).any(axis=(0, 1))
     brain = (seg > 0).any(axis=(0, 1))
     t_idx = np.flatnonzero(tumour)
     healthy = np.flatnonzero(brain & ~tumour)
     n = min(len(healthy), int(round(healthy_ratio * len(t_idx))))
-    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     h_idx = rng.choice(healthy, size=n, replace=False) if n else np.zeros(0, np.int64)
     return np.sort(np.concatenate([t_idx, h_idx])), len(t_idx)
 
@@ -126,6 +127,9 @@ class SliceSet:
 
     images: torch.Tensor  # float16 [N, C, s, s]
     masks: torch.Tensor  # uint8 [N, s, s]: 1 inside the region
+    preprocessing: Preprocessing  # what made them; a recipe that trains on them must agree (train_model checks)
+    region: str
+    healthy_ratio: float
     cases: list[str] = field(default_factory=list)  # "<tree>/<case>" per case used
     tumour_slices: int = 0
     healthy_slices: int = 0
@@ -154,7 +158,7 @@ def _training_slices_of(case: brats.Case, recipe: SegmentationRecipe):
     except DataError as exc:
         return str(exc)
     size = recipe.preprocessing.image_size
-    idx, n_tumour = training_slice_indices(vol.seg, recipe.training.healthy_ratio, recipe.training.seed, case.name)
+    idx, n_tumour = training_slice_indices(vol.seg, recipe.training.healthy_ratio, case.name)
     images = slices_to_net(vol.images[..., idx], size).to(torch.float16).numpy()
     masks = masks_to_net(region_mask(vol.seg[..., idx], recipe.region), size).numpy()
     return images, masks, n_tumour
@@ -184,7 +188,8 @@ def load_training_slices(dirs: list[pathlib.Path], recipe: SegmentationRecipe, p
     if not names:
         raise DataError(f"no usable training case in {', '.join(map(str, dirs))}")
     log.info("training slices: %d with tumour, %d healthy, from %d cases", n_tumour, n_healthy, len(names))
-    return SliceSet(torch.cat(images), torch.cat(masks), names, n_tumour, n_healthy)
+    return SliceSet(torch.cat(images), torch.cat(masks), recipe.preprocessing.model_copy(deep=True), recipe.region,
+                    recipe.training.healthy_ratio, names, n_tumour, n_healthy)
 
 
 @dataclass

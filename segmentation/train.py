@@ -70,6 +70,13 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
     out = pathlib.Path(out)
     cfg = recipe.training
     size = recipe.preprocessing.image_size
+    made = {"preprocessing": slices.preprocessing, "region": slices.region, "healthy_ratio": slices.healthy_ratio}
+    wanted = {"preprocessing": recipe.preprocessing, "region": recipe.region, "healthy_ratio": cfg.healthy_ratio}
+    differ = [k for k in made if made[k] != wanted[k]]
+    if differ:  # e.g. whole-tumour masks silently used to train a model labelled "enhancing"
+        raise ConfigError(f"the slices were loaded with other {', '.join(differ)} than the recipe asks for "
+                          f"({', '.join(f'{k}: {made[k]!r} vs {wanted[k]!r}' for k in differ)}); load them with "
+                          "this recipe")
     if tuple(slices.images.shape[1:]) != (len(recipe.preprocessing.modalities), size, size):
         raise ConfigError(f"slices are {tuple(slices.images.shape[1:])} but the recipe needs "
                           f"({len(recipe.preprocessing.modalities)}, {size}, {size})")

@@ -102,13 +102,13 @@ def test_training_slices_are_every_tumour_slice_plus_some_healthy_ones():
     seg = np.zeros((8, 8, 40), np.uint8)
     seg[2:6, 2:6, 5:35] = BRAIN  # brain on slices 5..34
     seg[3:5, 3:5, 10:14] = 3  # tumour on slices 10..13
-    idx, n_tumour = training_slice_indices(seg, healthy_ratio=1.5, seed=0, name="case_a")
+    idx, n_tumour = training_slice_indices(seg, healthy_ratio=1.5, name="case_a")
     assert n_tumour == 4 and len(idx) == 4 + 6
     assert set(range(10, 14)) <= set(idx.tolist()) and all(5 <= i < 35 for i in idx)
-    again, _ = training_slice_indices(seg, 1.5, 0, "case_a")
-    other, _ = training_slice_indices(seg, 1.5, 0, "case_b")
+    again, _ = training_slice_indices(seg, 1.5, "case_a")
+    other, _ = training_slice_indices(seg, 1.5, "case_b")
     assert again.tolist() == idx.tolist() and other.tolist() != idx.tolist()
-    assert len(training_slice_indices(seg, 100.0, 0, "case_a")[0]) == 30  # capped at the brain's slices
+    assert len(training_slice_indices(seg, 100.0, "case_a")[0]) == 30  # capped at the brain's slices
 
 
 # --- hand-made BraTS trees --------------------------------------------------------------------------------------
@@ -310,3 +310,6 @@ def test_same_recipe_data_and_seed_give_the_same_model(trees, tmp_path):
     train_model(slices, seeded, tmp_path / "c", "cpu", progress=False)
     other = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
     assert not all(torch.equal(states[0][k], other[k]) for k in other)
+    enhancing = recipe.model_copy(update={"region": "enhancing"})
+    with pytest.raises(ConfigError, match="region: 'whole' vs 'enhancing'"):  # masks made for another region
+        train_model(slices, enhancing, tmp_path / "d", "cpu", progress=False)
