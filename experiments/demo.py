@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.common.config import ServerConfig, load_config
-from asyndgan.common.errors import ConfigError, DataError
+from asyndgan.common.errors import DataError
+from asyndgan.common.devices import resolve_device
 from asyndgan.experiments.runner import Cluster, write_json
 from asyndgan.site_agent.datasets import describe_dataset
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
@@ -42,18 +43,6 @@ class DemoConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
 
 
-def resolve_device(device: str) -> str:
-    """'cpu' or 'cuda'; auto picks cuda when torch sees a GPU. Asking for cuda without one is a ConfigError
-    here rather than a traceback in every child process."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA GPU on this machine (use --device cpu)")
-    return device
-
-
 def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
     if not cfg.data.exists():
         log.info("generating the default data set, a brain-tumour phantom, in %s (once)", cfg.data)
@@ -68,7 +57,7 @@ def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
 
 
 def run(cfg: DemoConfig) -> dict:
-    device = resolve_device(cfg.device)  # before the phantom's minute of generation
+    device = resolve_device(cfg.device).type  # checked before the phantom's minute of generation
     folders = site_folders(cfg)
     log.info("server and sites compute on %s", device)
     server_cfg = load_config(ServerConfig, None, {

@@ -33,7 +33,7 @@ from asyndgan.segmentation.config import REGION_NAMES, EvalRunConfig, Segmentati
 from asyndgan.segmentation.data import TestCase, TestSet, load_test_cases, region_mask
 from asyndgan.segmentation.metrics import EMPTY_RULE, dice_on_tumour_slices, score_case, summarise
 from asyndgan.segmentation.model import load_model
-from asyndgan.segmentation.train import resolve_device
+from asyndgan.common.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

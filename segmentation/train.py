@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.errors import ConfigError
+from asyndgan.common.devices import resolve_device
 from asyndgan.segmentation.config import REGION_NAMES, SegmentationRecipe, TrainRunConfig
 from asyndgan.segmentation.data import SliceSet, check_data_dir, load_training_slices
 from asyndgan.segmentation.model import build_loss, build_network, save_model
@@ -39,18 +40,6 @@ class TrainResult:
     slices: int
     cases: int
     parameters: int
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU")
-    return device
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.errors import AsynDGANError, ConfigError, DataError
 from asyndgan.common.families import get_family
+from asyndgan.common.devices import resolve_device
 from asyndgan.synthesis import label_sources as sources
 from asyndgan.synthesis import writers
 from asyndgan.synthesis.generator_file import LoadedGenerator, load_exported, load_from_checkpoint
@@ -59,19 +60,6 @@ class GenerateConfig(BaseModel):
         if (self.checkpoint is None) == (self.generator is None):
             raise ValueError("give exactly one of --checkpoint and --generator")
         return self
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: cuda when torch sees a GPU; a device torch cannot use is a ConfigError here, not a traceback later."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, auto)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"--device {name}: torch sees no such CUDA GPU on this machine (use --device cpu)")
-    return device
 
 
 def load_generator(cfg: GenerateConfig) -> LoadedGenerator:

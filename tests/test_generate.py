@@ -195,7 +195,7 @@ def test_a_foreign_generator_is_one_line_and_writes_nothing(kind, brats_run, tre
     elif kind == "cuda without a GPU":
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
-        args, needle = ["--checkpoint", str(brats_run["checkpoint"]), "--device", "cuda"], "no such CUDA GPU"
+        args, needle = ["--checkpoint", str(brats_run["checkpoint"]), "--device", "cuda"], "no CUDA GPU"
     elif kind == "mlp1d checkpoint":
         path = make_run(tmp_path / "run1d", {"site.model.family": "mlp1d"}, None, samples=100)
         args, needle = ["--checkpoint", str(path)], "holds a mlp1d generator"
