@@ -1,0 +1,351 @@
+"""The synthetic-learning experiment (the DSL paper's Table 3 on the phantom): does a segmentation model trained on
+AsynDGAN's synthetic data match one trained on the real data it never saw?
+
+Rows, every one trained with the same segmentation recipe and scored on the same real test cases:
+    real_all            all sites' real cases pooled (the privacy-violating upper bound)
+    real_site<k>        site k's real cases alone
+    syn_all             synthetic cases from one GAN trained on all real cases pooled, in this process
+    asyndgan            synthetic cases from AsynDGAN: a server process and one process per site, mutual TLS
+    asyndgan+site<k>    AsynDGAN's synthetic cases plus the smallest site's real ones (the augmentation claim)
+Both GANs have the same generator, discriminator, steps and images per generator step; only where the data sits
+differs. Image quality per GAN: FID/KID against held-out real slices, SSIM/PSNR for the same label maps.
+
+Every finished piece is kept in OUT and skipped when the same command runs again (settings.json records the
+settings; another preset or seed in the same OUT is refused). Report and figures: synthetic_learning_report.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import shutil
+import threading
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.central_server.trainer import Trainer
+from asyndgan.common.config import (
+    DataPrepConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig,
+    SiteFacingConfig, TrainConfig,
+)
+from asyndgan.common.errors import AsynDGANError, ConfigError
+from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
+from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.experiments.runner import Cluster, write_json
+from asyndgan.segmentation import (
+    NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
+    load_training_slices, train_model, write_results,
+)
+from asyndgan.site_agent.datasets import open_dataset
+
+log = logging.getLogger(__name__)
+Preset = Literal["smoke", "cpu", "gpu"]
+GANS = ("syn_all", "asyndgan")
+
+
+class PhantomSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cases_per_site: list[int]  # uneven on purpose: the smallest site is the one augmented
+    test_cases: int = Field(ge=1)
+    shape: tuple[int, int, int] = (240, 240, 155)
+
+
+class GANSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_size: int
+    ngf: int
+    n_blocks: int
+    ndf: int
+    d_layers: int = 3
+    steps: int = Field(ge=1)
+    batch_per_site: int = Field(ge=1, description="AsynDGAN: per site per step; Syn-All draws sites x this")
+    lr: float = 2e-4
+    lambda_l1: float = 100.0
+    timeout_s: float = 7200
+
+
+class SyntheticLearningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Preset
+    out: pathlib.Path
+    seed: int = Field(0, ge=0, description="phantom, GANs and the first segmentation seed")
+    phantom: PhantomSection
+    gan: GANSection
+    segmentation: SegmentationRecipe
+    segmentation_seeds: int = Field(3, ge=1, description="segmentation models per row (seed, seed+1, ...)")
+    fid_images: int = Field(ge=2, description="held-out real slices (and as many synthetic ones) for FID/KID")
+    device: str = "cpu"
+    threads: int = Field(2, ge=1)
+
+
+def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> SyntheticLearningConfig:
+    """The three presets. smoke: the plumbing in under 2 minutes; cpu: meaningful numbers on a 2-core machine
+    in about 90 minutes (REFERENCE.md: 30+ test patients, 3 seeds per row, thousands of generator steps); gpu:
+    the papers' settings (256 px, ResNet-9 generator)."""
+    if preset == "smoke":
+        return SyntheticLearningConfig(
+            preset=preset, out=out, seed=seed,
+            phantom=PhantomSection(cases_per_site=[3, 2, 1], test_cases=3, shape=(64, 64, 40)),
+            gan=GANSection(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, steps=6, batch_per_site=2,
+                           timeout_s=300),
+            segmentation=SegmentationRecipe(
+                preprocessing=Preprocessing(image_size=32), network=NetworkConfig(channels=[8, 16, 32],
+                                                                                  num_res_units=1),
+                training=TrainingConfig(steps=8, batch_size=8)),
+            segmentation_seeds=2, fid_images=6)
+    if preset == "cpu":
+        return SyntheticLearningConfig(
+            preset=preset, out=out, seed=seed,
+            phantom=PhantomSection(cases_per_site=[12, 6, 3], test_cases=30),
+            # the demo's generator (64 px, ResNet-6, 32 filters); 2000 steps is ~10 min per GAN on this machine
+            gan=GANSection(image_size=64, ngf=32, n_blocks=6, ndf=32, steps=2000, batch_per_site=4),
+            # the segmentation package's default net; 1000 steps (~1.5 min a model) so 8 rows x 3 seeds fit
+            segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=64),
+                                            training=TrainingConfig(steps=1000, batch_size=16)),
+            segmentation_seeds=3, fid_images=200)
+    return SyntheticLearningConfig(
+        preset=preset, out=out, seed=seed,
+        phantom=PhantomSection(cases_per_site=[30, 15, 8], test_cases=42),
+        gan=GANSection(image_size=256, ngf=64, n_blocks=9, ndf=64, steps=20000, batch_per_site=4, timeout_s=36000),
+        segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=128),
+                                        network=NetworkConfig(channels=[32, 64, 128, 256, 512]),
+                                        training=TrainingConfig(steps=4000, batch_size=16)),
+        segmentation_seeds=3, fid_images=1000, device="cuda")
+
+
+# ---- pieces, each kept in OUT and skipped when done --------------------------------------------------------
+def check_settings(cfg: SyntheticLearningConfig) -> None:
+    """OUT/settings.json holds the settings of the run in OUT; resuming with other settings is refused."""
+    path = cfg.out / "settings.json"
+    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads"}))
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != ours:
+            raise ConfigError(f"{cfg.out} holds a run with other settings ({path}); choose a new --out")
+        log.info("resuming the run in %s: finished pieces are kept", cfg.out)
+        return
+    if cfg.out.exists() and any(p.name != "experiment.log" for p in cfg.out.iterdir()):
+        raise ConfigError(f"{cfg.out} is not empty and holds no synthetic-learning run; choose a new --out")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_json(path, ours)
+
+
+def make_phantom(cfg: SyntheticLearningConfig) -> tuple[list[pathlib.Path], pathlib.Path]:
+    """(site folders, test folder); the phantom is written once (a marker file says it is complete)."""
+    root = cfg.out / "phantom"
+    done = cfg.out / "phantom.done"
+    n = len(cfg.phantom.cases_per_site)
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)  # a half-written phantom from an interrupted run
+        write_phantom(root, PhantomConfig(sites=n, cases_per_site=cfg.phantom.cases_per_site,
+                                          test_cases=cfg.phantom.test_cases, shape=cfg.phantom.shape, seed=cfg.seed))
+        done.write_text("complete\n")
+    return [root / f"site{i + 1}" for i in range(n)], root / "test"
+
+
+def pooled_tree(sites: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path:
+    """One BraTS tree holding every site's cases (symbolic links): Syn-All's single site, and the label maps the
+    synthetic training sets are generated from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for site in sites:
+        for case in sorted(p for p in site.iterdir() if p.is_dir()):
+            link = folder / case.name
+            if not link.exists():
+                os.symlink(case.resolve(), link)
+    return folder
+
+
+def server_config(cfg: SyntheticLearningConfig, run_dir: pathlib.Path, min_sites: int, batch: int) -> ServerConfig:
+    g = cfg.gan
+    opt = OptimizerConfig(lr=g.lr)
+    return ServerConfig(
+        host="127.0.0.1", port=0, run_dir=run_dir, device=cfg.device, checkpoint_every=max(1, g.steps // 4),
+        sample_every=max(1, g.steps // 8), g_optim=opt,
+        train=TrainConfig(batch_size=batch, sampling="balance", min_sites=min_sites, step_deadline_s=300,
+                          seed=cfg.seed),
+        site=SiteFacingConfig(
+            model=ModelConfig(family="image2d", image2d=Image2DConfig(
+                image_size=g.image_size, ngf=g.ngf, n_blocks=g.n_blocks, ndf=g.ndf, d_layers=g.d_layers)),
+            d_optim=opt, loss=LossConfig(lambda_l1=g.lambda_l1), schedule=ScheduleConfig(steps=g.steps),
+            seed=cfg.seed),
+    )
+
+
+def finished_checkpoint(run_dir: pathlib.Path, steps: int) -> pathlib.Path | None:
+    path = ckpt.checkpoint_path(run_dir / "checkpoints", steps)
+    return path if path.is_file() else None
+
+
+def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: int) -> pathlib.Path:
+    """One GAN, one discriminator on every real case pooled, in this process. It draws as many images per
+    generator step as AsynDGAN's sites together, so both see the same number of images."""
+    run_dir = cfg.out / "gan" / "syn_all"
+    done = finished_checkpoint(run_dir, cfg.gan.steps)
+    if done:
+        log.info("syn_all: kept %s", done)
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)
+    scfg = server_config(cfg, run_dir, 1, cfg.gan.batch_per_site * n_sites)
+    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    session = LocalSession("pooled", open_dataset(pooled, scfg.site, prep), scfg.site, device=cfg.device)
+    started = time.monotonic()
+    trainer = Trainer(scfg, LocalRegistry([session]), CountingBank([session]), run_dir)
+    trainer.run(threading.Event())
+    log.info("syn_all: %d steps in %.0f s", cfg.gan.steps, time.monotonic() - started)
+    return _require_checkpoint(run_dir, cfg.gan.steps)
+
+
+def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> pathlib.Path:
+    """The real system: a server process and one site process per site folder, over mutual TLS."""
+    run_dir = cfg.out / "gan" / "asyndgan"
+    done = finished_checkpoint(run_dir, cfg.gan.steps)
+    if done:
+        log.info("asyndgan: kept %s", done)
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)
+    scfg = server_config(cfg, run_dir, len(sites), cfg.gan.batch_per_site)
+    started = time.monotonic()
+    cluster = Cluster(scfg, threads=1, tls=True)
+    try:
+        cluster.start_server()
+        for i, folder in enumerate(sites):
+            cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
+                                                                "--device", cfg.device])
+        cluster.follow(cfg.gan.steps, desc="asyndgan")
+        cluster.wait(cfg.gan.timeout_s)
+    finally:
+        cluster.stop()
+    log.info("asyndgan over gRPC with mutual TLS: %d steps in %.0f s", cfg.gan.steps, time.monotonic() - started)
+    return _require_checkpoint(run_dir, cfg.gan.steps)
+
+
+def _require_checkpoint(run_dir: pathlib.Path, steps: int) -> pathlib.Path:
+    path = finished_checkpoint(run_dir, steps)
+    if path is None:
+        raise AsynDGANError(f"the GAN in {run_dir} did not reach step {steps}; see its logs there")
+    return path
+
+
+def synthesise(cfg: SyntheticLearningConfig, checkpoint: pathlib.Path, label_maps: pathlib.Path,
+               out: pathlib.Path) -> pathlib.Path:
+    """Whole synthetic BraTS cases for every case of `label_maps` (synthesis resumes a partial output)."""
+    from asyndgan.synthesis.generate import GenerateConfig, run
+
+    run(GenerateConfig(checkpoint=checkpoint, out=out, label_maps=label_maps, device=cfg.device, batch_size=32))
+    return out
+
+
+def rows(sites: list[pathlib.Path], synthetic: dict[str, pathlib.Path] | None, sizes: list[int]) -> dict[str, list]:
+    """Row name -> the training trees it pools (the real rows only while `synthetic` is None)."""
+    smallest = min(range(len(sites)), key=lambda i: (sizes[i], i))
+    out = {"real_all": list(sites)}
+    out.update({f"real_site{i + 1}": [s] for i, s in enumerate(sites)})
+    if synthetic is not None:
+        out.update({"syn_all": [synthetic["syn_all"]], "asyndgan": [synthetic["asyndgan"]],
+                    f"asyndgan+site{smallest + 1}": [synthetic["asyndgan"], sites[smallest]]})
+    return out
+
+
+def _pool(sets: list[SliceSet]) -> SliceSet:
+    first = sets[0]
+    return SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), first.preprocessing,
+                    first.region, first.healthy_ratio, [c for s in sets for c in s.cases],
+                    sum(s.tumour_slices for s in sets), sum(s.healthy_slices for s in sets))
+
+
+def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Path]],
+                 test_dir: pathlib.Path) -> dict[str, list[dict]]:
+    """Row -> one evaluation (summary + per-patient rows) per segmentation seed; models and evaluations are kept
+    in OUT/segmentation/<row>/seed<s>/ and reused."""
+    recipe = cfg.segmentation
+    test = None
+    slices: dict[pathlib.Path, SliceSet] = {}  # each tree is read once, whichever rows pool it
+    results: dict[str, list[dict]] = {}
+    seeds = [cfg.seed + k for k in range(cfg.segmentation_seeds)]
+    total, done = len(table) * len(seeds), 0
+    for row, trees in table.items():
+        results[row] = []
+        for s in seeds:
+            folder = cfg.out / "segmentation" / row / f"seed{s}"
+            summary_path = folder / "eval" / "summary.json"
+            done += 1
+            if summary_path.is_file():
+                results[row].append(_load_eval(folder / "eval"))
+                continue
+            log.info("segmentation %d/%d: %s, seed %d", done, total, row, s)
+            seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
+            if not (folder / "model" / "training.json").is_file():
+                for t in trees:
+                    if t not in slices:
+                        slices[t] = load_training_slices([t], seeded, progress=True)
+                train_model(_pool([slices[t] for t in trees]), seeded, folder / "model", cfg.device)
+            if test is None:
+                test = load_test_cases(test_dir, recipe.preprocessing)
+            result = evaluate_model(folder / "model", test, cfg.device)
+            write_results(result, folder / "eval")
+            results[row].append(_load_eval(folder / "eval"))
+    return results
+
+
+def _load_eval(folder: pathlib.Path) -> dict:
+    import csv
+
+    with open(folder / "per_patient.csv", newline="") as f:
+        patients = list(csv.DictReader(f))
+    return {"summary": json.loads((folder / "summary.json").read_text()), "patients": patients,
+            "csv": str(folder / "per_patient.csv")}
+
+
+def run(cfg: SyntheticLearningConfig) -> dict:
+    from asyndgan.experiments import synthetic_learning_report as report
+
+    torch.set_num_threads(cfg.threads)
+    check_settings(cfg)
+    timings_path = cfg.out / "timings.json"
+    # Seconds per piece, kept across invocations: a resumed run adds what it redid to what was done before.
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def timed(name: str, fn, *args):
+        t0 = time.monotonic()
+        value = fn(*args)
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 1)
+        write_json(timings_path, timings)
+        return value
+
+    log.info("[1/7] phantom: %s training cases per site, %d test cases", cfg.phantom.cases_per_site,
+             cfg.phantom.test_cases)
+    sites, test_dir = timed("phantom", make_phantom, cfg)
+    pooled = pooled_tree(sites, cfg.out / "pooled")
+    # The real rows first: they need no GAN, and an interrupted run has the baselines to show.
+    log.info("[2/7] segmentation on real data: %d seed(s) per row, scored on the real test cases",
+             cfg.segmentation_seeds)
+    timed("segmentation_real", segment_rows, cfg, rows(sites, None, cfg.phantom.cases_per_site), test_dir)
+    log.info("[3/7] Syn-All: one GAN on the pooled real cases, in this process")
+    checkpoints = {"syn_all": timed("gan_syn_all", train_syn_all, cfg, pooled, len(sites))}
+    log.info("[4/7] AsynDGAN: a server and %d site processes over mutual TLS", len(sites))
+    checkpoints["asyndgan"] = timed("gan_asyndgan", train_asyndgan, cfg, sites)
+    log.info("[5/7] synthetic data sets from the training cases' label maps (and the test cases', for image "
+             "quality only)")
+    synthetic, synthetic_test = {}, {}
+    for gan in GANS:
+        synthetic[gan] = timed(f"generate_{gan}", synthesise, cfg, checkpoints[gan], pooled,
+                               cfg.out / "synthetic" / gan / "train")
+        synthetic_test[gan] = timed(f"generate_{gan}", synthesise, cfg, checkpoints[gan], test_dir,
+                                    cfg.out / "synthetic" / gan / "test")
+    log.info("[6/7] image quality (FID/KID, SSIM/PSNR)")
+    quality = timed("image_quality", report.image_quality, cfg, test_dir, synthetic_test)
+    log.info("[7/7] segmentation on synthetic data")
+    table = rows(sites, synthetic, cfg.phantom.cases_per_site)
+    evals = timed("segmentation_synthetic", segment_rows, cfg, table, test_dir)
+    wall = round(sum(timings.values()), 1)
+    results = report.write_all(cfg, table, evals, quality, timings, wall, test_dir, synthetic_test)
+    log.info("synthetic learning (%s, seed %d) done; %.0f s of work in all; report %s", cfg.preset, cfg.seed, wall,
+             cfg.out / "report.md")
+    return results
