@@ -196,6 +196,29 @@ def gaussian1d(out, seed, steps, log_level):
     click.echo(f"results: {out / 'results.json'}  histograms: {out / 'histograms.png'}")
 
 
+@experiment.command("synthetic-learning")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "gpu"]), required=True,
+              help="smoke: the plumbing in under 2 minutes; cpu: meaningful numbers on 2 cores in ~90 minutes; "
+                   "gpu: the papers' settings (256 px, ResNet-9 generator).")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Output folder (the same command again resumes: finished pieces are kept).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@log_level_option
+@friendly_errors
+def synthetic_learning(preset, out, seed, log_level):
+    """Real-All, Real-Subset-n, Syn-All, AsynDGAN and AsynDGAN + the smallest site: segmentation Dice on the same
+    real test cases, and FID/KID/SSIM/PSNR per GAN. Long presets: run with nohup ... & and re-run to resume."""
+    from asyndgan.experiments.synthetic_learning import preset_config, run
+
+    setup_logging(log_level, out / "experiment.log")
+    stop_on_sigterm()  # unwinds through run(), which stops the server and site processes on the way out
+    results = run(preset_config(preset, out, seed))
+    click.echo(f"{'method':<18} Dice (mean +- SD over {len(results['segmentation_seeds'])} seeds)")
+    for name, row in results["rows"].items():
+        click.echo(f"{name:<18} {row['dice']['mean']:.4f} +- {row['dice']['sd']:.4f}")
+    click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}  figures: {out / 'figures'}")
+
+
 @main.group()
 def segment() -> None:
     """Downstream segmentation (MONAI 2-D U-Net) trained on any BraTS tree, scored per patient in 3-D."""
