@@ -306,7 +306,14 @@ def _load_eval(folder: pathlib.Path) -> dict:
 def run(cfg: SyntheticLearningConfig) -> dict:
     from asyndgan.experiments import synthetic_learning_report as report
 
+    from asyndgan.common.devices import resolve_device
+
     torch.set_num_threads(cfg.threads)
+    try:  # the gpu preset without a GPU: one line now, not a traceback an hour later
+        resolve_device(cfg.device)
+    except ConfigError:
+        raise ConfigError(f"--preset {cfg.preset} computes on {cfg.device}, which torch cannot use on this "
+                          "machine (use --preset cpu)") from None
     check_settings(cfg)
     timings_path = cfg.out / "timings.json"
     # Seconds per piece, kept across invocations: a resumed run adds what it redid to what was done before.

@@ -72,7 +72,9 @@ def image_quality(cfg, test_dir: pathlib.Path, synthetic_test: dict[str, pathlib
                          **{g: o.images[prep.modalities.index("flair"), ..., z] for g, o in others.items()}})
     n = min(len(real), cfg.fid_images)
     as_tensor = lambda xs: torch.from_numpy(np.stack(xs[:n])).float()  # noqa: E731  [n, 3, X, Y] in [-1, 1]
-    scores = fid_kid(as_tensor(real), {g: as_tensor(f) for g, f in fakes.items()})
+    from asyndgan.common.devices import resolve_device
+
+    scores = fid_kid(as_tensor(real), {g: as_tensor(f) for g, f in fakes.items()}, device=resolve_device(cfg.device))
     out = {g: {**scores[g], "ssim": mean_sd(paired[g]["ssim"]), "psnr_db": mean_sd(paired[g]["psnr"])}
            for g in synthetic_test}
     out["_protocol"] = (f"{n} tumour-bearing axial slices of the {len(cases)} held-out real test cases (evenly "

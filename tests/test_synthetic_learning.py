@@ -162,3 +162,11 @@ def test_fid_kid_near_zero_for_the_same_images_and_larger_for_noise(inception):
     assert abs(scores["same"]["fid"]) < 1e-2
     # KID's unbiased estimator is not 0 for identical sets of 4 (it leaves out k(x, x)), only small against noise
     assert scores["noisy"]["fid"] > 10 and scores["noisy"]["kid_mean"] > scores["same"]["kid_mean"] + 0.02
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_gpu_preset_without_a_gpu_is_one_line_before_any_work(tmp_path):
+    r = run_cli(["asyndgan.experiments.cli", "experiment", "synthetic-learning", "--preset", "gpu", "--out",
+                 str(tmp_path / "g")], timeout=120)
+    assert r.returncode == 2 and "--preset gpu" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "g" / "settings.json").exists() and not (tmp_path / "g" / "phantom").exists()
