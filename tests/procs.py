@@ -126,3 +126,15 @@ def wait_status(predicate, address: str, what: str, timeout: float = 60, kit: pa
 def site_status(s, name: str):
     """One site's SiteStatus in a reply, or None."""
     return next((x for x in s.sites if x.site_id == name), None)
+
+
+def one_line_error(result, *needles) -> str:
+    """A CLI run that failed the way users are promised: exit 2, no traceback, one `error:` line holding every
+    needle; returns that line."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

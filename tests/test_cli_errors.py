@@ -7,42 +7,33 @@ import time
 import pytest
 
 from asyndgan.demo_data.toy import write_toy_sites
-from procs import TINY_IMAGE2D, Server, run_cli
+from procs import TINY_IMAGE2D, Server, one_line_error, run_cli
 
 pytestmark = pytest.mark.integration
 SITE = ["asyndgan.site_agent.cli", "join", "--insecure"]
 SERVER = ["asyndgan.central_server.cli"]
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_site_with_a_missing_data_folder(tmp_path):
     r = run_cli(SITE + ["--data", str(tmp_path / "nowhere"), "--server", "127.0.0.1:1", "--site-id", "a"])
-    _one_line_error(r, "nowhere", "does not exist")
+    one_line_error(r, "nowhere", "does not exist")
 
 
 def test_site_with_a_folder_that_holds_no_dataset(tmp_path):
     r = run_cli(SITE + ["--data", str(tmp_path), "--server", "127.0.0.1:1", "--site-id", "a"])
-    _one_line_error(r, "meta.json")
+    one_line_error(r, "meta.json")
 
 
 def test_site_that_cannot_reach_the_server(tmp_path):
     data = write_toy_sites(tmp_path, sites=1, per_site=[2], size=16)[0]
     r = run_cli(SITE + ["--data", str(data), "--server", "127.0.0.1:9", "--site-id", "a",
                         "--set", "connect_timeout_s=1"])
-    _one_line_error(r, "cannot reach the server at 127.0.0.1:9")
+    one_line_error(r, "cannot reach the server at 127.0.0.1:9")
 
 
 def test_site_id_must_be_given_and_well_formed(tmp_path):
     r = run_cli(SITE + ["--data", str(tmp_path), "--server", "127.0.0.1:1", "--site-id", "bad id!"])
-    _one_line_error(r, "site_id")
+    one_line_error(r, "site_id")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -53,12 +44,12 @@ def test_site_id_must_be_given_and_well_formed(tmp_path):
 ])
 def test_server_config_out_of_range(tmp_path, args, needle):
     r = run_cli(SERVER + ["start", "--insecure", "--run-dir", str(tmp_path)] + args)
-    _one_line_error(r, needle)
+    one_line_error(r, needle)
 
 
 def test_status_of_a_server_that_is_not_there():
     r = run_cli(SERVER + ["status", "--insecure", "--server", "127.0.0.1:9", "--timeout", "1"])
-    _one_line_error(r, "no status from 127.0.0.1:9")
+    one_line_error(r, "no status from 127.0.0.1:9")
 
 
 def test_a_second_site_with_the_same_id_is_refused_and_the_wrong_family_too(tmp_path):
@@ -73,12 +64,12 @@ def test_a_second_site_with_the_same_id_is_refused_and_the_wrong_family_too(tmp_
             assert time.monotonic() < end and first.poll() is None, server.output()
             time.sleep(0.2)
         r = run_cli(SITE + ["--data", str(data), "--server", server.address, "--site-id", "hospital-a"])
-        _one_line_error(r, "hospital-a", "already connected")
+        one_line_error(r, "hospital-a", "already connected")
         from asyndgan.demo_data.toy import write_gaussian_sites
 
         g = write_gaussian_sites(tmp_path / "g", per_site=100)[0]
         r = run_cli(SITE + ["--data", str(g), "--server", server.address, "--site-id", "hospital-b"])
-        _one_line_error(r, "mlp1d", "image2d")
+        one_line_error(r, "mlp1d", "image2d")
         assert first.poll() is None, "the refusals must not disturb the connected site"
     finally:
         server.kill()
@@ -114,14 +105,14 @@ def test_demo_on_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path):
         pytest.skip("this machine has a GPU")
     r = run_cli(["asyndgan.experiments.cli", "demo", "--device", "cuda", "--data", str(tmp_path / "data"),
                  "--out", str(tmp_path / "run")])
-    _one_line_error(r, "--device cuda", "no CUDA GPU")
+    one_line_error(r, "--device cuda", "no CUDA GPU")
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
 def test_phantom_lives_under_data_and_the_old_name_says_so(tmp_path):
     r = run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path), "--cases-per-site", "1,x"])
-    _one_line_error(r, "invalid phantom settings")
+    one_line_error(r, "invalid phantom settings")
     r = run_cli(["asyndgan.experiments.cli", "phantom", "--out", str(tmp_path), "--cases-per-site", "1,x"])
-    _one_line_error(r, "invalid phantom settings")
+    one_line_error(r, "invalid phantom settings")
     assert "`asyndgan data phantom`" in r.stderr
     assert "phantom" not in run_cli(["asyndgan.experiments.cli", "--help"]).stdout  # hidden from the help

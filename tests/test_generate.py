@@ -26,22 +26,10 @@ from asyndgan.site_agent import brats
 from asyndgan.site_agent.datasets import open_dataset
 from asyndgan.synthesis import label_sources, writers
 from procs import TINY_IMAGE2D
+from volumes import brain_with_tumour
 
 SHAPE = (40, 36, 12)  # X != Y, so a transposed or squashed slice cannot pass
 AFFINE = np.array([[-1.2, 0, 0, 30.0], [0, -1.1, 0, 25.0], [0, 0, 2.5, -12.0], [0, 0, 0, 1]])
-
-
-def _case(rng, enhancing: int = 4):
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
-    brain = x**2 + y**2 + (z / 1.2) ** 2 < 0.8
-    r = np.sqrt((x - 0.2) ** 2 + (y + 0.1) ** 2 + (z * 2) ** 2)  # tumour only in the middle slices
-    seg = np.zeros(SHAPE, np.uint8)
-    seg[(r < 0.45) & brain] = 2
-    seg[(r < 0.3) & brain] = enhancing
-    seg[(r < 0.15) & brain] = 1
-    images = {m: np.where(brain, 100 + 50 * i + rng.normal(0, 5, SHAPE) + 80 * (seg > 0), 0).astype(np.float32)
-              for i, m in enumerate(("t1", "t1ce", "t2", "flair"))}
-    return images, seg
 
 
 def write_tree(root: pathlib.Path, cases: int, seg_only: bool = False, bad_labels_in: int | None = None):
@@ -49,7 +37,7 @@ def write_tree(root: pathlib.Path, cases: int, seg_only: bool = False, bad_label
     for c in range(cases):
         name = f"CASE_{c:03d}"
         (root / name).mkdir(parents=True)
-        images, seg = _case(rng)
+        images, seg = brain_with_tumour(SHAPE, rng, tumour_z_scale=2.0)  # tumour only in the middle slices
         if c == bad_labels_in:
             seg[seg == 2] = 3  # not a BraTS 2018-2021 label
         files = [("seg", seg)] if seg_only else [*images.items(), ("seg", seg)]

@@ -20,7 +20,7 @@ from asyndgan.segmentation import (
     load_training_slices, score_case, summarise, train_model)
 from asyndgan.segmentation.data import BRAIN, region_mask, training_slice_indices
 from asyndgan.segmentation.metrics import dice_on_tumour_slices
-from procs import run_cli
+from procs import one_line_error, run_cli
 
 SPACING = (0.8, 1.2, 2.5)  # mm along X, Y, Z: every axis different, so a swapped axis shows
 
@@ -172,15 +172,6 @@ def test_training_masks_follow_the_region(trees):
     assert whole.images.shape[1:] == (4, 64, 64) and whole.images.dtype == torch.float16
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 @pytest.fixture(scope="module")
 def trained(trees, tmp_path_factory):
     model = tmp_path_factory.mktemp("seg") / "model"
@@ -254,22 +245,22 @@ def test_bad_paths_give_one_line_and_exit_2(trees, trained, tmp_path):
     model, _ = trained
     r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(trees / "train2018"),
                  str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
-    _one_line_error(r, "nowhere", "does not exist")
+    one_line_error(r, "nowhere", "does not exist")
     assert not (tmp_path / "m").exists()  # nothing written for a run that never started
     r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(tmp_path), "--out",
                  str(tmp_path / "m")])
-    _one_line_error(r, "holds no BraTS case")
+    one_line_error(r, "holds no BraTS case")
     if not torch.cuda.is_available():
         r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(trees / "train2018"), "--out",
                      str(tmp_path / "m"), "--device", "cuda"])
-        _one_line_error(r, "no CUDA GPU")
+        one_line_error(r, "no CUDA GPU")
         assert not (tmp_path / "m").exists()
     r = run_cli(["asyndgan.experiments.cli", "segment", "eval", "--model", str(trees / "test"), "--data",
                  str(trees / "test")])
-    _one_line_error(r, "is not a segmentation model")
+    one_line_error(r, "is not a segmentation model")
     r = run_cli(["asyndgan.experiments.cli", "segment", "eval", "--model", str(model), "--data",
                  str(tmp_path / "nowhere")])
-    _one_line_error(r, "nowhere", "does not exist")
+    one_line_error(r, "nowhere", "does not exist")
 
 
 def test_weights_that_do_not_fit_the_recipe_are_refused(trained, tmp_path):

@@ -16,24 +16,11 @@ from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.errors import DataError
 from asyndgan.site_agent import brats
 from asyndgan.site_agent.datasets import describe_dataset, open_dataset
+from volumes import brain_with_tumour
 
 SHAPE = (40, 40, 12)
 NAMES_2018 = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}
 NAMES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
-
-
-def _volume_pair(rng, enhancing_label: int):
-    """A brain-like ellipsoid with a tumour: images (dict) and seg in the file's label convention."""
-    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
-    brain = x**2 + y**2 + (z / 1.2) ** 2 < 0.8
-    r = np.sqrt((x - 0.2) ** 2 + (y + 0.1) ** 2 + z**2)
-    seg = np.zeros(SHAPE, np.uint8)
-    seg[(r < 0.45) & brain] = 2
-    seg[(r < 0.3) & brain] = enhancing_label
-    seg[(r < 0.15) & brain] = 1
-    images = {m: np.where(brain, 100 + 50 * i + rng.normal(0, 5, SHAPE) + 80 * (seg > 0), 0).astype(np.float32)
-              for i, m in enumerate(("t1", "t1ce", "t2", "flair"))}
-    return images, seg
 
 
 def write_tree(root: pathlib.Path, cases: int, names: dict, sep: str, enhancing: int, ext=".nii.gz"):
@@ -41,7 +28,7 @@ def write_tree(root: pathlib.Path, cases: int, names: dict, sep: str, enhancing:
     for c in range(cases):
         name = f"CASE_{c:03d}"
         (root / name).mkdir(parents=True)
-        images, seg = _volume_pair(rng, enhancing)
+        images, seg = brain_with_tumour(SHAPE, rng, enhancing)
         for key, arr in [*images.items(), ("seg", seg)]:
             nib.save(nib.Nifti1Image(arr, np.eye(4)), str(root / name / f"{name}{sep}{names[key]}{ext}"))
     return root
@@ -61,7 +48,7 @@ def test_both_brats_naming_schemes_give_the_same_normalised_slices(tmp_path, nam
     assert (summary.layout, summary.modalities) == ("brats", ["t1", "t1ce", "t2", "flair"])
     ds = open_dataset(root, _cfg(), prep)
     maps = ds.label_maps()
-    assert len(ds) == 2 * int(((_volume_pair(np.random.default_rng(0), 4)[1] > 0).sum((0, 1)) > 0).sum())
+    assert len(ds) == 2 * int(((brain_with_tumour(SHAPE, np.random.default_rng(0), 4)[1] > 0).sum((0, 1)) > 0).sum())
     assert maps.shape == (len(ds), 32, 32) and maps.dtype == torch.uint8
     assert set(torch.unique(maps).tolist()) == {0, 1, 2, 3, 4}  # outline, necrotic, edema, enhancing
     real = ds.real(torch.arange(len(ds)))
