@@ -183,15 +183,22 @@ def finished_checkpoint(run_dir: pathlib.Path, steps: int) -> pathlib.Path | Non
     return path if path.is_file() else None
 
 
+def _kept_or_reset(run_dir: pathlib.Path, steps: int) -> pathlib.Path | None:
+    """The finished GAN's last checkpoint if this piece was done before; else clear what a cut run left."""
+    done = finished_checkpoint(run_dir, steps)
+    if done:
+        log.info("%s: kept %s", run_dir.name, done)
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return None
+
+
 def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: int) -> pathlib.Path:
     """One GAN, one discriminator on every real case pooled, in this process. It draws as many images per
     generator step as AsynDGAN's sites together, so both see the same number of images."""
     run_dir = cfg.out / "gan" / "syn_all"
-    done = finished_checkpoint(run_dir, cfg.gan.steps)
-    if done:
-        log.info("syn_all: kept %s", done)
+    if done := _kept_or_reset(run_dir, cfg.gan.steps):
         return done
-    shutil.rmtree(run_dir, ignore_errors=True)
     scfg = server_config(cfg, run_dir, 1, cfg.gan.batch_per_site * n_sites)
     prep = DataPrepConfig(cache_dir=cfg.out / "cache")
     session = LocalSession("pooled", open_dataset(pooled, scfg.site, prep), scfg.site, device=cfg.device)
@@ -205,11 +212,8 @@ def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: i
 def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> pathlib.Path:
     """The real system: a server process and one site process per site folder, over mutual TLS."""
     run_dir = cfg.out / "gan" / "asyndgan"
-    done = finished_checkpoint(run_dir, cfg.gan.steps)
-    if done:
-        log.info("asyndgan: kept %s", done)
+    if done := _kept_or_reset(run_dir, cfg.gan.steps):
         return done
-    shutil.rmtree(run_dir, ignore_errors=True)
     scfg = server_config(cfg, run_dir, len(sites), cfg.gan.batch_per_site)
     started = time.monotonic()
     cluster = Cluster(scfg, threads=1, tls=True)
