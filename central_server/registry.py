@@ -37,6 +37,7 @@ class SiteRegistry:
         self._cond = threading.Condition()
         self.departed_bytes_sent = 0
         self.departed_bytes_received = 0
+        self._left: dict[str, SiteSession] = {}  # sites that left for good (Leave) and have not come back
 
     def join(self, hello: serde.Hello, replace: bool = False) -> tuple[SiteSession, bool]:
         """Admit a site: (its new session, whether the server already holds its label maps).
@@ -72,6 +73,7 @@ class SiteRegistry:
             if old is not None and not replace:
                 raise JoinRefused("duplicate", f"site id {hello.site_id!r} is already connected")
             self._sessions[hello.site_id] = session
+            self._left.pop(hello.site_id, None)
             if old is not None:
                 self._retire(old)
         if old is not None:
@@ -94,7 +96,20 @@ class SiteRegistry:
             if self._sessions.get(session.site_id) is session:
                 del self._sessions[session.site_id]
                 self._retire(session)
+                if session.left is not None:
+                    self._left[session.site_id] = session
             self._cond.notify_all()
+
+    def departed(self) -> list[SiteSession]:
+        """Sites that left the run for good (their privacy budget spent, or settings they refused)."""
+        with self._cond:
+            return sorted(self._left.values(), key=lambda s: s.site_id)
+
+    def quorum(self, min_sites: int) -> int:
+        """The quorum a step needs: train.min_sites, less the sites that left for good (the run goes on with the
+        others), at least one."""
+        with self._cond:
+            return max(1, min_sites - len(self._left))
 
     def _retire(self, session: SiteSession) -> None:
         """Keep a departed session's byte counts in the totals (each session is retired once)."""

@@ -63,6 +63,8 @@ class SiteSession:
         self.wire_dtype = wire_dtype
         self.state = State.UPLOADING
         self.failure: str | None = None
+        self.left: str | None = None  # the site's reason when it left the run for good (Leave)
+        self.privacy = hello.privacy  # as the site reports it; updated with every gradient
         self.stats = SessionStats()
         self.outbox: queue.Queue = queue.Queue()
         # Holds at most the answer to the one batch outstanding (plus a stale one and the close marker): gradients
@@ -103,6 +105,11 @@ class SiteSession:
             self._on_ready(self, maps, reuse)  # the bank takes the maps, then the registry marks us ready
         elif kind == "gradient" and self.state is State.READY:
             self._take_gradient(msg.gradient)
+        elif kind == "leave":
+            leave = serde.leave_from_proto(msg.leave)
+            self.left, self.privacy = leave.reason or "no reason given", leave.privacy
+            log.warning("site %s leaves the run for good: %s", self.site_id, self.left)
+            self.close(f"left the run: {self.left}")
         else:
             raise ProtocolError(f"unexpected {kind or 'empty'} message while {self.state.value}")
 
@@ -197,6 +204,8 @@ class SiteSession:
             self._consecutive_bad = 0
             self.stats.steps_answered += 1
             self.stats.losses = grad.losses
+            if grad.privacy is not None:
+                self.privacy = grad.privacy
             return grad
 
     def _give_up(self, round_: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.trainer import Trainer
@@ -17,13 +18,14 @@ def build_status(trainer: Trainer, registry: SiteRegistry) -> pb.StatusReply:
         images_per_second=trainer.images_per_second, run_id=trainer.run_id,
     )
     now = time.monotonic()
-    for s in registry.sessions():
+    for s in registry.sessions() + registry.departed():
         reply.sites.append(pb.SiteStatus(
             site_id=s.site_id, num_samples=s.num_samples, ready=s.ready,
             steps_answered=s.stats.steps_answered, steps_missed=s.stats.steps_missed,
             bytes_sent=s.stats.bytes_sent, bytes_received=s.stats.bytes_received,
             losses=s.stats.losses, connected_seconds=now - s.stats.joined_at,
             late_replies=s.stats.late_replies, bad_messages=s.stats.bad_messages,
+            privacy=serde.privacy_to_proto(s.privacy), left=s.left or "",
         ))
     return reply
 
@@ -33,13 +35,16 @@ def format_status(reply: pb.StatusReply) -> str:
         f"run {reply.run_id}  {reply.family}  {reply.state}  step {reply.step}/{reply.total_steps}  "
         f"{reply.images_per_second:.1f} img/s",
         f"bytes: {reply.bytes_sent / 1e6:.1f} MB sent to sites, {reply.bytes_received / 1e6:.1f} MB received",
-        f"sites connected: {len(reply.sites)}",
+        f"sites connected: {sum(1 for s in reply.sites if not s.left)}",
     ]
     for s in reply.sites:
-        losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(s.losses.items())) or "-"
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(s.losses.items()) if k != "epsilon") or "-"
+        state = "left" if s.left else "ready" if s.ready else "joining"
         lines.append(
-            f"  {s.site_id:<16} n={s.num_samples:<7} {'ready' if s.ready else 'joining':<8} "
+            f"  {s.site_id:<16} n={s.num_samples:<7} {state:<8} "
             f"answered {s.steps_answered}  missed {s.steps_missed}  late {s.late_replies}  "
             f"{(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB  losses: {losses}"
         )
+        lines.append(f"  {'':<16} privacy {serde.privacy_from_proto(s.privacy).describe()}"
+                     + (f"; left the run: {s.left}" if s.left else ""))
     return "\n".join(lines)

@@ -157,7 +157,7 @@ class Trainer:
         report = StepReport(self.step, 0, 0.0, [])
         results = self._collect(planned, report)
         # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
-        quorum = min(self.cfg.train.min_sites, len(planned))
+        quorum = min(self._quorum(), len(planned))
         if len(results) < quorum:
             log.warning("step %d: %d of %d sites answered, quorum is %d; retrying the step", self.step,
                         len(results), len(planned), quorum)
@@ -172,10 +172,13 @@ class Trainer:
             report.preview = (first.maps, fake.detach().cpu()[first.rows])
         return report
 
+    def _quorum(self) -> int:
+        quorum = getattr(self.registry, "quorum", None)  # the in-process registry has no departures
+        return self.cfg.train.min_sites if quorum is None else quorum(self.cfg.train.min_sites)
+
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         total = self.cfg.site.schedule.steps
-        min_sites = self.cfg.train.min_sites
         if self.cfg.tensorboard and self.monitor is None:
             self.monitor = TrainingLog(self.run_dir / "tensorboard")
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
@@ -183,6 +186,7 @@ class Trainer:
         t0, bytes0 = time.monotonic(), sum(self.registry.bytes_moved())
         try:
             while self.step < total and not stop.is_set():
+                min_sites = self._quorum()
                 sessions = self.registry.wait_for_ready(min_sites, timeout=0.5)
                 if len(sessions) < min_sites:
                     self.state = RunState.WAITING

@@ -85,7 +85,9 @@ class LossConfig(_Section):
     generator: Literal["vanilla", "kl"] = Field(
         "vanilla", description="adversarial part of L_G: vanilla (non-saturating BCE, the papers') or kl "
         "(f-GAN forward KL, -exp(logit); see site_agent/gradients.py)")
-    lambda_l1: float = Field(100.0, ge=0, description="weight of |fake - real| in L_G (paired families only)")
+    lambda_l1: float = Field(0.0, ge=0, description="weight of |fake - real| in L_G (paired families only). The "
+                             "papers use 100, but its gradient gives each real pixel away and private sites "
+                             "(privacy.enabled, their default) refuse it: see README, 'What leaves a hospital'")
 
 
 class OptimizerConfig(_Section):
@@ -187,6 +189,25 @@ class DataPrepConfig(_Section):
         return self
 
 
+class PrivacyConfig(_Section):
+    """The site's own differential-privacy guarantee (site_agent/privacy.py). Site-local: the server can read
+    what was spent (status) but cannot set or lower any of it.
+
+    On: the site trains its discriminators with DP-SGD (Opacus) on real samples it draws itself (Poisson, with
+    a secret random source), and returns only the adversarial gradient, which depends on its images through
+    those discriminators alone. It refuses a server that asks for an L1 term (computed on real images directly).
+    The unit protected is one training slice (one label map with its images); see the README for patients."""
+
+    enabled: bool = Field(True, description="differential privacy for everything this site sends")
+    epsilon: float = Field(10.0, gt=0, le=100, description="total budget: the site stops answering before it "
+                           "would spend more, across runs and restarts")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the guarantee's delta; must be at most 1/(samples)")
+    noise_multiplier: float = Field(1.0, ge=0.3, le=20, description="DP-SGD noise: std = this x max_grad_norm")
+    max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-sample gradient clipping bound")
+    batch_size: int = Field(4, ge=1, le=1024, description="expected real samples per discriminator step "
+                            "(Poisson sampling rate = batch_size / samples)")
+
+
 class SiteConfig(_Section):
     site_id: str = Field(..., min_length=1, max_length=64, pattern=SITE_ID_PATTERN)
     server: str = Field("localhost:50051", pattern=r"^[^\s:]+(:\d+)$|^\[[0-9a-fA-F:]+\]:\d+$")
@@ -204,6 +225,7 @@ class SiteConfig(_Section):
                                     "discriminator state between runs")
     save_every: int = Field(100, ge=1, description="save the discriminator state every this many batches")
     prep: DataPrepConfig = Field(default_factory=DataPrepConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
 
 M = TypeVar("M", bound=BaseModel)

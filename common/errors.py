@@ -15,3 +15,7 @@ class DataError(AsynDGANError):
 
 class ProtocolError(AsynDGANError):
     """A peer sent a message that breaks the protocol (wrong order, wrong shape, bad dtype, non-finite values)."""
+
+
+class PrivacyBudgetExhausted(AsynDGANError):
+    """The site's next answer would spend more differential privacy than its budget allows."""

@@ -24,12 +24,66 @@ MAX_LOSSES = 32
 
 
 @dataclass
+class PrivacyStatus:
+    """A site's differential-privacy guarantee as it reports it (the site enforces it; see site_agent/privacy.py).
+    enabled False with everything else zero: privacy off, or a site too old to say."""
+
+    enabled: bool = False
+    epsilon_budget: float = 0.0
+    epsilon_spent: float = 0.0
+    delta: float = 0.0
+    exhausted: bool = False
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off"
+        state = "budget spent" if self.exhausted else "on"
+        return f"{state}: epsilon {self.epsilon_spent:.2f} of {self.epsilon_budget:g} (delta {self.delta:g})"
+
+
+def privacy_to_proto(p: PrivacyStatus | None) -> pb.Privacy | None:
+    if p is None:
+        return None
+    return pb.Privacy(enabled=p.enabled, epsilon_budget=p.epsilon_budget, epsilon_spent=p.epsilon_spent,
+                      delta=p.delta, exhausted=p.exhausted)
+
+
+def privacy_from_proto(m: pb.Privacy) -> PrivacyStatus:
+    values = [float(m.epsilon_budget), float(m.epsilon_spent), float(m.delta)]
+    if not all(np.isfinite(v) and v >= 0 for v in values):
+        raise ProtocolError(f"privacy report with values out of range: {values}")
+    return PrivacyStatus(bool(m.enabled), *values, exhausted=bool(m.exhausted))
+
+
+@dataclass
 class Hello:
     site_id: str
     family: str
     modalities: list[str] = field(default_factory=list)
     maps_digest: str = ""
     protocol_version: int = PROTOCOL_VERSION
+    privacy: PrivacyStatus = field(default_factory=PrivacyStatus)
+
+
+@dataclass
+class Leave:
+    """The site stops for good (its privacy budget is spent, or it refuses the server's settings)."""
+
+    reason: str
+    privacy: PrivacyStatus = field(default_factory=PrivacyStatus)
+
+
+MAX_REASON = 500
+
+
+def leave_to_proto(m: Leave) -> pb.SiteMessage:
+    return pb.SiteMessage(leave=pb.Leave(reason=m.reason[:MAX_REASON], privacy=privacy_to_proto(m.privacy)))
+
+
+def leave_from_proto(m: pb.Leave) -> Leave:
+    # The reason reaches logs and status: printable characters only, bounded.
+    reason = "".join(c for c in str(m.reason)[:MAX_REASON] if c.isprintable())
+    return Leave(reason=reason, privacy=privacy_from_proto(m.privacy))
 
 
 @dataclass
@@ -58,12 +112,13 @@ class ImageGradient:
     gradient: torch.Tensor  # same shape as the batch's fake
     losses: dict[str, float]
     num_samples: int
+    privacy: PrivacyStatus | None = None  # a private site's guarantee after this answer
 
 
 def hello_to_proto(h: Hello) -> pb.SiteMessage:
     return pb.SiteMessage(hello=pb.Hello(
         protocol_version=h.protocol_version, site_id=h.site_id, family=h.family, modalities=h.modalities,
-        maps_digest=h.maps_digest,
+        maps_digest=h.maps_digest, privacy=privacy_to_proto(h.privacy),
     ))
 
 
@@ -71,7 +126,8 @@ def hello_from_proto(m: pb.Hello) -> Hello:
     if len(m.modalities) > 64:
         raise ProtocolError(f"site declares {len(m.modalities)} modalities")
     return Hello(site_id=m.site_id, family=m.family, modalities=[str(x)[:32] for x in m.modalities],
-                 maps_digest=str(m.maps_digest)[:64], protocol_version=int(m.protocol_version))
+                 maps_digest=str(m.maps_digest)[:64], protocol_version=int(m.protocol_version),
+                 privacy=privacy_from_proto(m.privacy))
 
 
 def welcome_to_proto(w: Welcome) -> pb.ServerMessage:
@@ -300,6 +356,7 @@ def gradient_to_proto(g: ImageGradient, wire_dtype: str) -> pb.SiteMessage:
     return pb.SiteMessage(gradient=pb.ImageGradient(
         step=g.step, round=g.round, gradient=tensor_codec.encode(g.gradient, wire_dtype),
         losses={k: float(v) for k, v in g.losses.items()}, num_samples=g.num_samples,
+        privacy=privacy_to_proto(g.privacy),
     ))
 
 
@@ -313,4 +370,4 @@ def gradient_from_proto(
     # Loss names reach logs, status output and TensorBoard tags: printable characters only.
     losses = {"".join(c for c in str(k)[:64] if c.isprintable()): float(v) for k, v in m.losses.items()}
     return ImageGradient(step=int(m.step), round=int(m.round), gradient=grad.float(), losses=losses,
-                         num_samples=int(m.num_samples))
+                         num_samples=int(m.num_samples), privacy=privacy_from_proto(m.privacy))

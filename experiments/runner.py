@@ -97,11 +97,14 @@ class Cluster:
             pki.issue_site(self.cfg.certs, site_id)
         return kit
 
-    def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = ()) -> None:
+    def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = (), privacy: bool | None = None) -> None:
+        """privacy: None keeps the site's default (on); False for the papers' algorithm (lambda_L1 > 0)."""
         kit = self.kit(site_id)
         cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", self.address,
                "--site-id", site_id, *(["--certs", str(kit)] if kit else ["--insecure"]),
                "--set", f"state_dir={self.cfg.run_dir / 'site_state'}", *extra]
+        if privacy is not None:
+            cmd += ["--set", f"privacy.enabled={'true' if privacy else 'false'}"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         self._spawn(site_id, cmd, self.cfg.run_dir / f"{site_id}.out")

@@ -221,7 +221,8 @@ def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> p
         cluster.start_server()
         for i, folder in enumerate(sites):
             cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
-                                                                "--device", cfg.device])
+                                                                "--device", cfg.device],
+                               privacy=False)  # the papers' algorithm (lambda_L1 > 0 is refused by private sites)
         cluster.follow(cfg.gan.steps, desc="asyndgan")
         cluster.wait(cfg.gan.timeout_s)
     finally:

@@ -28,8 +28,8 @@ from asyndgan.common import serde, tls
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import SiteConfig
-from asyndgan.common.errors import AsynDGANError, ProtocolError
-from asyndgan.site_agent import state
+from asyndgan.common.errors import AsynDGANError, ConfigError, PrivacyBudgetExhausted, ProtocolError
+from asyndgan.site_agent import privacy, state
 from asyndgan.site_agent.datasets import SiteDataset, describe_dataset, open_dataset
 from asyndgan.site_agent.worker import SiteWorker
 
@@ -62,6 +62,14 @@ def label_map_chunks(maps: torch.Tensor, chunk_bytes: int, encoding: str = "zlib
         first = index * per_chunk
         chunk = serde.LabelMapChunk(index=index, first_key=first, maps=maps[first : first + per_chunk])
         yield serde.label_map_chunk_to_proto(chunk, encoding)
+
+
+class _Left(Exception):
+    """This site left the run for good and told the server why (Leave). budget: its privacy budget is spent."""
+
+    def __init__(self, message: str, budget: bool):
+        super().__init__(message)
+        self.budget = budget
 
 
 class _Retry(Exception):
@@ -105,6 +113,14 @@ class SiteAgent:
         self._last_step = 0
         self._joined_once = False
         self._outbox: queue.Queue = queue.Queue()
+        self._leaving: _Left | None = None
+        self._ledger_path = None
+        if cfg.privacy.enabled:
+            self._ledger_path = privacy.ledger_path(cfg.state_dir, cfg.site_id)
+            self._privacy_status()  # a damaged ledger stops the site here, before any network
+        else:
+            log.warning("privacy is OFF for site %s: the gradients it returns are not protected and let the server "
+                        "reconstruct its images (README, 'What leaves a hospital')", cfg.site_id)
         if cfg.insecure:
             log.warning("connecting WITHOUT TLS (--insecure): for local tests only")
             kit = None
@@ -137,6 +153,11 @@ class SiteAgent:
                 try:
                     self._connect_once(summary)
                     return self.stats
+                except _Left as exc:
+                    if exc.budget:  # the site did its part; not an error a restart policy should retry
+                        log.warning("%s", exc)
+                        return self.stats
+                    raise AsynDGANError(str(exc)) from None
                 except _Retry as exc:
                     if not self._joined_once and not exc.busy:
                         raise AsynDGANError(str(exc)) from None
@@ -167,7 +188,7 @@ class SiteAgent:
             stub = pb_grpc.AsynDGANStub(channel)
             self._send(serde.hello_to_proto(serde.Hello(
                 site_id=self.cfg.site_id, family=summary.family, modalities=summary.modalities,
-                maps_digest=self._maps_digest)))
+                maps_digest=self._maps_digest, privacy=self._privacy_status())))
             finished = False
             try:
                 # Read to the end of the stream even after Shutdown, so the call completes cleanly.
@@ -175,6 +196,8 @@ class SiteAgent:
                     self.stats.bytes_received += msg.ByteSize()
                     finished = self._handle(msg) or finished
             except grpc.RpcError as exc:
+                if self._leaving is not None:
+                    raise self._leaving from None
                 code = exc.code()
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "training connections" in (exc.details() or ""):
                     raise _Retry(f"the server at {self.cfg.server} is full: {exc.details()}", busy=True) from None
@@ -185,6 +208,8 @@ class SiteAgent:
                     raise _Retry(f"the server still holds this site's previous connection ({exc.details()})") from None
                 raise AsynDGANError(f"the server refused site {self.cfg.site_id}: {exc.details()} "
                                     f"({code.name})") from None
+            if self._leaving is not None:
+                raise self._leaving
             if not finished:
                 raise _Retry(f"the server at {self.cfg.server} closed the stream without a reason")
         finally:
@@ -194,6 +219,8 @@ class SiteAgent:
     def _handle(self, msg: pb.ServerMessage) -> bool:
         """Act on one server message; True once the server has ended the run."""
         kind = msg.WhichOneof("kind")
+        if self._leaving is not None and kind != "shutdown":
+            return False  # we told the server we are leaving: nothing more to answer
         if kind == "welcome":
             self._on_welcome(serde.welcome_from_proto(msg.welcome))
         elif kind == "batch":
@@ -215,7 +242,12 @@ class SiteAgent:
         if welcome.site_config != self._site_config:  # first join, or the server's settings changed
             self._save_state()
             dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
-            self.worker = SiteWorker(welcome.site_config, dataset, self.cfg.device)
+            try:
+                self.worker = SiteWorker(welcome.site_config, dataset, self.cfg.device, privacy=self.cfg.privacy,
+                                         ledger_path=self._ledger_path, site_id=self.cfg.site_id)
+            except (ConfigError, PrivacyBudgetExhausted) as exc:  # settings it refuses, or no budget left
+                self._leave(str(exc), budget=isinstance(exc, PrivacyBudgetExhausted))
+                return
             self.dataset, self._label_maps = dataset, self.worker.label_maps
             self._maps_digest = self.worker.maps_digest
             self._site_config = welcome.site_config
@@ -230,6 +262,18 @@ class SiteAgent:
                  welcome.wire_dtype, len(self.dataset),
                  "the server already holds our label maps" if welcome.have_maps and self._label_maps is not None
                  else f"uploading {chunks} label-map chunk(s)")
+
+    def _privacy_status(self, exhausted: bool = False) -> serde.PrivacyStatus:
+        if self._ledger_path is None:
+            return serde.PrivacyStatus()
+        return privacy.PrivacyLedger(self._ledger_path, self.cfg.site_id, self.cfg.privacy).status(exhausted)
+
+    def _leave(self, reason: str, budget: bool) -> None:
+        """Tell the server this site stops for good (and why), end our side of the stream, and stop answering."""
+        log.warning("site %s leaves the run: %s", self.cfg.site_id, reason)
+        self._send(serde.leave_to_proto(serde.Leave(reason=reason, privacy=self._privacy_status(budget))))
+        self._outbox.put(None)
+        self._leaving = _Left(reason, budget)
 
     @property
     def _state_file(self):
@@ -246,7 +290,11 @@ class SiteAgent:
         if self.worker is None:
             raise ProtocolError("server sent a batch before Welcome")
         batch = serde.batch_from_proto(msg, self.wire_dtype, self.worker.num_samples, self.worker.stored_size)
-        answer = self.worker.answer(batch)  # checks the fakes' shape against this site's samples
+        try:
+            answer = self.worker.answer(batch)  # checks the fakes' shape against this site's samples
+        except PrivacyBudgetExhausted as exc:
+            self._leave(str(exc), budget=True)
+            return
         losses = answer.losses
         self._send(serde.gradient_to_proto(answer, self.wire_dtype))
         self.stats.steps += 1

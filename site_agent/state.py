@@ -19,8 +19,12 @@ from asyndgan.common.config import SiteFacingConfig
 log = logging.getLogger(__name__)
 
 
-def settings_digest(cfg: SiteFacingConfig, modalities: list[str]) -> str:
+def settings_digest(cfg: SiteFacingConfig, modalities: list[str], private: bool = False) -> str:
+    """Digest of what the saved state must match. `private`: trained with DP-SGD; state trained without it is
+    never loaded into a private site (its weights would carry the images unprotected)."""
     shape = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
+    if private:
+        shape["dp_sgd"] = True
     return hashlib.sha256(repr(sorted(shape.items())).encode()).hexdigest()[:16]
 
 

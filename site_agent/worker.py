@@ -18,28 +18,49 @@ import torch
 
 from asyndgan.common import serde
 from asyndgan.common.conditions import augment
-from asyndgan.common.config import SiteFacingConfig
+from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import DataError, ProtocolError
 from asyndgan.common.families import get_family
 from asyndgan.site_agent import state
 from asyndgan.site_agent.datasets import SiteDataset
 from asyndgan.site_agent.gradients import SiteLearner
+from asyndgan.site_agent.privacy import PrivacyLedger, PrivateSiteLearner
 
 
 class SiteWorker:
     """One site's dataset and discriminators under the server's settings (from Welcome)."""
 
-    def __init__(self, cfg: SiteFacingConfig, dataset: SiteDataset, device: str = "cpu"):
+    def __init__(self, cfg: SiteFacingConfig, dataset: SiteDataset, device: str = "cpu",
+                 privacy: PrivacyConfig | None = None, ledger_path: pathlib.Path | None = None,
+                 site_id: str = "site"):
+        """privacy: the site's own settings (None or disabled: the papers' algorithm, nothing protected);
+        ledger_path: where spent privacy is kept (required with privacy on)."""
         self.cfg = cfg
         self.family = get_family(cfg.model.family)
         if dataset.family != self.family.name:
             raise DataError(f"the site holds {dataset.family} data but the server trains the {self.family.name} family")
         self.dataset = dataset
-        self.learner = SiteLearner(cfg, dataset.modalities, device)
         # Read once: they are uploaded at join and indexed by key for every batch.
         self.label_maps: torch.Tensor | None = dataset.label_maps() if self.family.uploads_maps else None
         self.maps_digest = serde.maps_digest(self.label_maps)
-        self.state_digest = state.settings_digest(cfg, dataset.modalities)
+        self.ledger: PrivacyLedger | None = None
+        if privacy is not None and privacy.enabled:
+            if ledger_path is None:
+                raise ValueError("a private site needs a ledger path")
+            self.ledger = PrivacyLedger(ledger_path, site_id, privacy)
+            self.learner = PrivateSiteLearner(cfg, dataset.modalities, dataset, self.label_maps, privacy,
+                                              self.ledger, device)
+        else:
+            self.learner = SiteLearner(cfg, dataset.modalities, device)
+        self.state_digest = state.settings_digest(cfg, dataset.modalities, private=self.ledger is not None)
+
+    @property
+    def epsilon_spent(self) -> float | None:
+        """Differential privacy spent so far by this site (all runs), or None when privacy is off."""
+        return None if self.ledger is None else self.ledger.epsilon_spent
+
+    def privacy_status(self, exhausted: bool = False) -> serde.PrivacyStatus:
+        return serde.PrivacyStatus() if self.ledger is None else self.ledger.status(exhausted)
 
     @property
     def num_samples(self) -> int:
@@ -76,7 +97,7 @@ class SiteWorker:
         maps = None if self.label_maps is None else augment(self.label_maps[batch.keys], batch.aug)
         grad, losses = self.learner.step(batch.step, maps, real, fake)
         return serde.ImageGradient(step=batch.step, round=batch.round, gradient=grad, losses=losses,
-                                   num_samples=grad.shape[0])
+                                   num_samples=grad.shape[0], privacy=self.privacy_status())
 
     # ---- state kept at the site between runs (site_agent/state.py) ------------------------------------------
     def save_state(self, path: pathlib.Path, step: int) -> None:

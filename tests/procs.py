@@ -90,10 +90,13 @@ def wait_port_free(port: int, timeout: float = 30) -> None:
 
 
 def start_site(data: pathlib.Path, server: str, site_id: str, log: pathlib.Path, extra: list[str] = (),
-               certs: pathlib.Path | None = None):
+               certs: pathlib.Path | None = None, private: bool = False):
+    """A site process. private=False (tests of the plumbing): privacy.enabled=false, since the tiny test data
+    sets would spend a privacy budget in a few steps; the privacy tests pass private=True."""
     state = log.parent / "state"
     cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", server,
            "--site-id", site_id, "--threads", "1", "--set", f"state_dir={state}", "--set", "backoff_s=[0.2, 2]",
+           "--set", f"privacy.enabled={'true' if private else 'false'}",
            *(["--certs", str(certs)] if certs else ["--insecure"]), *extra]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV)
 

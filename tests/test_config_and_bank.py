@@ -20,7 +20,7 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
     f.write_text('port = 6000\n[train]\nbatch_size = 4\nsampling = "uniform"\n')
     cfg = load_config(ServerConfig, f, {"train.batch_size": 8})
     assert cfg.port == 6000 and cfg.train.batch_size == 8 and cfg.train.sampling == "uniform"
-    assert cfg.g_optim.lr == 2e-4 and cfg.site.loss.lambda_l1 == 100
+    assert cfg.g_optim.lr == 2e-4 and cfg.site.loss.lambda_l1 == 0
 
 
 @pytest.mark.parametrize("key, value, field", [
