@@ -219,6 +219,31 @@ def synthetic_learning(preset, out, seed, log_level):
     click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}  figures: {out / 'figures'}")
 
 
+@experiment.command("privacy-tradeoff")
+@click.option("--run", "run_folder", type=click.Path(path_type=pathlib.Path), required=True,
+              help="A synthetic-learning run folder: its phantom, settings, test cases and rows are reused.")
+@click.option("--settings", default=",".join(("l1-off", "dp-1.0", "dp-0.6")), show_default=True,
+              help="Comma-separated: l1-off (lambda_L1 0, no DP) and dp-<noise multiplier>.")
+@click.option("--audit", "audit_folder", type=click.Path(path_type=pathlib.Path),
+              help="An `asyndgan audit privacy` output folder to cite beside the Dice table.")
+@log_level_option
+@friendly_errors
+def privacy_tradeoff(run_folder, settings, audit_folder, log_level):
+    """Segmentation Dice and epsilon for the AsynDGAN row under privacy settings (writes RUN/privacy/)."""
+    from asyndgan.experiments.privacy_tradeoff import run
+
+    setup_logging(log_level, run_folder / "privacy" / "experiment.log")
+    stop_on_sigterm()
+    results = run(run_folder, [s.strip() for s in settings.split(",") if s.strip()], audit_folder)
+    click.echo(f"{'row':<22} Dice (mean +- SD)   epsilon (max over sites)")
+    for name, row in results["rows"].items():
+        gan = results["gans"].get(name.removeprefix("privacy_"), {})
+        eps = [v["epsilon"] for v in gan.get("sites", {}).values() if v["epsilon"] is not None]
+        click.echo(f"{name:<22} {row['dice']['mean']:.4f} +- {row['dice']['sd']:.4f}   "
+                   f"{max(eps):.2f}" if eps else f"{name:<22} {row['dice']['mean']:.4f} +- {row['dice']['sd']:.4f}")
+    click.echo(f"report: {run_folder / 'privacy' / 'report.md'}")
+
+
 @main.group()
 def audit() -> None:
     """Measure what a server can learn of a site's images (attacks on the real site code)."""

@@ -6,10 +6,12 @@ distributed runs use real site processes over gRPC.
 
 from __future__ import annotations
 
+import pathlib
+
 import torch
 
 from asyndgan.common import serde
-from asyndgan.common.config import SiteFacingConfig
+from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.site_agent.datasets import SiteDataset
 from asyndgan.site_agent.worker import SiteWorker
 
@@ -20,9 +22,9 @@ class LocalSession:
     channels: indices of G's channels this site is sent; by default those of the modalities its dataset holds."""
 
     def __init__(self, site_id: str, dataset: SiteDataset, cfg: SiteFacingConfig, channels: list[int] | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", privacy: PrivacyConfig | None = None, ledger_path: pathlib.Path | None = None):
         self.site_id = site_id
-        self.worker = SiteWorker(cfg, dataset, device)
+        self.worker = SiteWorker(cfg, dataset, device, privacy=privacy, ledger_path=ledger_path, site_id=site_id)
         self.num_samples = self.worker.num_samples
         if channels is None:
             channels = self.worker.family.channels_for(cfg.model, self.worker.modalities)
