@@ -74,7 +74,9 @@ def run_checks(cfg: SiteConfig, now: dt.datetime | None = None) -> list[CheckRes
     if kit_ok and _check_reachable(cfg, kit, out) and summary is not None:
         site_config = _check_accepted(cfg, kit, summary, out)
     if summary is not None:
-        _check_cases(cfg, summary, site_config, out)
+        samples = _check_cases(cfg, summary, site_config, out)
+        if samples:
+            _check_privacy(cfg, site_config, samples, out)
     return out
 
 
@@ -178,7 +180,8 @@ def _check_accepted(cfg: SiteConfig, kit: pathlib.Path | None, summary: DataSumm
 
 
 def _check_cases(cfg: SiteConfig, summary: DataSummary, site_config: SiteFacingConfig | None,
-                 out: list[CheckResult]) -> None:
+                 out: list[CheckResult]) -> int | None:
+    """The usable sample count, or None when the data cannot be opened."""
     where = "at the server's settings"
     if site_config is None:
         # No server to ask: the defaults of this data's family, so that data problems still show offline.
@@ -196,7 +199,7 @@ def _check_cases(cfg: SiteConfig, summary: DataSummary, site_config: SiteFacingC
         dataset = open_dataset(cfg.data, site_config, cfg.prep)
     except AsynDGANError as exc:
         out.append(CheckResult("cases", "problem", str(exc)))
-        return
+        return None
     finally:
         loaders.removeHandler(collector)
         loaders.setLevel(saved[0])
@@ -205,3 +208,38 @@ def _check_cases(cfg: SiteConfig, summary: DataSummary, site_config: SiteFacingC
         out.append(CheckResult("cases", "warning", message))
     cached = f"; prepared slices cached in {cfg.prep.cache_dir}" if summary.layout in ("brats", "images") else ""
     out.append(CheckResult("cases", "ok", f"{len(dataset)} samples usable {where}{cached}"))
+    return len(dataset)
+
+
+def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, samples: int,
+                   out: list[CheckResult]) -> None:
+    """This site's own guarantee: its ledger, its budget against the server's run, settings it would refuse."""
+    from asyndgan.site_agent import privacy
+
+    p = cfg.privacy
+    if not p.enabled:
+        out.append(CheckResult("privacy", "warning", "OFF (privacy.enabled=false): the gradients this site returns "
+                               "are not protected and let the server reconstruct its images"))
+        return
+    try:
+        ledger = privacy.PrivacyLedger(privacy.ledger_path(cfg.state_dir, cfg.site_id), cfg.site_id, p)
+    except AsynDGANError as exc:
+        out.append(CheckResult("privacy", "problem", str(exc)))
+        return
+    if p.delta > 1 / samples:
+        out.append(CheckResult("privacy", "problem", f"privacy.delta {p.delta:g} is above 1/samples (1/{samples})"))
+        return
+    if site_config is not None and site_config.loss.lambda_l1 > 0:
+        out.append(CheckResult("privacy", "problem", f"the server asks for an L1 term (loss.lambda_l1 = "
+                               f"{site_config.loss.lambda_l1:g}), which this private site refuses"))
+        return
+    rate = min(1.0, p.batch_size / samples)
+    left = privacy.affordable_steps(p, rate, ledger.history)
+    detail = (f"on: epsilon {ledger.epsilon_spent:.2f} of {p.epsilon:g} spent (delta {p.delta:g}); at noise "
+              f"{p.noise_multiplier:g} and sampling rate {rate:.4g}, about {left} more discriminator steps fit")
+    needed = None if site_config is None else site_config.schedule.steps * site_config.d_steps
+    if needed is not None and left < needed:
+        out.append(CheckResult("privacy", "warning", f"{detail}; the server's run asks for {needed}, so this site "
+                               f"will stop answering after about {left}"))
+    else:
+        out.append(CheckResult("privacy", "ok", detail))
