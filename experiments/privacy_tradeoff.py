@@ -4,9 +4,11 @@ Takes a synthetic-learning run folder (its phantom, settings, real test cases an
 each setting, one GAN trained with the same generator, discriminators, steps and images per step, then a
 synthetic data set from the training cases' label maps, then the same segmentation recipe and seeds:
 
-    off        the run's own `asyndgan` row: lambda_L1 100, no DP (the papers'; sites' gradients give pixels away)
-    l1-off     lambda_L1 0, no DP (what the L1 term buys)
-    dp-<s>     lambda_L1 0, each site's discriminators trained with DP-SGD at noise multiplier s (site_agent/privacy.py)
+    off          the run's own `asyndgan` row: lambda_L1 100, no DP (the papers'; gradients give pixels away)
+    l1-off       lambda_L1 0, no DP (what the L1 term buys)
+    dp-<s>       lambda_L1 0, each site's discriminators trained with DP-SGD at noise multiplier s
+                 (site_agent/privacy.py)
+    dp-<s>-ndf<k>  the same with k discriminator filters (fewer parameters: less DP noise in all)
 
 The privacy GANs run their three sites in this process (experiments/local_sites.py: the same SiteWorker code as a
 site process, no transport), which is the same arithmetic as the distributed run. Each site's epsilon is read
@@ -38,18 +40,27 @@ DEFAULT_SETTINGS = ("l1-off", "dp-1.0", "dp-0.6")
 BUDGET_FOR_MEASURING = 100.0  # the experiment measures the epsilon a whole run spends; it does not stop at 10
 
 
-def parse_setting(name: str) -> tuple[float, float | None]:
-    """'l1-off' -> (0, None); 'dp-<noise>' -> (0, noise)."""
-    if name == "l1-off":
-        return 0.0, None
-    if name.startswith("dp-"):
+def parse_setting(name: str) -> tuple[float, float | None, int | None]:
+    """'l1-off' -> (0, None, None); 'dp-<noise>[-ndf<k>]' -> (0, noise, k): k discriminator filters instead of
+    the run's (DP-SGD's noise grows with the square root of the discriminators' parameter count; the clipped
+    signal does not)."""
+    base, _, ndf_part = name.partition("-ndf")
+    ndf = None
+    if ndf_part:
+        if not ndf_part.isdigit() or not 4 <= int(ndf_part) <= 256:
+            raise ConfigError(f"privacy setting {name!r}: -ndf<k> needs 4 <= k <= 256")
+        ndf = int(ndf_part)
+    if base == "l1-off":
+        return 0.0, None, ndf
+    if base.startswith("dp-"):
         try:
-            noise = float(name[3:])
+            noise = float(base[3:])
         except ValueError:
             noise = -1.0
         if 0.3 <= noise <= 20:
-            return 0.0, noise
-    raise ConfigError(f"unknown privacy setting {name!r}: use l1-off or dp-<noise multiplier 0.3..20>")
+            return 0.0, noise, ndf
+    raise ConfigError(f"unknown privacy setting {name!r}: use l1-off or dp-<noise multiplier 0.3..20>, "
+                      "optionally with -ndf<k>")
 
 
 def load_run(run: pathlib.Path) -> SyntheticLearningConfig:
@@ -62,7 +73,7 @@ def load_run(run: pathlib.Path) -> SyntheticLearningConfig:
 
 def train_private_gan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], name: str, folder: pathlib.Path) -> dict:
     """One GAN under a privacy setting, sites in process; {checkpoint, epsilon per site, seconds}. Kept when done."""
-    lambda_l1, noise = parse_setting(name)
+    lambda_l1, noise, ndf = parse_setting(name)
     run_dir = folder / "gan"
     record = folder / "gan.json"
     if record.is_file() and finished_checkpoint(run_dir, cfg.gan.steps):
@@ -70,6 +81,8 @@ def train_private_gan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], n
     shutil.rmtree(run_dir, ignore_errors=True)  # a cut run (and its experiment-only ledgers) starts again
     scfg = server_config(cfg, run_dir, len(sites), cfg.gan.batch_per_site)
     scfg.site.loss.lambda_l1 = lambda_l1
+    if ndf is not None:
+        scfg.site.model.image2d.ndf = ndf
     prep = DataPrepConfig(cache_dir=cfg.out / "cache")
     privacy = None if noise is None else PrivacyConfig(epsilon=BUDGET_FOR_MEASURING, noise_multiplier=noise)
     sessions = [LocalSession(f"site{i + 1}", open_dataset(path, scfg.site, prep), scfg.site, device=cfg.device,
@@ -79,6 +92,7 @@ def train_private_gan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], n
     Trainer(scfg, LocalRegistry(sessions), CountingBank(sessions), run_dir).run(threading.Event())
     result = {
         "setting": name, "lambda_l1": lambda_l1, "noise_multiplier": noise,
+        "ndf": scfg.site.model.image2d.ndf,
         "checkpoint": str(finished_checkpoint(run_dir, cfg.gan.steps)),
         "seconds": round(time.monotonic() - started, 1),
         "sites": {s.site_id: {"samples": s.num_samples, "epsilon": s.worker.epsilon_spent,
@@ -146,16 +160,16 @@ def _report(cfg, settings, gans, rows, attacks, smallest) -> str:
         "three sites in one process (the same site code, no transport). Epsilon: each site's own ledger (Opacus "
         "RDP accountant) after the whole run, at delta 1e-5; the unit protected is one training slice.",
         "",
-        "| setting | lambda_L1 | noise | epsilon per site (max) | Dice | vs off | HD95 (mm) |",
-        "|---|---|---|---|---|---|---|",
-        f"| off (papers') | 100 | - | unbounded (see the audit) | {_pm(rows['asyndgan']['dice'])} | - | "
+        "| setting | lambda_L1 | noise | D filters | epsilon per site (max) | Dice | vs off | HD95 (mm) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| off (papers') | 100 | - | {cfg.gan.ndf} | unbounded (see the audit) | {_pm(rows['asyndgan']['dice'])} | - | "
         f"{_pm(rows['asyndgan']['hd95_mm'], 1)} |",
     ]
     for name in settings:
         g, r = gans[name], rows[f"privacy_{name}"]
         eps = [v["epsilon"] for v in g["sites"].values() if v["epsilon"] is not None]
         eps_text = f"{max(eps):.2f}" if eps else "unbounded"
-        lines.append(f"| {name} | {g['lambda_l1']:g} | {g['noise_multiplier'] or '-'} | {eps_text} | "
+        lines.append(f"| {name} | {g['lambda_l1']:g} | {g['noise_multiplier'] or '-'} | {g['ndf']} | {eps_text} | "
                      f"{_pm(r['dice'])} | {r['dice']['mean'] - off:+.3f} | {_pm(r['hd95_mm'], 1)} |")
     lines += ["", f"References: real_all {_pm(rows['real_all']['dice'])}, {smallest} (the smallest site) "
               f"{_pm(rows[smallest]['dice'])}.", ""]

@@ -209,7 +209,8 @@ class PrivateSiteLearner(SiteLearner):
 
     def step(self, step, label_maps, real, fake):
         """As SiteLearner.step, but `real` (the batch keys' real samples) is never used: the discriminators see
-        the site's own Poisson sample, with DP-SGD, and L_G has no term on real images."""
+        the site's own Poisson sample, with DP-SGD, and L_G has no term on real images. Of the losses only those
+        computed from DP outputs and public inputs are returned (d_fake, g_adv), with epsilon spent."""
         del real  # server-chosen keys: see the module docstring
         fake = fake.to(self.device).detach().requires_grad_(True)
         x_fake = self.family.discriminator_condition(self.cfg.model, label_maps)
@@ -227,6 +228,8 @@ class PrivateSiteLearner(SiteLearner):
             per_row = nn.functional.binary_cross_entropy_with_logits(
                 logits, target[:, None].expand_as(logits), reduction="none").mean(dim=1)
             loss_d = per_row.mean()
+            # Reported: the loss on the fakes only (D's weights are DP; the real rows' loss is not, so it stays).
+            loss_fake = per_row[own.shape[0]:].mean()
             self.dp_optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # Opacus' hooks fire on inputs that need no gradient: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -243,9 +246,9 @@ class PrivateSiteLearner(SiteLearner):
             self.model.enable_hooks()
         for p in self.discriminators.parameters():  # Opacus keeps per-sample gradients on the parameters
             p.grad_sample = None
-        losses = {"d": float(loss_d.detach()), "g_adv": float(adv.detach()),
+        losses = {"d_fake": float(loss_fake.detach()), "g_adv": float(adv.detach()),
                   "epsilon": float(self.ledger.epsilon_spent)}
-        if not math.isfinite(losses["d"]):
+        if not math.isfinite(losses["d_fake"]):
             log.warning("step %d: non-finite discriminator loss", step)
         return grad.detach().cpu(), losses
 

@@ -117,7 +117,7 @@ def test_a_private_site_answers_with_dp_sgd_and_stops_at_its_budget(toy, tmp_pat
             answer = worker.answer(_batch(3, step, 40, rng))
             answered += 1
             grads.append(answer.gradient)
-            assert set(answer.losses) == {"d", "g_adv", "epsilon"}  # no term on real images
+            assert set(answer.losses) == {"d_fake", "g_adv", "epsilon"}  # nothing computed on real images
             assert answer.privacy.enabled and answer.privacy.epsilon_spent == pytest.approx(answer.losses["epsilon"])
     assert answered == expected
     assert worker.epsilon_spent <= 2.0 and grads[-1].shape == (3, 4, 16, 16) and torch.isfinite(grads[-1]).all()

@@ -85,7 +85,7 @@ def test_smoke_preset_end_to_end_and_resumes(tmp_path):
     eps = [v["epsilon"] for v in trade["gans"]["dp-1.0"]["sites"].values()]
     assert len(eps) == 3 and all(0 < e < 100 for e in eps)
     assert max(eps) == eps[2]  # the smallest site samples at the highest rate: it spends the most
-    assert "| dp-1.0 | 0 | 1.0 |" in (out / "privacy" / "report.md").read_text()
+    assert "| dp-1.0 | 0 | 1.0 | 8 |" in (out / "privacy" / "report.md").read_text()
 
 
 def test_presets_validate_and_differ_in_scale(tmp_path):
