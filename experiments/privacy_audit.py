@@ -33,7 +33,6 @@ site's own differential privacy, DP-SGD on its discriminators, at a noise multip
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import pathlib
@@ -195,11 +194,6 @@ def site_config(cfg: AuditConfig, setting: DefenceSetting) -> SiteFacingConfig:
     # A schedule far longer than the audit: the discriminator's learning rate stays at its start value.
     return SiteFacingConfig(model=model, loss=LossConfig(lambda_l1=setting.lambda_l1),
                             schedule=ScheduleConfig(steps=1_000_000), seed=cfg.seed)
-
-
-def privacy_supported() -> bool:
-    """Whether this checkout's SiteWorker takes the site's own privacy settings."""
-    return "privacy" in inspect.signature(SiteWorker.__init__).parameters
 
 
 def make_worker(cfg: AuditConfig, setting: DefenceSetting, dataset: SiteDataset, ledger: pathlib.Path) -> SiteWorker:
@@ -408,10 +402,6 @@ def run(cfg: AuditConfig) -> dict:
                      "baseline_label_map": by_label, "settings": {}}
     estimates: dict[str, dict[str, torch.Tensor]] = {}
     for setting in cfg.settings:
-        if setting.noise_multiplier is not None and not privacy_supported():
-            log.warning("setting %s skipped: this checkout's SiteWorker has no privacy settings", setting.name)
-            results["settings"][setting.name] = {"skipped": "the site code has no differential privacy yet"}
-            continue
         results["settings"][setting.name], estimates[setting.name] = run_setting(cfg, setting, dataset, maps, keys,
                                                                                  real, baseline, by_label)
     results["seconds"] = round(time.monotonic() - started, 1)
@@ -485,9 +475,6 @@ def report_markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in results["settings"].items():
-        if "skipped" in s:
-            lines.append(f"| {name} | (skipped: {s['skipped']}) | | | | | |")
-            continue
         for attack, a in s["attacks"].items():
             f = a["final"]
             eps = "-" if a["epsilon"] is None else f"{a['epsilon']:.2f}"
@@ -497,8 +484,6 @@ def report_markdown(results: dict) -> str:
                          f"{a['beats_baseline_db']:+.2f} | {a['beats_label_map_baseline_db']:+.2f} | {eps} |")
     lines += ["", "## Verdict per setting (its strongest attack against both baselines)", ""]
     for name, s in results["settings"].items():
-        if "skipped" in s:
-            continue
         best_name, best = max(s["attacks"].items(), key=lambda kv: kv[1]["final"]["psnr"])
         eps = [a["epsilon"] for a in s["attacks"].values() if a["epsilon"] is not None]
         spent = (f"; DP noise {s['noise_multiplier']:g}, epsilon per attacked site up to {max(eps):.2f} at delta "
@@ -564,9 +549,6 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"mean-image baseline: PSNR {b['psnr']:.2f} dB, SSIM {b['ssim']:.3f}  (label-map baseline: "
              f"{lm['psnr']:.2f} dB, {lm['ssim']:.3f})"]
     for name, s in results["settings"].items():
-        if "skipped" in s:
-            lines.append(f"{name:<8} skipped: {s['skipped']}")
-            continue
         for attack, a in s["attacks"].items():
             f = a["final"]
             eps = "" if a["epsilon"] is None else f"  epsilon {a['epsilon']:.2f}"

@@ -162,6 +162,8 @@ def test_the_ledger_survives_kill_9_and_a_site_at_its_budget_leaves_while_the_ru
         site.wait(10)
         spent = json.loads(ledger.read_text())
         steps_before = spent["history"][-1][2]
+        for f in (tmp_path / "state").glob("private.discriminator.pt"):
+            f.unlink()  # a deleted discriminator state resets nothing of the budget
 
         site = start_site(folders[0], server.address, "private", tmp_path / "p2.log", budget, private=True)
         assert site.wait(90) == 0, (tmp_path / "p2.log").read_text()  # left at its budget: exit 0

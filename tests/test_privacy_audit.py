@@ -142,7 +142,6 @@ def test_honest_but_curious_bounds_beat_the_mean_image_against_an_unprotected_si
     assert got["curves"]["honest"][-1]["psnr"] <= baseline
 
 
-@pytest.mark.skipif(not pa.privacy_supported(), reason="the site code has no differential privacy yet")
 def test_bisection_and_oracle_learn_nothing_from_a_private_site_and_epsilon_is_reported(site):
     cfg, ds, keys, real, baseline = site
     oracle = oracle_for(cfg, ds, DP)
@@ -154,7 +153,6 @@ def test_bisection_and_oracle_learn_nothing_from_a_private_site_and_epsilon_is_r
     assert curve[-1]["psnr"] <= baseline and oracle.epsilon > 0
 
 
-@pytest.mark.skipif(not pa.privacy_supported(), reason="the site code has no differential privacy yet")
 def test_a_spent_budget_ends_the_attack_early_and_is_reported(site):
     cfg, ds, keys, real, _ = site
     small = cfg.model_copy(update={"dp_epsilon_budget": 4.0})
@@ -177,10 +175,9 @@ def test_cli_smoke_preset_writes_report_results_and_figure(tmp_path):
     assert off["honest"]["final"]["psnr"] > base + 2
     assert len(off["bisection"]["curve"]) == 9 and off["bisection"]["epsilon"] is None
     assert res["settings"]["l1-off"]["attacks"]["bisection"]["final"]["psnr"] <= base
-    if pa.privacy_supported():
-        dp = res["settings"]["dp"]["attacks"]
-        assert all(a["final"]["psnr"] <= base for a in dp.values())
-        assert all(0 < a["epsilon"] < 100 and not a["budget_exhausted"] for a in dp.values())
+    dp = res["settings"]["dp"]["attacks"]
+    assert all(a["final"]["psnr"] <= base for a in dp.values())
+    assert all(0 < a["epsilon"] < 100 and not a["budget_exhausted"] for a in dp.values())
     report = (out / "report.md").read_text()
     assert "| off | bisection |" in report and f"{base:.2f} dB" in report
     assert "- `off`: LEAKS the individual images" in report and "- `l1-off`:" in report
