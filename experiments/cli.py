@@ -113,6 +113,7 @@ def demo(out, data, steps, sites, device, log_level):
                "http://localhost:6006)")
     click.echo(f"  checkpoint:         {summary['checkpoint']}")
     click.echo(f"  logs:               {summary['server_log']}, {', '.join(summary['site_logs'])}")
+    click.echo(f"  privacy per site:   {'; '.join(f'{k} {v}' for k, v in summary['privacy'].items())}")
     click.echo(f"  summary:            {out / 'summary.json'}")
     if summary.get("generate_command"):
         click.echo(f"  synthetic data:     {summary['generate_command']}")
@@ -226,15 +227,16 @@ def synthetic_learning(preset, out, seed, log_level):
               help="Comma-separated: l1-off (lambda_L1 0, no DP) and dp-<noise multiplier>.")
 @click.option("--audit", "audit_folder", type=click.Path(path_type=pathlib.Path),
               help="An `asyndgan audit privacy` output folder to cite beside the Dice table.")
+@click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads [the run's].")
 @log_level_option
 @friendly_errors
-def privacy_tradeoff(run_folder, settings, audit_folder, log_level):
+def privacy_tradeoff(run_folder, settings, audit_folder, threads, log_level):
     """Segmentation Dice and epsilon for the AsynDGAN row under privacy settings (writes RUN/privacy/)."""
     from asyndgan.experiments.privacy_tradeoff import run
 
     setup_logging(log_level, run_folder / "privacy" / "experiment.log")
     stop_on_sigterm()
-    results = run(run_folder, [s.strip() for s in settings.split(",") if s.strip()], audit_folder)
+    results = run(run_folder, [s.strip() for s in settings.split(",") if s.strip()], audit_folder, threads)
     click.echo(f"{'row':<22} Dice (mean +- SD)   epsilon (max over sites)")
     for name, row in results["rows"].items():
         gan = results["gans"].get(name.removeprefix("privacy_"), {})

@@ -8,6 +8,7 @@ sub-folder per site (BraTS case folders, image folders or prepared arrays); a `t
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 import time
@@ -96,9 +97,23 @@ def run(cfg: DemoConfig) -> dict:
         "server_log": str(cfg.out / "server.log"),
         "site_logs": [str(cfg.out / f"site{i + 1}.out") for i in range(len(folders))],
     }
+    summary["privacy"] = privacy_spent(cfg.out / "site_state", len(folders))
     summary.update(after_training_commands(cfg, summary["checkpoint"]))
     write_json(cfg.out / "summary.json", summary)
     return summary
+
+
+def privacy_spent(state_dir: pathlib.Path, sites: int) -> dict[str, str]:
+    """Each site's differential privacy after the run, from its own ledger (sites run private by default)."""
+    out = {}
+    for i in range(sites):
+        ledger = state_dir / f"site{i + 1}.privacy-ledger.json"
+        if ledger.is_file():
+            epsilon, delta = json.loads(ledger.read_text())["epsilon_at_delta"]
+            out[f"site{i + 1}"] = f"epsilon {epsilon:.2f} spent at delta {delta:g}"
+        else:
+            out[f"site{i + 1}"] = "off"
+    return out
 
 
 def after_training_commands(cfg: DemoConfig, checkpoint: str | None) -> dict:

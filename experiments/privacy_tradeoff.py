@@ -106,13 +106,16 @@ def train_private_gan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], n
     return result
 
 
-def run(run_folder: pathlib.Path, settings: list[str], audit: pathlib.Path | None = None) -> dict:
+def run(run_folder: pathlib.Path, settings: list[str], audit: pathlib.Path | None = None,
+        threads: int | None = None) -> dict:
+    """threads: torch CPU threads (default: the run's); 1 when other jobs share the cores, since idle OpenMP
+    threads spinning at barriers on an oversubscribed machine slow a step by orders of magnitude."""
     import torch
 
     from asyndgan.experiments.synthetic_learning_report import summarise_rows
 
     cfg = load_run(run_folder)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads or cfg.threads)
     for name in settings:
         parse_setting(name)
     sites, test_dir = make_phantom(cfg)  # the run's own (kept)
