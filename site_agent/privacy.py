@@ -167,21 +167,18 @@ class PrivateSiteLearner(SiteLearner):
                 "(or this site must turn privacy off: privacy.enabled=false)")
         super().__init__(cfg, modalities, device)
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
 
         n = len(dataset)
         if privacy.delta > 1.0 / max(1, n):
             raise ConfigError(f"privacy.delta {privacy.delta:g} is above 1/samples (1/{n}); choose a smaller delta")
         self.privacy, self.ledger, self.dataset, self.label_maps = privacy, ledger, dataset, label_maps
         self.sample_rate = min(1.0, privacy.batch_size / n)
+        self.expected_real = self.sample_rate * n
         # A secret source for the sampling, the site's flips and the noise: cfg.seed is known to the server.
         self.secret = torch.Generator(device="cpu").manual_seed(secrets.randbits(63))
         self.noise_generator = torch.Generator(device=self.device).manual_seed(secrets.randbits(63))
-        self.model = GradSampleModule(_AllDiscriminators(self), loss_reduction="mean")
-        self.expected_rows = self.sample_rate * n  # + the batch's fakes, added per step
-        self.dp_optimizer = DPOptimizer(self.optimizer, noise_multiplier=privacy.noise_multiplier,
-                                        max_grad_norm=privacy.max_grad_norm, expected_batch_size=1,
-                                        loss_reduction="mean", generator=self.noise_generator)
+        # Opacus computes every row's own gradient; _privatise clips and adds the noise (see there).
+        self.model = GradSampleModule(_AllDiscriminators(self), loss_reduction="sum")
         left = affordable_steps(privacy, self.sample_rate, ledger.history)
         log.info("privacy on: DP-SGD with noise %g, clip %g, %d own samples per step expected (rate %.4g); "
                  "epsilon %.3g of %g spent at delta %g; about %d more discriminator steps fit in the budget",
@@ -207,6 +204,32 @@ class PrivateSiteLearner(SiteLearner):
             maps = augment(self.label_maps[keys], aug)
         return maps, real
 
+    def _privatise(self, real_rows: int) -> None:
+        """p.grad from the per-sample gradients: the discriminator loss's two halves, as in the papers,
+
+            real half = (sum over the real rows of clip(g_i) + N(0, (noise x C)^2)) / expected real rows
+            fake half = mean over the fake rows of clip(g_j)                      (public: no noise needed)
+            grad      = (real half + fake half) / 2
+
+        with clip(g) = g * min(1, C / |g|) over all discriminators' parameters at once. One real sample changes
+        the noisy sum by at most C: the Gaussian mechanism on a Poisson sample, as the ledger accounts it."""
+        params = [p for p in self.discriminators.parameters() if p.requires_grad]
+        per_sample = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in params]
+        norms = torch.cat(per_sample, dim=1).norm(dim=1)
+        scale = (self.privacy.max_grad_norm / (norms + 1e-12)).clamp(max=1.0)
+        real_w = scale.clone()
+        real_w[real_rows:] = 0
+        fake_w = scale.clone()
+        fake_w[:real_rows] = 0
+        fakes = max(1, scale.shape[0] - real_rows)
+        std = self.privacy.noise_multiplier * self.privacy.max_grad_norm
+        for p, g in zip(params, per_sample):
+            noise = torch.normal(0.0, std, size=p.shape, device=p.device, generator=self.noise_generator)
+            real_half = ((real_w @ g).view(p.shape) + noise) / self.expected_real
+            fake_half = (fake_w @ g).view(p.shape) / fakes
+            p.grad = 0.5 * (real_half + fake_half)
+            p.grad_sample = None
+
     def step(self, step, label_maps, real, fake):
         """As SiteLearner.step, but `real` (the batch keys' real samples) is never used: the discriminators see
         the site's own Poisson sample, with DP-SGD, and L_G has no term on real images. Of the losses only those
@@ -217,7 +240,6 @@ class PrivateSiteLearner(SiteLearner):
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.d_optim.lr * linear_decay(step, self.cfg.schedule)
         self.ledger.charge(self.privacy.noise_multiplier, self.sample_rate, self.cfg.d_steps)
-        self.dp_optimizer.expected_batch_size = max(1, round(self.expected_rows + fake.shape[0]))
         for _ in range(self.cfg.d_steps):
             maps, own = self._own_rows(fake)
             x_own = self.family.discriminator_condition(self.cfg.model, maps)
@@ -227,14 +249,14 @@ class PrivateSiteLearner(SiteLearner):
             logits = self.model(condition, samples)
             per_row = nn.functional.binary_cross_entropy_with_logits(
                 logits, target[:, None].expand_as(logits), reduction="none").mean(dim=1)
-            loss_d = per_row.mean()
             # Reported: the loss on the fakes only (D's weights are DP; the real rows' loss is not, so it stays).
             loss_fake = per_row[own.shape[0]:].mean()
-            self.dp_optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # Opacus' hooks fire on inputs that need no gradient: expected
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss_d.backward()
-            self.dp_optimizer.step()
+                per_row.sum().backward()  # per-sample gradients in p.grad_sample
+            self._privatise(real_rows=own.shape[0])
+            self.optimizer.step()
 
         self.model.disable_hooks()
         try:
@@ -244,8 +266,6 @@ class PrivateSiteLearner(SiteLearner):
             (grad,) = torch.autograd.grad(adv, fake)
         finally:
             self.model.enable_hooks()
-        for p in self.discriminators.parameters():  # Opacus keeps per-sample gradients on the parameters
-            p.grad_sample = None
         losses = {"d_fake": float(loss_fake.detach()), "g_adv": float(adv.detach()),
                   "epsilon": float(self.ledger.epsilon_spent)}
         if not math.isfinite(losses["d_fake"]):
