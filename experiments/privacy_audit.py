@@ -99,7 +99,8 @@ class AuditConfig(BaseModel):
     d_layers: int = Field(3, ge=1, le=6)
     dp_epsilon_budget: float = Field(100.0, gt=0, le=100, description="large, so the attacks run to the end")
     dp_delta: float | None = Field(None, gt=0, lt=1, description="default: 1 / (10 x samples)")
-    dp_batch_size: int = Field(4, ge=1)
+    dp_sample_rate: float = Field(0.25, gt=0, le=1, description="the sites' privacy.sample_rate: 4 real "
+                                  "images per step of the smoke preset's 16, of the cpu preset's 64 at 0.0625")
     settings: list[DefenceSetting] = Field(default_factory=lambda: [
         DefenceSetting(name="off", lambda_l1=100.0),
         DefenceSetting(name="l1-off", lambda_l1=0.0),
@@ -118,7 +119,7 @@ def preset_config(preset: Literal["smoke", "cpu"], out: pathlib.Path, seed: int 
     if preset == "cpu":
         return AuditConfig(
             out=out, seed=seed, image_size=64, samples=64, attacked_keys=8, bisection_rounds=12, oracle_steps=24,
-            honest_steps=200, honest_batch=16, honest_evals=5, adam_queries=300, adam_evals=6, ngf=16, ndf=16, threads=1,
+            honest_steps=200, honest_batch=16, honest_evals=5, adam_queries=300, adam_evals=6, ngf=16, ndf=16, threads=1, dp_sample_rate=0.0625,
             settings=[DefenceSetting(name="off", lambda_l1=100.0), DefenceSetting(name="l1-off", lambda_l1=0.0),
                       DefenceSetting(name="dp", lambda_l1=0.0, noise_multiplier=1.0),
                       DefenceSetting(name="dp-0.6", lambda_l1=0.0, noise_multiplier=0.6)])
@@ -204,7 +205,7 @@ def make_worker(cfg: AuditConfig, setting: DefenceSetting, dataset: SiteDataset,
     from asyndgan.common.config import PrivacyConfig
 
     privacy = PrivacyConfig(enabled=True, epsilon=cfg.dp_epsilon_budget, delta=dp_delta(cfg),
-                            noise_multiplier=setting.noise_multiplier, batch_size=cfg.dp_batch_size)
+                            noise_multiplier=setting.noise_multiplier, sample_rate=cfg.dp_sample_rate)
     ledger.parent.mkdir(parents=True, exist_ok=True)
     ledger.unlink(missing_ok=True)  # each attack starts from a site that has spent nothing
     return SiteWorker(site_cfg, dataset, "cpu", privacy=privacy, ledger_path=ledger)

@@ -233,7 +233,7 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, sample
         out.append(CheckResult("privacy", "problem", f"the server asks for an L1 term (loss.lambda_l1 = "
                                f"{site_config.loss.lambda_l1:g}), which this private site refuses"))
         return
-    rate = min(1.0, p.batch_size / samples)
+    rate = p.sample_rate
     left = privacy.affordable_steps(p, rate, ledger.history)
     detail = (f"on: epsilon {ledger.epsilon_spent:.2f} of {p.epsilon:g} spent (delta {p.delta:g}); at noise "
               f"{p.noise_multiplier:g} and sampling rate {rate:.4g}, about {left} more discriminator steps fit")

@@ -5,7 +5,7 @@ fakes, the (public) label maps and the discriminators' weights, and of nothing e
 weights are differentially private, everything the site sends is post-processing of a DP mechanism and carries
 the same (epsilon, delta). The weights are made DP here:
 
-    each discriminator step: the site draws its own real samples (Poisson, rate q = batch_size / N, from a
+    each discriminator step: the site draws its own real samples (Poisson, rate q = privacy.sample_rate, from a
     secret random source the server cannot predict), puts them in one batch with the server's fakes, clips every
     row's gradient to max_grad_norm and adds Gaussian noise of std noise_multiplier * max_grad_norm (Opacus).
     A fake row depends on no private data, so one real sample changes the noisy sum by at most max_grad_norm:
@@ -172,7 +172,7 @@ class PrivateSiteLearner(SiteLearner):
         if privacy.delta > 1.0 / max(1, n):
             raise ConfigError(f"privacy.delta {privacy.delta:g} is above 1/samples (1/{n}); choose a smaller delta")
         self.privacy, self.ledger, self.dataset, self.label_maps = privacy, ledger, dataset, label_maps
-        self.sample_rate = min(1.0, privacy.batch_size / n)
+        self.sample_rate = privacy.sample_rate
         self.expected_real = self.sample_rate * n
         # A secret source for the sampling, the site's flips and the noise: cfg.seed is known to the server.
         self.secret = torch.Generator(device="cpu").manual_seed(secrets.randbits(63))
@@ -180,9 +180,13 @@ class PrivateSiteLearner(SiteLearner):
         # Opacus computes every row's own gradient; _privatise clips and adds the noise (see there).
         self.model = GradSampleModule(_AllDiscriminators(self), loss_reduction="sum")
         left = affordable_steps(privacy, self.sample_rate, ledger.history)
-        log.info("privacy on: DP-SGD with noise %g, clip %g, %d own samples per step expected (rate %.4g); "
+        if self.expected_real < 8:
+            log.warning("privacy: %.1f real samples per discriminator step expected (rate %g x %d samples): at "
+                        "this size the DP noise drowns the discriminators' signal and the generator learns little "
+                        "from this site (README, 'What it costs')", self.expected_real, self.sample_rate, n)
+        log.info("privacy on: DP-SGD with noise %g, clip %g, %.1f own samples per step expected (rate %.4g); "
                  "epsilon %.3g of %g spent at delta %g; about %d more discriminator steps fit in the budget",
-                 privacy.noise_multiplier, privacy.max_grad_norm, privacy.batch_size, self.sample_rate,
+                 privacy.noise_multiplier, privacy.max_grad_norm, self.expected_real, self.sample_rate,
                  ledger.epsilon_spent, privacy.epsilon, privacy.delta, left)
         if left < cfg.d_steps:
             ledger.charge(privacy.noise_multiplier, self.sample_rate, cfg.d_steps)  # raises with the message

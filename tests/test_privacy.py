@@ -107,7 +107,7 @@ def test_a_private_site_refuses_an_l1_term_from_the_server(toy, tmp_path):
 
 def test_a_private_site_answers_with_dp_sgd_and_stops_at_its_budget(toy, tmp_path):
     cfg = _cfg()
-    privacy = PrivacyConfig(epsilon=2.0, delta=1e-3, batch_size=4)
+    privacy = PrivacyConfig(epsilon=2.0, delta=1e-3, sample_rate=0.1)
     worker = SiteWorker(cfg, open_dataset(toy, cfg), privacy=privacy, ledger_path=tmp_path / "l.json", site_id="s")
     expected = affordable_steps(privacy, 4 / 40)
     rng = torch.Generator().manual_seed(0)
@@ -150,7 +150,7 @@ def test_the_ledger_survives_kill_9_and_a_site_at_its_budget_leaves_while_the_ru
     server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 300, "train.batch_size": 2,
                                        "train.min_sites": 2, "checkpoint_every": 1000})
     ledger = tmp_path / "state" / "private.privacy-ledger.json"
-    budget = ["--set", "privacy.epsilon=1.5", "--set", "privacy.delta=1e-3", "--set", "privacy.batch_size=2"]
+    budget = ["--set", "privacy.epsilon=1.5", "--set", "privacy.delta=1e-3", "--set", "privacy.sample_rate=0.05"]
     other = start_site(folders[1], server.address, "other", tmp_path / "other.log")  # privacy off
     site = start_site(folders[0], server.address, "private", tmp_path / "p1.log", budget, private=True)
     try:
