@@ -96,15 +96,17 @@ main.add_command(click.Command("phantom", params=phantom.params, callback=_phant
 @click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 16))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the server and the sites compute (auto: cuda when a GPU is visible).")
+@click.option("--private", is_flag=True, help="Sites keep their differential privacy on (the deployment default); "
+              "without it the demo runs the papers' algorithm on the public phantom.")
 @log_level_option
 @friendly_errors
-def demo(out, data, steps, sites, device, log_level):
+def demo(out, data, steps, sites, device, private, log_level):
     """The main job: a server and one process per site train image2d on this machine, then a summary."""
     from asyndgan.experiments.demo import DemoConfig, run
 
     setup_logging(log_level)
     stop_on_sigterm()  # unwinds through run(), which stops the child processes on the way out
-    summary = run(DemoConfig(out=out, data=data, steps=steps, sites=sites, device=device))
+    summary = run(DemoConfig(out=out, data=data, steps=steps, sites=sites, device=device, private=private))
     click.echo(f"trained {summary['steps']} steps with {len(summary['sites'])} sites on {summary['device']} in "
                f"{summary['seconds']} s")
     click.echo(f"  latest sample grid: {summary['latest_samples']}")
