@@ -182,3 +182,29 @@ def test_the_ledger_survives_kill_9_and_a_site_at_its_budget_leaves_while_the_ru
         for p in (site, other):
             p.kill()
         server.kill()
+
+
+def test_status_text_shows_each_sites_privacy_and_why_it_left():
+    from asyndgan.central_server.status import format_status
+    from asyndgan.common._generated import asyndgan_pb2 as pb
+
+    reply = pb.StatusReply(step=10, total_steps=100, family="image2d", state="training", run_id="r")
+    reply.sites.append(pb.SiteStatus(site_id="a", ready=True, privacy=pb.Privacy(
+        enabled=True, epsilon_budget=10, epsilon_spent=1.25, delta=1e-5)))
+    reply.sites.append(pb.SiteStatus(site_id="b", left="privacy budget reached", privacy=pb.Privacy(
+        enabled=True, epsilon_budget=10, epsilon_spent=9.98, delta=1e-5, exhausted=True)))
+    reply.sites.append(pb.SiteStatus(site_id="c", ready=True))
+    text = format_status(reply)
+    assert "sites connected: 2" in text and "privacy on: epsilon 1.25 of 10 (delta 1e-05)" in text
+    assert "privacy budget spent: epsilon 9.98 of 10" in text and "left the run: privacy budget reached" in text
+    assert text.rstrip().endswith("privacy off")
+
+
+def test_a_privacy_report_with_values_out_of_range_is_a_protocol_error():
+    from asyndgan.common._generated import asyndgan_pb2 as pb
+    from asyndgan.common.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match="out of range"):
+        serde.privacy_from_proto(pb.Privacy(enabled=True, epsilon_spent=float("nan")))
+    leave = serde.leave_from_proto(pb.Leave(reason="budget\nspent\x00" + "x" * 900))
+    assert "\n" not in leave.reason and len(leave.reason) <= serde.MAX_REASON
