@@ -4,6 +4,7 @@ resumed, and sites that send garbage. Each test states what must survive."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,7 +126,9 @@ def test_a_site_killed_mid_step_is_dropped_and_rejoins_with_its_state(tmp_path):
             p.kill()
     log = (tmp_path / "b2.log").read_text()
     assert "restored discriminator state" in log  # a new process: it uploads its maps again, keeps its D
-    assert "site b left out (disconnected)" in server.output()
+    # Killed during a step the trainer waits for ("left out (disconnected)"), or between steps, when the server
+    # sees the connection go first (under load the generator update is long enough for either).
+    assert re.search(r"site b left( out \(disconnected\)|: connection (lost|closed))", server.output())
 
 
 @pytest.mark.parametrize("mode", ["nan", "shape", "dtype", "huge", "oversized", "order"])
