@@ -110,7 +110,7 @@ class PrivacyLedger:
                 f"privacy budget reached: epsilon {self.epsilon_spent:.3g} of {self.privacy.epsilon:g} spent "
                 f"(delta {self.privacy.delta:g}); the next step would take it to {after:.3g}, so this site stops "
                 f"answering (ledger {self.path})")
-        self._write(history)
+        self._write(history, after)
         self.history, self.epsilon_spent = history, after
         return after
 
@@ -125,10 +125,10 @@ class PrivacyLedger:
             history.append((noise_multiplier, sample_rate, steps))
         return history
 
-    def _write(self, history: list[tuple[float, float, int]]) -> None:
+    def _write(self, history: list[tuple[float, float, int]], epsilon: float) -> None:
         record = {"format": LEDGER_FORMAT, "site_id": self.site_id, "accountant": "rdp (opacus)",
                   "unit": "one training sample", "history": [list(h) for h in history],
-                  "epsilon_at_delta": [rdp_epsilon(history, self.privacy.delta), self.privacy.delta]}
+                  "epsilon_at_delta": [epsilon, self.privacy.delta]}
         try:
             atomic_write_text(self.path, json.dumps(record, indent=1) + "\n")
         except OSError as exc:
@@ -160,12 +160,12 @@ class PrivateSiteLearner(SiteLearner):
 
     def __init__(self, cfg: SiteFacingConfig, modalities: list[str], dataset, label_maps: torch.Tensor | None,
                  privacy: PrivacyConfig, ledger: PrivacyLedger, device: str = "cpu"):
-        if l1 := (cfg.loss.lambda_l1 if _paired(cfg) else 0.0):
-            raise ConfigError(
-                f"the server asks for an L1 term (loss.lambda_l1 = {l1:g}), computed on this site's real "
-                "images directly, which its privacy settings forbid; the server must set site.loss.lambda_l1=0 "
-                "(or this site must turn privacy off: privacy.enabled=false)")
         super().__init__(cfg, modalities, device)
+        if self.paired and cfg.loss.lambda_l1 > 0:
+            raise ConfigError(
+                f"the server asks for an L1 term (loss.lambda_l1 = {cfg.loss.lambda_l1:g}), computed on this site's "
+                "real images directly, which its privacy settings forbid; the server must set "
+                "site.loss.lambda_l1=0 (or this site must turn privacy off: privacy.enabled=false)")
         from opacus import GradSampleModule
 
         n = len(dataset)
@@ -275,9 +275,3 @@ class PrivateSiteLearner(SiteLearner):
         if not math.isfinite(losses["d_fake"]):
             log.warning("step %d: non-finite discriminator loss", step)
         return grad.detach().cpu(), losses
-
-
-def _paired(cfg: SiteFacingConfig) -> bool:
-    from asyndgan.common.families import get_family
-
-    return get_family(cfg.model.family).paired
