@@ -29,7 +29,7 @@ from asyndgan.common.conditions import Augmentation, augment
 from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
 from asyndgan.central_server import checkpoint as ckpt
-from asyndgan.central_server.aggregation import SiteGradient, combine, site_weights
+from asyndgan.central_server.aggregation import SiteGradient, channel_weights, combine, site_weights
 from asyndgan.central_server.mask_bank import MaskBank
 from asyndgan.central_server.monitoring import TrainingLog
 from asyndgan.central_server.registry import SiteRegistry
@@ -141,7 +141,11 @@ class Trainer:
         return results
 
     def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient]) -> None:
-        gradient = combine(results, site_weights(results, self.cfg.train.sampling), fake)
+        weights = site_weights(results, self.cfg.train.sampling)
+        if fake.dim() >= 2 and any(r.channels is not None for r in results.values()):
+            # Sites holding different modalities: each channel's weights over the sites that hold it.
+            weights = channel_weights(results, weights, fake.shape[1])
+        gradient = combine(results, weights, fake)
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.g_optim.lr * linear_decay(self.step, self.cfg.site.schedule)
         self.optimizer.zero_grad(set_to_none=True)

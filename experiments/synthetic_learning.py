@@ -266,9 +266,10 @@ def _pool(sets: list[SliceSet]) -> SliceSet:
 
 
 def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Path]],
-                 test_dir: pathlib.Path) -> dict[str, list[dict]]:
+                 test_dir: pathlib.Path, recipes: dict[str, SegmentationRecipe] | None = None) -> dict[str, list[dict]]:
     """Row -> one evaluation (summary + per-patient rows) per segmentation seed; models and evaluations are kept
-    in OUT/segmentation/<row>/seed<s>/ and reused."""
+    in OUT/segmentation/<row>/seed<s>/ and reused. `recipes`: a row's own recipe where it reads its training
+    trees differently (e.g. zero-filled missing modalities); the test cases are read with cfg.segmentation's."""
     recipe = cfg.segmentation
     test = None
     slices: dict[pathlib.Path, SliceSet] = {}  # each tree is read once, whichever rows pool it
@@ -285,7 +286,8 @@ def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Pat
                 results[row].append(_load_eval(folder / "eval"))
                 continue
             log.info("segmentation %d/%d: %s, seed %d", done, total, row, s)
-            seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
+            base = (recipes or {}).get(row, recipe)
+            seeded = base.model_copy(update={"training": base.training.model_copy(update={"seed": s})})
             if not (folder / "model" / "training.json").is_file():
                 for t in trees:
                     if t not in slices:

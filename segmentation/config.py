@@ -34,6 +34,9 @@ class Preprocessing(_Section):
                             "are resized back to the volume's grid before scoring)")
     clip_percentiles: tuple[float, float] = Field((0.5, 99.5), description="per volume and modality, in the brain "
                                                   "(the site's recipe)")
+    missing: Literal["skip", "zero"] = Field("skip", description="a case without one of `modalities`: skip it, or "
+                                             "zero-fill that modality (a blank image; what naive pooling of sites "
+                                             "with different scanners' sequences gives)")
 
     @model_validator(mode="after")
     def _check(self) -> "Preprocessing":

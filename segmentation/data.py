@@ -55,10 +55,23 @@ def check_data_dir(path: pathlib.Path) -> None:
                         f"<case>-seg.nii[.gz])")
 
 
-def find_cases(root: pathlib.Path, modalities: list[str], strict: bool) -> list[brats.Case]:
-    """The complete cases under `root`; an incomplete one is skipped with a warning, or an error if `strict`."""
+def find_cases(root: pathlib.Path, modalities: list[str], strict: bool, missing: str = "skip") -> list[brats.Case]:
+    """The complete cases under `root`; an incomplete one is skipped with a warning, or an error if `strict`.
+    missing="zero": a case needs only its seg and at least one image; absent modalities are zero-filled later."""
     check_data_dir(root)
-    cases, problems = brats.find_cases(root, modalities)
+    if missing == "zero":
+        cases, problems = brats.find_cases(root, [])
+        usable = []
+        for case in cases:
+            found = {m: p for m, p in brats.case_image_files(case).items() if m in modalities}
+            if not found:
+                problems.append(f"{case.files['seg'].parent}: none of the modalities {modalities}")
+                continue
+            case.files.update(found)
+            usable.append(case)
+        cases = usable
+    else:
+        cases, problems = brats.find_cases(root, modalities)
     for problem in problems:
         if strict:
             raise DataError(problem)
@@ -71,7 +84,9 @@ def find_cases(root: pathlib.Path, modalities: list[str], strict: bool) -> list[
 def read_case(case: brats.Case, prep: Preprocessing) -> CaseVolume:
     """The case's modalities normalised as the site does, its labels, brain mask and voxel spacing."""
     seg = brats.read_seg(case)
-    volumes = [brats.read_image(case, m, seg.shape) for m in prep.modalities]
+    # A modality the case lacks (only with prep.missing = "zero") is a blank image: -1 everywhere once normalised.
+    volumes = [brats.read_image(case, m, seg.shape) if m in case.files else np.zeros(seg.shape, np.float32)
+               for m in prep.modalities]
     brain = np.any(np.stack([v > 0 for v in volumes]), axis=0)  # skull-stripped: the brain is where signal is
     images = np.stack([brats.normalise(v, *prep.clip_percentiles) for v in volumes])
     labelled = np.where(seg > 0, seg, np.where(brain, BRAIN, 0)).astype(np.uint8)
@@ -168,7 +183,8 @@ def load_training_slices(dirs: list[pathlib.Path], recipe: SegmentationRecipe, p
                          workers: int = 1) -> SliceSet:
     """Every tumour slice of every case under `dirs`, plus healthy brain slices (recipe.training.healthy_ratio).
     A bad case is skipped with a warning naming its file; no usable case at all is an error."""
-    found = [(root, c) for root in dirs for c in find_cases(root, recipe.preprocessing.modalities, strict=False)]
+    prep = recipe.preprocessing
+    found = [(root, c) for root in dirs for c in find_cases(root, prep.modalities, strict=False, missing=prep.missing)]
     results = _map_cases(_training_slices_of, [c for _, c in found], (recipe,), workers, "reading training cases",
                          progress)
     images, masks, names = [], [], []

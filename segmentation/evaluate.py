@@ -75,7 +75,8 @@ def evaluate_model(model: pathlib.Path | tuple[torch.nn.Module, SegmentationReci
                    device: str | torch.device = "auto", progress: bool = True) -> EvalResult:
     """Score a model folder (or a loaded (net, recipe)) on test cases prepared with its preprocessing."""
     net, recipe = load_model(model) if isinstance(model, pathlib.Path) else model
-    if test.preprocessing != recipe.preprocessing:
+    # `missing` only says how incomplete training cases were read; test cases are always complete.
+    if test.preprocessing.model_dump(exclude={"missing"}) != recipe.preprocessing.model_dump(exclude={"missing"}):
         raise ConfigError("the test cases were prepared with different preprocessing than the model was trained "
                           f"with ({test.preprocessing.model_dump()} vs {recipe.preprocessing.model_dump()})")
     dev = resolve_device(device) if isinstance(device, str) else device

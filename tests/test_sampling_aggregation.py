@@ -56,3 +56,24 @@ def test_a_missing_site_leaves_its_rows_zero_and_weights_renormalise():
     assert w == {"a": 1.0}
     out = combine(r, w, like)
     assert out[:2].sum() == 2 and out[2:].abs().sum() == 0
+
+
+def test_channel_weights_renormalise_each_modality_over_the_sites_that_hold_it():
+    from asyndgan.central_server.aggregation import channel_weights
+
+    # a holds channels 0..3 (n 30), b holds 1 and 3 (n 10): channel 0 and 2 come from a alone, at full weight.
+    r = {
+        "a": _result(slice(0, 2), torch.ones(2, 4, 2, 2), 30, 2),
+        "b": _result(slice(2, 3), torch.ones(1, 2, 2, 2), 10, 1, channels=[1, 3]),
+    }
+    w = channel_weights(r, site_weights(r, "balance"), 4)
+    assert torch.allclose(w["a"], torch.tensor([1.0, 0.75, 1.0, 0.75]))
+    assert torch.allclose(w["b"], torch.tensor([0.25, 0.25]))
+    out = combine(r, w, torch.zeros(3, 4, 2, 2))
+    assert torch.all(out[0, 0] == 1.0) and torch.all(out[0, 1] == 0.75)
+    assert torch.all(out[2, [0, 2]] == 0.0) and torch.all(out[2, [1, 3]] == 0.25)
+    # every site holding every channel: the plain weights
+    full = {"a": r["a"], "c": _result(slice(2, 3), torch.ones(1, 4, 2, 2), 10, 1)}
+    plain = site_weights(full, "balance")
+    cw = channel_weights(full, plain, 4)
+    assert torch.allclose(cw["a"], torch.full((4,), 0.75)) and torch.allclose(cw["c"], torch.full((4,), 0.25))

@@ -8,6 +8,8 @@ import pathlib
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from asyndgan.common.config import BRATS_MODALITIES
+
 BRATS_SHAPE = (240, 240, 155)
 # FeTS 2021 institution sizes (REFERENCE.md); the default split takes the largest few, so that a 3-site run is
 # as uneven as real institutions without leaving a site with a single case.
@@ -51,6 +53,9 @@ class PhantomConfig(BaseModel):
     seed: int = Field(0, ge=0)
     shape: tuple[int, int, int] = BRATS_SHAPE
     profiles: list[SiteProfile] | None = None
+    missing: dict[str, list[str]] = Field(
+        default_factory=dict, description="site name -> modalities its cases are written without, as a hospital "
+        "that never acquired them would export (the test cases keep every modality)")
 
     @field_validator("shape")
     @classmethod
@@ -69,6 +74,16 @@ class PhantomConfig(BaseModel):
             self.profiles = default_profiles(self.sites, self.seed)
         if len(self.profiles) != self.sites:
             raise ValueError(f"profiles needs {self.sites} entries, got {len(self.profiles)}")
+        names = [f"site{k + 1}" for k in range(self.sites)]
+        for site, mods in self.missing.items():
+            if site not in names:
+                raise ValueError(f"missing: no site {site!r}; the sites are {', '.join(names)}")
+            unknown = [m for m in mods if m not in BRATS_MODALITIES]
+            if unknown:
+                raise ValueError(f"missing: unknown modalities {unknown} for {site}; BraTS cases hold "
+                                 f"{', '.join(BRATS_MODALITIES)}")
+            if set(BRATS_MODALITIES) <= set(mods):
+                raise ValueError(f"missing: {site} would keep no image (a case needs at least one modality)")
         return self
 
 
@@ -114,3 +129,15 @@ def default_profiles(sites: int, seed: int) -> list[SiteProfile]:
 
 PROFILE_STREAM = 7919
 TEST_STREAM = 0  # training cases of site k use stream k (1-based)
+
+
+def parse_missing(text: str | None) -> dict[str, list[str]]:
+    """`site1=t2,site2=flair+t1` (or the same site repeated) -> {"site1": ["t2"], "site2": ["flair", "t1"]}."""
+    out: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        site, sep, mods = part.partition("=")
+        if not sep or not site.strip() or not mods.strip():
+            raise ValueError(f"--missing entry {part!r} must look like site1=t2 (several: site1=t2+flair)")
+        bucket = out.setdefault(site.strip(), [])
+        bucket.extend(m.strip() for m in mods.split("+") if m.strip() and m.strip() not in bucket)
+    return out

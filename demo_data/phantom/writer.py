@@ -70,7 +70,10 @@ def write_phantom(out: pathlib.Path, cfg: PhantomConfig, progress: bool = True) 
         images, seg = make_case(template, cfg.profiles[k], rng, cfg.shape)
         case_dir = folder / case
         case_dir.mkdir(parents=True, exist_ok=True)
+        dropped = set(cfg.missing.get(site, [])) if split == "train" else set()
         for name, arr in [*images.items(), ("seg", seg)]:
+            if name in dropped:
+                continue  # this site never acquired it: the case has no such file, as in a real export
             _save_nifti(case_dir / f"{case}_{name}.nii.gz", arr, template.affine)
         rows.append((case, site, split))
         if split == "train" and site not in preview:
