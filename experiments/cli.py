@@ -223,7 +223,7 @@ def complete(checkpoint, generator_file, data, out, method, steps, device, threa
         click.echo(f"  translator {name}: " + (f"kept {info['kept']}" if "kept" in info else
                                                f"L1 {info['first_l1']:.3f} -> {info['final_l1']:.3f} in "
                                                f"{info['seconds']} s from {info['label_maps']} label maps"))
-    click.echo(f"  which files are synthetic: <case>/completion.json")
+    click.echo("  which files are synthetic: <case>/completion.json")
 
 
 main.add_command(certs)

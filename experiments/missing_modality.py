@@ -42,7 +42,7 @@ from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.runner import Cluster, write_json
+from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (
     GANSection, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, segment_rows,
     server_config, synthesise,
@@ -258,15 +258,7 @@ def run(cfg: MissingModalityConfig) -> dict:
     if unknown or any(m not in BRATS_MODALITIES for v in cfg.missing.values() for m in v):
         raise ConfigError(f"missing {cfg.missing} names sites or modalities the phantom does not have")
     check_settings(cfg)
-    timings_path = cfg.out / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(name: str, fn, *args):
-        t0 = time.monotonic()
-        value = fn(*args)
-        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 1)
-        write_json(timings_path, timings)
-        return value
+    timings, timed = piece_timer(cfg.out / "timings.json")
 
     log.info("[1/7] phantom with every modality; heterogeneous views without %s", cfg.missing)
     full, test_dir = timed("phantom", make_phantom, cfg)

@@ -133,7 +133,7 @@ def _report(cfg, rows, fid, completion_info, targets, timings, seeds) -> str:
         f"{cfg.segmentation.training.steps} steps, all four modalities in), {len(seeds)} seed(s) {seeds}; 3-D whole "
         f"tumour Dice and HD95 per test patient, mean ± SD over seeds.", "",
         "## Segmentation (same recipe, same real test cases)", "",
-        f"| row | Dice | HD95 (mm) | patient SD of Dice | paper (DSL Table 4, BraTS) |",
+        "| row | Dice | HD95 (mm) | patient SD of Dice | paper (DSL Table 4, BraTS) |",
         "|---|---|---|---|---|",
     ]
     for k, r in rows.items():

@@ -198,3 +198,19 @@ class Cluster:
 
 def write_json(path: pathlib.Path, data) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def piece_timer(path: pathlib.Path):
+    """(timings, timed) for an experiment made of resumable pieces: `timed(name, fn, *args)` runs fn and adds its
+    seconds to timings[name], saved in `path` (JSON) after every piece, so a resumed run adds what it redid to
+    what was done before."""
+    timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def timed(name: str, fn, *args):
+        t0 = time.monotonic()
+        value = fn(*args)
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 1)
+        write_json(path, timings)
+        return value
+
+    return timings, timed

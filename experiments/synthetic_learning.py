@@ -37,7 +37,7 @@ from asyndgan.common.config import (
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.runner import Cluster, write_json
+from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
     load_training_slices, train_model, write_results,
@@ -322,16 +322,7 @@ def run(cfg: SyntheticLearningConfig) -> dict:
         raise ConfigError(f"--preset {cfg.preset} computes on {cfg.device}, which torch cannot use on this "
                           "machine (use --preset cpu)") from None
     check_settings(cfg)
-    timings_path = cfg.out / "timings.json"
-    # Seconds per piece, kept across invocations: a resumed run adds what it redid to what was done before.
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(name: str, fn, *args):
-        t0 = time.monotonic()
-        value = fn(*args)
-        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 1)
-        write_json(timings_path, timings)
-        return value
+    timings, timed = piece_timer(cfg.out / "timings.json")
 
     log.info("[1/7] phantom: %s training cases per site, %d test cases", cfg.phantom.cases_per_site,
              cfg.phantom.test_cases)

@@ -237,3 +237,13 @@ def test_smoke_preset_end_to_end(tmp_path):
                      str(out)], timeout=300)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     shutil.rmtree(out / "cache", ignore_errors=True)
+
+
+def test_a_site_told_to_ignore_modalities_it_has_is_sent_only_the_others(site, tmp_path):
+    cfg = load_config(ServerConfig, None, TINY_IMAGE2D)
+    full = site["tree"].parent / "full"
+    prep = DataPrepConfig(cache_dir=tmp_path / "cache", min_tumour_pixels=1, modalities=["flair", "t1"])
+    session = LocalSession("s", open_dataset(full, cfg.site, prep), cfg.site)
+    assert session.worker.modalities == ["t1", "flair"] and session.channels == [0, 3]
+    assert session.worker.expected_shape(2) == (2, 2, 16, 16)
+    assert list(session.worker.learner.discriminators.keys()) == ["t1", "flair"]
