@@ -188,13 +188,16 @@ def test_status_text_shows_each_sites_privacy_and_why_it_left():
     from asyndgan.central_server.status import format_status
     from asyndgan.common._generated import asyndgan_pb2 as pb
 
-    reply = pb.StatusReply(step=10, total_steps=100, family="image2d", state="training", run_id="r")
-    reply.sites.append(pb.SiteStatus(site_id="a", ready=True, privacy=pb.Privacy(
+    reply = pb.StatusReply(step=10, total_steps=100, family="image2d", state="training", run_id="r",
+                           modalities=["t1", "t1ce", "t2", "flair"])
+    reply.sites.append(pb.SiteStatus(site_id="a", ready=True, modalities=["t1", "t2"], privacy=pb.Privacy(
         enabled=True, epsilon_budget=10, epsilon_spent=1.25, delta=1e-5)))
-    reply.sites.append(pb.SiteStatus(site_id="b", left="privacy budget reached", privacy=pb.Privacy(
+    reply.sites.append(pb.SiteStatus(site_id="b", left="privacy budget reached", modalities=["flair"], privacy=pb.Privacy(
         enabled=True, epsilon_budget=10, epsilon_spent=9.98, delta=1e-5, exhausted=True)))
-    reply.sites.append(pb.SiteStatus(site_id="c", ready=True))
+    reply.sites.append(pb.SiteStatus(site_id="c", ready=True, modalities=["t1"]))
     text = format_status(reply)
+    # what each site holds, and the modalities nobody connected holds (b left; it held flair)
+    assert "holds t1+t2" in text and "modalities no connected site holds (not learnt): t1ce, flair" in text
     assert "sites connected: 2" in text and "privacy on: epsilon 1.25 of 10 (delta 1e-05)" in text
     assert "privacy budget spent: epsilon 9.98 of 10" in text and "left the run: privacy budget reached" in text
     assert text.rstrip().endswith("privacy off")

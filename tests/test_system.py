@@ -51,6 +51,7 @@ def test_sites_join_while_training_and_a_killed_site_is_dropped(tmp_path):
         cli = run_cli(["asyndgan.central_server.cli", "status", "--insecure", "--server", server.address])
         assert cli.returncode == 0, cli.stderr
         assert "sites connected: 2" in cli.stdout and "a " in cli.stdout and "b " in cli.stdout
+        assert "holds t1+t1ce+t2+flair" in cli.stdout and "not learnt" not in cli.stdout, cli.stdout
 
         os.kill(b.pid, signal.SIGKILL)
         b.wait()
