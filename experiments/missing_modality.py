@@ -210,10 +210,10 @@ def fidelity(cfg: MissingModalityConfig, full_sites: list[pathlib.Path]) -> dict
         for site in full_sites:
             for m in cfg.missing.get(site.name, []):
                 for case in sorted(p for p in site.iterdir() if p.is_dir()):
-                    truth = brats.normalise(_read(case / f"{case.name}_{m}.nii.gz"), 0.5, 99.5)
+                    raw = _read(case / f"{case.name}_{m}.nii.gz")  # the dropped file: the truth
+                    truth, brain = brats.normalise(raw, 0.5, 99.5), raw > 0
                     done = cfg.out / "completed" / method / site.name / case.name / f"{case.name}_{m}.nii.gz"
                     made = brats.normalise(_read(done), 0.5, 99.5)
-                    brain = _read(case / f"{case.name}_{m}.nii.gz") > 0
                     ssim, psnr = [], []
                     for z in range(brain.shape[2]):
                         if brain[..., z].sum() >= 50:

@@ -36,7 +36,7 @@ from asyndgan.common.errors import ConfigError, DataError
 from asyndgan.site_agent import brats
 from asyndgan.synthesis import label_sources as sources
 from asyndgan.synthesis import writers
-from asyndgan.synthesis.generate import _brain_inside, _volume_images, _write_error
+from asyndgan.synthesis.generate import brain_inside, volume_images, write_error
 from asyndgan.synthesis.generator_file import LoadedGenerator, load_exported, load_from_checkpoint
 from asyndgan.synthesis.translation import (
     TranslateConfig, apply_translator, from_slices, load_translator, save_translator, to_slices, train_translator,
@@ -149,10 +149,10 @@ def run(cfg: CompleteConfig) -> dict:
             kept += 1
             continue
         vol = sources.read_volume(case, i2d.stored_size, i2d.num_classes)
-        inside = _brain_inside(vol)
+        inside = brain_inside(vol)
         fills: dict[str, np.ndarray] = {}
         if missing and cfg.method == "labels":
-            fake = _volume_images(loaded, vol, device, cfg.batch_size)  # [C, X, Y, Z]
+            fake = volume_images(loaded, vol, device, cfg.batch_size)  # [C, X, Y, Z]
             fills = {m: fake[list(i2d.modalities).index(m)] for m in missing}
         elif missing:
             fills = _translate_case(cfg, translators[(tuple(held), tuple(missing))], vol, held, missing, device)
@@ -195,7 +195,7 @@ def _translator(cfg: CompleteConfig, loaded: LoadedGenerator, group: list[brats.
     try:
         save_translator(path, net, expected)
     except OSError as exc:
-        raise _write_error(f"translator {name}", cfg.out, exc) from None
+        raise write_error(f"translator {name}", cfg.out, exc) from None
     log.info("translator %s: L1 %.4f -> %.4f in %.0f s", name, info["first_l1"], info["final_l1"], info["seconds"])
     return net, info
 
@@ -229,5 +229,5 @@ def _write_case(out: pathlib.Path, case: brats.Case, vol: sources.Volume, inside
                 writers.save_nifti(tmp / name, writers.to_intensity(image, inside), reference, note)
             writers.write_json(tmp / SIDECAR, record)
     except OSError as exc:
-        raise _write_error(f"case {case.name}", out, exc) from None
+        raise write_error(f"case {case.name}", out, exc) from None
 

@@ -188,7 +188,7 @@ def _sample_record(header: dict, origin: dict) -> dict:
             "asyndgan_version": header["asyndgan_version"], "created": _now()}
 
 
-def _write_error(what: str, out: pathlib.Path, exc: OSError) -> AsynDGANError:
+def write_error(what: str, out: pathlib.Path, exc: OSError) -> AsynDGANError:
     return AsynDGANError(f"cannot write {what} in {out}: {exc.strerror or exc}; nothing of it was kept (what was "
                          "written before it is complete; run the same command again to go on)")
 
@@ -201,8 +201,8 @@ def _brats(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, h
     note = f"asyndgan synthetic run {loaded.run_id} step {loaded.step}"
     for case in tqdm(todo, desc="generate", unit="case", dynamic_ncols=True):
         vol = sources.read_volume(case, i2d.stored_size, i2d.num_classes)
-        fake = _volume_images(loaded, vol, device, cfg.batch_size)  # [C, X, Y, Z] in [-1, 1]
-        inside = _brain_inside(vol)
+        fake = volume_images(loaded, vol, device, cfg.batch_size)  # [C, X, Y, Z] in [-1, 1]
+        inside = brain_inside(vol)
         record = _sample_record(header, {"case": case.name, "seg": str(case.files["seg"].resolve())})
         first = next(iter(vol.images.values()))
         try:
@@ -215,11 +215,11 @@ def _brats(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, h
                 shutil.copyfile(seg, tmp / seg.name)
                 writers.write_json(tmp / "provenance.json", record)
         except OSError as exc:
-            raise _write_error(f"case {case.name}", cfg.out, exc) from None
+            raise write_error(f"case {case.name}", cfg.out, exc) from None
     return len(todo), len(cases) - len(todo)
 
 
-def _volume_images(loaded: LoadedGenerator, vol: sources.Volume, device: torch.device, batch_size: int) -> np.ndarray:
+def volume_images(loaded: LoadedGenerator, vol: sources.Volume, device: torch.device, batch_size: int) -> np.ndarray:
     """float32 [C, X, Y, Z]: every axial slice with anything in its label map generated, put back at X x Y;
     slices whose map is empty (no brain) stay -1 (background)."""
     X, Y, Z = vol.seg.shape
@@ -235,7 +235,7 @@ def _volume_images(loaded: LoadedGenerator, vol: sources.Volume, device: torch.d
     return out
 
 
-def _brain_inside(vol: sources.Volume) -> np.ndarray:
+def brain_inside(vol: sources.Volume) -> np.ndarray:
     """bool [X, Y, Z]: the source's brain (images above 0, holes filled per axial slice) and its tumour."""
     inside = vol.brain | (vol.seg > 0)
     for z in range(inside.shape[2]):
@@ -269,7 +269,7 @@ def _two_d(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, h
     try:
         arrays = writers.ArraysWriter(cfg.out, total, len(i2d.modalities), size) if fmt == "arrays" else None
     except OSError as exc:
-        raise _write_error("the arrays", cfg.out, exc) from None
+        raise write_error("the arrays", cfg.out, exc) from None
     written = kept = 0
     origins: list[dict] = []
     try:
@@ -298,14 +298,14 @@ def _two_d(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, h
                             writers.write_png_pair(cfg.out, item.name, image, item.label_map, item.mask_file,
                                                    _sample_record(header, item.origin))
                         except OSError as exc:
-                            raise _write_error(f"sample {item.name}", cfg.out, exc) from None
+                            raise write_error(f"sample {item.name}", cfg.out, exc) from None
                     written += 1
                 bar.update(in_batch)
         if arrays is not None:
             try:
                 arrays.commit(list(i2d.modalities), {**header, "label_maps_per_row": origins})
             except OSError as exc:
-                raise _write_error("the arrays", cfg.out, exc) from None
+                raise write_error("the arrays", cfg.out, exc) from None
     except BaseException:
         if arrays is not None:
             arrays.discard()
