@@ -132,7 +132,7 @@ def check_settings(cfg: SyntheticLearningConfig) -> None:
         log.info("resuming the run in %s: finished pieces are kept", cfg.out)
         return
     if cfg.out.exists() and any(p.name != "experiment.log" for p in cfg.out.iterdir()):
-        raise ConfigError(f"{cfg.out} is not empty and holds no synthetic-learning run; choose a new --out")
+        raise ConfigError(f"{cfg.out} is not empty and holds no {cfg.preset} run of this experiment; choose a new --out")
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json(path, ours)
 
