@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--wire-dtype", default="float32", choices=["float32", "float16", "bfloat16", "q8"])
+    ap.add_argument("--wire-region", default="full", choices=["full", "brain"])
     ap.add_argument("--insecure", action="store_true", help="plain text instead of mutual TLS")
     args = ap.parse_args()
     setup_logging("WARNING")
@@ -48,6 +49,7 @@ def main() -> None:
         cfg = load_config(ServerConfig, None, {
             "host": "127.0.0.1", "port": 0, "run_dir": str(tmp / "run"), "site.schedule.steps": args.steps,
             "train.batch_size": args.batch, "train.min_sites": sites, "train.wire_dtype": args.wire_dtype,
+            "train.wire_region": args.wire_region,
             "site.model.image2d.image_size": args.size, "site.model.image2d.ngf": 8,
             "site.model.image2d.n_blocks": 2, "site.model.image2d.ndf": 8, "checkpoint_every": 10**6,
             "sample_every": 10**6,
@@ -66,13 +68,12 @@ def main() -> None:
         step1, (up1, down1) = s.step, proxy.counts()
         cluster.wait(300)
     steps = step1 - step0
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[args.wire_dtype]
-    raw = args.batch * 4 * args.size * args.size * itemsize  # one direction, one site, one step
+    raw = args.batch * 4 * args.size * args.size * 4  # float32, every pixel: one direction, one site, one step
     down = (down1 - down0) / steps / sites
     up = (up1 - up0) / steps / sites
-    print(f"image2d {args.size}x{args.size}, 4 channels, batch {args.batch} per site, wire {args.wire_dtype}, "
+    print(f"image2d {args.size}x{args.size}, 4 channels, batch {args.batch} per site, wire {args.wire_dtype} ({args.wire_region}), "
           f"{'plain text' if args.insecure else 'mutual TLS'}, {steps} steps measured, {sites} sites")
-    print(f"raw tensor payload per site per step: {raw} B each way ({2 * raw} B both)")
+    print(f"raw float32 payload per site per step: {raw} B each way ({2 * raw} B both)")
     print(f"on the wire per site per step: down {down:.0f} B ({down / raw:.4f} x raw), "
           f"up {up:.0f} B ({up / raw:.4f} x raw), both {(up + down) / (2 * raw):.4f} x raw")
 

@@ -29,7 +29,10 @@ def main() -> None:
 @click.option("--steps", type=int, help="Generator steps to train.")
 @click.option("--batch-size", type=int, help="Samples per site per step.")
 @click.option("--min-sites", type=int, help="Sites that must answer for a step to count.")
-@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Dtype of images and gradients on the wire.")
+@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "bfloat16", "q8"]),
+              help="Images and gradients on the wire: a float dtype, or q8 (8 bits with a per-channel scale).")
+@click.option("--wire-region", type=click.Choice(["full", "brain"]),
+              help="'brain': send only the pixels inside each label map's brain (image2d).")
 @click.option("--threads", type=int, help="Torch CPU threads.")
 @click.option("--device", help="Torch device for the generator (cpu, cuda, cuda:1).")
 @click.option("--resume", is_flag=True, help="Continue from the newest usable checkpoint in the run folder.")
@@ -40,15 +43,15 @@ def main() -> None:
 @log_level_option
 @exit_hard  # a gRPC call that never completed must not hold the process after the last checkpoint is written
 @friendly_errors
-def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, threads, device, resume,
-          certs, insecure, port_file, overrides, log_level):
+def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, wire_region, threads, device,
+          resume, certs, insecure, port_file, overrides, log_level):
     """Start the server and train until the schedule ends."""
     from asyndgan.central_server.server import run_server
 
     values = {
         "host": host, "port": port, "run_dir": run_dir and str(run_dir), "site.model.family": family,
         "site.schedule.steps": steps, "train.batch_size": batch_size, "train.min_sites": min_sites,
-        "train.wire_dtype": wire_dtype, "device": device, "threads": threads, "insecure": insecure,
+        "train.wire_dtype": wire_dtype, "train.wire_region": wire_region, "device": device, "threads": threads, "insecure": insecure,
         "certs": certs and str(certs),
     }
     values.update(dict(parse_override(o) for o in overrides))

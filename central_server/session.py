@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.errors import ProtocolError
@@ -74,6 +76,7 @@ class SiteSession:
         self._upload = upload
         self._on_ready = on_ready
         self._max_gradient_bytes = max_gradient_bytes
+        self._region: tuple[int, torch.Tensor | None] = (-1, None)  # (round, region) of the last batch sent
         self._consecutive_bad = 0
         self._known_samples = known_samples  # the server already holds this site's maps (a reconnect)
         self._outstanding: int | None = None  # round of the batch the site has not answered yet
@@ -175,6 +178,7 @@ class SiteSession:
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         with self._lock:
             self._outstanding = self._awaited = batch.round
+            self._region = (batch.round, batch.region)
         self._push(serde.batch_to_proto(batch, self.wire_dtype))
 
     def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float) -> serde.ImageGradient | str:
@@ -196,8 +200,10 @@ class SiteSession:
                          msg.step, msg.round, round_)
                 continue
             try:
+                sent_round, region = self._region
                 grad = serde.gradient_from_proto(msg, wire_dtype=self.wire_dtype, shape=shape,
-                                                 max_bytes=self._max_gradient_bytes)
+                                                 max_bytes=self._max_gradient_bytes,
+                                                 region=region if sent_round == round_ else None)
             except ProtocolError as exc:
                 self._bad(str(exc))
                 return f"bad gradient: {exc}"

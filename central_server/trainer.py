@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from asyndgan.common import serde
-from asyndgan.common.conditions import Augmentation, augment
+from asyndgan.common.conditions import Augmentation, augment, brain_region
 from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
 from asyndgan.central_server import checkpoint as ckpt
@@ -116,12 +116,25 @@ class Trainer:
         """fake = G(x) [B, C, ...] (with its graph); each site is sent its rows and channels."""
         self.generator.train()
         fake = self.generator(x.to(self.device))
+        regions = self._regions(planned, fake)
+        if regions is not None:
+            # Only the brain crosses the wire: outside it G's output is replaced by the background, exactly what
+            # the site fills in, so the sites' discriminators judge what the server used (and its gradient is 0).
+            inside = torch.cat(regions).to(self.device).unsqueeze(1)
+            fake = torch.where(inside, fake, torch.full_like(fake, serde.BACKGROUND))
         self.round += 1
         fake_cpu = fake.detach().cpu()
-        for p in planned:
+        for i, p in enumerate(planned):
             part = fake_cpu[p.rows] if p.session.channels is None else fake_cpu[p.rows][:, p.session.channels]
-            p.session.send_batch(serde.SyntheticBatch(self.step, self.round, p.keys, part, p.aug))
+            region = None if regions is None else regions[i]
+            p.session.send_batch(serde.SyntheticBatch(self.step, self.round, p.keys, part, p.aug, region))
         return fake
+
+    def _regions(self, planned: list[_Planned], fake: torch.Tensor) -> list[torch.Tensor] | None:
+        """Each site's brain regions [b, H, W] when only the brain goes on the wire (image families), else None."""
+        if self.cfg.train.wire_region != "brain" or fake.dim() != 4 or any(p.maps is None for p in planned):
+            return None
+        return [brain_region(p.maps) for p in planned]
 
     def _collect(self, planned: list[_Planned], report: StepReport) -> dict[str, SiteGradient]:
         """Each site's checked gradient, waiting until the step deadline; the misses go into the report."""

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 
 from asyndgan.common.config import ModelConfig
+
+def brain_region(label_maps: torch.Tensor) -> torch.Tensor:
+    """bool [n, H, W]: each map's brain, i.e. its labelled pixels (outline and tumour) with the holes filled."""
+    maps = label_maps.numpy() > 0
+    return torch.from_numpy(np.stack([ndi.binary_fill_holes(m) for m in maps]) if len(maps) else maps)
+
 
 def one_hot(label_maps: torch.Tensor, num_classes: int) -> torch.Tensor:
     """uint8 [n, H, W] -> float32 [n, K, H, W]."""

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from asyndgan.common.errors import ConfigError
 from asyndgan.common.identifiers import SITE_ID_PATTERN
 
-WireDType = Literal["float32", "float16", "bfloat16"]
+WireDType = Literal["float32", "float16", "bfloat16", "q8"]
+WireRegion = Literal["full", "brain"]
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
@@ -119,7 +120,10 @@ class TrainConfig(_Section):
     sampling: Literal["balance", "uniform"] = "balance"
     min_sites: int = Field(1, ge=1, description="quorum: sites that must answer for a step to count")
     step_deadline_s: float = Field(60.0, gt=0, description="how long a step waits for sites' gradients")
-    wire_dtype: WireDType = "float32"
+    wire_dtype: WireDType = Field("float32", description="fakes and gradients on the wire: float32, float16, "
+                                  "bfloat16, or q8 (8 bits per value with a per-sample, per-channel scale)")
+    wire_region: WireRegion = Field("full", description="'brain': only pixels inside each label map's brain cross "
+                                    "the wire (image2d; the generator's output is -1 outside it)")
     flip: bool = Field(True, description="random left-right flips drawn by the server (image2d)")
     seed: int = 0
 

@@ -20,6 +20,7 @@ from asyndgan.common.config import SiteFacingConfig, validate_json
 from asyndgan.common.errors import ConfigError, ProtocolError
 
 PROTOCOL_VERSION = 1
+BACKGROUND = -1.0  # image value outside the brain: what a region-limited fake holds outside its region
 MAX_LOSSES = 32
 
 
@@ -94,6 +95,7 @@ class Welcome:
     site_config: SiteFacingConfig
     have_maps: bool = False
     protocol_version: int = PROTOCOL_VERSION
+    wire_region: str = "full"
 
 
 @dataclass
@@ -103,6 +105,7 @@ class SyntheticBatch:
     keys: torch.Tensor  # int64 [n]
     fake: torch.Tensor  # [n, ...] floating
     aug: Augmentation
+    region: torch.Tensor | None = None  # bool [n, H, W]: the pixels that cross the wire (None: all)
 
 
 @dataclass
@@ -133,19 +136,22 @@ def hello_from_proto(m: pb.Hello) -> Hello:
 def welcome_to_proto(w: Welcome) -> pb.ServerMessage:
     return pb.ServerMessage(welcome=pb.Welcome(
         protocol_version=w.protocol_version, step=w.step, wire_dtype=w.wire_dtype, run_id=w.run_id,
-        site_config_json=w.site_config.model_dump_json(), have_maps=w.have_maps,
+        site_config_json=w.site_config.model_dump_json(), have_maps=w.have_maps, wire_region=w.wire_region,
     ))
 
 
 def welcome_from_proto(m: pb.Welcome) -> Welcome:
     if m.wire_dtype not in tensor_codec.FLOAT_WIRE_DTYPES:
         raise ProtocolError(f"server asks for wire dtype {m.wire_dtype!r}")
+    region = m.wire_region or "full"
+    if region not in tensor_codec.WIRE_REGIONS:
+        raise ProtocolError(f"server asks for wire region {region!r}")
     try:
         cfg = validate_json(SiteFacingConfig, m.site_config_json)
     except ConfigError as exc:
         raise ProtocolError(f"server sent unusable settings: {exc}") from None
     return Welcome(step=int(m.step), wire_dtype=m.wire_dtype, run_id=m.run_id, site_config=cfg,
-                   have_maps=bool(m.have_maps), protocol_version=int(m.protocol_version))
+                   have_maps=bool(m.have_maps), protocol_version=int(m.protocol_version), wire_region=region)
 
 
 # ---- label maps (join upload), Ready, Shutdown ---------------------------------------------------------------
@@ -303,7 +309,8 @@ def shutdown_from_proto(m: pb.Shutdown) -> Shutdown:
 
 def batch_to_proto(b: SyntheticBatch, wire_dtype: str) -> pb.ServerMessage:
     return pb.ServerMessage(batch=pb.SyntheticBatch(
-        step=b.step, round=b.round, keys=b.keys.tolist(), fake=tensor_codec.encode(b.fake, wire_dtype),
+        step=b.step, round=b.round, keys=b.keys.tolist(),
+        fake=tensor_codec.encode(b.fake, wire_dtype, region=b.region, fill=BACKGROUND),
         augmentation=_aug_to_proto(b.aug),
     ))
 
@@ -333,6 +340,7 @@ def _aug_from_proto(m: pb.Augmentation, n: int, stored_size: int | None) -> Augm
 
 def batch_from_proto(m: pb.SyntheticBatch, wire_dtype: str, num_samples: int,
                      stored_size: int | None = None) -> SyntheticBatch:
+    region = tensor_codec.decoded_region(m.fake)
     fake = tensor_codec.decode(m.fake, dtype=wire_dtype, finite=True).float()
     n = fake.shape[0] if fake.dim() else -1
     keys = torch.tensor(list(m.keys), dtype=torch.int64)
@@ -341,7 +349,7 @@ def batch_from_proto(m: pb.SyntheticBatch, wire_dtype: str, num_samples: int,
     if bool((keys < 0).any()) or bool((keys >= num_samples).any()):
         raise ProtocolError(f"batch for step {m.step} names keys outside 0..{num_samples - 1}")
     aug = _aug_from_proto(m.augmentation, n, stored_size)
-    return SyntheticBatch(step=int(m.step), round=int(m.round), keys=keys, fake=fake, aug=aug)
+    return SyntheticBatch(step=int(m.step), round=int(m.round), keys=keys, fake=fake, aug=aug, region=region)
 
 
 def _flags(values, n: int) -> torch.Tensor:
@@ -352,19 +360,25 @@ def _flags(values, n: int) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.bool)
 
 
-def gradient_to_proto(g: ImageGradient, wire_dtype: str) -> pb.SiteMessage:
+def gradient_to_proto(g: ImageGradient, wire_dtype: str, region: torch.Tensor | None = None) -> pb.SiteMessage:
+    """The answer to a batch: on the batch's region (not sent back), 8-bit codes rounded stochastically (unbiased:
+    the server averages many of them)."""
+    gradient = tensor_codec.encode(g.gradient, wire_dtype, region=region, send_region=False, stochastic=True)
     return pb.SiteMessage(gradient=pb.ImageGradient(
-        step=g.step, round=g.round, gradient=tensor_codec.encode(g.gradient, wire_dtype),
+        step=g.step, round=g.round, gradient=gradient,
         losses={k: float(v) for k, v in g.losses.items()}, num_samples=g.num_samples,
         privacy=privacy_to_proto(g.privacy),
     ))
 
 
 def gradient_from_proto(
-    m: pb.ImageGradient, *, wire_dtype: str, shape: tuple[int, ...], max_bytes: int | None = None
+    m: pb.ImageGradient, *, wire_dtype: str, shape: tuple[int, ...], max_bytes: int | None = None,
+    region: torch.Tensor | None = None,
 ) -> ImageGradient:
-    """Decode and check a site's gradient against what the server sent: dtype, exact shape, finite values."""
-    grad = tensor_codec.decode(m.gradient, dtype=wire_dtype, shape=shape, max_bytes=max_bytes, finite=True)
+    """Decode and check a site's gradient against what the server sent: dtype, exact shape, finite values, and
+    values only on the region of the batch (zero outside it)."""
+    grad = tensor_codec.decode(m.gradient, dtype=wire_dtype, shape=shape, max_bytes=max_bytes, finite=True,
+                               region=region)
     if len(m.losses) > MAX_LOSSES:
         raise ProtocolError(f"gradient carries {len(m.losses)} losses (at most {MAX_LOSSES})")
     # Loss names reach logs, status output and TensorBoard tags: printable characters only.

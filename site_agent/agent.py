@@ -258,8 +258,9 @@ class SiteAgent:
             chunks = label_map_chunk_count(self._label_maps, chunk_bytes)
             self._send(label_map_chunks(self._label_maps, chunk_bytes))  # lazy: made as the stream pulls
         self._send(serde.ready_to_proto(serde.Ready(num_chunks=chunks, num_samples=len(self.dataset))))
-        log.info("joined run %s at step %d (wire dtype %s) with %d samples; %s", welcome.run_id, welcome.step,
-                 welcome.wire_dtype, len(self.dataset),
+        log.info("joined run %s at step %d (wire %s, %s) with %d samples; %s", welcome.run_id, welcome.step,
+                 welcome.wire_dtype, "brain region only" if welcome.wire_region == "brain" else "every pixel",
+                 len(self.dataset),
                  "the server already holds our label maps" if welcome.have_maps and self._label_maps is not None
                  else f"uploading {chunks} label-map chunk(s)")
 
@@ -296,7 +297,7 @@ class SiteAgent:
             self._leave(str(exc), budget=True)
             return
         losses = answer.losses
-        self._send(serde.gradient_to_proto(answer, self.wire_dtype))
+        self._send(serde.gradient_to_proto(answer, self.wire_dtype, batch.region))
         self.stats.steps += 1
         self.stats.losses = losses
         self._last_step = batch.step

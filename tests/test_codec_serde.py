@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -123,3 +124,97 @@ def test_welcome_and_hello_round_trip():
     assert (h.site_id, h.family, h.modalities) == ("a", "image2d", ["t1"])
     with pytest.raises(ProtocolError, match="modalities"):
         serde.hello_from_proto(pb.Hello(site_id="a", modalities=["m"] * 100))
+
+
+# ---- cheaper encodings: q8 and the brain region -----------------------------------------------------------------
+def _q8_steps(msg, shape):
+    return torch.tensor(list(msg.q_step)).view(shape[0], shape[1], *[1] * (len(shape) - 2))
+
+
+def test_q8_round_trips_within_half_a_step_and_is_one_byte_per_value():
+    x = torch.randn(3, 4, 16, 16) * torch.tensor([0.01, 1.0, 5.0, 100.0]).view(1, 4, 1, 1)  # very different scales
+    msg = tensor_codec.encode(x, "q8")
+    assert len(msg.data) == x.numel() and len(msg.q_low) == len(msg.q_step) == 12
+    back = tensor_codec.decode(msg, dtype="q8", shape=tuple(x.shape), finite=True)
+    err = (back - x).abs() / _q8_steps(msg, x.shape)
+    assert float(err.max()) <= 0.5 + 1e-3
+    # each row's extremes are exact, whatever its scale
+    assert torch.allclose(back.amax(dim=(2, 3)), x.amax(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_q8_stochastic_rounding_is_within_one_step_and_unbiased():
+    x = torch.randn(2, 3, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    draws = [tensor_codec.decode(tensor_codec.encode(x, "q8", stochastic=True, generator=g)) for _ in range(400)]
+    step = _q8_steps(tensor_codec.encode(x, "q8"), x.shape)
+    assert float(max(((d - x).abs() / step).max() for d in draws)) < 1.0 + 1e-3
+    mean_err = (torch.stack(draws).mean(0) - x) / step
+    assert float(mean_err.abs().max()) < 0.12  # 400 draws: standard error of the mean <= 0.025 steps
+
+
+def test_a_constant_row_and_an_empty_tensor_survive_q8():
+    x = torch.zeros(2, 2, 4, 4)
+    x[1, 0] = 3.0
+    assert torch.equal(tensor_codec.decode(tensor_codec.encode(x, "q8")), x)
+    empty = torch.zeros(0, 4, 8, 8)
+    assert tensor_codec.decode(tensor_codec.encode(empty, "q8")).shape == (0, 4, 8, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "q8"])
+def test_region_sends_only_the_inside_and_fills_the_rest(dtype):
+    x = torch.randn(3, 4, 16, 16)
+    region = torch.rand(3, 16, 16) > 0.6
+    region[1] = False  # a sample with nothing inside
+    msg = tensor_codec.encode(x, dtype, region=region, fill=-1.0)
+    itemsize = {"float32": 4, "float16": 2, "q8": 1}[dtype]
+    assert len(msg.data) == int(region.sum()) * 4 * itemsize
+    assert torch.equal(tensor_codec.decoded_region(msg), region)
+    back = tensor_codec.decode(msg, dtype=dtype, finite=True)
+    inside = region.unsqueeze(1).expand_as(x)
+    assert bool((back[~inside] == -1).all())
+    tolerance = {"float32": 0.0, "float16": 2e-3 * float(x.abs().max()), "q8": 0.51 * float(x.max() - x.min()) / 255}
+    assert float((back[inside] - x[inside]).abs().max()) <= tolerance[dtype] + 1e-6
+    # the answer on the same region leaves the region out; the receiver supplies it, and outside is zero
+    answer = tensor_codec.encode(x, dtype, region=region, send_region=False, stochastic=True)
+    assert not answer.region and len(answer.data) == len(msg.data)
+    got = tensor_codec.decode(answer, dtype=dtype, region=region, shape=tuple(x.shape))
+    assert bool((got[~inside] == 0).all())
+    with pytest.raises(ProtocolError, match="region of its own"):
+        tensor_codec.decode(msg, region=region)
+    with pytest.raises(ProtocolError, match="bytes"):
+        tensor_codec.decode(answer, region=~region)
+
+
+def test_malformed_regions_and_scales_are_protocol_errors():
+    x = torch.randn(2, 1, 8, 8)
+    region = torch.ones(2, 8, 8, dtype=torch.bool)
+    bad = tensor_codec.encode(x, "q8", region=region)
+    bad.region = b"not zlib"
+    with pytest.raises(ProtocolError, match="zlib"):
+        tensor_codec.decode(bad)
+    bomb = tensor_codec.encode(x, "float32", region=region)
+    bomb.region = zlib.compress(b"\xff" * 10_000)
+    with pytest.raises(ProtocolError, match="bits"):
+        tensor_codec.decode(bomb)
+    scales = tensor_codec.encode(x, "q8")
+    del scales.q_step[:]
+    with pytest.raises(ProtocolError, match="scales"):
+        tensor_codec.decode(scales)
+    nan = tensor_codec.encode(x, "q8")
+    nan.q_low[0] = math.nan
+    with pytest.raises(ProtocolError, match="scale"):
+        tensor_codec.decode(nan)
+    huge = tensor_codec.encode(x, "q8")
+    huge.shape[:] = [1 << 20, 1 << 20]
+    with pytest.raises(ProtocolError, match="limit"):
+        tensor_codec.decode(huge)
+
+
+def test_brain_region_fills_the_outline():
+    from asyndgan.common.conditions import brain_region
+
+    maps = torch.zeros(1, 9, 9, dtype=torch.uint8)
+    maps[0, 2, 2:7] = maps[0, 6, 2:7] = maps[0, 2:7, 2] = maps[0, 2:7, 6] = 1  # a square outline
+    maps[0, 4, 4] = 3  # a tumour pixel inside
+    region = brain_region(maps)[0]
+    assert int(region.sum()) == 25 and bool(region[3:6, 3:6].all()) and not region[0].any()
