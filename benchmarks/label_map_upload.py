@@ -31,7 +31,7 @@ import time
 import click
 import numpy as np
 
-from counting_proxy import CountingProxy  # benchmarks/counting_proxy.py, beside this script
+from asyndgan.experiments.relay import Relay
 
 log = logging.getLogger("label_map_upload")
 NUM_CLASSES = 5  # BraTS: background, brain outline, and three tumour labels
@@ -175,7 +175,7 @@ def measure(maps_file: pathlib.Path, workdir: pathlib.Path, chunk_mb: float, tim
             if server.poll() is not None:
                 raise click.ClickException("the server process exited before listening")
             time.sleep(0.05)
-        proxy = CountingProxy(("127.0.0.1", int(port_file.read_text())))
+        proxy = Relay(("127.0.0.1", int(port_file.read_text())))
         site = _child(["site", "--server", f"127.0.0.1:{proxy.port}", "--maps-file", str(maps_file),
                        "--workdir", str(run_dir), "--chunk-mb", str(chunk_mb), "--result", str(site_out)])
         if site.wait(timeout_s) != 0 or server.wait(60) != 0:

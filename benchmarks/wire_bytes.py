@@ -22,7 +22,7 @@ from asyndgan.common.config import load_config, ServerConfig
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.experiments.runner import Cluster
 from asyndgan.demo_data.toy import write_toy_sites
-from counting_proxy import CountingProxy  # benchmarks/counting_proxy.py, beside this script
+from asyndgan.experiments.relay import Relay
 
 log = logging.getLogger("wire_bytes")
 
@@ -57,7 +57,7 @@ def main() -> None:
         cluster = Cluster(cfg, tls=not args.insecure)
         address = cluster.start_server()
         host, port = address.rsplit(":", 1)
-        proxy = CountingProxy((host, int(port)))
+        proxy = Relay((host, int(port)))
         for i, f in enumerate(folders):
             cluster.start_site(f"site{i + 1}", f, extra=["--server", f"127.0.0.1:{proxy.port}"])
         while (s := status(cluster)).step < 5:

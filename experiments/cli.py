@@ -330,6 +330,45 @@ def privacy_tradeoff(run_folder, settings, audit_folder, threads, log_level):
 
 
 @main.group()
+def bench() -> None:
+    """Benchmarks users run to decide: bandwidth against FedAvg and weight transfer (on Flower)."""
+
+
+@bench.command("bandwidth")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "gpu"]), required=True,
+              help="smoke: the plumbing, Flower included, in about 2 minutes; cpu: meaningful numbers on 2 cores; "
+                   "gpu: the papers' sizes.")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Run folder (resumable: finished pieces are kept).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads of this process [2].")
+@log_level_option
+@friendly_errors
+def bandwidth(preset, out, seed, threads, log_level):
+    """AsynDGAN (per wire encoding) against FedAvg, cyclical and single weight transfer (Flower deployment mode)
+    and ensembling: bytes on real sockets (one-time and per step/round, message sizes), Dice on the same real test
+    cases, and wall time to a target Dice on emulated hospital links. Needs Flower: ./scripts/setup-flower.sh."""
+    from asyndgan.experiments.bandwidth import preset_config, run
+
+    setup_logging(log_level, out / "experiment.log")
+    stop_on_sigterm()
+    cfg = preset_config(preset, out, seed)
+    if threads:
+        cfg = cfg.model_copy(update={"threads": threads})
+    results = run(cfg)
+    click.echo(f"target Dice {results['target_dice']:.3f} ({results['target_fraction']:g} x Real-All "
+               f"{results['real_all_dice']:.3f})")
+    for e, row in results["asyndgan"].items():
+        click.echo(f"AsynDGAN {e:<14} {row['per_sample_step']:>10.0f} B/sample-step "
+                   f"({row['fewer_bytes_than_float32']:.1f}x fewer than fp32)  Dice {row['dice']:.3f}  "
+                   f"total {row['total'] / 2**20:.1f} MiB")
+    for m, row in results["flower"].items():
+        click.echo(f"{m + ' (Flower)':<23} {row['per_round'] / 2**20:>8.2f} MiB/round  Dice {row['dice']:.3f}  "
+                   f"total {(row['up'] + row['down']) / 2**20:.1f} MiB")
+    click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}")
+
+
+@main.group()
 def audit() -> None:
     """Measure what a server can learn of a site's images (attacks on the real site code)."""
 

@@ -19,11 +19,17 @@ from asyndgan.site_agent.worker import SiteWorker
 class LocalSession:
     """Duck-types central_server.session.SiteSession for the trainer.
 
-    channels: indices of G's channels this site is sent; by default those of the modalities its dataset holds."""
+    channels: indices of G's channels this site is sent; by default those of the modalities its dataset holds.
+    wire: a wire dtype (float32, float16, bfloat16, q8): batches and answers then go through the same encoding
+    and decoding as on the network (serde), so a run in one process sees exactly what the encoding loses;
+    `payload` counts the protobuf bytes each way."""
 
     def __init__(self, site_id: str, dataset: SiteDataset, cfg: SiteFacingConfig, channels: list[int] | None = None,
-                 device: str = "cpu", privacy: PrivacyConfig | None = None, ledger_path: pathlib.Path | None = None):
+                 device: str = "cpu", privacy: PrivacyConfig | None = None, ledger_path: pathlib.Path | None = None,
+                 wire: str | None = None):
         self.site_id = site_id
+        self.wire = wire
+        self.payload = [0, 0]  # protobuf bytes up (answers), down (batches)
         self.worker = SiteWorker(cfg, dataset, device, privacy=privacy, ledger_path=ledger_path, site_id=site_id)
         self.num_samples = self.worker.num_samples
         if channels is None:
@@ -34,7 +40,17 @@ class LocalSession:
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         # A wrong shape raises ProtocolError here, as it would in a site process.
-        self._answer = self.worker.answer(batch)
+        if self.wire is None:
+            self._answer = self.worker.answer(batch)
+            return
+        down = serde.batch_to_proto(batch, self.wire)
+        received = serde.batch_from_proto(down.batch, self.wire, self.num_samples, self.worker.stored_size)
+        answer = self.worker.answer(received)
+        up = serde.gradient_to_proto(answer, self.wire, received.region)
+        self.payload[0] += up.ByteSize()
+        self.payload[1] += down.ByteSize()
+        self._answer = serde.gradient_from_proto(up.gradient, wire_dtype=self.wire,
+                                                 shape=tuple(answer.gradient.shape), region=batch.region)
 
     def await_gradient(self, round_: int, shape, deadline: float):
         answer, self._answer = self._answer, None

@@ -97,8 +97,10 @@ class Cluster:
             pki.issue_site(self.cfg.certs, site_id)
         return kit
 
-    def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = (), privacy: bool | None = None) -> None:
-        """privacy: None keeps the site's default (on); False for the papers' algorithm (lambda_L1 > 0)."""
+    def start_site(self, site_id: str, data: pathlib.Path, extra: list[str] = (), privacy: bool | None = None,
+                   prefix: list[str] | None = None) -> None:
+        """privacy: None keeps the site's default (on); False for the papers' algorithm (lambda_L1 > 0).
+        prefix: run the site under this command (e.g. `ip netns exec NS` for an emulated link)."""
         kit = self.kit(site_id)
         cmd = [sys.executable, "-m", "asyndgan.site_agent.cli", "join", "--data", str(data), "--server", self.address,
                "--site-id", site_id, *(["--certs", str(kit)] if kit else ["--insecure"]),
@@ -107,7 +109,7 @@ class Cluster:
             cmd += ["--set", f"privacy.enabled={'true' if privacy else 'false'}"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
-        self._spawn(site_id, cmd, self.cfg.run_dir / f"{site_id}.out")
+        self._spawn(site_id, [*(prefix or []), *cmd], self.cfg.run_dir / f"{site_id}.out")
 
     def _spawn(self, name: str, cmd: list[str], out: pathlib.Path) -> None:
         with open(out, "w") as f:

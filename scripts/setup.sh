@@ -17,4 +17,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -e ".[dev]"
+# Flower, in its own environment, for the bandwidth benchmark's baselines (and its test)
+./scripts/setup-flower.sh
 .venv/bin/python -c "import asyndgan.central_server, asyndgan.site_agent, torch; print('asyndgan ready; torch', torch.__version__)"

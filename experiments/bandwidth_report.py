@@ -1,0 +1,329 @@
+"""report.md, results.json and the figures of the bandwidth benchmark (experiments/bandwidth.py).
+
+Measured: bytes (relays on real sockets), message sizes, Dice, seconds per step / round on loopback and, where
+links could be emulated, on each link. Modelled (and labelled so): wall time on a link that was not measured,
+time to target for the methods not run on the links, and the crossover beyond the measured data-set size.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+
+from asyndgan.common.atomic import atomic_write_text
+from asyndgan.experiments.runner import write_json
+
+MIB = 1 << 20
+# Parameter counts for the crossover's other model sizes (REFERENCE.md, "Bandwidth").
+OTHER_MODELS = {"MONAI UNet(32..512), 6.5 M": 6.5e6, "DSL U-Net, 31 M": 31.0e6}
+
+
+def _mean(evals: list[dict]) -> float:
+    return float(np.mean([e["summary"]["dice"]["mean"] for e in evals]))
+
+
+def _fmt_bytes(b: float | None) -> str:
+    if b is None or (isinstance(b, float) and math.isnan(b)):
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1024)):
+        if abs(b) >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "not reached"
+    if s >= 3600:
+        return f"{s / 3600:.2f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
+def _asyndgan_rows(cfg, wire: dict, gans: dict, syn: dict, target: float) -> dict:
+    rows = {}
+    batch, sites = cfg.gan.batch_per_site, len(cfg.phantom.cases_per_site)
+    for e, w in wire.items():
+        dice = _mean(syn[f"asyndgan_{e.replace('/', '-')}"])
+        per_sample_step = w["per_step"] / (sites * batch)
+        total = w["one_time"] + w["per_step"] * cfg.gan.steps
+        rows[e] = {"dice": dice, "one_time": w["one_time"], "per_step": w["per_step"],
+                   "up_per_step": w["up_per_step"], "down_per_step": w["down_per_step"],
+                   "per_sample_step": per_sample_step, "total": total, "steps": cfg.gan.steps,
+                   "largest_message": w["largest_message"], "message_sizes": w["message_sizes"],
+                   "seconds_per_step_loopback": w.get("seconds_per_step"),
+                   "gan_seconds_in_process": gans[e]["seconds"], "payload_in_process": {
+                       "up": gans[e]["payload_up"], "down": gans[e]["payload_down"]},
+                   "reaches_target": dice >= target, "slices": gans[e]["slices"]}
+    base = rows.get("float32/full")
+    for r in rows.values():
+        r["fewer_bytes_than_float32"] = base["per_sample_step"] / r["per_sample_step"] if base else None
+        r["dice_cost_vs_float32"] = base["dice"] - r["dice"] if base else None
+    return rows
+
+
+def _flower_rows(flower: dict, curves: dict, target: float) -> dict:
+    rows = {}
+    for m, f in flower.items():
+        by_round = {r["round"]: r for r in f["rounds_log"]}
+        curve = [{"round": c["round"], "dice": c["dice"], "bytes": by_round.get(c["round"], {}).get("bytes", 0),
+                  "time": sum(r["seconds"] for r in f["rounds_log"] if 0 < r["round"] <= c["round"])}
+                 for c in curves[m]]
+        hit = next((c for c in curve if c["dice"] >= target), None)
+        rounds = max(f["rounds"], 1)
+        compute = f["compute_s"]
+        rows[m] = {"rounds": f["rounds"], "local_steps": f["local_steps"], "up": f["up"], "down": f["down"],
+                   "per_round": f["per_round"], "largest_message": f["largest_message"],
+                   "message_sizes": f["message_sizes"], "dice": curve[-1]["dice"] if curve else None,
+                   "curve": curve, "rounds_to_target": hit["round"] if hit else None,
+                   "bytes_to_target": hit["bytes"] if hit else None, "seconds": f["seconds"],
+                   "seconds_per_round_loopback": float(np.mean(f["round_seconds"])) if f["round_seconds"] else None,
+                   "compute_s": compute, "waiting_s": max(0.0, sum(f["round_seconds"]) - compute),
+                   "per_round_up": f["up"] / rounds, "per_round_down": f["down"] / rounds}
+    return rows
+
+
+def _model_time(kind: str, row: dict, profile, sites: int, units: int | None) -> float | None:
+    """Seconds for `units` steps (AsynDGAN) or rounds (Flower) on a link: the loopback time per unit, plus each
+    site's bytes at the link's rates (sites in parallel on their own links), plus one round trip per exchange."""
+    if units is None:
+        return None
+    up_rate, down_rate = profile.up_mbit * 1e6 / 8, profile.down_mbit * 1e6 / 8
+    rtt = profile.rtt_ms / 1000
+    if kind == "asyndgan":
+        per = (row["seconds_per_step_loopback"] or 0) + row["up_per_step"] / sites / up_rate \
+            + row["down_per_step"] / sites / down_rate + rtt
+        return per * units
+    per_round_sites = sites if row.get("all_sites", True) else 1
+    per = (row["seconds_per_round_loopback"] or 0) + row["per_round_up"] / per_round_sites / up_rate \
+        + row["per_round_down"] / per_round_sites / down_rate + 2 * rtt
+    return per * units
+
+
+def _links(cfg, asyn: dict, fl: dict, links: dict, sites: int) -> dict:
+    """Per profile and method: wall time to the target, measured where the link was emulated, else modelled."""
+    default = asyn.get("q8/brain") or next(iter(asyn.values()))
+    out = {}
+    for p in cfg.profiles:
+        measured = links.get("profiles", {}).get(p.name) if links.get("measured") else None
+        entry = {}
+        for e, row in asyn.items():
+            steps = row["steps"] if row["reaches_target"] else None
+            modelled = _model_time("asyndgan", row, p, sites, steps)
+            entry[f"AsynDGAN {e}"] = {"seconds": modelled, "how": "modelled", "units": steps}
+        for m, row in fl.items():
+            row = dict(row, all_sites=(m == "fedavg"))
+            entry[m] = {"seconds": _model_time("flower", row, p, sites, row["rounds_to_target"]), "how": "modelled",
+                        "units": row["rounds_to_target"]}
+        if measured:
+            w, f = measured["asyndgan"], measured["fedavg"]
+            if default["reaches_target"] and w.get("seconds_per_step"):
+                key = f"AsynDGAN {cfg.encodings[-1] if 'q8/brain' not in asyn else 'q8/brain'}"
+                entry[key].update(seconds=w["seconds_per_step"] * default["steps"], how="measured per step",
+                                  seconds_per_step=w["seconds_per_step"],
+                                  modelled_seconds=entry[key]["seconds"])
+            rounds = fl["fedavg"]["rounds_to_target"]
+            per_round = float(np.mean(f["round_seconds"])) if f["round_seconds"] else None
+            if per_round is not None:
+                entry["fedavg"].update(seconds_per_round=per_round,
+                                       modelled_seconds=entry["fedavg"]["seconds"],
+                                       seconds=per_round * rounds if rounds else None, how="measured per round")
+        out[p.name] = entry
+    return out
+
+
+def _crossover(cfg, asyn: dict, fl: dict, params: int) -> dict:
+    """Total bytes against slices per site: AsynDGAN (per encoding) grows with the data, FedAvg with the model."""
+    sites = len(cfg.phantom.cases_per_site)
+    any_row = next(iter(asyn.values()))
+    slices = list(any_row["slices"].values())
+    n_max, n_mean = max(slices), float(np.mean(slices))
+    epochs = cfg.gan.steps * cfg.gan.batch_per_site / n_max  # 'balance': an epoch is N_max / b steps
+    lines = {}
+    for e, r in asyn.items():
+        one_time_per_slice = r["one_time"] / sum(slices)
+        lines[f"AsynDGAN {e}"] = {"per_slice_one_time": one_time_per_slice,
+                                  "per_sample_step_per_site": r["per_sample_step"], "epochs": epochs}
+    fed = fl.get("fedavg")
+    rounds = (fed["rounds_to_target"] or fed["rounds"]) if fed else 0
+    per_param_round = fed["per_round"] / params if fed else 0
+    fedavg_lines = {"our U-Net": per_param_round * params * rounds}
+    fedavg_lines.update({k: per_param_round * v * rounds for k, v in OTHER_MODELS.items()})
+    crossing = {}
+    for name, ln in lines.items():
+        per_slice = ln["per_slice_one_time"] + ln["per_sample_step_per_site"] * epochs
+        crossing[name] = {m: total / (sites * per_slice) for m, total in fedavg_lines.items()}
+    return {"epochs": epochs, "rounds": rounds, "n_max": n_max, "n_mean": n_mean, "asyndgan": lines,
+            "fedavg_totals": fedavg_lines, "crossing_slices_per_site": crossing,
+            "measured": {"slices_per_site": n_mean, "asyndgan_total": {e: r["total"] for e, r in asyn.items()},
+                         "fedavg_total": (fed["bytes_to_target"] or fed["up"] + fed["down"]) if fed else None}}
+
+
+def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: dict, times: dict, cross: dict,
+             sites: int) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, r in fl.items():
+        xs = [max(c["bytes"], 1) for c in r["curve"]]
+        ax.plot(xs, [c["dice"] for c in r["curve"]], marker=".", label=f"{m} (Flower)")
+    for e, r in asyn.items():
+        ax.scatter([r["total"]], [r["dice"]], marker="*", s=120, label=f"AsynDGAN {e}", zorder=3)
+    ax.scatter([ens["bytes"]], [ens["dice"]], marker="s", label="ensembling (bytes modelled)")
+    ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes, all sites, both directions (log)")
+    ax.set_ylabel("Dice on real test patients")
+    ax.legend(fontsize=7)
+    ax.set_title(f"Dice against bytes ({cfg.preset} preset)")
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_bytes.png", dpi=120)
+    plt.close(fig)
+    made.append("dice_vs_bytes.png")
+
+    for p in cfg.profiles:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        t = times[p.name]
+        for m, r in fl.items():
+            per = t[m].get("seconds_per_round") or (t[m]["seconds"] / t[m]["units"] if t[m]["seconds"] else None)
+            if per:
+                ax.plot([per * c["round"] / 3600 for c in r["curve"]], [c["dice"] for c in r["curve"]], marker=".",
+                        label=f"{m} ({t[m]['how']})")
+        for e, r in asyn.items():
+            s = t[f"AsynDGAN {e}"]["seconds"]
+            if s:
+                ax.scatter([s / 3600], [r["dice"]], marker="*", s=120, zorder=3,
+                           label=f"AsynDGAN {e} ({t[f'AsynDGAN {e}']['how']})")
+        ax.axhline(target, color="grey", ls="--", lw=1)
+        ax.set_xlabel("wall time (h)")
+        ax.set_ylabel("Dice on real test patients")
+        ax.set_title(f"{p.name}: {p.up_mbit:g} Mbit/s up, {p.down_mbit:g} down, {p.rtt_ms:g} ms RTT")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"time_{p.name}.png", dpi=120)
+        plt.close(fig)
+        made.append(f"time_{p.name}.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = np.logspace(1, 6, 60)
+    for name, ln in cross["asyndgan"].items():
+        per_slice = ln["per_slice_one_time"] + ln["per_sample_step_per_site"] * cross["epochs"]
+        ax.plot(ns, sites * per_slice * ns, label=name)
+    for name, total in cross["fedavg_totals"].items():
+        ax.axhline(total, ls="--", lw=1, color="k" if name == "our U-Net" else None,
+                   label=f"FedAvg, {name}, {cross['rounds']} rounds")
+    m = cross["measured"]
+    for e, total in m["asyndgan_total"].items():
+        ax.scatter([m["slices_per_site"]], [total], marker="*", s=80, zorder=3)
+    if m["fedavg_total"]:
+        ax.scatter([m["slices_per_site"]], [m["fedavg_total"]], marker="o", color="k", zorder=3,
+                   label="measured")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"training slices per site (AsynDGAN: {cross['epochs']:.1f} epochs)")
+    ax.set_ylabel("total bytes, all sites")
+    ax.set_title("Where each method is cheaper on the wire")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "crossover.png", dpi=120)
+    plt.close(fig)
+    made.append("crossover.png")
+    return made
+
+
+def write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings) -> dict:
+    out = cfg.out
+    sites = len(cfg.phantom.cases_per_site)
+    real_dice = _mean(real["real_all"])
+    target = cfg.target_fraction * real_dice
+    asyn = _asyndgan_rows(cfg, wire, gans, syn, target)
+    fl = _flower_rows(flower, curves, target)
+    fed = fl.get("fedavg")
+    per_model = fed["per_round_down"] / sites if fed else params * 4  # one model to one site, as measured
+    ensemble = {"dice": ens["dice"], "bytes": per_model * sites, "how": "modelled: one model per site, at the "
+                "measured size of one model message", "reaches_target": ens["dice"] >= target}
+    times = _links(cfg, asyn, fl, links, sites)
+    cross = _crossover(cfg, asyn, fl, params)
+    figures = _figures(out, cfg, target, asyn, fl, ensemble, times, cross, sites)
+    results = {"preset": cfg.preset, "seed": cfg.seed, "sites": sites, "real_all_dice": real_dice,
+               "target_dice": target, "target_fraction": cfg.target_fraction, "model_parameters": params,
+               "asyndgan": asyn, "flower": fl, "ensemble": ensemble, "links": links.get("measured", False),
+               "links_note": links.get("why"), "time_to_target": times, "crossover": cross,
+               "timings_s": timings, "figures": figures}
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", _markdown(cfg, results))
+    return results
+
+
+def _markdown(cfg, r: dict) -> str:
+    a, f = r["asyndgan"], r["flower"]
+    lines = [f"# Bandwidth benchmark ({cfg.preset} preset, seed {cfg.seed})", "",
+             f"{r['sites']} phantom sites ({', '.join(str(c) for c in cfg.phantom.cases_per_site)} cases), "
+             f"{cfg.phantom.test_cases} real test patients; segmentation recipe: "
+             f"{cfg.segmentation.preprocessing.image_size} px, U-Net of {r['model_parameters'] / 1e6:.2f} M parameters. "
+             f"Real-All Dice {r['real_all_dice']:.3f}; target Dice = {cfg.target_fraction:g} x that = "
+             f"**{r['target_dice']:.3f}**.", "",
+             "Bytes are what crossed the sockets (a counting relay between every site and its server: TLS, HTTP/2 "
+             "or HTTP/1.1 framing and headers included). AsynDGAN runs with mutual TLS; Flower "
+             f"{'1.42.0'} runs insecure (plain HTTP) on loopback. Largest message = the largest burst one side sent "
+             "before the other answered.", "",
+             "## AsynDGAN per wire encoding", "",
+             "| encoding | bytes / sample-step | fewer than fp32 | one-time | per step (up / down) | largest message "
+             "(down / up) | Dice | Dice cost | total for the run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e, x in a.items():
+        lines.append(f"| {e} | {_fmt_bytes(x['per_sample_step'])} | {x['fewer_bytes_than_float32']:.2f}x | "
+                     f"{_fmt_bytes(x['one_time'])} | {_fmt_bytes(x['up_per_step'])} / "
+                     f"{_fmt_bytes(x['down_per_step'])} | {_fmt_bytes(x['largest_message']['down'])} / "
+                     f"{_fmt_bytes(x['largest_message']['up'])} | {x['dice']:.3f} | "
+                     f"{x['dice_cost_vs_float32']:+.3f} | {_fmt_bytes(x['total'])} |")
+    lines += ["", f"{cfg.gan.steps} generator steps, {cfg.gan.batch_per_site} images per site per step. Bytes per "
+              f"step measured over {cfg.wire_steps}-step runs of real processes; Dice from the same "
+              "encode/decode code in one process, trained to the end (one segmentation seed per row).", "",
+              "## Baselines", "",
+              "| method | rounds | local steps | bytes up / down | per round | largest message (down / up) | Dice "
+              "(last) | rounds to target | bytes to target | compute / waiting (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, x in f.items():
+        lines.append(f"| {m} (Flower) | {x['rounds']} | {x['local_steps']} | {_fmt_bytes(x['up'])} / "
+                     f"{_fmt_bytes(x['down'])} | {_fmt_bytes(x['per_round'])} | "
+                     f"{_fmt_bytes(x['largest_message']['down'])} / {_fmt_bytes(x['largest_message']['up'])} | "
+                     f"{x['dice']:.3f} | {x['rounds_to_target'] or 'not reached'} | "
+                     f"{_fmt_bytes(x['bytes_to_target'])} | {x['compute_s']:.0f} / {x['waiting_s']:.0f} |")
+    e = r["ensemble"]
+    lines.append(f"| ensembling | 1 | {cfg.ensemble_steps} | {_fmt_bytes(e['bytes'])} (modelled) | - | - | "
+                 f"{e['dice']:.3f} | {'1' if e['reaches_target'] else 'not reached'} | "
+                 f"{_fmt_bytes(e['bytes']) if e['reaches_target'] else '-'} | - |")
+    lines += ["", "Flower's waiting time is its fixed polling (about 3 s on each side per message) and a new "
+              "ClientApp process per message: not bandwidth.", "", "## Wall time to the target Dice", ""]
+    if not r["links"]:
+        lines.append(f"Links were not emulated here ({r['links_note']}): every time below is modelled from "
+                     "loopback seconds, measured bytes and the link's rates and round trip.")
+    for p in cfg.profiles:
+        t = r["time_to_target"][p.name]
+        lines += ["", f"**{p.name}**: {p.up_mbit:g} Mbit/s up, {p.down_mbit:g} Mbit/s down, {p.rtt_ms:g} ms RTT", "",
+                  "| method | time to target | how |", "|---|---|---|"]
+        for m, x in t.items():
+            extra = f" (model said {_fmt_s(x['modelled_seconds'])})" if "modelled_seconds" in x else ""
+            lines.append(f"| {m} | {_fmt_s(x['seconds'])} | {x['how']}{extra} |")
+    c = r["crossover"]
+    lines += ["", "## Where AsynDGAN wins on bandwidth, and where it does not", "",
+              f"AsynDGAN's bytes grow with the data (here {c['epochs']:.1f} epochs over the largest site), FedAvg's "
+              f"with the model and the rounds ({c['rounds']} to the target here). Slices per site below which "
+              "AsynDGAN moves fewer bytes than FedAvg:", "",
+              "| AsynDGAN encoding | " + " | ".join(f"vs FedAvg, {m}" for m in c["fedavg_totals"]) + " |",
+              "|---|" + "---|" * len(c["fedavg_totals"])]
+    for name, row in c["crossing_slices_per_site"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in row.values()) + " |")
+    lines += ["", f"Measured here: {c['measured']['slices_per_site']:.0f} slices per site on average. ",
+              "", "## Figures", ""] + [f"![{x}]({x})" for x in r["figures"]]
+    lines += ["", "## Time spent", "", "| piece | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items()]
+    return "\n".join(lines) + "\n"

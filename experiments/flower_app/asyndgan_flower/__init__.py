@@ -1,0 +1,1 @@
+"""FedAvg and weight-transfer baselines on Flower, for asyndgan's bandwidth benchmark."""

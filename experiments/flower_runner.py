@@ -1,0 +1,210 @@
+"""Flower's deployment mode on this machine, for the baselines: a SuperLink and one SuperNode per site as real
+processes on loopback, each SuperNode dialling through its own counting relay, and `flwr run` of our Flower app
+(experiments/flower_app).
+
+Flower lives in its own environment (scripts/setup-flower.sh; ASYNDGAN_FLOWER_VENV to point elsewhere): flwr 1.42
+pins protobuf < 7, asyndgan's generated gRPC code needs protobuf >= 7. Runs are offline: telemetry and the update
+check off, the SuperLink installs no dependencies, every run has its own FLWR_HOME and free ports
+(../shared/notes/flower.md has the measurements behind each condition).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+from asyndgan.common.errors import AsynDGANError
+from asyndgan.experiments.relay import Relay
+
+log = logging.getLogger(__name__)
+
+FLWR_VERSION = "1.42.0"
+APP_DIR = pathlib.Path(__file__).parent / "flower_app"
+FEDERATION = "bench"
+
+
+class FlowerError(AsynDGANError):
+    """Flower is missing, or a Flower process or run failed."""
+
+
+def flower_venv() -> pathlib.Path:
+    """The environment holding flwr (checked), or FlowerError saying how to make it."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    venv = pathlib.Path(os.environ.get("ASYNDGAN_FLOWER_VENV", root / ".venv-flower"))
+    if not (venv / "bin" / "flower-superlink").is_file():
+        raise FlowerError(f"Flower is not installed at {venv}: run ./scripts/setup-flower.sh (or set "
+                          "ASYNDGAN_FLOWER_VENV to an environment with flwr==" + FLWR_VERSION + ", torch and monai)")
+    return venv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    seconds: float  # `flwr run` to finished
+    status: str
+
+
+class Federation:
+    """SuperLink + SuperNodes (site i with node config partition-id=i), each SuperNode behind a Relay."""
+
+    def __init__(self, workdir: pathlib.Path, sites: int, delay_s: float = 0.0, netns: list[str] | None = None):
+        self.venv = flower_venv()
+        self.workdir = pathlib.Path(workdir)
+        self.sites = sites
+        self.delay_s = delay_s
+        self.netns = netns  # per site: run its SuperNode in this network namespace (emulated links)
+        self.home = self.workdir / "flwr_home"
+        self.procs: list[subprocess.Popen] = []
+        self.relays: list[Relay] = []
+        self.port = 0
+
+    # ---- processes -----------------------------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "VIRTUAL_ENV"))}
+        env.update(FLWR_HOME=str(self.home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   PATH=f"{self.venv / 'bin'}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS="1")
+        return env
+
+    def _spawn(self, name: str, args: list[str], prefix: list[str] | None = None) -> subprocess.Popen:
+        logf = (self.workdir / f"{name}.log").open("ab")
+        p = subprocess.Popen([*(prefix or []), *args], stdout=logf, stderr=subprocess.STDOUT, env=self._env(),
+                             cwd=self.workdir, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start(self, hosts: list[str] | None = None) -> None:
+        """hosts: per site, the address its relay listens on and its SuperNode dials (default 127.0.0.1)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(exist_ok=True)
+        self.port = free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        bin_ = self.venv / "bin"
+        self._spawn("superlink", [str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                                  str(self.port), "--disable-runtime-dependency-installation",
+                                  "--database", str(self.workdir / "superlink.db")])
+        _wait_port(self.port, 60, self.workdir / "superlink.log")
+        for i in range(self.sites):
+            host = hosts[i] if hosts else "127.0.0.1"
+            relay = Relay(("127.0.0.1", self.port), listen=(host, 0), delay_s=self.delay_s)
+            self.relays.append(relay)
+            prefix = ["ip", "netns", "exec", self.netns[i]] if self.netns else None
+            self._spawn(f"supernode{i}", [str(bin_ / "flower-supernode"), "--insecure", "--superlink",
+                                          f"{host}:{relay.port}", "--port", str(free_port()),
+                                          "--node-config", f"partition-id={i}"], prefix)
+        self._wait_nodes(120)
+
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.venv / "bin" / "flwr"), *args], capture_output=True, text=True,
+                              env=self._env(), cwd=self.workdir, timeout=timeout)
+
+    def _wait_nodes(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            r = self._flwr("supernode", "list", FEDERATION, "--format", "json")
+            if r.returncode == 0:
+                online = [n for n in _json(r.stdout).get("nodes", []) if str(n.get("status", "")).startswith("online")]
+                if len(online) >= self.sites:
+                    return
+            time.sleep(1)
+        raise FlowerError(f"not every SuperNode came online within {timeout:.0f} s; see {self.workdir}/*.log")
+
+    def _check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise FlowerError(f"a Flower process exited ({p.args[0]} ..., code {p.returncode}); see the logs "
+                                  f"in {self.workdir}")
+
+    def run(self, config: dict[str, object], timeout: float) -> RunOutcome:
+        """`flwr run` of our app with `config`, waiting until the run has finished; FlowerError unless completed."""
+        pairs = " ".join(f"{k}={_toml(v)}" for k, v in config.items())
+        started = time.monotonic()
+        r = self._flwr("run", str(APP_DIR), FEDERATION, "--run-config", pairs, "--format", "json")
+        if r.returncode != 0:
+            raise FlowerError(f"flwr run failed: {(r.stderr or r.stdout).strip()[-800:]}")
+        run_id = str(_json(r.stdout).get("run-id") or _json(r.stdout).get("run_id") or "")
+        if not run_id:
+            raise FlowerError(f"flwr run printed no run id: {r.stdout.strip()[-400:]}")
+        deadline = started + timeout
+        while True:
+            self._check_alive()
+            status = self.status(run_id)
+            if status.startswith("finished"):
+                break
+            if time.monotonic() > deadline:
+                self._flwr("stop", run_id, FEDERATION)
+                raise FlowerError(f"Flower run {run_id} did not finish within {timeout:.0f} s (status {status})")
+            time.sleep(1)
+        if status != "finished:completed":
+            raise FlowerError(f"Flower run {run_id} ended {status}; see {self.workdir}/superlink.log")
+        return RunOutcome(run_id, time.monotonic() - started, status)
+
+    def status(self, run_id: str) -> str:
+        r = self._flwr("list", FEDERATION, "--run-id", run_id, "--format", "json")
+        if r.returncode != 0:
+            return "unknown"
+        runs = _json(r.stdout).get("runs", [])
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for r in self.relays:
+            r.close()
+
+    def __enter__(self) -> "Federation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def _json(text: str) -> dict:
+    try:
+        start = text.index("{")
+        return json.loads(text[start:])
+    except ValueError:
+        return {}
+
+
+def _wait_port(port: int, timeout: float, logfile: pathlib.Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FlowerError(f"the SuperLink did not open port {port} within {timeout:.0f} s; see {logfile}")
