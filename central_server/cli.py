@@ -31,8 +31,9 @@ def main() -> None:
 @click.option("--min-sites", type=int, help="Sites that must answer for a step to count.")
 @click.option("--wire-dtype", type=click.Choice(["float32", "float16", "bfloat16", "q8"]),
               help="Images and gradients on the wire: a float dtype, or q8 (8 bits with a per-channel scale).")
-@click.option("--wire-region", type=click.Choice(["full", "brain"]),
-              help="'brain': send only the pixels inside each label map's brain (image2d).")
+@click.option("--wire-region", type=click.Choice(["full", "brain", "auto"]),
+              help="'brain': send only the pixels inside each label map's brain (image2d); 'auto': brain for BraTS "
+                   "modalities, else full.")
 @click.option("--threads", type=int, help="Torch CPU threads.")
 @click.option("--device", help="Torch device for the generator (cpu, cuda, cuda:1).")
 @click.option("--resume", is_flag=True, help="Continue from the newest usable checkpoint in the run folder.")

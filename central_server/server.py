@@ -82,7 +82,7 @@ def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistr
 
     def welcome(have_maps: bool) -> serde.Welcome:
         return serde.Welcome(step=trainer.step, wire_dtype=cfg.train.wire_dtype, run_id=trainer.run_id,
-                             site_config=cfg.site, have_maps=have_maps, wire_region=cfg.train.wire_region)
+                             site_config=cfg.site, have_maps=have_maps, wire_region=cfg.train.region_for(cfg.site.model))
 
     authorizer = Authorizer(None if cfg.insecure else cfg.certs, cfg.allowed_sites, cfg.operators)
     servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry), authorizer, cfg.limits)

@@ -132,7 +132,7 @@ class Trainer:
 
     def _regions(self, planned: list[_Planned], fake: torch.Tensor) -> list[torch.Tensor] | None:
         """Each site's brain regions [b, H, W] when only the brain goes on the wire (image families), else None."""
-        if self.cfg.train.wire_region != "brain" or fake.dim() != 4 or any(p.maps is None for p in planned):
+        if self.cfg.train.region_for(self.model_cfg) != "brain" or fake.dim() != 4 or any(p.maps is None for p in planned):
             return None
         return [brain_region(p.maps) for p in planned]
 

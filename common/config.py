@@ -20,7 +20,7 @@ from asyndgan.common.errors import ConfigError
 from asyndgan.common.identifiers import SITE_ID_PATTERN
 
 WireDType = Literal["float32", "float16", "bfloat16", "q8"]
-WireRegion = Literal["full", "brain"]
+WireRegion = Literal["full", "brain", "auto"]
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
@@ -123,7 +123,16 @@ class TrainConfig(_Section):
     wire_dtype: WireDType = Field("float32", description="fakes and gradients on the wire: float32, float16, "
                                   "bfloat16, or q8 (8 bits per value with a per-sample, per-channel scale)")
     wire_region: WireRegion = Field("full", description="'brain': only pixels inside each label map's brain cross "
-                                    "the wire (image2d; the generator's output is -1 outside it)")
+                                    "the wire (image2d; the generator's output is -1 outside it); 'auto': brain "
+                                    "when the modalities are BraTS MRI (label maps carry the brain outline), else "
+                                    "full")
+
+    def region_for(self, model: "ModelConfig") -> str:
+        """The wire region this run uses: 'auto' resolved for the model."""
+        if self.wire_region != "auto":
+            return self.wire_region
+        mri = model.family == "image2d" and set(model.image2d.modalities) <= set(BRATS_MODALITIES)
+        return "brain" if mri else "full"
     flip: bool = Field(True, description="random left-right flips drawn by the server (image2d)")
     seed: int = 0
 

@@ -218,3 +218,14 @@ def test_brain_region_fills_the_outline():
     maps[0, 4, 4] = 3  # a tumour pixel inside
     region = brain_region(maps)[0]
     assert int(region.sum()) == 25 and bool(region[3:6, 3:6].all()) and not region[0].any()
+
+
+def test_auto_region_is_the_brain_for_brats_modalities_only():
+    from asyndgan.common.config import ModelConfig, TrainConfig
+
+    auto = TrainConfig(wire_region="auto")
+    assert auto.region_for(ModelConfig()) == "brain"
+    gray = ModelConfig.model_validate({"image2d": {"modalities": ["gray"]}})
+    assert auto.region_for(gray) == "full"
+    assert auto.region_for(ModelConfig(family="mlp1d")) == "full"
+    assert TrainConfig(wire_region="full").region_for(ModelConfig()) == "full"
