@@ -459,6 +459,7 @@ class LinkSet:
         return None
 
     def __enter__(self) -> "LinkSet":
+        self.__exit__()  # what a killed run may have left under the same names
         try:
             for i, (ns, hif, addr) in enumerate(zip(self.namespaces, self.host_ifs, self.host_addresses)):
                 nif, site_addr = f"{hif}n", addr[:-1] + "2"
@@ -509,9 +510,16 @@ def link_runs(cfg: BandwidthConfig, sites: list[pathlib.Path], data: pathlib.Pat
     for k, profile in enumerate(cfg.profiles):
         name = f"links/{profile.name}"
         tag = (os.getpid() + k) % 1000
-        with LinkSet(profile, len(sites), tag) as link:
+        try:
+            link = LinkSet(profile, len(sites), tag).__enter__()
+        except ConfigError as exc:  # root, but no network namespaces or tc here (e.g. an unprivileged container)
+            log.warning("links are modelled, not measured: %s", exc)
+            return {"measured": False, "why": str(exc)}
+        try:
             wire = wire_run(cfg, DEFAULT_ENCODING, sites, cfg.link_steps, f"{name}/asyndgan", link)
             flower = flower_runs(cfg, data, ["fedavg"], f"{name}/flower", link, rounds=cfg.link_rounds)["fedavg"]
+        finally:
+            link.__exit__()
         out["profiles"][profile.name] = {"asyndgan": wire, "fedavg": flower}
     return out
 

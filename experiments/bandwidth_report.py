@@ -122,13 +122,16 @@ def _links(cfg, asyn: dict, fl: dict, links: dict, sites: int) -> dict:
             w, f = measured["asyndgan"], measured["fedavg"]
             if default["reaches_target"] and w.get("seconds_per_step"):
                 key = f"AsynDGAN {cfg.encodings[-1] if 'q8/brain' not in asyn else 'q8/brain'}"
+                loop = default["seconds_per_step_loopback"] or 0.0
                 entry[key].update(seconds=w["seconds_per_step"] * default["steps"], how="measured per step",
                                   seconds_per_step=w["seconds_per_step"],
+                                  beyond_loopback_s=w["seconds_per_step"] - loop,
                                   modelled_seconds=entry[key]["seconds"])
             rounds = fl["fedavg"]["rounds_to_target"]
             per_round = float(np.mean(f["round_seconds"])) if f["round_seconds"] else None
             if per_round is not None:
-                entry["fedavg"].update(seconds_per_round=per_round,
+                loop = fl["fedavg"]["seconds_per_round_loopback"] or 0.0
+                entry["fedavg"].update(seconds_per_round=per_round, beyond_loopback_s=per_round - loop,
                                        modelled_seconds=entry["fedavg"]["seconds"],
                                        seconds=per_round * rounds if rounds else None, how="measured per round")
         out[p.name] = entry
@@ -312,6 +315,11 @@ def _markdown(cfg, r: dict) -> str:
                   "| method | time to target | how |", "|---|---|---|"]
         for m, x in t.items():
             extra = f" (model said {_fmt_s(x['modelled_seconds'])})" if "modelled_seconds" in x else ""
+            if "beyond_loopback_s" in x:
+                unit = "step" if "seconds_per_step" in x else "round"
+                per = x.get("seconds_per_step") or x.get("seconds_per_round")
+                extra += (f"; {per:.2f} s per {unit} on the link, {x['beyond_loopback_s']:+.2f} s against loopback "
+                          "(transfer and latency)")
             lines.append(f"| {m} | {_fmt_s(x['seconds'])} | {x['how']}{extra} |")
     c = r["crossover"]
     lines += ["", "## Where AsynDGAN wins on bandwidth, and where it does not", "",
