@@ -33,6 +33,10 @@ def _fmt_bytes(b: float | None) -> str:
     return f"{b:.0f} B"
 
 
+def _num(x: float | None, fmt: str) -> str:
+    return "not trained" if x is None else format(x, fmt)
+
+
 def _fmt_s(s: float | None) -> str:
     if s is None:
         return "not reached"
@@ -47,7 +51,8 @@ def _asyndgan_rows(cfg, wire: dict, gans: dict, syn: dict, target: float) -> dic
     rows = {}
     batch, sites = cfg.gan.batch_per_site, len(cfg.phantom.cases_per_site)
     for e, w in wire.items():
-        dice = _mean(syn[f"asyndgan_{e.replace('/', '-')}"])
+        key = f"asyndgan_{e.replace('/', '-')}"
+        dice = _mean(syn[key]) if key in syn else None
         per_sample_step = w["per_step"] / (sites * batch)
         total = w["one_time"] + w["per_step"] * cfg.gan.steps
         rows[e] = {"dice": dice, "one_time": w["one_time"], "per_step": w["per_step"],
@@ -55,13 +60,15 @@ def _asyndgan_rows(cfg, wire: dict, gans: dict, syn: dict, target: float) -> dic
                    "per_sample_step": per_sample_step, "total": total, "steps": cfg.gan.steps,
                    "largest_message": w["largest_message"], "message_sizes": w["message_sizes"],
                    "seconds_per_step_loopback": w.get("seconds_per_step"),
-                   "gan_seconds_in_process": gans[e]["seconds"], "payload_in_process": {
-                       "up": gans[e]["payload_up"], "down": gans[e]["payload_down"]},
-                   "reaches_target": dice >= target, "slices": gans[e]["slices"]}
+                   "gan_seconds_in_process": gans[e]["seconds"] if e in gans else None,
+                   "payload_in_process": {"up": gans[e]["payload_up"], "down": gans[e]["payload_down"]}
+                   if e in gans else None,
+                   "reaches_target": dice is not None and dice >= target,
+                   "slices": next(iter(gans.values()))["slices"]}
     base = rows.get("float32/full")
     for r in rows.values():
         r["fewer_bytes_than_float32"] = base["per_sample_step"] / r["per_sample_step"] if base else None
-        r["dice_cost_vs_float32"] = base["dice"] - r["dice"] if base else None
+        r["dice_cost_vs_float32"] = base["dice"] - r["dice"] if base and r["dice"] is not None else None
     return rows
 
 
@@ -178,7 +185,8 @@ def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: d
         xs = [max(c["bytes"], 1) for c in r["curve"]]
         ax.plot(xs, [c["dice"] for c in r["curve"]], marker=".", label=f"{m} (Flower)")
     for e, r in asyn.items():
-        ax.scatter([r["total"]], [r["dice"]], marker="*", s=120, label=f"AsynDGAN {e}", zorder=3)
+        if r["dice"] is not None:
+            ax.scatter([r["total"]], [r["dice"]], marker="*", s=120, label=f"AsynDGAN {e}", zorder=3)
     ax.scatter([ens["bytes"]], [ens["dice"]], marker="s", label="ensembling (bytes modelled)")
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.3f}")
     ax.set_xscale("log")
@@ -201,7 +209,7 @@ def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: d
                         label=f"{m} ({t[m]['how']})")
         for e, r in asyn.items():
             s = t[f"AsynDGAN {e}"]["seconds"]
-            if s:
+            if s and r["dice"] is not None:
                 ax.scatter([s / 3600], [r["dice"]], marker="*", s=120, zorder=3,
                            label=f"AsynDGAN {e} ({t[f'AsynDGAN {e}']['how']})")
         ax.axhline(target, color="grey", ls="--", lw=1)
@@ -285,8 +293,8 @@ def _markdown(cfg, r: dict) -> str:
         lines.append(f"| {e} | {_fmt_bytes(x['per_sample_step'])} | {x['fewer_bytes_than_float32']:.2f}x | "
                      f"{_fmt_bytes(x['one_time'])} | {_fmt_bytes(x['up_per_step'])} / "
                      f"{_fmt_bytes(x['down_per_step'])} | {_fmt_bytes(x['largest_message']['down'])} / "
-                     f"{_fmt_bytes(x['largest_message']['up'])} | {x['dice']:.3f} | "
-                     f"{x['dice_cost_vs_float32']:+.3f} | {_fmt_bytes(x['total'])} |")
+                     f"{_fmt_bytes(x['largest_message']['up'])} | {_num(x['dice'], '.3f')} | "
+                     f"{_num(x['dice_cost_vs_float32'], '+.3f')} | {_fmt_bytes(x['total'])} |")
     lines += ["", f"{cfg.gan.steps} generator steps, {cfg.gan.batch_per_site} images per site per step. Bytes per "
               f"step measured over {cfg.wire_steps}-step runs of real processes; Dice from the same "
               "encode/decode code in one process, trained to the end (one segmentation seed per row).", "",

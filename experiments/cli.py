@@ -360,7 +360,8 @@ def bandwidth(preset, out, seed, threads, log_level):
                f"{results['real_all_dice']:.3f})")
     for e, row in results["asyndgan"].items():
         click.echo(f"AsynDGAN {e:<14} {row['per_sample_step']:>10.0f} B/sample-step "
-                   f"({row['fewer_bytes_than_float32']:.1f}x fewer than fp32)  Dice {row['dice']:.3f}  "
+                   f"({row['fewer_bytes_than_float32']:.1f}x fewer than fp32)  Dice "
+                   f"{'not trained' if row['dice'] is None else format(row['dice'], '.3f')}  "
                    f"total {row['total'] / 2**20:.1f} MiB")
     for m, row in results["flower"].items():
         click.echo(f"{m + ' (Flower)':<23} {row['per_round'] / 2**20:>8.2f} MiB/round  Dice {row['dice']:.3f}  "
