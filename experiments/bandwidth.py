@@ -354,7 +354,7 @@ def flower_runs(cfg: BandwidthConfig, data: pathlib.Path, methods: list[str], na
             before = [r.traffic() for r in fed.relays]
             started_wall, relay_t0 = time.time(), fed.relays[0].now()
             spec = dict(specs[m], **({"rounds": rounds} if rounds else {}))
-            run_config = {"data-dir": str(data), "out-dir": str(out / m), "sites": n, "threads": 1,
+            run_config = {"data-dir": str(data.resolve()), "out-dir": str((out / m).resolve()), "sites": n, "threads": 1,
                           "save-every": cfg.flower.save_every if not link else 10**6, **spec}
             outcome = fed.run(run_config, cfg.flower.timeout_s)
             after = [r.traffic() for r in fed.relays]

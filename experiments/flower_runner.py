@@ -62,7 +62,7 @@ class Federation:
 
     def __init__(self, workdir: pathlib.Path, sites: int, delay_s: float = 0.0, netns: list[str] | None = None):
         self.venv = flower_venv()
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = pathlib.Path(workdir).resolve()  # FLWR_HOME and cwd: relative paths would break
         self.sites = sites
         self.delay_s = delay_s
         self.netns = netns  # per site: run its SuperNode in this network namespace (emulated links)
@@ -107,7 +107,7 @@ class Federation:
             self._spawn(f"supernode{i}", [str(bin_ / "flower-supernode"), "--insecure", "--superlink",
                                           f"{host}:{relay.port}", "--port", str(free_port()),
                                           "--node-config", f"partition-id={i}"], prefix)
-        self._wait_nodes(120)
+        self._wait_nodes(300)
 
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.venv / "bin" / "flwr"), *args], capture_output=True, text=True,
@@ -115,15 +115,24 @@ class Federation:
 
     def _wait_nodes(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        said = ""
         while time.monotonic() < deadline:
             self._check_alive()
-            r = self._flwr("supernode", "list", FEDERATION, "--format", "json")
+            try:
+                r = self._flwr("supernode", "list", FEDERATION, "--format", "json", timeout=60)
+            except subprocess.TimeoutExpired:
+                said = "flwr supernode list did not answer within 60 s"
+                continue
             if r.returncode == 0:
                 online = [n for n in _json(r.stdout).get("nodes", []) if str(n.get("status", "")).startswith("online")]
                 if len(online) >= self.sites:
                     return
+                said = f"{len(online)} of {self.sites} online"
+            else:
+                said = (r.stderr or r.stdout).strip()[-300:]
             time.sleep(1)
-        raise FlowerError(f"not every SuperNode came online within {timeout:.0f} s; see {self.workdir}/*.log")
+        raise FlowerError(f"not every SuperNode came online within {timeout:.0f} s (last: {said}); see "
+                          f"{self.workdir}/*.log")
 
     def _check_alive(self) -> None:
         for p in self.procs:

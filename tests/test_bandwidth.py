@@ -22,9 +22,12 @@ def smoke(tmp_path_factory):
         flower_venv()
     except FlowerError as exc:
         pytest.skip(str(exc))
-    out = tmp_path_factory.mktemp("bw") / "run"
-    result = CliRunner().invoke(main, ["bench", "bandwidth", "--preset", "smoke", "--out", str(out)])
+    here = tmp_path_factory.mktemp("bw")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(here)  # a relative --out, as a user types it (Flower's processes run in other folders)
+        result = CliRunner().invoke(main, ["bench", "bandwidth", "--preset", "smoke", "--out", "run"])
     assert result.exit_code == 0, result.output
+    out = here / "run"
     return out, json.loads((out / "results.json").read_text()), result.output
 
 
