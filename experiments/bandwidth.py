@@ -45,7 +45,7 @@ from asyndgan.experiments.relay import DOWN, UP, Relay, Traffic
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (
     GANSection, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, make_phantom, pooled_tree,
-    segment_rows, server_config, synthesise,
+    prepare_compute, segment_rows, server_config, synthesise,
 )
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, build_network, evaluate_model,
@@ -194,7 +194,8 @@ def _traffic_summary(traffic: list[Traffic], first: float, last: float, steps: i
     return {
         "sites": len(traffic), "steps": steps, "seconds": seconds, "up": up, "down": down,
         "per_step": per_step, "one_time": max(0.0, up + down - per_step * steps),
-        "per_step_per_site": per_step / len(traffic), "largest_message": {d: max(b, default=0) for d, b in bursts.items()},
+        "per_step_per_site": per_step / len(traffic),
+        "largest_message": {d: max(b, default=0) for d, b in bursts.items()},
         "message_sizes": {d: _quantiles(b) for d, b in bursts.items()},
         "up_per_step": up_per_step, "down_per_step": per_step - up_per_step,
     }
@@ -354,7 +355,8 @@ def flower_runs(cfg: BandwidthConfig, data: pathlib.Path, methods: list[str], na
             before = [r.traffic() for r in fed.relays]
             started_wall, relay_t0 = time.time(), fed.relays[0].now()
             spec = dict(specs[m], **({"rounds": rounds} if rounds else {}))
-            run_config = {"data-dir": str(data.resolve()), "out-dir": str((out / m).resolve()), "sites": n, "threads": 1,
+            run_config = {"data-dir": str(data.resolve()), "out-dir": str((out / m).resolve()), "sites": n,
+                          "threads": 1,
                           "save-every": cfg.flower.save_every if not link else 10**6, **spec}
             outcome = fed.run(run_config, cfg.flower.timeout_s)
             after = [r.traffic() for r in fed.relays]
@@ -530,16 +532,10 @@ def link_runs(cfg: BandwidthConfig, sites: list[pathlib.Path], data: pathlib.Pat
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def run(cfg: BandwidthConfig) -> dict:
-    from asyndgan.common.devices import resolve_device
     from asyndgan.experiments import bandwidth_report as report
     from asyndgan.experiments.flower_runner import flower_venv
 
-    torch.set_num_threads(cfg.threads)
-    try:
-        resolve_device(cfg.device)
-    except ConfigError:
-        raise ConfigError(f"--preset {cfg.preset} computes on {cfg.device}, which torch cannot use on this "
-                          "machine (use --preset cpu)") from None
+    prepare_compute(cfg)
     for e in cfg.encodings:
         _split(e)
     flower_venv()  # refuse now, not after an hour of GANs

@@ -34,7 +34,6 @@ import time
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.central_server.trainer import Trainer
@@ -44,8 +43,8 @@ from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (
-    GANSection, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, segment_rows,
-    server_config, synthesise,
+    GANSection, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, prepare_compute,
+    segment_rows, server_config, synthesise,
 )
 from asyndgan.segmentation import NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig
 from asyndgan.site_agent import brats
@@ -244,15 +243,9 @@ def _mean_sd(values: list[float]) -> dict:
 
 # ---- the run ------------------------------------------------------------------------------------------------
 def run(cfg: MissingModalityConfig) -> dict:
-    from asyndgan.common.devices import resolve_device
     from asyndgan.experiments import missing_modality_report as report
 
-    torch.set_num_threads(cfg.threads)
-    try:
-        resolve_device(cfg.device)
-    except ConfigError:
-        raise ConfigError(f"--preset {cfg.preset} computes on {cfg.device}, which torch cannot use on this "
-                          "machine (use --preset cpu)") from None
+    prepare_compute(cfg)
     n = len(cfg.phantom.cases_per_site)
     unknown = [s for s in cfg.missing if s not in {f"site{i + 1}" for i in range(n)}]
     if unknown or any(m not in BRATS_MODALITIES for v in cfg.missing.values() for m in v):

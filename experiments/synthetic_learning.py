@@ -121,6 +121,19 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Synthetic
 
 
 # ---- pieces, each kept in OUT and skipped when done --------------------------------------------------------
+def prepare_compute(cfg) -> None:
+    """Torch threads, and the preset's device checked: the gpu preset without a GPU is one line now, not a
+    traceback an hour later."""
+    from asyndgan.common.devices import resolve_device
+
+    torch.set_num_threads(cfg.threads)
+    try:
+        resolve_device(cfg.device)
+    except ConfigError:
+        raise ConfigError(f"--preset {cfg.preset} computes on {cfg.device}, which torch cannot use on this "
+                          "machine (use --preset cpu)") from None
+
+
 def check_settings(cfg: SyntheticLearningConfig) -> None:
     """OUT/settings.json holds the settings of the run in OUT; resuming with other settings is refused."""
     path = cfg.out / "settings.json"
@@ -313,14 +326,7 @@ def _load_eval(folder: pathlib.Path) -> dict:
 def run(cfg: SyntheticLearningConfig) -> dict:
     from asyndgan.experiments import synthetic_learning_report as report
 
-    from asyndgan.common.devices import resolve_device
-
-    torch.set_num_threads(cfg.threads)
-    try:  # the gpu preset without a GPU: one line now, not a traceback an hour later
-        resolve_device(cfg.device)
-    except ConfigError:
-        raise ConfigError(f"--preset {cfg.preset} computes on {cfg.device}, which torch cannot use on this "
-                          "machine (use --preset cpu)") from None
+    prepare_compute(cfg)
     check_settings(cfg)
     timings, timed = piece_timer(cfg.out / "timings.json")
 
