@@ -56,7 +56,6 @@ from asyndgan.site_agent.datasets import open_dataset
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
 ENCODINGS = ("float32/full", "float16/full", "q8/full", "q8/brain")
-DEFAULT_ENCODING = "q8/brain"
 
 
 class LinkProfile(BaseModel):
@@ -104,6 +103,7 @@ class BandwidthConfig(BaseModel):
     target_fraction: float = Field(0.9, gt=0, le=1, description="target Dice: this fraction of Real-All's")
     profiles: list[LinkProfile] = Field(default_factory=lambda: list(HOSPITAL_LINKS))
     link_steps: int = Field(ge=2, description="AsynDGAN steps measured on each emulated link")
+    link_encoding: str = Field("q8/full", description="the AsynDGAN encoding measured on the emulated links")
     link_rounds: int = Field(ge=1, description="FedAvg rounds measured on each emulated link")
     device: str = "cpu"
     threads: int = Field(2, ge=1)
@@ -118,7 +118,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Bandwidth
             phantom=PhantomSection(cases_per_site=[2, 2, 1], test_cases=2, shape=(64, 64, 40)),
             gan=GANSection(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, steps=6, batch_per_site=2,
                            timeout_s=300),
-            encodings=["float32/full", DEFAULT_ENCODING], wire_steps=6,
+            encodings=["float32/full", "q8/brain"], wire_steps=6, link_encoding="q8/brain",
             # single weight transfer is one cycle of cyclical transfer: the smoke run leaves it out (40 s)
             flower=FlowerSection(fedavg_rounds=1, local_steps=2, cwt_cycles=1, cwt_local_steps=2, swt_local_steps=2,
                                  methods=["fedavg", "cwt"], timeout_s=300),
@@ -507,7 +507,7 @@ def _tbf(prefix: list[str], dev: str, mbit: float) -> None:
 
 
 def link_runs(cfg: BandwidthConfig, sites: list[pathlib.Path], data: pathlib.Path) -> dict:
-    """Per profile: seconds per AsynDGAN step (default encoding) and per FedAvg round on the emulated link."""
+    """Per profile: seconds per AsynDGAN step (cfg.link_encoding) and per FedAvg round on the emulated link."""
     why = LinkSet.available()
     if why:
         log.warning("links are modelled, not measured: %s", why)
@@ -522,7 +522,7 @@ def link_runs(cfg: BandwidthConfig, sites: list[pathlib.Path], data: pathlib.Pat
             log.warning("links are modelled, not measured: %s", exc)
             return {"measured": False, "why": str(exc)}
         try:
-            wire = wire_run(cfg, DEFAULT_ENCODING, sites, cfg.link_steps, f"{name}/asyndgan", link)
+            wire = wire_run(cfg, cfg.link_encoding, sites, cfg.link_steps, f"{name}/asyndgan", link)
             flower = flower_runs(cfg, data, ["fedavg"], f"{name}/flower", link, rounds=cfg.link_rounds)["fedavg"]
         finally:
             link.__exit__()
