@@ -15,7 +15,7 @@ Pieces, each kept in OUT and skipped when the same command runs again (another p
                              deployment mode, each SuperNode behind a counting relay; the global model is scored
                              every `save_every` rounds -> Dice against cumulative bytes
     ensemble                 one model per site, trained locally, averaged; bytes modelled (one model per site)
-    links/<profile>          the default encoding and FedAvg again with every site in its own network namespace
+    links/<profile>          `link_encoding` and FedAvg again with every site in its own network namespace
                              behind `tc tbf` rate limits and a delaying relay: seconds per step / round measured
                              on each link (needs root; otherwise modelled and said so)
 Then report.md, results.json and the figures (experiments/bandwidth_report.py).
