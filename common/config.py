@@ -120,8 +120,9 @@ class TrainConfig(_Section):
     sampling: Literal["balance", "uniform"] = "balance"
     min_sites: int = Field(1, ge=1, description="quorum: sites that must answer for a step to count")
     step_deadline_s: float = Field(60.0, gt=0, description="how long a step waits for sites' gradients")
-    wire_dtype: WireDType = Field("float32", description="fakes and gradients on the wire: float32, float16, "
-                                  "bfloat16, or q8 (8 bits per value with a per-sample, per-channel scale)")
+    wire_dtype: WireDType = Field("q8", description="fakes and gradients on the wire: q8 (8 bits per value with a "
+                                  "per-sample, per-channel offset and step; 4x fewer bytes than float32 at no "
+                                  "measured Dice cost, docs/results/bandwidth-cpu), float16, bfloat16 or float32")
     wire_region: WireRegion = Field("full", description="'brain': only pixels inside each label map's brain cross "
                                     "the wire (image2d; the generator's output is -1 outside it); 'auto': brain "
                                     "when the modalities are BraTS MRI (label maps carry the brain outline), else "
@@ -161,6 +162,13 @@ class ServerConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     sample_every: int = Field(250, ge=1)
     exit_when_done: bool = Field(True, description="stop serving once the last step is taken")
+    resume: Literal["never", "always", "auto"] = Field(
+        "never", description="at start: 'always' continues from the newest usable checkpoint in run_dir (an error "
+        "when there is none), 'auto' continues when there is one and starts a new run otherwise (containers with "
+        "a restart policy), 'never' starts a new run")
+    health_port: int | None = Field(None, ge=0, le=65535, description="also serve the gRPC health service "
+                                    "alone, in plain text, on 127.0.0.1:PORT (container health checks that hold "
+                                    "no certificate; nothing else is served there)")
     device: str = "cpu"
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads (default: torch's choice)")
     operators: list[str] = Field(default_factory=lambda: ["operator"], description="certificate names that "

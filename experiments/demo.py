@@ -40,7 +40,7 @@ class DemoConfig(BaseModel):
     ngf: int = 32
     n_blocks: int = 6
     ndf: int = 32
-    wire_dtype: str = "float32"
+    wire_dtype: str = "q8"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
     private: bool = Field(False, description="sites keep their default differential privacy (lambda_L1 0); off: "
                           "the papers' algorithm (lambda_L1 100), fine on the public phantom, whose small sites "
