@@ -370,7 +370,7 @@ def flower_runs(cfg: BandwidthConfig, data: pathlib.Path, methods: list[str], na
             up = sum(a.up - b.up for a, b in zip(after, before))
             down = sum(a.down - b.down for a, b in zip(after, before))
             total_rounds = spec["rounds"]
-            result = {"method": m, "rounds": total_rounds, "local_steps": spec["local-steps"], "up": up,
+            result = {"method": m, "tls": fed.tls, "rounds": total_rounds, "local_steps": spec["local-steps"], "up": up,
                       "down": down, "seconds": outcome.seconds, "rounds_log": rounds_log,
                       "largest_message": {d: max(b, default=0) for d, b in bursts.items()},
                       "message_sizes": {d: _quantiles(b) for d, b in bursts.items()},

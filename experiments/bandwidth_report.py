@@ -269,6 +269,7 @@ def write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, ti
     results = {"preset": cfg.preset, "seed": cfg.seed, "sites": sites, "real_all_dice": real_dice,
                "target_dice": target, "target_fraction": cfg.target_fraction, "model_parameters": params,
                "asyndgan": asyn, "flower": fl, "ensemble": ensemble, "links": links.get("measured", False),
+               "flower_tls": bool(flower) and all(f.get("tls", False) for f in flower.values()),
                "links_note": links.get("why"), "time_to_target": times, "crossover": cross,
                "timings_s": timings, "figures": figures}
     write_json(out / "results.json", results)
@@ -286,8 +287,10 @@ def _markdown(cfg, r: dict) -> str:
              f"Real-All Dice {r['real_all_dice']:.3f}; target Dice = {cfg.target_fraction:g} x that = "
              f"**{r['target_dice']:.3f}**.", "",
              "Bytes are what crossed the sockets (a counting relay between every site and its server: TLS, HTTP/2 "
-             "or HTTP/1.1 framing and headers included). AsynDGAN runs with mutual TLS; Flower "
-             f"{'1.42.0'} runs insecure (plain HTTP) on loopback. Largest message = the largest burst one side sent "
+             "or HTTP/1.1 framing and headers included). AsynDGAN runs with mutual TLS; Flower 1.42.0 runs "
+             + ("with TLS (the SuperLink's certificate from the run's own CA; SuperNodes are not authenticated)"
+                if r.get("flower_tls") else "insecure (plain HTTP) on loopback")
+             + ". Largest message = the largest burst one side sent "
              "before the other answered.", "",
              "## AsynDGAN per wire encoding", "",
              "| encoding | bytes / sample-step | fewer than fp32 | one-time | per step (up / down) | largest message "

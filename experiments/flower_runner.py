@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,8 +62,10 @@ class RunOutcome:
 class Federation:
     """SuperLink + SuperNodes (site i with node config partition-id=i), each SuperNode behind a Relay."""
 
-    def __init__(self, workdir: pathlib.Path, sites: int, delay_s: float = 0.0, netns: list[str] | None = None):
+    def __init__(self, workdir: pathlib.Path, sites: int, delay_s: float = 0.0, netns: list[str] | None = None,
+                 tls: bool = True):
         self.venv = flower_venv()
+        self.tls = tls  # TLS on every Flower connection (a CA and SuperLink certificate made for this federation)
         self.workdir = pathlib.Path(workdir).resolve()  # FLWR_HOME and cwd: relative paths would break
         self.sites = sites
         self.delay_s = delay_s
@@ -92,11 +95,18 @@ class Federation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(exist_ok=True)
         self.port = free_port()
+        link_tls, node_tls, cli_tls = ["--insecure"], ["--insecure"], "insecure = true"
+        if self.tls:
+            certs = self._certs(["127.0.0.1", "localhost", *(hosts or [])])
+            link_tls = ["--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.crt"),
+                        "--ssl-keyfile", str(certs / "server.key")]
+            node_tls = ["--root-certificates", str(certs / "ca.crt")]
+            cli_tls = f"root-certificates = {json.dumps(str(certs / 'ca.crt'))}"
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+            f'address = "127.0.0.1:{self.port}"\n{cli_tls}\n')
         bin_ = self.venv / "bin"
-        self._spawn("superlink", [str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+        self._spawn("superlink", [str(bin_ / "flower-superlink"), *link_tls, "--host", "127.0.0.1", "--port",
                                   str(self.port), "--disable-runtime-dependency-installation",
                                   "--database", str(self.workdir / "superlink.db")])
         _wait_port(self.port, 60, self.workdir / "superlink.log")
@@ -105,10 +115,21 @@ class Federation:
             relay = Relay(("127.0.0.1", self.port), listen=(host, 0), delay_s=self.delay_s)
             self.relays.append(relay)
             prefix = ["ip", "netns", "exec", self.netns[i]] if self.netns else None
-            self._spawn(f"supernode{i}", [str(bin_ / "flower-supernode"), "--insecure", "--superlink",
+            self._spawn(f"supernode{i}", [str(bin_ / "flower-supernode"), *node_tls, "--superlink",
                                           f"{host}:{relay.port}", "--port", str(free_port()),
                                           "--node-config", f"partition-id={i}"], prefix)
         self._wait_nodes(300)
+
+    def _certs(self, hosts: list[str]) -> pathlib.Path:
+        """A fresh CA and SuperLink certificate for `hosts` at every start (the hosts may differ between starts)."""
+        from asyndgan.common import pki
+
+        certs = self.workdir / "certs"
+        shutil.rmtree(certs, ignore_errors=True)
+        certs.mkdir(parents=True)
+        pki.init_ca(certs, "asyndgan Flower baseline CA")
+        pki.issue_server(certs, sorted(set(hosts)))
+        return certs
 
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.venv / "bin" / "flwr"), *args], capture_output=True, text=True,
