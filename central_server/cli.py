@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import click
 import grpc
@@ -30,13 +31,19 @@ def main() -> None:
 @click.option("--batch-size", type=int, help="Samples per site per step.")
 @click.option("--min-sites", type=int, help="Sites that must answer for a step to count.")
 @click.option("--wire-dtype", type=click.Choice(["float32", "float16", "bfloat16", "q8"]),
-              help="Images and gradients on the wire: a float dtype, or q8 (8 bits with a per-channel scale).")
+              help="Images and gradients on the wire: q8 (8 bits with a per-channel scale) [q8], or a float dtype.")
 @click.option("--wire-region", type=click.Choice(["full", "brain", "auto"]),
               help="'brain': send only the pixels inside each label map's brain (image2d); 'auto': brain for BraTS "
                    "modalities, else full.")
 @click.option("--threads", type=int, help="Torch CPU threads.")
 @click.option("--device", help="Torch device for the generator (cpu, cuda, cuda:1).")
-@click.option("--resume", is_flag=True, help="Continue from the newest usable checkpoint in the run folder.")
+@click.option("--resume", "resume", flag_value="always", default=None,
+              help="Continue from the newest usable checkpoint in the run folder (an error when there is none).")
+@click.option("--resume-if-possible", "resume", flag_value="auto",
+              help="Continue from the newest usable checkpoint when there is one, else start a new run (for "
+                   "containers that restart).")
+@click.option("--health-port", type=int, help="Also serve the gRPC health service alone, plain text, on "
+              "127.0.0.1:PORT (for `asyndgan-server health` in the server's container).")
 @click.option("--certs", type=click.Path(path_type=pathlib.Path), help="TLS folder: ca.crt, server.crt, server.key [certs].")
 @click.option("--insecure", is_flag=True, default=None, help="Plain text without identities (local tests only).")
 @click.option("--port-file", type=click.Path(path_type=pathlib.Path), help="Write the bound port here (for scripts).")
@@ -45,7 +52,7 @@ def main() -> None:
 @exit_hard  # a gRPC call that never completed must not hold the process after the last checkpoint is written
 @friendly_errors
 def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, wire_region, threads, device,
-          resume, certs, insecure, port_file, overrides, log_level):
+          resume, health_port, certs, insecure, port_file, overrides, log_level):
     """Start the server and train until the schedule ends."""
     from asyndgan.central_server.server import run_server
 
@@ -53,12 +60,13 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
         "host": host, "port": port, "run_dir": run_dir and str(run_dir), "site.model.family": family,
         "site.schedule.steps": steps, "train.batch_size": batch_size, "train.min_sites": min_sites,
         "train.wire_dtype": wire_dtype, "train.wire_region": wire_region, "device": device, "threads": threads, "insecure": insecure,
-        "certs": certs and str(certs),
+        "certs": certs and str(certs), "resume": resume, "health_port": health_port,
     }
     values.update(dict(parse_override(o) for o in overrides))
-    if resume and config_file is None:
+    folder = run_dir or pathlib.Path(ServerConfig.model_fields["run_dir"].default)
+    if resume and config_file is None and (resume == "always" or _has_checkpoint(folder)):
         # Resume with the settings the run was started with (saved in its folder), unless told otherwise.
-        saved = (run_dir or pathlib.Path(ServerConfig.model_fields["run_dir"].default)) / "config.json"
+        saved = folder / "config.json"
         config_file = saved if saved.is_file() else None
     cfg = load_config(ServerConfig, config_file, values)
     log_file = cfg.run_dir / "server.log"
@@ -67,7 +75,13 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
         import torch
 
         torch.set_num_threads(cfg.threads)
-    run_server(cfg, resume=resume, port_file=port_file)
+    run_server(cfg, port_file=port_file)
+
+
+def _has_checkpoint(run_dir: pathlib.Path) -> bool:
+    from asyndgan.central_server.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(run_dir / "checkpoints"))
 
 
 @main.command()
@@ -96,6 +110,32 @@ def status(server, timeout, as_json, certs, insecure):
         click.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
     else:
         click.echo(format_status(reply))
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1:50052", show_default=True,
+              help="HOST:PORT: the server's --health-port (plain text), or its main port with --certs.")
+@click.option("--certs", type=click.Path(path_type=pathlib.Path),
+              help="A client kit, when asking on the main (mutual TLS) port.")
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for an answer.")
+def health(address, certs, timeout):
+    """Exit 0 when the server answers SERVING on the standard gRPC health service, 1 otherwise (a container
+    HEALTHCHECK; no other binary needed)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from asyndgan.common.tls import open_channel
+
+    try:
+        with open_channel(address, certs) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="asyndgan.v1.AsynDGAN"), timeout=timeout)
+    except (grpc.RpcError, AsynDGANError, OSError) as exc:
+        detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+        click.echo(f"not healthy: no answer from {address}: {detail}", err=True)
+        sys.exit(1)
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(f"{address}: {name}")
+    sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
 @main.command()

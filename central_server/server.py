@@ -61,14 +61,35 @@ def create_server(servicer: AsynDGANServicer, address: str, credentials: grpc.Se
     return server, port, health_servicer
 
 
-def build(cfg: ServerConfig, resume: bool = False) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
+def create_health_server(health_servicer: health.HealthServicer, address: str) -> grpc.Server:
+    """A second, plain-text listener that serves only the health service (the same servicer, so it reports
+    what the main port reports): for probes inside the server's own container, which hold no certificate."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                         options=OPTIONS, maximum_concurrent_rpcs=4)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise AsynDGANError(f"cannot listen on {address} for health checks: {exc}") from None
+    if port == 0:
+        raise AsynDGANError(f"cannot listen on {address} for health checks (port in use?)")
+    server.start()
+    log.info("health checks (plain text, this machine only) on %s", address)
+    return server
+
+
+def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
+    """The trainer, registry and servicer of a run; cfg.resume says whether it continues from a checkpoint."""
     bank = MaskBank(cfg.run_dir / "bank")
     registry = SiteRegistry(cfg, bank)
     trainer = Trainer(cfg, registry, bank, cfg.run_dir)
-    if resume:
-        found = ckpt.load_latest(cfg.run_dir / "checkpoints")
-        if found is None:
-            raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'}")
+    found = ckpt.load_latest(cfg.run_dir / "checkpoints") if cfg.resume != "never" else None
+    if found is None and cfg.resume == "always":
+        raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'} (--resume-if-possible "
+                          "starts a new run in that case)")
+    if found is None and cfg.resume == "auto":
+        log.info("no usable checkpoint in %s: starting a new run", cfg.run_dir / "checkpoints")
+    if found is not None:
         path, state = found
         try:
             trainer.load_state_dict(state)
@@ -102,13 +123,16 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
     return tls.server_credentials(cfg.certs)
 
 
-def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Trainer:
+def run_server(cfg: ServerConfig, port_file=None) -> Trainer:
     credentials = server_credentials(cfg)  # before anything is written: a missing certificate fails fast
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer, registry, servicer = build(cfg)
     atomic_write_text(cfg.run_dir / "config.json", cfg.model_dump_json(indent=2))
-    trainer, registry, servicer = build(cfg, resume)
     server, port, health_servicer = create_server(servicer, f"{cfg.host}:{cfg.port}", credentials,
                                                   cfg.limits.max_sessions + cfg.limits.status_threads)
+    probe = None
+    if cfg.health_port is not None:
+        probe = create_health_server(health_servicer, f"127.0.0.1:{cfg.health_port}")
     server.start()
     log.info("serving on %s:%d with %s (run %s, %s, %d steps; run folder %s)", cfg.host, port,
              "plain text" if credentials is None else "mutual TLS", trainer.run_id, cfg.site.model.family,
@@ -135,6 +159,8 @@ def run_server(cfg: ServerConfig, resume: bool = False, port_file=None) -> Train
             signal.signal(s, handler)
         reaper_done.set()
         health_servicer.enter_graceful_shutdown()
+        if probe is not None:
+            probe.stop(0)
         finished = trainer.state is RunState.FINISHED
         registry.shutdown_all("training finished" if finished else "server stopping", final=finished)
         if not server.stop(GRACE_S).wait(STOP_WAIT_S):

@@ -72,6 +72,14 @@ class Server:
             self.proc.wait()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_port_free(port: int, timeout: float = 30) -> None:
     """Wait until `port` can be bound again on loopback (a killed server's socket may linger briefly)."""
     import socket

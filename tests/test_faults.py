@@ -15,7 +15,7 @@ import pytest
 from asyndgan.central_server.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from asyndgan.common import pki
 from asyndgan.demo_data.toy import write_toy_sites
-from procs import ENV, TINY_IMAGE2D, Server, start_site, wait_port_free
+from procs import ENV, TINY_IMAGE2D, Server, free_port, start_site, wait_port_free
 from procs import site_status as _site
 from procs import status as _status
 from procs import wait_status as _wait
@@ -42,18 +42,28 @@ def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secur
             pki.issue_site(certs, name)
     kit = (lambda name: certs / "sites" / name) if secure else (lambda name: None)
     status = lambda: _status(server.address, kit("operator"))  # noqa: E731
-    server = Server(tmp_path / "run", over, certs=certs)
+    # Plain: the container way, the same command at every start ("resume if possible" starts a new run on an
+    # empty folder and continues otherwise), with the health listener. mTLS: --resume for the restart only.
+    health_port = free_port()
+    first = ["--resume-if-possible", "--health-port", str(health_port)] if not secure else []
+    again = first if not secure else ["--resume"]
+    server = Server(tmp_path / "run", over, extra=first, certs=certs)
     port = server.port
     sites = [start_site(f, server.address, f"s{i}", tmp_path / f"s{i}.log", certs=kit(f"s{i}"))
              for i, f in enumerate(folders)]
     try:
         run_id = _wait(lambda s: s.step >= 35, server.address, "35 steps", kit=kit("operator")).run_id
+        if not secure:
+            probe = subprocess.run([sys.executable, "-m", "asyndgan.central_server.cli", "health", "--address",
+                                    f"127.0.0.1:{health_port}"], capture_output=True, text=True, env=ENV, timeout=60)
+            assert probe.returncode == 0 and "SERVING" in probe.stdout, probe.stderr
+            assert "starting a new run" in server.output()
         server.proc.kill()  # kill -9: no checkpoint, no goodbye
         server.wait()
         before = load_latest(tmp_path / "run" / "checkpoints")[1]["step"]
         assert before >= 30
         wait_port_free(port)
-        server = Server(tmp_path / "run", over, extra=["--resume"], port=port, certs=certs)
+        server = Server(tmp_path / "run", over, extra=again, port=port, certs=certs)
         s = _wait(lambda s: s.step > before + 5 and len(s.sites) == 2, server.address, "training after resume",
                   kit=kit("operator"))
         assert status() is not None
@@ -66,6 +76,11 @@ def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secur
             p.kill()
     out = server.output()
     assert "resumed from" in out and f"at step {before}" in out
+    if not secure:  # the server has exited: the probe says so
+        probe = subprocess.run([sys.executable, "-m", "asyndgan.central_server.cli", "health", "--address",
+                                f"127.0.0.1:{health_port}", "--timeout", "2"], capture_output=True, text=True,
+                               env=ENV, timeout=60)
+        assert probe.returncode == 1 and "not healthy" in probe.stderr
     final = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000150.pt")
     assert final["step"] == 150
     for i in range(2):
