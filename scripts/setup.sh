@@ -19,4 +19,6 @@ fi
 $PIP install -e ".[dev]"
 # Flower, in its own environment, for the bandwidth benchmark's baselines (and its test)
 ./scripts/setup-flower.sh
+# Docker engine, compose and debootstrap for the container test (installed only as root on Debian, when missing)
+./scripts/setup-docker.sh
 .venv/bin/python -c "import asyndgan.central_server, asyndgan.site_agent, torch; print('asyndgan ready; torch', torch.__version__)"
