@@ -105,6 +105,11 @@ class BandwidthConfig(BaseModel):
     link_steps: int = Field(ge=2, description="AsynDGAN steps measured on each emulated link")
     link_encoding: str = Field("q8/full", description="the AsynDGAN encoding measured on the emulated links")
     link_rounds: int = Field(ge=1, description="FedAvg rounds measured on each emulated link")
+    larger_network: NetworkConfig | None = Field(
+        None, description="the model-size regime, measured: a second, larger segmentation network trained on "
+        "all real data (its target), on the synthetic data of the generator already trained (no more GAN bytes) "
+        "and by FedAvg on Flower; None leaves it out")
+    larger_rounds: int = Field(15, ge=1, description="FedAvg rounds for the larger network")
     device: str = "cpu"
     threads: int = Field(2, ge=1)
 
@@ -142,7 +147,8 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Bandwidth
             ensemble_steps=1000,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=64),
                                             training=TrainingConfig(steps=1000, batch_size=16)),
-            segmentation_seeds=1, link_steps=30, link_rounds=2)
+            segmentation_seeds=1, link_steps=30, link_rounds=2,
+            larger_network=NetworkConfig(channels=[32, 64, 128, 256, 512]), larger_rounds=15)
     return BandwidthConfig(
         preset=preset, out=out, seed=seed,
         phantom=PhantomSection(cases_per_site=[30, 15, 8], test_cases=42),
@@ -299,13 +305,15 @@ def train_gan(cfg: BandwidthConfig, encoding: str, sites: list[pathlib.Path]) ->
 
 
 # ---- Flower baselines -----------------------------------------------------------------------------------------
-def flower_data(cfg: BandwidthConfig, sites: list[pathlib.Path]) -> tuple[pathlib.Path, int]:
-    """site_<i>.npz (the recipe's training slices of each site), recipe.json, init.safetensors; (folder, P)."""
+def flower_data(cfg: BandwidthConfig, sites: list[pathlib.Path], recipe: SegmentationRecipe | None = None,
+                name: str = "flower") -> tuple[pathlib.Path, int]:
+    """OUT/<name>/data: site_<i>.npz (the recipe's training slices of each site), recipe.json, init.safetensors;
+    (folder, P). recipe: cfg.segmentation unless given."""
     from safetensors.torch import save_file
 
-    folder = cfg.out / "flower" / "data"
-    recipe = cfg.segmentation.model_copy(update={"training": cfg.segmentation.training.model_copy(
-        update={"seed": cfg.seed})})
+    folder = cfg.out / name / "data"
+    recipe = recipe or cfg.segmentation
+    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": cfg.seed})})
     torch.manual_seed(cfg.seed)
     net = build_network(recipe)
     params = sum(v.numel() for v in net.state_dict().values())
@@ -386,15 +394,16 @@ def flower_runs(cfg: BandwidthConfig, data: pathlib.Path, methods: list[str], na
     return results
 
 
-def score_rounds(cfg: BandwidthConfig, method: str, test) -> list[dict]:
-    """Dice of every kept global model of a Flower run, on the real test cases."""
+def score_rounds(cfg: BandwidthConfig, method: str, test, name: str = "flower",
+                 recipe: SegmentationRecipe | None = None) -> list[dict]:
+    """Dice of every kept global model of a Flower run (OUT/<name>/<method>), on the real test cases."""
     from safetensors.torch import load_file
 
-    folder = cfg.out / "flower" / method
+    folder = cfg.out / name / method
     path = folder / "dice.json"
     if path.is_file():
         return json.loads(path.read_text())
-    recipe = cfg.segmentation
+    recipe = recipe or cfg.segmentation
     rows = []
     for f in sorted(folder.glob("round_*.safetensors")):
         net = build_network(recipe)
@@ -530,6 +539,25 @@ def link_runs(cfg: BandwidthConfig, sites: list[pathlib.Path], data: pathlib.Pat
     return out
 
 
+# ---- the model-size regime ----------------------------------------------------------------------------------
+def larger_network_runs(cfg: BandwidthConfig, timed, sites: list[pathlib.Path], test_dir: pathlib.Path,
+                        synthetic: dict[str, pathlib.Path], test) -> dict:
+    """A larger segmentation network on the same task: its Real-All target, the generator's synthetic data (the
+    link encoding's generator, already trained and paid for), FedAvg on Flower; everything measured."""
+    encoding = cfg.link_encoding if cfg.link_encoding in synthetic else next(iter(synthetic))
+    recipe = cfg.segmentation.model_copy(update={"network": cfg.larger_network})
+    log.info("[6b/7] a larger network (channels %s): real, synthetic (%s) and FedAvg on Flower",
+             cfg.larger_network.channels, encoding)
+    rows = {"larger_real_all": sites, f"larger_asyndgan_{_slug(encoding)}": [synthetic[encoding]]}
+    evals = timed("larger_segmentation", segment_rows, cfg, rows, test_dir, {r: recipe for r in rows})
+    data, params = timed("larger_flower_data", flower_data, cfg, sites, recipe, "flower_larger")
+    flower = timed("larger_flower", flower_runs, cfg, data, ["fedavg"], "flower_larger", None, cfg.larger_rounds)
+    curve = timed("larger_score_fedavg", score_rounds, cfg, "fedavg", test, "flower_larger", recipe)
+    return {"encoding": encoding, "channels": list(cfg.larger_network.channels), "parameters": params,
+            "real_all": evals["larger_real_all"], "asyndgan": evals[f"larger_asyndgan_{_slug(encoding)}"],
+            "flower": flower, "curve": curve}
+
+
 # ---- the run ------------------------------------------------------------------------------------------------
 def run(cfg: BandwidthConfig) -> dict:
     from asyndgan.experiments import bandwidth_report as report
@@ -539,7 +567,7 @@ def run(cfg: BandwidthConfig) -> dict:
     for e in cfg.encodings:
         _split(e)
     flower_venv()  # refuse now, not after an hour of GANs
-    check_settings(cfg)
+    check_settings(cfg, added=("larger_network", "larger_rounds"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/7] phantom sites and test cases; segmentation on all real data pooled (the target)")
     sites, test_dir = timed("phantom", make_phantom, cfg)
@@ -566,8 +594,11 @@ def run(cfg: BandwidthConfig) -> dict:
     ens = timed("ensemble", ensemble, cfg, sites, test)
     log.info("[6/7] emulated hospital links (%s)", ", ".join(p.name for p in cfg.profiles))
     links = timed("links", link_runs, cfg, sites, data)
+    larger = None
+    if cfg.larger_network is not None:
+        larger = larger_network_runs(cfg, timed, sites, test_dir, synthetic, test)
     log.info("[7/7] report")
-    results = report.write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings)
+    results = report.write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings, larger)
     log.info("bandwidth benchmark (%s, seed %d) done; %.0f s of work; report %s", cfg.preset, cfg.seed,
              sum(timings.values()), cfg.out / "report.md")
     return results

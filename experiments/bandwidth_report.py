@@ -252,7 +252,27 @@ def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: d
     return made
 
 
-def write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings) -> dict:
+def _larger_rows(cfg, asyn: dict, larger: dict | None) -> dict | None:
+    """The model-size regime: the larger network's target, AsynDGAN's synthetic data against it (bytes: the
+    generator's, already paid) and FedAvg's bytes to it."""
+    if larger is None:
+        return None
+    real = _mean(larger["real_all"])
+    target = cfg.target_fraction * real
+    syn = _mean(larger["asyndgan"])
+    fed = _flower_rows({"fedavg": larger["flower"]["fedavg"]}, {"fedavg": larger["curve"]}, target)["fedavg"]
+    a = asyn[larger["encoding"]]
+    reaches = syn >= target
+    fed_bytes = fed["bytes_to_target"]
+    spent = fed["up"] + fed["down"]
+    wins = reaches and (fed_bytes is None and a["total"] < spent or fed_bytes is not None and a["total"] < fed_bytes)
+    return {"channels": larger["channels"], "parameters": larger["parameters"], "real_all_dice": real,
+            "target_dice": target, "encoding": larger["encoding"], "asyndgan_dice": syn,
+            "asyndgan_reaches_target": reaches, "asyndgan_bytes": a["total"], "fedavg": fed,
+            "fedavg_bytes_spent": spent, "asyndgan_wins": wins}
+
+
+def write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings, larger=None) -> dict:
     out = cfg.out
     sites = len(cfg.phantom.cases_per_site)
     real_dice = _mean(real["real_all"])
@@ -271,7 +291,7 @@ def write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, ti
                "asyndgan": asyn, "flower": fl, "ensemble": ensemble, "links": links.get("measured", False),
                "flower_tls": bool(flower) and all(f.get("tls", False) for f in flower.values()),
                "links_note": links.get("why"), "time_to_target": times, "crossover": cross,
-               "timings_s": timings, "figures": figures}
+               "timings_s": timings, "figures": figures, "larger_network": _larger_rows(cfg, asyn, larger)}
     write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", _markdown(cfg, results))
     return results
@@ -351,11 +371,33 @@ def _markdown(cfg, r: dict) -> str:
     for name, row in c["crossing_slices_per_site"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in row.values()) + " |")
     lines += ["", f"Measured here: {c['measured']['slices_per_site']:.0f} slices at the largest site "
-              f"({c['n_mean']:.0f} per site on average).",
-              "", "## Figures", ""] + [f"![{x}]({x})" for x in r["figures"]]
+              f"({c['n_mean']:.0f} per site on average)."]
+    lines += _larger_markdown(r.get("larger_network"))
+    lines += ["", "## Figures", ""] + [f"![{x}]({x})" for x in r["figures"]]
     lines += ["", "## Time spent", "", "| piece | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _larger_markdown(g: dict | None) -> list[str]:
+    if not g:
+        return []
+    fed = g["fedavg"]
+    reached = (f"round {fed['rounds_to_target']}, {_fmt_bytes(fed['bytes_to_target'])}" if fed["rounds_to_target"]
+               else f"not reached in {fed['rounds']} rounds ({_fmt_bytes(g['fedavg_bytes_spent'])} spent)")
+    verdict = ("AsynDGAN moves fewer bytes to this target than FedAvg" if g["asyndgan_wins"] else
+               "AsynDGAN does not move fewer bytes to this target than FedAvg")
+    return ["", f"### Measured: a larger network (MONAI U-Net, channels {g['channels']}, "
+            f"{g['parameters'] / 1e6:.2f} M parameters)", "",
+            f"The same task and recipe with a larger network. Real-All Dice {g['real_all_dice']:.3f}; target "
+            f"{g['target_dice']:.3f}. AsynDGAN's bytes are its generator's ({g['encoding']}, already trained above: "
+            "a new network costs it no traffic); FedAvg trains this network on Flower from scratch.", "",
+            "| method | Dice | bytes | to the target |", "|---|---|---|---|",
+            f"| AsynDGAN {g['encoding']} (synthetic data) | {g['asyndgan_dice']:.3f} | {_fmt_bytes(g['asyndgan_bytes'])} "
+            f"| {'reached' if g['asyndgan_reaches_target'] else 'not reached'} |",
+            f"| FedAvg on Flower ({fed['rounds']} rounds x {fed['local_steps']} local steps) | "
+            f"{_num(fed['dice'], '.3f')} | {_fmt_bytes(fed['per_round'])} per round | {reached} |", "",
+            f"Verdict: {verdict}."]
 
 
 def _targets(r: dict) -> list[str]:
@@ -389,4 +431,12 @@ def _targets(r: dict) -> list[str]:
         else:
             out.append("- At this data-set size no AsynDGAN encoding that reaches the target moves fewer bytes "
                        "than FedAvg to the target; the crossover below says at which size it would.")
+    g = r.get("larger_network")
+    if g:
+        fed_b = g["fedavg"]["bytes_to_target"]
+        fed_txt = _fmt_bytes(fed_b) if fed_b is not None else f"not reached with {_fmt_bytes(g['fedavg_bytes_spent'])}"
+        out.append(f"- {'Met' if g['asyndgan_wins'] else 'Missed'} (measured, model size): with the "
+                   f"{g['parameters'] / 1e6:.1f} M-parameter network AsynDGAN {g['encoding']} "
+                   f"({_fmt_bytes(g['asyndgan_bytes'])}, Dice {g['asyndgan_dice']:.3f} against a target of "
+                   f"{g['target_dice']:.3f}) vs FedAvg to the target: {fed_txt}.")
     return out

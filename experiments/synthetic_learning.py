@@ -134,14 +134,21 @@ def prepare_compute(cfg) -> None:
                           "machine (use --preset cpu)") from None
 
 
-def check_settings(cfg: SyntheticLearningConfig) -> None:
-    """OUT/settings.json holds the settings of the run in OUT; resuming with other settings is refused."""
+def check_settings(cfg: SyntheticLearningConfig, added: tuple[str, ...] = ()) -> None:
+    """OUT/settings.json holds the settings of the run in OUT; resuming with other settings is refused.
+
+    added: settings this experiment gained after runs were made; a run that lacks them (and matches otherwise)
+    resumes, and the pieces they add run now."""
     path = cfg.out / "settings.json"
     ours = json.loads(cfg.model_dump_json(exclude={"out", "threads"}))
     if path.is_file():
         theirs = json.loads(path.read_text())
-        if theirs != ours:
+        new = [k for k in added if k in ours and k not in theirs]
+        if theirs != {k: v for k, v in ours.items() if k not in new}:
             raise ConfigError(f"{cfg.out} holds a run with other settings ({path}); choose a new --out")
+        if new:
+            log.info("the run in %s predates the settings %s: their pieces run now", cfg.out, ", ".join(new))
+            write_json(path, ours)
         log.info("resuming the run in %s: finished pieces are kept", cfg.out)
         return
     if cfg.out.exists() and any(p.name != "experiment.log" for p in cfg.out.iterdir()):

@@ -80,3 +80,37 @@ def test_report_figures_and_time_to_target(smoke):
         assert times["fedavg"]["seconds_per_round"] > 40 / 1000 * 2  # at least the round trips it made
     else:
         assert all(x["how"] == "modelled" for x in times.values())
+
+
+def _evals(*dice: float) -> list[dict]:
+    return [{"summary": {"dice": {"mean": d}}} for d in dice]
+
+
+def _fedavg(per_round: int, rounds: int) -> dict:
+    log = [{"round": k, "seconds": 10.0, "bytes": per_round * k} for k in range(rounds + 1)]
+    return {"rounds": rounds, "local_steps": 40, "up": per_round * rounds // 2, "down": per_round * rounds // 2,
+            "per_round": per_round, "largest_message": {}, "message_sizes": {}, "seconds": 10.0 * rounds,
+            "round_seconds": [10.0] * rounds, "compute_s": 5.0 * rounds, "rounds_log": log}
+
+
+@pytest.mark.parametrize("fed_dice,asyn_total,wins", [
+    ([0.1, 0.5, 0.76, 0.8], 300, True),     # FedAvg reaches the target (0.72) at round 2: 400 bytes > 300
+    ([0.1, 0.5, 0.76, 0.8], 500, False),    # 500 > 400
+    ([0.1, 0.2, 0.3, 0.4], 500, True),      # FedAvg never reaches it: AsynDGAN below all it spent (600)
+    ([0.1, 0.2, 0.3, 0.4], 700, False),
+])
+def test_the_larger_network_regime_compares_bytes_to_the_target(fed_dice, asyn_total, wins):
+    from types import SimpleNamespace
+
+    from asyndgan.experiments.bandwidth_report import _larger_markdown, _larger_rows, _targets
+
+    larger = {"encoding": "q8/full", "channels": [32, 64], "parameters": 6_500_000, "real_all": _evals(0.8, 0.8),
+              "asyndgan": _evals(0.75), "flower": {"fedavg": _fedavg(200, 3)},
+              "curve": [{"round": k, "dice": d} for k, d in enumerate(fed_dice)]}
+    g = _larger_rows(SimpleNamespace(target_fraction=0.9), {"q8/full": {"total": asyn_total}}, larger)
+    assert g["target_dice"] == pytest.approx(0.72) and g["asyndgan_reaches_target"]
+    assert g["asyndgan_wins"] is wins
+    text = "\n".join(_larger_markdown(g))
+    assert ("fewer bytes to this target than FedAvg" in text) and (("does not" in text) is not wins)
+    line = [x for x in _targets({"asyndgan": {}, "flower": {}, "larger_network": g}) if "model size" in x][0]
+    assert line.startswith("- Met" if wins else "- Missed")

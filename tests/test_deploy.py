@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -35,3 +36,4 @@ def test_compose_stack_trains_through_site_and_server_faults(deploy_job):
     assert outcome["ok"], f"{outcome['error']}\n--- log ---\n{logfile.read_text()[-4000:]}"
     t = outcome["timings"]
     assert t["image size MB"] > 0 and "server restarted and resumed" in t
+    shutil.rmtree(out.parent, ignore_errors=True)  # the job's log and outcome; kept when it failed
