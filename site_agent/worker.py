@@ -94,6 +94,11 @@ class SiteWorker:
             # e.g. a crop of another size than G's output: the fakes cannot be compared with the real samples.
             raise ProtocolError(f"server sent fakes of shape {tuple(fake.shape)} for real samples of shape "
                                 f"{tuple(real.shape)} after its augmentation")
+        if batch.region is not None:
+            # Only the region crossed the wire and the server's fakes hold the background outside it: the real
+            # samples get the same background there, or the discriminators would tell real from fake by the brain
+            # rim outside the region, which the generator can never change (it gets no gradient there).
+            real = torch.where(batch.region[:, None], real, torch.tensor(serde.BACKGROUND, dtype=real.dtype))
         maps = None if self.label_maps is None else augment(self.label_maps[batch.keys], batch.aug)
         grad, losses = self.learner.step(batch.step, maps, real, fake)
         return serde.ImageGradient(step=batch.step, round=batch.round, gradient=grad, losses=losses,

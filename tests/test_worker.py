@@ -71,6 +71,33 @@ def test_worker_answer_equals_a_direct_learner_step(toy):
     assert float((plain - got.gradient).abs().max()) > 1e-4
 
 
+def test_with_a_wire_region_the_discriminators_see_real_samples_with_the_fakes_background_outside_it(toy):
+    """Region-limited wire: the fakes hold the background outside the region, so must the real samples, or the
+    discriminators separate them by what lies outside (a rim the generator gets no gradient to change)."""
+    cfg = _image_cfg()
+    ds = open_dataset(toy, cfg)
+    worker = SiteWorker(cfg, ds)
+    batch = _batch(cfg, 3, 4)
+    region = torch.zeros(3, 16, 16, dtype=torch.bool)
+    region[:, 4:12, 3:13] = True
+    batch.region = region
+    batch.fake = torch.where(region[:, None], batch.fake, torch.tensor(serde.BACKGROUND))
+    seen = {}
+    step = worker.learner.step
+
+    def spy(s, maps, real, fake):
+        seen["real"] = real.clone()
+        return step(s, maps, real, fake)
+
+    worker.learner.step = spy
+    worker.answer(batch)
+    real = augment(ds.real(batch.keys), batch.aug)
+    outside = ~region[:, None].expand_as(real)
+    assert float((real[outside] != serde.BACKGROUND).float().mean()) > 0.1  # the toy images do have values there
+    assert bool((seen["real"][outside] == serde.BACKGROUND).all())
+    assert torch.equal(seen["real"][~outside], real[~outside])
+
+
 def test_worker_answers_mlp1d_batches(tmp_path):
     (tmp_path / "s").mkdir()
     np.save(tmp_path / "s" / "samples.npy", np.linspace(-1, 1, 50, dtype=np.float32))
