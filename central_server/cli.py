@@ -33,8 +33,8 @@ def main() -> None:
 @click.option("--wire-dtype", type=click.Choice(["float32", "float16", "bfloat16", "q8"]),
               help="Images and gradients on the wire: q8 (8 bits with a per-channel scale) [q8], or a float dtype.")
 @click.option("--wire-region", type=click.Choice(["full", "brain", "auto"]),
-              help="'brain': send only the pixels inside each label map's brain (image2d); 'auto': brain for BraTS "
-                   "modalities, else full.")
+              help="'brain': send only the pixels inside each label map's brain (image2d); 'auto' [default]: brain "
+                   "for BraTS modalities, else full.")
 @click.option("--threads", type=int, help="Torch CPU threads.")
 @click.option("--device", help="Torch device for the generator (cpu, cuda, cuda:1).")
 @click.option("--resume", "resume", flag_value="always", default=None,

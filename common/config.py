@@ -123,10 +123,11 @@ class TrainConfig(_Section):
     wire_dtype: WireDType = Field("q8", description="fakes and gradients on the wire: q8 (8 bits per value with a "
                                   "per-sample, per-channel offset and step; 4x fewer bytes than float32 at no "
                                   "measured Dice cost, docs/results/bandwidth-cpu), float16, bfloat16 or float32")
-    wire_region: WireRegion = Field("full", description="'brain': only pixels inside each label map's brain cross "
-                                    "the wire (image2d; the generator's output is -1 outside it); 'auto': brain "
-                                    "when the modalities are BraTS MRI (label maps carry the brain outline), else "
-                                    "full")
+    wire_region: WireRegion = Field("auto", description="'brain': only pixels inside each label map's brain cross "
+                                    "the wire (image2d; the generator's output and the sites' real samples are the "
+                                    "background, -1, outside it); 'auto' (default): brain when the modalities are "
+                                    "BraTS MRI (label maps carry the brain outline), else full; with q8, 12.8x "
+                                    "fewer bytes than float32 at no measured Dice cost (docs/results/bandwidth-cpu)")
 
     def region_for(self, model: "ModelConfig") -> str:
         """The wire region this run uses: 'auto' resolved for the model."""

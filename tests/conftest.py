@@ -11,6 +11,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 DEPLOY_TEST = "test_deploy.py"
 
 
+@pytest.hookimpl(trylast=True)  # after -k, -m and --deselect have chosen the items
 def pytest_collection_modifyitems(session, config, items):
     """The container test waits for a long background job: run it last, and start that job now (if it will run)."""
     deploy = [i for i in items if i.fspath.basename == DEPLOY_TEST]

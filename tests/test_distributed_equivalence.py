@@ -32,7 +32,8 @@ def _overrides(mode: str) -> dict:
             "train.min_sites": 3, "train.seed": 7, "site.seed": 11, "site.loss.lambda_l1": LAMBDA_L1,
             "g_optim.name": "sgd", "g_optim.lr": 1.0, "site.d_optim.lr": 0.01,
             "site.model.image2d.load_size": 20,  # random 16x16 crops of 20x20 maps, and flips
-            "train.wire_dtype": "float32"}  # the exact wire: this compares the algorithm, not the encoding
+            # the exact wire (float32, every pixel): this compares the algorithm, not the encoding
+            "train.wire_dtype": "float32", "train.wire_region": "full"}
 
 
 def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: bool = False) -> dict:

@@ -47,7 +47,9 @@ def test_missing_channels_get_exactly_zero_gradient_and_every_modality_is_still_
     cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "run_dir": str(tmp_path / "run"),
                                            "site.model.image2d.ngf": 8, "site.schedule.steps": 60,
                                            "train.batch_size": 4, "checkpoint_every": 1000, "sample_every": 1000,
-                                           "site.loss.lambda_l1": 100.0, "g_optim.lr": 2e-3})
+                                           "site.loss.lambda_l1": 100.0, "g_optim.lr": 2e-3,
+                                           # every pixel: the L1 below is measured over whole images
+                                           "train.wire_region": "full"})
     prep = DataPrepConfig(cache_dir=tmp_path / "cache")
     sessions = [LocalSession(f"site{i + 1}", open_dataset(f, cfg.site, prep), cfg.site) for i, f in enumerate((a, b))]
     assert [s.channels for s in sessions] == [[0, 1], [2, 3]]
