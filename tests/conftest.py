@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [i for i in items if i.fspath.basename != DEPLOY_TEST] + deploy
     import deploy_stack
 
-    if deploy_stack.missing() is None:
+    if deploy_stack.missing() is None and not config.option.collectonly:
         work = pathlib.Path(tempfile.mkdtemp(prefix="asyndgan-deploy-test-"))
         out, logfile = work / "outcome.json", work / "deploy.log"
         # nice 19: dockerd, the build and the containers inherit it, so the rest of the suite keeps the CPUs

@@ -20,13 +20,14 @@ import logging
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 
-import signal
-import socket
-import sys
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # run as a script too
+from procs import free_port  # noqa: E402
 
 log = logging.getLogger("deploy_stack")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ steps = 100000
 """
 
 
-def _missing() -> str | None:
+def missing() -> str | None:
+    """Why the stack cannot be tried on this machine, or None."""
     if os.geteuid() != 0:
         return "the Docker engine test needs root (it starts its own dockerd)"
     for tool in ("dockerd", "docker-compose", "debootstrap"):
@@ -158,14 +160,9 @@ def _compose_v2(engine: Engine) -> list[str] | None:
     return ["docker", "compose"] if engine.run(["docker", "compose", "version"], check=False).returncode == 0 else None
 
 
-def missing() -> str | None:
-    """Why the stack cannot be tried on this machine, or None."""
-    return _missing()
-
-
 def run() -> dict[str, float]:
     """The whole sequence; the timings per phase (seconds) and the image size. AssertionError names a failure."""
-    reason = _missing()
+    reason = missing()
     if reason:
         raise AssertionError(reason)
     timings: dict[str, float] = {}
@@ -233,12 +230,6 @@ def run() -> dict[str, float]:
     leftover = subprocess.run(["pgrep", "-f", f"dockerd --data-root {work}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == "", "dockerd is still running"
     return timings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
