@@ -44,7 +44,7 @@ from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalS
 from asyndgan.experiments.relay import DOWN, UP, Relay, Traffic
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (
-    GANSection, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, make_phantom, pooled_tree,
+    GANSection, PhantomPreset, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, make_phantom, pooled_tree,
     prepare_compute, segment_rows, server_config, synthesise,
 )
 from asyndgan.segmentation import (
@@ -115,7 +115,13 @@ class BandwidthConfig(BaseModel):
     threads: int = Field(2, ge=1)
 
 
-def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> BandwidthConfig:
+def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0,
+                  phantom: PhantomPreset = "default") -> BandwidthConfig:
+    cfg = _preset_config(preset, out, seed)
+    return cfg.model_copy(update={"phantom": cfg.phantom.on(phantom, preset)})
+
+
+def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> BandwidthConfig:
     """smoke: the plumbing, Flower included, in under 2 minutes; cpu: meaningful numbers on 2 cores; gpu: the
     papers' image size and networks."""
     if preset == "smoke":

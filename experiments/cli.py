@@ -47,39 +47,55 @@ def toy(out, sites, per_site, size, seed, log_level):
 
 @data.command()
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Folder to write into.")
-@click.option("--sites", default=3, show_default=True, type=click.IntRange(1, 64))
+@click.option("--preset", type=click.Choice(["default", "heterogeneous", "public"]), default="default",
+              show_default=True, help="default: 3 uneven sites, gliomas only (the layout of every earlier report); "
+              "heterogeneous: 4 sites of 10, each with its own lesion type, population and scanner, 40 test cases "
+              "from all of them; public: one folder of 30 glioma cases from one scanner family.")
+@click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path),
+              help="A TOML or JSON file with the layout's fields (sites, cases_per_site, profiles, ...; "
+              "`preset = NAME` to start from a preset). Options given here override it.")
+@click.option("--sites", type=click.IntRange(1, 64), help="Number of sites [default preset: 3].")
 @click.option("--cases-per-site", help="Comma-separated case counts, one per site (default: uneven, FeTS-like).")
-@click.option("--train-cases", default=60, show_default=True, type=click.IntRange(1),
-              help="Total training cases, split unevenly, when --cases-per-site is not given.")
-@click.option("--test-cases", default=12, show_default=True, type=click.IntRange(0))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--train-cases", type=click.IntRange(1),
+              help="Total training cases, split unevenly, when --cases-per-site is not given [default preset: 60].")
+@click.option("--test-cases", type=click.IntRange(0), help="Pooled test cases [default preset: 12].")
+@click.option("--seed", type=click.IntRange(0), help="[default: 0]")
+@click.option("--shape", help="Volume shape X,Y,Z over the BraTS field of view [default: 240,240,155]; e.g. "
+              "160,160,100 for faster experiments.")
 @click.option("--missing", help="Modalities a site's cases are written without, e.g. site1=t2,site2=flair,site3=t1ce "
               "(several for one site: site1=t2+flair). Test cases keep all four.")
 @log_level_option
 @friendly_errors
-def phantom(out, sites, cases_per_site, train_cases, test_cases, seed, missing, log_level):
+def phantom(out, preset, config_file, sites, cases_per_site, train_cases, test_cases, seed, shape, missing,
+            log_level):
     """A multi-site brain-tumour phantom in BraTS layout, built on the MNI152 template."""
     from pydantic import ValidationError
 
     from asyndgan.common.config import describe_validation_error
     from asyndgan.common.errors import ConfigError
-    from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
+    from asyndgan.demo_data.phantom import write_phantom
     from asyndgan.demo_data.phantom.config import parse_missing
+    from asyndgan.demo_data.phantom.presets import phantom_config, read_layout_file
 
     setup_logging(log_level)
     try:
         counts = [int(c) for c in cases_per_site.split(",")] if cases_per_site else None
-        cfg = PhantomConfig(sites=sites, cases_per_site=counts, train_cases=train_cases, test_cases=test_cases,
-                            seed=seed, missing=parse_missing(missing))
+        dims = tuple(int(c) for c in shape.split(",")) if shape else None
+        cfg = phantom_config(preset, read_layout_file(config_file) if config_file else None, sites=sites,
+                             cases_per_site=counts, train_cases=train_cases, test_cases=test_cases, seed=seed,
+                             shape=dims, missing=parse_missing(missing) if missing else None)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid phantom settings: {describe_validation_error(exc)}") from None
     except ValueError as exc:
-        detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
-        raise ConfigError(f"invalid phantom settings: {detail}") from None
+        raise ConfigError(f"invalid phantom settings: {exc}") from None
     summary = write_phantom(out, cfg)
     for site, n in summary.cases_per_site.items():
         lacks = f" (without {', '.join(cfg.missing[site])})" if cfg.missing.get(site) else ""
         click.echo(f"{site}: {n} cases in {out / site}{lacks}")
     click.echo(f"test: {summary.test_cases} cases in {out / 'test'}; partition: {out / 'partition.csv'}")
-    click.echo(f"preview: {out / 'preview.png'}  ({summary.seconds_per_case:.1f} s per case)")
+    click.echo(f"lesions: {', '.join(f'{k} {v}' for k, v in sorted(summary.lesions.items()))}")
+    previews = "preview.png" + (", preview_lesions.png" if (out / "preview_lesions.png").exists() else "")
+    click.echo(f"previews: {previews} in {out}  ({summary.seconds_per_case:.1f} s per case)")
 
 
 def _phantom_moved(**kwargs):
@@ -260,16 +276,19 @@ def gaussian1d(out, seed, steps, log_level):
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
               help="Output folder (the same command again resumes: finished pieces are kept).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--phantom", "phantom_preset", type=click.Choice(["default", "heterogeneous"]), default="default",
+              show_default=True, help="The phantom layout: default (3 uneven sites, gliomas; the committed reports) "
+              "or heterogeneous (4 sites, each its own lesion type, population and scanner).")
 @log_level_option
 @friendly_errors
-def synthetic_learning(preset, out, seed, log_level):
+def synthetic_learning(preset, out, seed, phantom_preset, log_level):
     """Real-All, Real-Subset-n, Syn-All, AsynDGAN and AsynDGAN + the smallest site: segmentation Dice on the same
     real test cases, and FID/KID/SSIM/PSNR per GAN. Long presets: run with nohup ... & and re-run to resume."""
     from asyndgan.experiments.synthetic_learning import preset_config, run
 
     setup_logging(log_level, out / "experiment.log")
     stop_on_sigterm()  # unwinds through run(), which stops the server and site processes on the way out
-    results = run(preset_config(preset, out, seed))
+    results = run(preset_config(preset, out, seed, phantom_preset))
     click.echo(f"{'method':<18} Dice (mean +- SD over {len(results['segmentation_seeds'])} seeds)")
     for name, row in results["rows"].items():
         click.echo(f"{name:<18} {row['dice']['mean']:.4f} +- {row['dice']['sd']:.4f}")
@@ -283,9 +302,12 @@ def synthetic_learning(preset, out, seed, log_level):
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
               help="Output folder (the same command again resumes: finished pieces are kept).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--phantom", "phantom_preset", type=click.Choice(["default", "heterogeneous"]), default="default",
+              show_default=True, help="The phantom layout: default (3 uneven sites, gliomas; the committed reports) "
+              "or heterogeneous (4 sites, each its own lesion type, population and scanner).")
 @log_level_option
 @friendly_errors
-def missing_modality(preset, out, seed, log_level):
+def missing_modality(preset, out, seed, phantom_preset, log_level):
     """Sites with different MRI modalities (DSL Table 4): Real-All, Hetero-Real, Hetero-/Homo-AsynDGAN and the
     sites' real cases completed by `asyndgan complete` (labels, translate); Dice on the same real test cases and
     completion fidelity (PSNR/SSIM/MAE) against the dropped files."""
@@ -293,13 +315,38 @@ def missing_modality(preset, out, seed, log_level):
 
     setup_logging(log_level, out / "experiment.log")
     stop_on_sigterm()
-    results = run(preset_config(preset, out, seed))
+    results = run(preset_config(preset, out, seed, phantom_preset))
     click.echo(f"{'row':<20} Dice (mean +- SD over {len(results['segmentation_seeds'])} seeds)")
     for name, row in results["rows"].items():
         click.echo(f"{name:<20} {row['dice']['mean']:.4f} +- {row['dice']['sd']:.4f}")
     for method, mods in results["fidelity"].items():
         click.echo(f"{method:<10} " + "; ".join(f"{m} PSNR {v['psnr']['mean']:.2f} dB SSIM {v['ssim']['mean']:.3f}"
                                                 for m, v in mods.items()))
+    click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}  figures: {out / 'figures'}")
+
+
+@experiment.command("phantom-calibration")
+@click.option("--preset", type=click.Choice(["smoke", "cpu"]), required=True,
+              help="smoke: the plumbing in about a minute; cpu: the calibration on 2 cores (about an hour).")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Output folder (the same command again resumes: finished pieces are kept).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@log_level_option
+@friendly_errors
+def phantom_calibration(preset, out, seed, log_level):
+    """Does the heterogeneous phantom make sites that differ? Real-All, each site alone and the public cohort,
+    scored per lesion type and site profile on the same test patients, with the segmentation recipe before and
+    after its fix for small and low-grade lesions."""
+    from asyndgan.experiments.phantom_calibration import preset_config, run
+
+    setup_logging(log_level, out / "experiment.log")
+    results = run(preset_config(preset, out, seed))
+    click.echo(f"{'training data':<16} Dice (current recipe, mean +- SD over seeds)")
+    for row in results["rows"]:
+        if row["recipe"] == "after":
+            click.echo(f"{row['row']:<16} {row['mean']:.4f} +- {row['sd']:.4f}")
+    for t in results["targets"]:
+        click.echo(f"{'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['value']:.3f} (needed {t['needed']})")
     click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}  figures: {out / 'figures'}")
 
 
@@ -342,9 +389,12 @@ def bench() -> None:
               help="Run folder (resumable: finished pieces are kept).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads of this process [2].")
+@click.option("--phantom", "phantom_preset", type=click.Choice(["default", "heterogeneous"]), default="default",
+              show_default=True, help="The phantom layout: default (3 uneven sites, gliomas; the committed reports) "
+              "or heterogeneous (4 sites, each its own lesion type, population and scanner).")
 @log_level_option
 @friendly_errors
-def bandwidth(preset, out, seed, threads, log_level):
+def bandwidth(preset, out, seed, threads, phantom_preset, log_level):
     """AsynDGAN (per wire encoding) against FedAvg, cyclical and single weight transfer (Flower deployment mode)
     and ensembling: bytes on real sockets (one-time and per step/round, message sizes), Dice on the same real test
     cases, and wall time to a target Dice on emulated hospital links. Needs Flower: ./scripts/setup-flower.sh."""
@@ -352,7 +402,7 @@ def bandwidth(preset, out, seed, threads, log_level):
 
     setup_logging(log_level, out / "experiment.log")
     stop_on_sigterm()
-    cfg = preset_config(preset, out, seed)
+    cfg = preset_config(preset, out, seed, phantom_preset)
     if threads:
         cfg = cfg.model_copy(update={"threads": threads})
     results = run(cfg)

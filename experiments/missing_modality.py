@@ -43,7 +43,7 @@ from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (
-    GANSection, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, prepare_compute,
+    GANSection, PhantomPreset, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, prepare_compute,
     segment_rows, server_config, synthesise,
 )
 from asyndgan.segmentation import NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig
@@ -75,7 +75,13 @@ class MissingModalityConfig(BaseModel):
     threads: int = Field(2, ge=1)
 
 
-def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> MissingModalityConfig:
+def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0,
+                  phantom: PhantomPreset = "default") -> MissingModalityConfig:
+    cfg = _preset_config(preset, out, seed)
+    return cfg.model_copy(update={"phantom": cfg.phantom.on(phantom, preset)})
+
+
+def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> MissingModalityConfig:
     """smoke: the plumbing in about half a minute; cpu: meaningful numbers on 2 cores in about 90 minutes; gpu: the
     papers' sizes. Every preset trains its GANs with real server and site processes over mutual TLS."""
     if preset == "smoke":
@@ -119,13 +125,12 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> MissingMo
 def make_phantom(cfg: MissingModalityConfig) -> tuple[list[pathlib.Path], pathlib.Path]:
     """(full site folders, test folder): every modality, written once."""
     root, done = cfg.out / "phantom", cfg.out / "phantom.done"
-    n = len(cfg.phantom.cases_per_site)
+    layout = cfg.phantom.layout(cfg.seed)
     if not done.exists():
         shutil.rmtree(root, ignore_errors=True)
-        write_phantom(root, PhantomConfig(sites=n, cases_per_site=cfg.phantom.cases_per_site,
-                                          test_cases=cfg.phantom.test_cases, shape=cfg.phantom.shape, seed=cfg.seed))
+        write_phantom(root, layout)
         done.write_text("complete\n")
-    return [root / f"site{i + 1}" for i in range(n)], root / "test"
+    return [root / name for name in layout.site_names], root / "test"
 
 
 def hetero_view(site: pathlib.Path, drop: list[str], folder: pathlib.Path) -> pathlib.Path:

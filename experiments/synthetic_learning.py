@@ -36,6 +36,7 @@ from asyndgan.common.config import (
 )
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
+from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.segmentation import (
@@ -49,11 +50,29 @@ Preset = Literal["smoke", "cpu", "gpu"]
 GANS = ("syn_all", "asyndgan")
 
 
+PhantomPreset = Literal["default", "heterogeneous"]
+# Sites and test cases per experiment preset on the heterogeneous phantom (four sites of equal size, each its own
+# lesion type, population and scanner; test patients from all four in turn).
+HETEROGENEOUS_SIZES = {"smoke": ([2, 2, 2, 2], 4), "cpu": ([10, 10, 10, 10], 40), "gpu": ([30, 30, 30, 30], 40)}
+
+
 class PhantomSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cases_per_site: list[int]  # uneven on purpose: the smallest site is the one augmented
     test_cases: int = Field(ge=1)
     shape: tuple[int, int, int] = (240, 240, 155)
+    preset: PhantomPreset = Field("default", description="the phantom layout (asyndgan data phantom --preset)")
+
+    def layout(self, seed: int) -> PhantomConfig:
+        return phantom_config(self.preset, seed=seed, cases_per_site=self.cases_per_site,
+                              test_cases=self.test_cases, shape=self.shape)
+
+    def on(self, preset: PhantomPreset, experiment_preset: str) -> "PhantomSection":
+        """This section on another phantom layout (the heterogeneous one has its own site count and sizes)."""
+        if preset == "default":
+            return self
+        counts, tests = HETEROGENEOUS_SIZES[experiment_preset]
+        return self.model_copy(update={"preset": preset, "cases_per_site": counts, "test_cases": tests})
 
 
 class GANSection(BaseModel):
@@ -85,7 +104,13 @@ class SyntheticLearningConfig(BaseModel):
     threads: int = Field(2, ge=1)
 
 
-def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> SyntheticLearningConfig:
+def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0,
+                  phantom: PhantomPreset = "default") -> SyntheticLearningConfig:
+    cfg = _preset_config(preset, out, seed)
+    return cfg.model_copy(update={"phantom": cfg.phantom.on(phantom, preset)})
+
+
+def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> SyntheticLearningConfig:
     """The three presets. smoke: the plumbing in under 2 minutes; cpu: meaningful numbers on a 2-core machine
     in about 90 minutes (REFERENCE.md: 30+ test patients, 3 seeds per row, thousands of generator steps); gpu:
     the papers' settings (256 px, ResNet-9 generator)."""
@@ -161,13 +186,12 @@ def make_phantom(cfg: SyntheticLearningConfig) -> tuple[list[pathlib.Path], path
     """(site folders, test folder); the phantom is written once (a marker file says it is complete)."""
     root = cfg.out / "phantom"
     done = cfg.out / "phantom.done"
-    n = len(cfg.phantom.cases_per_site)
+    layout = cfg.phantom.layout(cfg.seed)
     if not done.exists():
         shutil.rmtree(root, ignore_errors=True)  # a half-written phantom from an interrupted run
-        write_phantom(root, PhantomConfig(sites=n, cases_per_site=cfg.phantom.cases_per_site,
-                                          test_cases=cfg.phantom.test_cases, shape=cfg.phantom.shape, seed=cfg.seed))
+        write_phantom(root, layout)
         done.write_text("complete\n")
-    return [root / f"site{i + 1}" for i in range(n)], root / "test"
+    return [root / name for name in layout.site_names], root / "test"
 
 
 def pooled_tree(sites: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path:

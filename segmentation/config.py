@@ -37,6 +37,10 @@ class Preprocessing(_Section):
     missing: Literal["skip", "zero"] = Field("skip", description="a case without one of `modalities`: skip it, or "
                                              "zero-fill that modality (a blank image; what naive pooling of sites "
                                              "with different scanners' sequences gives)")
+    crop: Literal["none", "brain"] = Field("brain", description="in-plane part of each slice the network sees: "
+                                           "the square around the case's brain (finer pixels for small lesions) "
+                                           "or the whole field of view (the recipe before small lesions were "
+                                           "handled)")
 
     @model_validator(mode="after")
     def _check(self) -> "Preprocessing":
@@ -73,6 +77,9 @@ class TrainingConfig(_Section):
     healthy_ratio: float = Field(0.5, ge=0, le=100, description="brain slices without tumour kept per tumour "
                                  "slice of a case (drawn once, seeded), so the net also sees healthy anatomy")
     flip: bool = Field(True, description="random left-right flips")
+    loss: Literal["foreground_dice_ce", "dice_ce"] = Field(
+        "foreground_dice_ce", description="Dice of the region + cross-entropy, or (the earlier recipe, which "
+        "collapses on small lesions) Dice averaged with the background's + cross-entropy")
     seed: int = Field(0, ge=0)
 
 
@@ -90,6 +97,20 @@ class SegmentationRecipe(_Section):
                              f"{factor} (network.channels has {len(self.network.channels)} levels)")
         return self
 
+
+# The recipe's choices before small and low-grade lesions were handled (whole field of view, Dice averaged with the
+# background's): for comparisons with reports made then; a model folder trained then (its recipe.json lacks these
+# fields) is read back with them.
+EARLIER_CHOICES = {("preprocessing", "crop"): "none", ("training", "loss"): "dice_ce"}
+
+
+def earlier_recipe(recipe: SegmentationRecipe) -> SegmentationRecipe:
+    """`recipe` with EARLIER_CHOICES in place of its own."""
+    sections = {}
+    for (section, key), value in EARLIER_CHOICES.items():
+        part = sections.get(section) or getattr(recipe, section)
+        sections[section] = part.model_copy(update={key: value})
+    return recipe.model_copy(update=sections)
 
 Device = str  # "auto" (cuda when torch sees a GPU), "cpu", "cuda", "cuda:1"
 

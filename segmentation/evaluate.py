@@ -58,10 +58,12 @@ def predict_case(net: torch.nn.Module, case: TestCase, device: torch.device, bat
     logits = inferer(inputs, net)  # [1, 2, s, s, Z]
     prob = torch.softmax(logits, dim=1)[0, 1]  # [s, s, Z]
     x, y, _ = case.seg.shape
+    x0, x1, y0, y1 = case.box or (0, x, 0, y)
     prob = prob.permute(2, 0, 1)[:, None]  # [Z, 1, s, s]
-    if (x, y) != size:
-        prob = F.interpolate(prob, size=(x, y), mode="bilinear", align_corners=False)
-    pred = (prob[:, 0] > 0.5).permute(1, 2, 0).cpu().numpy()  # [X, Y, Z]
+    if (x1 - x0, y1 - y0) != size:
+        prob = F.interpolate(prob, size=(x1 - x0, y1 - y0), mode="bilinear", align_corners=False)
+    pred = np.zeros(case.seg.shape, bool)  # outside the box (outside the brain) nothing is predicted
+    pred[x0:x1, y0:y1] = (prob[:, 0] > 0.5).permute(1, 2, 0).cpu().numpy()  # [X, Y, Z]
     return pred & (case.seg > 0)
 
 

@@ -18,7 +18,7 @@ from monai.networks.nets import UNet
 from asyndgan.common.atomic import atomic_write, atomic_write_text
 from asyndgan.common.config import validate_json
 from asyndgan.common.errors import AsynDGANError, ConfigError
-from asyndgan.segmentation.config import SegmentationRecipe
+from asyndgan.segmentation.config import EARLIER_CHOICES, SegmentationRecipe
 
 WEIGHTS, RECIPE = "model.pt", "recipe.json"
 NUM_CLASSES = 2  # background and the chosen region
@@ -32,11 +32,29 @@ def build_network(recipe: SegmentationRecipe) -> torch.nn.Module:
                 num_res_units=net.num_res_units, dropout=net.dropout)
 
 
-def build_loss() -> torch.nn.Module:
+def build_loss(recipe: SegmentationRecipe | None = None) -> torch.nn.Module:
     """Dice + cross-entropy on softmax logits [B, 2, s, s] against integer targets [B, 1, s, s]. Batch Dice (one
     Dice over the whole batch) because many training slices are healthy: a per-slice Dice of an empty target is
-    all smoothing term and says nothing."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    all smoothing term and says nothing.
+
+    `foreground_dice_ce` (the default) takes the Dice of the region only. `dice_ce` (the earlier recipe) averaged
+    it with the background's Dice, which is near 1 whatever the net does, so half the Dice term carried no signal;
+    where lesions cover 0.3% of the pixels (small or low-grade tumours) the cross-entropy then kept every pixel
+    below 0.5 and the model predicted nothing at all (measured: Dice 0.000 on 30 test patients after training on
+    20 cases with 4-10 mm tumours; 0.66 with the region's Dice alone)."""
+    loss = recipe.training.loss if recipe is not None else "foreground_dice_ce"
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True, include_background=loss == "dice_ce")
+
+
+def _with_legacy_fields(data: dict) -> dict:
+    """recipe.json written before a field existed means the behaviour of that time: model folders trained then are
+    read (and their test cases prepared) as they were trained."""
+    for (section, key), value in EARLIER_CHOICES.items():
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(key, value)
+        elif section not in data:
+            data[section] = {key: value}
+    return data
 
 
 def save_model(folder: pathlib.Path, net: torch.nn.Module, recipe: SegmentationRecipe) -> None:
@@ -56,7 +74,10 @@ def load_model(folder: pathlib.Path) -> tuple[torch.nn.Module, SegmentationRecip
             raise AsynDGANError(f"{folder} is not a segmentation model: no {name} (train one with "
                                 "`asyndgan segment train`)")
     try:
-        recipe = validate_json(SegmentationRecipe, (folder / RECIPE).read_text())
+        data = json.loads((folder / RECIPE).read_text())
+        if not isinstance(data, dict):
+            raise ConfigError("expected a JSON object")
+        recipe = validate_json(SegmentationRecipe, json.dumps(_with_legacy_fields(data)))
     except ConfigError as exc:
         raise AsynDGANError(f"{folder / RECIPE}: {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

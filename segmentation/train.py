@@ -40,6 +40,29 @@ class TrainResult:
     slices: int
     cases: int
     parameters: int
+    training_dice: float  # Dice of the net's own predictions on its training slices (region pixels pooled)
+    collapsed: bool  # it predicts no region pixel on any training slice: a useless model, said loudly
+
+
+# A trained model whose pooled Dice on its own training slices is below this has not learnt the region at all (a
+# working model scores 0.6-0.95 there; a collapsed one predicts nothing and scores 0).
+COLLAPSE_DICE = 0.05
+
+
+@torch.no_grad()
+def training_fit(net: torch.nn.Module, slices: SliceSet, device: torch.device, batch: int = 64) -> tuple[float, int]:
+    """(pooled Dice, predicted region pixels) of `net` on its training slices, unflipped, at threshold 0.5."""
+    net.eval()
+    inter = predicted = truth = 0
+    for i in range(0, len(slices), batch):
+        x = slices.images[i:i + batch].to(device, torch.float32)
+        pred = net(x).argmax(1).cpu().bool()  # [B, s, s]
+        mask = slices.masks[i:i + batch].bool()
+        inter += int((pred & mask).sum())
+        predicted += int(pred.sum())
+        truth += int(mask.sum())
+    net.train()
+    return (2.0 * inter / (predicted + truth) if predicted + truth else 1.0), predicted
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -73,7 +96,7 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = build_network(recipe).to(dev)
-    loss_fn = build_loss()
+    loss_fn = build_loss(recipe)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Cosine decay to 0 over the run: the last steps refine at a small learning rate whatever `steps` is.
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -115,16 +138,24 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
     finally:
         writer.close()
     seconds = time.perf_counter() - started
+    fit, predicted = training_fit(net, slices, dev)
+    collapsed = fit < COLLAPSE_DICE
     save_model(out, net.cpu(), recipe)
     result = TrainResult(out, cfg.steps, float(np.mean(recent)), round(seconds, 1), len(slices),
-                         len(slices.cases), n_params)
+                         len(slices.cases), n_params, round(fit, 4), collapsed)
     atomic_write_text(out / TRAINING_JSON, json.dumps({
         "steps": cfg.steps, "final_loss": result.final_loss, "seconds": result.seconds, "device": str(dev),
         "parameters": n_params, "slices": {"tumour": slices.tumour_slices, "healthy": slices.healthy_slices},
-        "cases": slices.cases,
+        "cases": slices.cases, "training_dice": result.training_dice, "collapsed": collapsed,
     }, indent=2) + "\n")
-    log.info("trained %d steps in %.1f s (final loss %.4f); model in %s", cfg.steps, seconds, result.final_loss,
-             out)
+    log.info("trained %d steps in %.1f s (final loss %.4f, Dice on its own training slices %.3f); model in %s",
+             cfg.steps, seconds, result.final_loss, fit, out)
+    if collapsed:
+        region = REGION_NAMES[recipe.region]
+        what = (f"no {region} on its own training slices" if predicted == 0 else
+                f"{region} that does not match its own training masks (Dice {fit:.3f} there)")
+        log.warning("the model has collapsed: it predicts %s; it is useless on new cases. Train longer, on more "
+                    "cases with the region, or check the masks", what)
     return result
 
 

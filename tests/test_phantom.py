@@ -127,11 +127,12 @@ def test_write_phantom_layout(tmp_path):
 
     with open(tmp_path / "partition.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows == [
-        {"case": "PHANTOM_S1_0000", "site": "site1", "split": "train"},
-        {"case": "PHANTOM_S2_0000", "site": "site2", "split": "train"},
-        {"case": "PHANTOM_TEST_0000", "site": "site1", "split": "test"},
+    assert [(r["case"], r["site"], r["split"], r["lesion"]) for r in rows] == [
+        ("PHANTOM_S1_0000", "site1", "train", "glioma"),
+        ("PHANTOM_S2_0000", "site2", "train", "glioma"),
+        ("PHANTOM_TEST_0000", "site1", "test", "glioma"),
     ]
+    assert all(r["lesions"] == "1" and r["atrophy"] == "0.0" and r["field_strength_t"] == "1.5" for r in rows)
     for row in rows:
         folder = tmp_path / (row["site"] if row["split"] == "train" else "test") / row["case"]
         for name in ("t1", "t1ce", "t2", "flair", "seg"):
@@ -147,3 +148,150 @@ def test_write_phantom_layout(tmp_path):
     with Image.open(tmp_path / "preview.png") as png:
         assert png.size[0] > 400 and png.size[1] > 200  # 5 columns, 2 site rows
     assert P.PhantomConfig.model_validate_json((tmp_path / "config.json").read_text()) == cfg
+
+
+# ---- heterogeneity: lesion types, anatomy, protocols, presets ------------------------------------------------
+def _described(profile, seed=0, shape=SMALL):
+    from asyndgan.demo_data.phantom.acquisition import make_case_described
+
+    return make_case_described(P.load_template(shape), profile, np.random.default_rng(seed), shape)
+
+
+def _components(mask):
+    return ndi.label(mask, CUBE)[1]
+
+
+def test_metastases_are_several_small_ring_enhancing_lesions_with_wide_edema():
+    profile = P.SiteProfile(lesions={"metastases": 1.0}, metastasis_count=(3, 4), metastasis_radius_mm=(4.0, 6.0))
+    images, seg, info = _described(profile, seed=2, shape=(160, 160, 100))
+    assert info.lesion == "metastases" and info.lesions in (3, 4)
+    assert _components(np.isin(seg, (1, 4))) >= 2  # separate cores, not one tumour
+    core = int(np.isin(seg, (1, 4)).sum())
+    assert (seg == 2).sum() > 3 * core  # edema out of proportion to the lesions
+    assert (seg == 4).sum() > (seg == 1).sum()  # ring (and small solid ones) enhance
+    # Each core is small: no single core larger than a 7 mm-radius ball (1.5 mm voxels).
+    labels, n = ndi.label(np.isin(seg, (1, 4)), CUBE)
+    biggest = max(int((labels == k).sum()) for k in range(1, n + 1))
+    assert biggest * 1.5 ** 3 < 4 / 3 * np.pi * 7.5 ** 3
+
+
+def test_meningioma_is_extra_axial_and_homogeneously_enhancing(template):
+    profile = P.SiteProfile(lesions={"meningioma": 1.0}, head_scale_sd=0.0, mass_effect=0.5, bias_strength=0.0)
+    images, seg, info = _described(profile, seed=1, shape=P.BRATS_SHAPE)
+    assert info.lesion == "meningioma"
+    tumour = seg > 0
+    assert set(np.unique(seg[tumour])) <= {2, 4} and (seg == 4).sum() > 0.8 * tumour.sum()
+    # It lies at the brain's surface and partly outside the template's brain, and is part of the skull-stripped
+    # volume (images positive there).
+    assert (~template.brain & (seg == 4)).sum() > 50
+    assert template.dist_mm[seg == 4].min() == 0
+    assert (images["t1ce"][seg == 4] > 0).all()
+    # Homogeneous: the enhancing mass is much brighter than white matter after contrast, and evenly so.
+    wm = (template.wm > 0.9) & ~ndi.binary_dilation(tumour, CUBE, iterations=3)
+    vals = images["t1ce"][ndi.binary_erosion(seg == 4, CUBE)]
+    assert vals.mean() > 1.3 * images["t1ce"][wm].mean()
+    assert vals.std() / vals.mean() < 0.2
+
+
+def test_low_grade_glioma_type_never_enhances_much():
+    for seed in range(2):
+        _, seg, info = _described(P.SiteProfile(lesions={"low_grade_glioma": 1.0}), seed=seed)
+        assert info.lesion == "low_grade_glioma"
+        assert (seg == 4).sum() < 0.2 * np.isin(seg, (1, 4)).sum()
+
+
+def test_atrophy_widens_ventricles_and_deformation_changes_the_anatomy():
+    shape = (160, 160, 100)
+    base = P.SiteProfile(head_scale_sd=0.0, noise=0.0, bias_strength=0.0)
+    flair = {}
+    for name, extra in {"none": {}, "atrophy": {"atrophy": (1.0, 1.0)}, "warp": {"deformation_mm": 4.0}}.items():
+        images, seg, info = _described(base.model_copy(update=extra), seed=4, shape=shape)
+        flair[name] = (images["flair"], seg, info)
+    # CSF is dark in FLAIR: atrophy turns tissue into CSF (ventricles, sulci), so many more brain voxels are dark.
+    def dark(name):
+        img, seg, _ = flair[name]
+        inside = (img > 0) & (seg == 0)
+        return float((img[inside] < 0.35 * np.median(img[inside])).mean())
+    assert flair["atrophy"][2].atrophy == 1.0 and flair["none"][2].atrophy == 0.0
+    assert dark("atrophy") > dark("none") + 0.03
+    # A warp moves tissue: brain masks of the same patient differ, by a few percent of the brain.
+    a, b = flair["none"][0] > 0, flair["warp"][0] > 0
+    assert 0.01 < (a ^ b).sum() / a.sum() < 0.3
+
+
+def test_field_strength_and_protocol_change_the_contrast():
+    from asyndgan.demo_data.phantom.mr_signal import tissue_signals
+
+    at15, at3 = tissue_signals(1.0, 1.5), tissue_signals(1.0, 3.0)
+    assert at15 == tissue_signals(1.0)  # the default is the original 1.5 T table
+    # Longer T1 at 3 T: another grey/white contrast in the T1-dependent sequences, CSF unchanged.
+    for m in ("t1", "t1ce", "flair"):
+        assert abs(at3[m]["wm"] / at3[m]["gm"] - at15[m]["wm"] / at15[m]["gm"]) > 0.01, m
+    assert at3["t1"]["csf"] == at15["t1"]["csf"]
+    # In-plane resolution blurs: the image's in-plane gradients inside the brain shrink.
+    sharp, _, _ = _described(P.SiteProfile(noise=0.0), seed=3)
+    blurred, _, _ = _described(P.SiteProfile(noise=0.0, inplane_mm=5.0), seed=3)
+    inner = ndi.binary_erosion(sharp["t1"] > 0, CUBE, iterations=2)[1:] & ndi.binary_erosion(
+        blurred["t1"] > 0, CUBE, iterations=2)[:-1]
+
+    def grad(a):
+        return float(np.abs(np.diff(a, axis=0))[inner].mean())
+
+    assert grad(blurred["t1"]) < 0.8 * grad(sharp["t1"])
+
+
+def test_lesion_mix_is_drawn_per_patient_and_cohorts_do_not_share_cases(tmp_path):
+    from asyndgan.demo_data.phantom.presets import phantom_config
+
+    cfg = phantom_config("heterogeneous", shape=(48, 48, 32), cases_per_site=[3, 3, 3, 3], test_cases=4)
+    assert [p.name for p in cfg.profiles] and len(set(p.name for p in cfg.profiles)) == 4
+    assert cfg.cohort == "heterogeneous"
+    summary = P.write_phantom(tmp_path / "het", cfg, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "het" / "partition.csv")))
+    assert {r["site"] for r in rows if r["split"] == "test"} == {"site1", "site2", "site3", "site4"}
+    assert len(summary.lesions) >= 3 and sum(summary.lesions.values()) == 16
+    assert rows[0]["case"].startswith("PHANTOM_HETEROGENEOUS_S1_")
+    assert (tmp_path / "het" / "preview_lesions.png").is_file()
+    # Same seed, another cohort name: other random streams, other cases.
+    other = cfg.model_copy(update={"cohort": "other"})
+    assert cfg.case_seed(1, 0).entropy != other.case_seed(1, 0).entropy
+    assert P.PhantomConfig().case_seed(1, 0).entropy == [0, 1, 0]  # the original phantom's streams, unchanged
+
+
+def test_presets_config_files_and_overrides(tmp_path):
+    from asyndgan.common.errors import ConfigError
+    from asyndgan.demo_data.phantom.presets import phantom_config, read_layout_file
+
+    assert phantom_config("default") == P.PhantomConfig()
+    public = phantom_config("public")
+    assert public.site_names == ["public"] and public.test_cases == 0
+    assert set(public.profiles[0].lesions) == {"glioma"}
+    het = phantom_config("heterogeneous")
+    assert {lt for p in het.profiles for lt in p.lesions} == {"glioma", "low_grade_glioma", "metastases", "meningioma"}
+    # A file starting from a preset, and a command-line override on top.
+    (tmp_path / "layout.toml").write_text('preset = "heterogeneous"\ntest_cases = 8\n[[profiles]]\n'
+                                          'lesions = {metastases = 1.0}\n' * 1)
+    with pytest.raises(ValidationError, match="profiles"):
+        phantom_config(file_fields=read_layout_file(tmp_path / "layout.toml"))  # 1 profile for 4 sites
+    (tmp_path / "layout.json").write_text('{"preset": "heterogeneous", "test_cases": 8}')
+    cfg = phantom_config(file_fields=read_layout_file(tmp_path / "layout.json"), seed=5)
+    assert cfg.test_cases == 8 and cfg.seed == 5 and cfg.sites == 4
+    with pytest.raises(ConfigError, match="unknown phantom preset"):
+        phantom_config("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_layout_file(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="give --sites 4"):
+        phantom_config("heterogeneous", sites=3)
+    with pytest.raises(ValidationError, match="lesions"):
+        P.SiteProfile(lesions={"teratoma": 1.0})
+
+
+def test_the_documented_layout_file_is_valid():
+    import pathlib
+
+    from asyndgan.demo_data.phantom.presets import phantom_config, read_layout_file
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = phantom_config(file_fields=read_layout_file(root / "docs" / "phantom-layout.toml"))
+    assert cfg.sites == 4 and cfg.cases_per_site == [20, 10, 10, 5] and cfg.test_cases == 48 and cfg.seed == 3
+    assert cfg.profiles[1].lesions == {"metastases": 0.8, "glioma": 0.2} and cfg.cohort == "heterogeneous"

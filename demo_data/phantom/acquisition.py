@@ -3,6 +3,7 @@ smooth bias field, slice thickness, misregistration between sequences and Rician
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,7 +13,23 @@ from asyndgan.common.config import BRATS_MODALITIES
 from asyndgan.demo_data.phantom.anatomy import Template, case_anatomy, load_template
 from asyndgan.demo_data.phantom.config import BRATS_SHAPE, SiteProfile
 from asyndgan.demo_data.phantom.mr_signal import MODALITY_SCALE, tissue_signals
-from asyndgan.demo_data.phantom.tumour import insert_tumour, tumour_centre
+from asyndgan.demo_data.phantom.tumour import insert_tumour, place_lesions, tumour_centre
+
+CORE_TISSUES = ("necrosis", "enhancing", "non_enhancing", "meningioma")
+
+@dataclasses.dataclass(frozen=True)
+class CaseInfo:
+    """What a case was drawn as (written to partition.csv, so results can be broken down by it)."""
+
+    lesion: str  # config.LESION_TYPES; a glioma is reported as low_grade_glioma when it drew low grade
+    lesions: int  # how many separate lesions
+    atrophy: float
+    field_strength_t: float
+
+
+# Order of precedence when lesions overlap: a voxel takes the label of the most tumour-like lesion there.
+_LABEL_RANK = np.array([0, 2, 1, 0, 3], np.uint8)  # label 0, 1 necrotic/non-enhancing, 2 edema, -, 4 enhancing
+
 
 def make_case(template: Template, profile: SiteProfile, rng: np.random.Generator,
               shape: tuple[int, int, int] = BRATS_SHAPE) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -20,35 +37,51 @@ def make_case(template: Template, profile: SiteProfile, rng: np.random.Generator
 
     Images are exactly 0 outside the brain mask (skull-stripped) and positive inside it.
     """
+    images, seg, _ = make_case_described(template, profile, rng, shape)
+    return images, seg
+
+
+def make_case_described(template: Template, profile: SiteProfile, rng: np.random.Generator,
+                        shape: tuple[int, int, int] = BRATS_SHAPE):
+    """make_case, and the CaseInfo of what it drew."""
     shape = tuple(int(n) for n in shape)
     if template.shape != shape:
         template = load_template(shape)
     crop, sp = template.crop, np.asarray(template.spacing)
-    high_grade = bool(rng.random() < profile.high_grade_fraction)
+    lesion = _draw_lesion(profile, rng)
+    # The original phantom drew a glioma's grade before its anatomy; kept, so that old recipes give the same cases.
+    high_grade = bool(rng.random() < profile.high_grade_fraction) if lesion == "glioma" else False
 
-    gm, wm, brain, head_scale = case_anatomy(template, profile, rng)
-    centre, radius = tumour_centre(template, profile, rng, head_scale)
-    tumour = insert_tumour(gm, wm, brain, centre, radius, sp, high_grade, profile, rng)
+    gm, wm, brain, head_scale, atrophy = case_anatomy(template, profile, rng)
+    if lesion in ("glioma", "low_grade_glioma"):
+        centre, radius = tumour_centre(template, profile, rng, head_scale)
+        lesions = [insert_tumour(gm, wm, brain, centre, radius, sp, high_grade, profile, rng)]
+    else:
+        lesions = place_lesions(template, profile, rng, head_scale, gm, wm, brain, lesion)
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
-    for tissue in (csf, gm, wm):  # the tumour replaces normal tissue
-        tissue[tumour["box"]] *= tumour["keep"]
+    for tumour in lesions:
+        for tissue in (csf, gm, wm):  # the tumour replaces normal tissue
+            tissue[tumour["box"]] *= tumour["keep"]
 
-    dose = profile.contrast_dose * float(rng.uniform(0.85, 1.15))  # injection timing varies between patients
-    signals = tissue_signals(dose)
+    timing = profile.contrast_timing
+    dose = profile.contrast_dose * float(rng.uniform(*timing))  # injection timing varies between patients
+    signals = tissue_signals(dose, profile.field_strength_t)
     scale = float(profile.gain) * np.exp(rng.normal(0.0, 0.05, len(BRATS_MODALITIES)))  # per-session gain
     z_sigma = math.sqrt(max(profile.slice_thickness_mm ** 2 - sp[2] ** 2, 0.0)) / 2.355 / sp[2]
+    xy_sigma = [math.sqrt(max(profile.inplane_mm ** 2 - s ** 2, 0.0)) / 2.355 / s for s in sp[:2]]
     brain_idx = np.flatnonzero(brain > 0.5)
 
     images = {}
     for m, g in zip(BRATS_MODALITIES, scale):
         s = signals[m]
         img = csf * s["csf"] + gm * s["gm"] + wm * s["wm"]  # already reduced where tumour replaces tissue
-        box = tumour["box"]
-        img[box] += tumour["edema"] * s["edema"] + tumour["texture"] * (
-            tumour["necrosis"] * s["necrosis"] + tumour["enhancing"] * s["enhancing"]
-            + tumour["non_enhancing"] * s["non_enhancing"])
+        for tumour in lesions:
+            img[tumour["box"]] += tumour["edema"] * s["edema"] + tumour["texture"] * sum(
+                tumour[name] * s[name] for name in CORE_TISSUES if name in tumour)
         img *= bias_field(img.shape, profile.bias_strength, rng)
         img *= np.float32(MODALITY_SCALE[m] * g)
+        if max(xy_sigma) > 0.05:
+            img = ndi.gaussian_filter(img, (*xy_sigma, 0.0), mode="constant")
         if z_sigma > 0.05:
             img = ndi.gaussian_filter1d(img, z_sigma, axis=2, mode="constant")
         if profile.misregistration_mm > 0 and m != "t1ce":  # t1ce is the space the seg was drawn in
@@ -65,10 +98,22 @@ def make_case(template: Template, profile: SiteProfile, rng: np.random.Generator
 
     seg = np.zeros(shape, np.uint8)
     seg_crop = np.zeros(brain.shape, np.uint8)
-    seg_crop[tumour["box"]] = tumour["labels"]
+    for tumour in lesions:
+        here = seg_crop[tumour["box"]]
+        new = tumour["labels"]
+        seg_crop[tumour["box"]] = np.where(_LABEL_RANK[new] > _LABEL_RANK[here], new, here)
     seg[crop] = seg_crop
-    return images, seg
+    reported = "low_grade_glioma" if lesion == "glioma" and not high_grade else lesion
+    return images, seg, CaseInfo(reported, len(lesions), round(atrophy, 3), profile.field_strength_t)
 
+
+def _draw_lesion(profile: SiteProfile, rng: np.random.Generator) -> str:
+    """The lesion type of one patient; a profile with one type draws nothing (old recipes stay reproducible)."""
+    kinds = list(profile.lesions)
+    if len(kinds) == 1:
+        return kinds[0]
+    p = np.array([profile.lesions[k] for k in kinds], float)
+    return kinds[int(rng.choice(len(kinds), p=p / p.sum()))]
 
 
 def bias_field(shape: tuple[int, int, int], strength: float, rng: np.random.Generator):

@@ -1,6 +1,7 @@
 """The anatomy every case starts from: the MNI ICBM152 2009a template (read from the nilearn wheel's data files
-without importing nilearn), placed in the BraTS 240 x 240 x 155 grid or resampled from it, and each case's
-head-size variation."""
+without importing nilearn), placed in the BraTS 240 x 240 x 155 grid or resampled from it, and each case's own
+variation of it: head size, a smooth warp (the patient's own shape and folds) and atrophy (ventricles widened,
+cortex thinned)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,36 @@ class Template:
         ok = (wm > 0.6) & (z_mm > -20.0)[None, None, :]  # above the cerebellum and brainstem
         idx = np.argwhere(ok)
         return idx, dist[ok]
+
+    @functools.cached_property
+    def junction_seeds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate metastasis centres: the grey-white junction anywhere in the brain (cerebellum included),
+        where blood-borne tumour cells lodge; as tumour_seeds."""
+        gm, wm, dist = self.gm[self.crop], self.wm[self.crop], self.dist_mm[self.crop]
+        ok = (gm > 0.3) & (wm > 0.3)
+        return np.argwhere(ok), dist[ok]
+
+    @functools.cached_property
+    def surface_seeds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate meningioma attachments: brain voxels up to 3 mm under the surface, away from the skull base
+        (above the temporal lobes' floor), where dura covers the convexity and the falx; as tumour_seeds."""
+        dist = self.dist_mm[self.crop]
+        z_mm = (self.affine @ np.c_[np.zeros((dist.shape[2], 2)), np.arange(dist.shape[2]) + self.crop[2].start,
+                                    np.ones(dist.shape[2])].T)[2]
+        depth = max(3.0, 1.5 * max(self.spacing))  # at least one voxel deep on coarse grids
+        ok = (dist > 0.0) & (dist <= depth) & (z_mm > -10.0)[None, None, :]
+        return np.argwhere(ok), dist[ok]
+
+    @functools.cached_property
+    def ventricle_field(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distance to the ventricles in mm [X, Y, Z], unit vectors away from them [3, X, Y, Z]) on the crop:
+        what atrophy widens. The ventricles are the deep CSF (mostly CSF, over 8 mm from the brain surface)."""
+        csf, dist = self.csf[self.crop], self.dist_mm[self.crop]
+        vent = (csf > 0.5) & (dist > 8.0)
+        d = ndi.distance_transform_edt(~vent, sampling=self.spacing).astype(np.float32)
+        grad = np.stack(np.gradient(ndi.gaussian_filter(d, 1.0), *self.spacing)).astype(np.float32)
+        grad /= np.maximum(np.linalg.norm(grad, axis=0), 1e-3)[None]
+        return d, grad
 
 
 def template_dir() -> pathlib.Path:
@@ -139,20 +170,82 @@ def _freeze(t: Template) -> Template:
     return t
 
 
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cell: np.ndarray) -> np.ndarray:
+    """Zero-mean, roughly unit-variance noise that varies over `cell` voxels: a coarse random grid, linearly
+    upsampled (cheap, and smooth enough once thresholded)."""
+    coarse = tuple(max(2, int(math.ceil(n / c)) + 1) for n, c in zip(shape, cell))
+    g = rng.standard_normal(coarse).astype(np.float32)
+    return ndi.zoom(g, [n / c for n, c in zip(shape, coarse)], order=1, grid_mode=True, mode="grid-constant")
+
+
+# Atrophy: at severity 1 the ventricle walls move out by this much, fading with distance from them, and cortical
+# grey matter within a few mm of the surface loses this share (the lost tissue becomes CSF: wider sulci).
+ATROPHY_VENTRICLE_MM, ATROPHY_FADE_MM, ATROPHY_CORTEX = 6.0, 15.0, 0.45
+WARP_WAVELENGTH_MM = 25.0
+
+
 def case_anatomy(template: Template, profile: SiteProfile, rng: np.random.Generator):
-    """gm, wm, brain (float32, brain is 0/1) on the template crop, scaled per axis about the brain centre,
-    and the scale factors."""
+    """gm, wm, brain (float32, brain is 0/1) on the template crop, scaled per axis about the brain centre (and,
+    where the profile asks, warped and atrophied), the scale factors and the atrophy drawn (0 to 1)."""
     crop = template.crop
     gm, wm, brain = template.gm[crop], template.wm[crop], template.brain[crop]
     sd = profile.head_scale_sd
     head_scale = 1.0 + np.clip(rng.normal(0.0, sd, 3), -2.5 * sd, 2.5 * sd) if sd > 0 else np.ones(3)
-    if sd == 0:
-        return gm.copy(), wm.copy(), brain.astype(np.float32), head_scale
+    head_scale = head_scale * profile.head_scale_mean
+    atrophy = float(rng.uniform(*profile.atrophy)) if profile.atrophy[1] > 0 else 0.0
+    if profile.deformation_mm > 0 or atrophy > 0:
+        return (*_warped_anatomy(template, profile, rng, head_scale, atrophy), head_scale, atrophy)
+    if sd == 0 and profile.head_scale_mean == 1.0:
+        return gm.copy(), wm.copy(), brain.astype(np.float32), head_scale, 0.0
     centre = (np.asarray(brain.shape) - 1) / 2.0
     inv = 1.0 / head_scale  # output voxel o samples input centre + (o - centre) / scale
     kw = dict(matrix=inv, offset=centre - centre * inv, order=1, mode="constant", cval=0.0)
     brain_f = (ndi.affine_transform(brain.astype(np.float32), **kw) > 0.5).astype(np.float32)
     gm = np.clip(ndi.affine_transform(gm, **kw), 0.0, 1.0) * brain_f
     wm = np.clip(ndi.affine_transform(wm, **kw), 0.0, 1.0) * brain_f
-    return gm, wm, brain_f, head_scale
+    return gm, wm, brain_f, head_scale, 0.0
 
+
+def _warped_anatomy(template: Template, profile: SiteProfile, rng: np.random.Generator, head_scale: np.ndarray,
+                    atrophy: float):
+    """gm, wm, brain through one sampling map: output voxel o takes the template at
+    centre + (o - centre) / scale + warp(o) - atrophy shift(o) (all in voxels). The maps are resampled together
+    by torch's grid_sample (trilinear), which does in a fraction of a second what four scipy passes take
+    seconds for at full size."""
+    import torch  # deferred: the phantom's other paths need only numpy and scipy
+    import torch.nn.functional as F
+
+    crop, sp = template.crop, np.asarray(template.spacing)
+    shape = template.brain[crop].shape
+    centre = (np.asarray(shape) - 1) / 2.0
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij", sparse=True)
+    coords = [np.float32(centre[a]) + (grids[a] - np.float32(centre[a])) / np.float32(head_scale[a])
+              for a in range(3)]
+    coords = [np.broadcast_to(c, shape).copy() for c in coords]
+    if profile.deformation_mm > 0:
+        # A smooth random displacement per axis: unit-variance noise on a coarse grid, trilinearly upsampled.
+        cell = np.maximum(WARP_WAVELENGTH_MM / sp, 2.0)
+        coarse = tuple(max(2, int(math.ceil(n / c)) + 1) for n, c in zip(shape, cell))
+        noise = torch.from_numpy(rng.standard_normal((1, 3, *coarse)).astype(np.float32))
+        warp = F.interpolate(noise, size=shape, mode="trilinear", align_corners=True)[0].numpy()
+        for a in range(3):
+            coords[a] += warp[a] * np.float32(profile.deformation_mm / sp[a])
+    if atrophy > 0:
+        # Tissue at distance d from the ventricles comes from d - s(d): the ventricles grow by s(0).
+        d, away = template.ventricle_field
+        shift = np.float32(atrophy * ATROPHY_VENTRICLE_MM) * np.exp(-d / np.float32(ATROPHY_FADE_MM))
+        for a in range(3):
+            coords[a] -= shift * away[a] / np.float32(sp[a])
+    # grid_sample wants (W, H, D) = (our Z, Y, X) coordinates in [-1, 1] (corners aligned).
+    grid = np.stack([2.0 * coords[a] / np.float32(shape[a] - 1) - 1.0 for a in (2, 1, 0)], axis=-1)
+    maps = np.stack([template.brain[crop].astype(np.float32), template.gm[crop], template.wm[crop],
+                     template.dist_mm[crop]])
+    out = F.grid_sample(torch.from_numpy(maps)[None], torch.from_numpy(grid)[None], mode="bilinear",
+                        padding_mode="zeros", align_corners=True)[0].numpy()
+    brain_f = (out[0] > 0.5).astype(np.float32)
+    gm = np.clip(out[1], 0.0, 1.0) * brain_f
+    wm = np.clip(out[2], 0.0, 1.0) * brain_f
+    if atrophy > 0:
+        surface = np.exp(-out[3] / np.float32(3.0))  # the warped template's depth under the brain surface
+        gm *= 1.0 - np.float32(ATROPHY_CORTEX * atrophy) * surface
+    return np.ascontiguousarray(gm), np.ascontiguousarray(wm), brain_f

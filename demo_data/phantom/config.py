@@ -4,6 +4,9 @@ profile. A validated `PhantomConfig` is the full recipe; it is saved beside the 
 from __future__ import annotations
 
 import pathlib
+import re
+import zlib
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,28 +18,74 @@ BRATS_SHAPE = (240, 240, 155)
 # as uneven as real institutions without leaving a site with a single case.
 FETS_2021_PARTITION_SIZES = (129, 14, 5, 9, 22, 34, 12, 8, 4, 8, 6, 9, 27, 3, 11, 34, 6)
 
+# What a case's lesion can be. glioma: high or low grade as `high_grade_fraction` draws (one lobulated tumour in
+# cerebral white matter, edema along it); low_grade_glioma: always low grade (solid, non-enhancing, little edema);
+# metastases: several small ring-enhancing lesions at the grey-white junction anywhere in the brain, with edema out
+# of proportion to their size; meningioma: one extra-axial, dural-based, homogeneously enhancing mass at the brain
+# surface that pushes the brain in, with little or no edema.
+LesionType = Literal["glioma", "low_grade_glioma", "metastases", "meningioma"]
+LESION_TYPES: tuple[str, ...] = ("glioma", "low_grade_glioma", "metastases", "meningioma")
+
+
+# Bounds of the (low, high) ranges of a SiteProfile.
+_RANGES = {"tumour_radius_mm": (2.0, 40.0), "metastasis_radius_mm": (1.5, 15.0), "meningioma_radius_mm": (4.0, 30.0),
+           "metastasis_count": (1, 15), "atrophy": (0.0, 1.0), "contrast_timing": (0.0, 2.0)}
+
+
 class SiteProfile(BaseModel):
-    """Scanner and population effects of one site. Defaults are a clean 1 mm 3D protocol."""
+    """Scanner, protocol and population effects of one site. Defaults are a clean 1 mm 3D protocol at 1.5 T with
+    gliomas only and the template's anatomy up to head size: the layout every earlier phantom used (a profile that
+    leaves the newer fields at their defaults draws the same random numbers and gives byte-identical cases)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    name: str = Field("", max_length=80, description="a label for reports (e.g. 'community hospital, 1.5 T')")
+    # Population: which lesions, how large.
+    lesions: dict[LesionType, float] = Field(
+        default_factory=lambda: {"glioma": 1.0},
+        description="relative frequency of each lesion type among this site's patients")
+    tumour_radius_mm: tuple[float, float] = Field((8.0, 20.0), description="range of a glioma's core radius")
+    high_grade_fraction: float = Field(0.75, ge=0, le=1, description="share of gliomas with necrosis + enhancing rim")
+    metastasis_count: tuple[int, int] = Field((2, 5), description="range of the number of metastases per patient")
+    metastasis_radius_mm: tuple[float, float] = Field((2.5, 6.0), description="range of one metastasis' radius")
+    meningioma_radius_mm: tuple[float, float] = Field((9.0, 18.0), description="range of a meningioma's radius")
+    mass_effect: float = Field(0.5, ge=0, le=1, description="displaced-tissue radius / core radius")
+    # Anatomy.
+    head_scale_mean: float = Field(1.0, ge=0.8, le=1.2, description="mean head size / template, per axis")
+    head_scale_sd: float = Field(0.03, ge=0, le=0.1, description="std of per-axis head size / template")
+    atrophy: tuple[float, float] = Field(
+        (0.0, 0.0), description="range of a patient's atrophy, 0 none to 1 severe: ventricles widened by up to "
+        "6 mm and cortical grey matter thinned (older populations)")
+    deformation_mm: float = Field(0.0, ge=0, le=8, description="amplitude of a smooth random warp of the "
+                                  "template (about 25 mm wavelength): each patient's own folds and shape")
+    # Protocol.
+    field_strength_t: float = Field(1.5, ge=0.5, le=7, description="B0; tissue T1 lengthens (x (B0/1.5)^0.45) "
+                                    "and T2 shortens a little at higher field, so contrasts differ")
     gain: float = Field(1.0, gt=0, le=10, description="global intensity multiplier (receiver gain)")
     bias_strength: float = Field(0.12, ge=0, le=1, description="std of the log of the smooth bias field")
     noise: float = Field(0.02, ge=0, le=0.5, description="Rician sigma / brightest normal tissue")
     contrast_dose: float = Field(1.0, ge=0, le=3, description="gadolinium effect; 1: enhancing T1 350 ms")
+    contrast_timing: tuple[float, float] = Field(
+        (0.85, 1.15), description="range of the per-patient factor on the dose's effect (injection-to-scan "
+        "delay: early scans enhance less)")
     slice_thickness_mm: float = Field(1.0, gt=0, le=10, description="acquired thickness; >1 blurs along z")
-    tumour_radius_mm: tuple[float, float] = Field((8.0, 20.0), description="range of the tumour core radius")
-    high_grade_fraction: float = Field(0.75, ge=0, le=1, description="share with necrosis + enhancing rim")
+    inplane_mm: float = Field(1.0, gt=0, le=5, description="acquired in-plane resolution; >1 blurs in-plane")
     misregistration_mm: float = Field(0.0, ge=0, le=5, description="max shift of t1/t2/flair vs t1ce and seg")
-    head_scale_sd: float = Field(0.03, ge=0, le=0.1, description="std of per-axis head size / template")
-    mass_effect: float = Field(0.5, ge=0, le=1, description="displaced-tissue radius / core radius")
 
-    @field_validator("tumour_radius_mm")
+    @field_validator(*_RANGES)
     @classmethod
-    def _radius_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _ranges(cls, v: tuple[float, float], info) -> tuple[float, float]:
+        lo_min, hi_max = _RANGES[info.field_name]
         lo, hi = v
-        if not (2.0 <= lo <= hi <= 40.0):
-            raise ValueError(f"need 2 <= low <= high <= 40 mm, got {v}")
+        if not (lo_min <= lo <= hi <= hi_max):
+            raise ValueError(f"need {lo_min:g} <= low <= high <= {hi_max:g}, got {tuple(v)}")
+        return v
+
+    @field_validator("lesions")
+    @classmethod
+    def _lesions(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"need at least one lesion type with a positive weight, got {v}")
         return v
 
 
@@ -56,6 +105,13 @@ class PhantomConfig(BaseModel):
     missing: dict[str, list[str]] = Field(
         default_factory=dict, description="site name -> modalities its cases are written without, as a hospital "
         "that never acquired them would export (the test cases keep every modality)")
+    cohort: str = Field("", pattern=r"^[a-z0-9_]{0,32}$", description="a name that gives the cohort its own "
+                        "random streams and case ids (two cohorts with one seed share no case); empty: the "
+                        "original phantom's streams and ids")
+    site_names: list[str] | None = Field(None, description="folder names of the sites (default site1, site2, ...)")
+    test_profiles: list[int] | None = Field(
+        None, description="site index (0-based) whose scanner and population make each test case, cycled; "
+        "default: every site in turn")
 
     @field_validator("shape")
     @classmethod
@@ -74,7 +130,16 @@ class PhantomConfig(BaseModel):
             self.profiles = default_profiles(self.sites, self.seed)
         if len(self.profiles) != self.sites:
             raise ValueError(f"profiles needs {self.sites} entries, got {len(self.profiles)}")
-        names = [f"site{k + 1}" for k in range(self.sites)]
+        if self.site_names is None:
+            self.site_names = [f"site{k + 1}" for k in range(self.sites)]
+        names = self.site_names
+        if len(names) != self.sites or len(set(names)) != len(names) or "test" in names or not all(
+                re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names):
+            raise ValueError(f"site_names needs {self.sites} distinct folder names (letters, digits, _ -; not "
+                             f"'test'), got {names}")
+        if self.test_profiles is not None and (not self.test_profiles or any(
+                not 0 <= k < self.sites for k in self.test_profiles)):
+            raise ValueError(f"test_profiles must list site indices 0..{self.sites - 1}, got {self.test_profiles}")
         for site, mods in self.missing.items():
             if site not in names:
                 raise ValueError(f"missing: no site {site!r}; the sites are {', '.join(names)}")
@@ -87,10 +152,27 @@ class PhantomConfig(BaseModel):
         return self
 
 
+    @property
+    def case_prefix(self) -> str:
+        return f"PHANTOM_{self.cohort.upper()}" if self.cohort else "PHANTOM"
+
+    def case_seed(self, stream: int, index: int) -> np.random.SeedSequence:
+        """The seed of one case: (seed, stream, index), salted by the cohort's name when it has one."""
+        key = [self.seed, stream, index]
+        if self.cohort:
+            key.append(zlib.crc32(self.cohort.encode()))
+        return np.random.SeedSequence(key)
+
+    def test_profile(self, index: int) -> int:
+        order = self.test_profiles or list(range(self.sites))
+        return order[index % len(order)]
+
+
 class PhantomSummary(BaseModel):
     out: pathlib.Path
     cases_per_site: dict[str, int]
     test_cases: int
+    lesions: dict[str, int] = Field(default_factory=dict, description="cases per lesion type, all splits")
     seconds: float
     seconds_per_case: float
 

@@ -28,8 +28,15 @@ TISSUES = {
     "enhancing": Tissue(1300.0, 110.0, 0.85),
     # Solid non-enhancing tumour of low-grade gliomas (label 1 there): long T1 and T2, below edema.
     "non_enhancing": Tissue(1500.0, 140.0, 0.90),
+    # Meningioma: about isointense to grey matter before contrast, strongly and evenly enhancing after it.
+    "meningioma": Tissue(1100.0, 100.0, 0.85),
 }
 ENHANCING_T1_POST_MS = 350.0  # at contrast dose 1; the dose scales the change in R1 = 1/T1
+# Tissues that take up gadolinium, and their T1 after it at dose 1 (meningiomas enhance more than a glioma's rim).
+POST_CONTRAST_T1_MS = {"enhancing": ENHANCING_T1_POST_MS, "meningioma": 280.0}
+# Field dependence about the 1.5 T values above: tissue T1 grows roughly as B0^0.45 between 1.5 and 3 T (white
+# matter ~790 -> ~1080 ms), T2 shortens by about a tenth; CSF, being nearly free water, barely changes.
+T1_FIELD_EXPONENT, T2_AT_3T = 0.45, 0.9
 
 SE_T1 = {"tr": 500.0, "te": 12.0}
 SE_T2 = {"tr": 4000.0, "te": 100.0}
@@ -46,17 +53,26 @@ def inversion_recovery(t1, t2, pd, tr: float, te: float, ti: float):
     return pd * np.abs(1.0 - 2.0 * np.exp(-ti / t1) + np.exp(-tr / t1)) * np.exp(-te / t2)
 
 
-def post_contrast_t1(t1_pre: float, dose: float) -> float:
-    """T1 of enhancing tumour after gadolinium; dose 1 gives ENHANCING_T1_POST_MS."""
-    delta_r1 = 1.0 / ENHANCING_T1_POST_MS - 1.0 / TISSUES["enhancing"].t1
+def post_contrast_t1(t1_pre: float, dose: float, tissue: str = "enhancing") -> float:
+    """T1 of an enhancing tissue after gadolinium; dose 1 at 1.5 T gives POST_CONTRAST_T1_MS[tissue]."""
+    delta_r1 = 1.0 / POST_CONTRAST_T1_MS[tissue] - 1.0 / TISSUES[tissue].t1
     return 1.0 / (1.0 / t1_pre + dose * delta_r1)
 
 
-def tissue_signals(dose: float) -> dict[str, dict[str, float]]:
+def at_field(t: Tissue, name: str, field_t: float) -> Tissue:
+    """The tissue's relaxation times at `field_t` tesla (the table holds 1.5 T values)."""
+    if field_t == 1.5 or name == "csf":
+        return t
+    t2_factor = T2_AT_3T ** (np.log(field_t / 1.5) / np.log(2.0))
+    return Tissue(t.t1 * (field_t / 1.5) ** T1_FIELD_EXPONENT, t.t2 * t2_factor, t.pd)
+
+
+def tissue_signals(dose: float, field_t: float = 1.5) -> dict[str, dict[str, float]]:
     """Noise-free signal per modality and tissue (arbitrary units, before the modality scale)."""
     out: dict[str, dict[str, float]] = {m: {} for m in BRATS_MODALITIES}
     for name, t in TISSUES.items():
-        t1_post = post_contrast_t1(t.t1, dose) if name == "enhancing" else t.t1
+        t = at_field(t, name, field_t)
+        t1_post = post_contrast_t1(t.t1, dose, name) if name in POST_CONTRAST_T1_MS else t.t1
         out["t1"][name] = float(spin_echo(t.t1, t.t2, t.pd, **SE_T1))
         out["t1ce"][name] = float(spin_echo(t1_post, t.t2, t.pd, **SE_T1))
         out["t2"][name] = float(spin_echo(t.t1, t.t2, t.pd, **SE_T2))

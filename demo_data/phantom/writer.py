@@ -1,8 +1,9 @@
 """Writing the phantom: every case in BraTS layout (NIfTI), partition.csv, the resolved config, the template's
-licence NOTICE and a preview figure (layout in the package docstring)."""
+licence NOTICE and preview figures (layout in the package docstring)."""
 
 from __future__ import annotations
 
+import collections
 import csv
 import logging
 import pathlib
@@ -13,9 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from asyndgan.common.config import BRATS_MODALITIES
-from asyndgan.demo_data.phantom.acquisition import make_case
+from asyndgan.demo_data.phantom.acquisition import make_case_described
 from asyndgan.demo_data.phantom.anatomy import load_template
-from asyndgan.demo_data.phantom.config import TEST_STREAM, PhantomConfig, PhantomSummary
+from asyndgan.demo_data.phantom.config import LESION_TYPES, TEST_STREAM, PhantomConfig, PhantomSummary
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +55,22 @@ def write_phantom(out: pathlib.Path, cfg: PhantomConfig, progress: bool = True) 
     (out / "NOTICE").write_text(NOTICE_TEXT)
 
     jobs = []  # (case id, site name, split, folder, profile index, rng stream, index in stream)
+    prefix = cfg.case_prefix
     for k, n in enumerate(cfg.cases_per_site):
+        name = cfg.site_names[k]
         for i in range(n):
-            name = f"site{k + 1}"
-            jobs.append((f"PHANTOM_S{k + 1}_{i:04d}", name, "train", out / name, k, k + 1, i))
+            jobs.append((f"{prefix}_S{k + 1}_{i:04d}", name, "train", out / name, k, k + 1, i))
     for i in range(cfg.test_cases):
-        k = i % cfg.sites  # the pooled test set draws on every site's scanner in turn
-        jobs.append((f"PHANTOM_TEST_{i:04d}", f"site{k + 1}", "test", out / "test", k, TEST_STREAM, i))
+        k = cfg.test_profile(i)  # the pooled test set draws on every site's scanner and population in turn
+        jobs.append((f"{prefix}_TEST_{i:04d}", cfg.site_names[k], "test", out / "test", k, TEST_STREAM, i))
 
     preview: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+    by_lesion: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}
     rows = []
     bar = tqdm(jobs, desc="phantom cases", unit="case", disable=not progress)
     for case, site, split, folder, k, stream, i in bar:
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, stream, i]))
-        images, seg = make_case(template, cfg.profiles[k], rng, cfg.shape)
+        images, seg, info = make_case_described(template, cfg.profiles[k], np.random.default_rng(
+            cfg.case_seed(stream, i)), cfg.shape)
         case_dir = folder / case
         case_dir.mkdir(parents=True, exist_ok=True)
         dropped = set(cfg.missing.get(site, [])) if split == "train" else set()
@@ -75,21 +78,26 @@ def write_phantom(out: pathlib.Path, cfg: PhantomConfig, progress: bool = True) 
             if name in dropped:
                 continue  # this site never acquired it: the case has no such file, as in a real export
             _save_nifti(case_dir / f"{case}_{name}.nii.gz", arr, template.affine)
-        rows.append((case, site, split))
+        rows.append((case, site, split, info.lesion, info.lesions, info.atrophy, info.field_strength_t))
+        z = _tumour_slice(seg)
         if split == "train" and site not in preview:
-            z = _tumour_slice(seg)
             preview[site] = ({m: a[:, :, z].copy() for m, a in images.items()}, seg[:, :, z].copy())
+        if info.lesion not in by_lesion:
+            by_lesion[info.lesion] = ({m: a[:, :, z].copy() for m, a in images.items()}, seg[:, :, z].copy())
 
     with open(out / "partition.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["case", "site", "split"])
+        writer.writerow(PARTITION_COLUMNS)
         writer.writerows(rows)
     write_preview(out / "preview.png", preview)
+    if len(by_lesion) > 1:
+        write_preview(out / "preview_lesions.png", {k: by_lesion[k] for k in LESION_TYPES if k in by_lesion})
 
     seconds = time.perf_counter() - started
     summary = PhantomSummary(
-        out=out, cases_per_site={f"site{k + 1}": n for k, n in enumerate(cfg.cases_per_site)},
-        test_cases=cfg.test_cases, seconds=round(seconds, 2),
+        out=out, cases_per_site=dict(zip(cfg.site_names, cfg.cases_per_site)),
+        test_cases=cfg.test_cases, lesions=dict(collections.Counter(row[3] for row in rows)),
+        seconds=round(seconds, 2),
         seconds_per_case=round(seconds / max(len(jobs), 1), 2))
     log.info("wrote %d cases to %s in %.1f s", len(jobs), out, seconds)
     return summary
@@ -109,12 +117,23 @@ def _save_nifti(path: pathlib.Path, arr: np.ndarray, affine: np.ndarray) -> None
     nib.save(img, path)
 
 
+# partition.csv: the case, the site whose scanner and population made it, its split, and what it was drawn as
+# (lesion type, number of lesions, atrophy 0-1, field strength), so that results can be broken down by them.
+PARTITION_COLUMNS = ("case", "site", "split", "lesion", "lesions", "atrophy", "field_strength_t")
+
+
+def read_partition(root: pathlib.Path) -> dict[str, dict[str, str]]:
+    """case id -> its partition.csv row (phantoms written before the lesion columns lack them)."""
+    with open(pathlib.Path(root) / "partition.csv", newline="") as f:
+        return {row["case"]: row for row in csv.DictReader(f)}
+
+
 _SEG_COLOURS = {1: (0.9, 0.15, 0.15), 2: (0.2, 0.8, 0.2), 4: (1.0, 0.85, 0.1)}
 
 
 def write_preview(path: pathlib.Path, slices: dict[str, tuple[dict[str, np.ndarray], np.ndarray]]) -> None:
-    """One row per site: the four modalities and FLAIR with the labels over it, at the slice of most tumour
-    core."""
+    """One row per entry (a site, or a lesion type): the four modalities and FLAIR with the labels over it, at the
+    slice of most tumour core."""
     import matplotlib  # deferred: only the preview needs it, and it is slow to import
 
     matplotlib.use("Agg")

@@ -1,0 +1,320 @@
+"""Calibrating the heterogeneous phantom: do its sites really see different parts of the distribution, and does the
+segmentation recipe learn every lesion type?
+
+Every row trains the same segmentation recipe on one set of real training cases and is scored on the same pooled
+test patients (the heterogeneous preset's test split, drawn from every site's scanner and population in turn):
+    real_all        the four sites pooled (the upper bound a consortium would want to reach)
+    real_site<k>    one site alone (sites are of similar size, so a gap is not just case count)
+    public          the public cohort (gliomas only, one scanner family; its own random streams)
+    small_lesions, low_grade   the two training cohorts on which the earlier recipe collapsed (20 cases with
+                    4-10 mm tumours, 20 low-grade 7-12 mm; the original phantom's scanner), kept as a regression
+Each row runs with the current recipe over `seeds` segmentation seeds and with the earlier recipe (`before`)
+over `before_seeds`, so the table shows Dice per lesion type before and after the recipe's fix. Results are
+typed records (`RowResult`), which results.json, report.md and the figures all read.
+
+Pieces (phantoms, each model and its evaluation) are kept in OUT and skipped on a re-run; other settings in the
+same OUT are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import shutil
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from asyndgan.common.errors import ConfigError
+from asyndgan.demo_data.phantom import PhantomConfig, SiteProfile, write_phantom
+from asyndgan.demo_data.phantom.config import LESION_TYPES
+from asyndgan.demo_data.phantom.presets import phantom_config
+from asyndgan.demo_data.phantom.writer import read_partition
+from asyndgan.experiments.runner import piece_timer, write_json
+from asyndgan.segmentation import (
+    NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
+    load_training_slices, train_model, write_results,
+)
+from asyndgan.segmentation.config import earlier_recipe
+
+log = logging.getLogger(__name__)
+Preset = Literal["smoke", "cpu"]
+# The recipe runs: the current recipe (after the fix), the earlier one, and the fix's loss alone (whole field of
+# view), which separates the two changes.
+RECIPES = ("after", "before", "loss_only")
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Preset
+    out: pathlib.Path
+    seed: int = Field(0, ge=0, description="phantoms and the first segmentation seed")
+    shape: tuple[int, int, int] = (160, 160, 100)
+    cases_per_site: list[int] = Field(default_factory=lambda: [10, 10, 10, 10])
+    test_cases: int = Field(40, ge=4)
+    public_cases: int = Field(30, ge=1)
+    regression_cases: int = Field(20, ge=1, description="cases in each of the small-lesion and low-grade cohorts")
+    recipe: SegmentationRecipe = Field(description="the current recipe (after the fix)")
+    before: SegmentationRecipe = Field(description="the recipe before the fix, for the before/after table")
+    loss_only: SegmentationRecipe = Field(description="the fix's loss on the whole field of view (no brain crop)")
+    seeds: int = Field(3, ge=1)
+    before_seeds: int = Field(1, ge=0, description="seeds per row for the earlier recipe and for loss_only")
+    device: str = "cpu"
+    threads: int = Field(2, ge=1)
+
+
+def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> CalibrationConfig:
+    """smoke: the plumbing in about a minute; cpu: the calibration on 2 cores (about an hour)."""
+    if preset == "smoke":
+        recipe = SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
+                                    network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
+                                    training=TrainingConfig(steps=6, batch_size=8))
+        return CalibrationConfig(
+            preset=preset, out=out, seed=seed, shape=(64, 64, 40), cases_per_site=[2, 2, 2, 2], test_cases=4,
+            public_cases=2, regression_cases=2, recipe=recipe, before=earlier_recipe(recipe),
+            loss_only=_loss_only(recipe), seeds=2, before_seeds=1)
+    # The experiments' cpu segmentation budget: 64 px, 1000 steps (~1.5 min a model on this machine).
+    recipe = SegmentationRecipe(preprocessing=Preprocessing(image_size=64), training=TrainingConfig(steps=1000))
+    return CalibrationConfig(preset=preset, out=out, seed=seed, recipe=recipe, before=earlier_recipe(recipe),
+                             loss_only=_loss_only(recipe))
+
+
+def _loss_only(recipe: SegmentationRecipe) -> SegmentationRecipe:
+    return recipe.model_copy(update={"preprocessing": recipe.preprocessing.model_copy(update={"crop": "none"})})
+
+
+# ---- typed results ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RowResult:
+    """One training set under one recipe: Dice per seed, per patient (mean over seeds) and per group."""
+
+    row: str
+    recipe: str  # RECIPES: "after" (current), "before" or "loss_only"
+    description: str
+    training_cases: int
+    seeds: list[int]
+    dice_per_seed: list[float]  # mean over test patients, one per seed
+    patient_dice: dict[str, float]  # case -> Dice averaged over seeds
+    collapsed_seeds: int  # models that predicted nothing on their own training slices
+    by_lesion: dict[str, float] = dataclasses.field(default_factory=dict)  # test lesion type -> mean Dice
+    by_profile: dict[str, float] = dataclasses.field(default_factory=dict)  # test scanner/population -> mean Dice
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.dice_per_seed))
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.dice_per_seed, ddof=1)) if len(self.dice_per_seed) > 1 else 0.0
+
+
+@dataclasses.dataclass
+class PairedGap:
+    """Real-All minus a row, per test patient (each patient's Dice averaged over seeds first)."""
+
+    row: str
+    mean: float
+    low: float  # 95% interval (t over patients)
+    high: float
+    patients: int
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    value: float
+    needed: str
+    met: bool
+
+
+# ---- pieces ---------------------------------------------------------------------------------------------------
+def check_settings(cfg: CalibrationConfig) -> None:
+    path = cfg.out / "settings.json"
+    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads", "device"}))
+    if path.is_file():
+        if json.loads(path.read_text()) != ours:
+            raise ConfigError(f"{cfg.out} holds a calibration run with other settings ({path}); choose a new --out")
+        log.info("resuming the run in %s: finished pieces are kept", cfg.out)
+        return
+    if cfg.out.exists() and any(p.name != "experiment.log" for p in cfg.out.iterdir()):
+        raise ConfigError(f"{cfg.out} is not empty and holds no calibration run; choose a new --out")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_json(path, ours)
+
+
+def phantom_layouts(cfg: CalibrationConfig) -> dict[str, PhantomConfig]:
+    """The four phantoms: the heterogeneous consortium (with the test split), the public cohort, and the two
+    regression cohorts (the original phantom's default scanner, tumours as the collapse was reported on)."""
+    het = phantom_config("heterogeneous", seed=cfg.seed, shape=cfg.shape, cases_per_site=cfg.cases_per_site,
+                         test_cases=cfg.test_cases)
+    public = phantom_config("public", seed=cfg.seed, shape=cfg.shape, cases_per_site=[cfg.public_cases])
+    regression = {
+        "small_lesions": SiteProfile(tumour_radius_mm=(4.0, 10.0)),
+        "low_grade": SiteProfile(tumour_radius_mm=(7.0, 12.0), high_grade_fraction=0.0),
+    }
+    out = {"heterogeneous": het, "public": public}
+    for name, profile in regression.items():
+        out[name] = PhantomConfig(sites=1, cases_per_site=[cfg.regression_cases], test_cases=0, seed=cfg.seed,
+                                  shape=cfg.shape, profiles=[profile], cohort=name, site_names=[name])
+    return out
+
+
+def make_phantoms(cfg: CalibrationConfig) -> dict[str, pathlib.Path]:
+    """Layout name -> its folder under OUT/phantom (each written once; a marker says it is complete)."""
+    folders = {}
+    for name, layout in phantom_layouts(cfg).items():
+        root, done = cfg.out / "phantom" / name, cfg.out / "phantom" / f"{name}.done"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            log.info("phantom %s: %s cases", name, layout.cases_per_site)
+            write_phantom(root, layout)
+            done.write_text("complete\n")
+        folders[name] = root
+    return folders
+
+
+def training_rows(cfg: CalibrationConfig, phantoms: dict[str, pathlib.Path]) -> dict[str, tuple[list, str]]:
+    """Row -> (training trees, description)."""
+    het = phantoms["heterogeneous"]
+    layout = phantom_layouts(cfg)["heterogeneous"]
+    rows = {"real_all": ([het / n for n in layout.site_names], "all four sites pooled")}
+    for name, profile in zip(layout.site_names, layout.profiles):
+        rows[f"real_{name}"] = ([het / name], profile.name)
+    rows["public"] = ([phantoms["public"] / "public"], "public cohort: gliomas, one scanner family")
+    rows["small_lesions"] = ([phantoms["small_lesions"] / "small_lesions"], "regression: 4-10 mm tumours")
+    rows["low_grade"] = ([phantoms["low_grade"] / "low_grade"], "regression: low grade, 7-12 mm")
+    return rows
+
+
+def _pool(sets: list[SliceSet]) -> SliceSet:
+    first = sets[0]
+    return SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), first.preprocessing,
+                    first.region, first.healthy_ratio, [c for s in sets for c in s.cases],
+                    sum(s.tumour_slices for s in sets), sum(s.healthy_slices for s in sets))
+
+
+def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], test_dir: pathlib.Path,
+                    recipe_name: str) -> dict[str, list[dict]]:
+    """Row -> per seed {"summary", "patients", "collapsed"}; models and evaluations kept in
+    OUT/segmentation/<recipe>/<row>/seed<s>/."""
+    recipe = {"after": cfg.recipe, "before": cfg.before, "loss_only": cfg.loss_only}[recipe_name]
+    n_seeds = cfg.seeds if recipe_name == "after" else cfg.before_seeds
+    seeds = [cfg.seed + k for k in range(n_seeds)]
+    test = None
+    slices: dict[pathlib.Path, SliceSet] = {}
+    out: dict[str, list[dict]] = {}
+    for row, (trees, _) in rows.items():
+        out[row] = []
+        for s in seeds:
+            folder = cfg.out / "segmentation" / recipe_name / row / f"seed{s}"
+            if not (folder / "eval" / "summary.json").is_file():
+                log.info("segmentation (%s recipe): %s, seed %d", recipe_name, row, s)
+                seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
+                if not (folder / "model" / "training.json").is_file():
+                    for t in trees:
+                        if t not in slices:
+                            slices[t] = load_training_slices([t], seeded, progress=False)
+                    train_model(_pool([slices[t] for t in trees]), seeded, folder / "model", cfg.device,
+                                progress=False)
+                if test is None:
+                    test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
+                write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
+            out[row].append(_load_eval(folder))
+    return out
+
+
+def _load_eval(folder: pathlib.Path) -> dict:
+    import csv
+
+    with open(folder / "eval" / "per_patient.csv", newline="") as f:
+        patients = {r["case"]: float(r["dice"]) for r in csv.DictReader(f)}
+    training = json.loads((folder / "model" / "training.json").read_text())
+    return {"summary": json.loads((folder / "eval" / "summary.json").read_text()), "patients": patients,
+            "collapsed": bool(training.get("collapsed", False)), "seed": folder.name}
+
+
+# ---- summaries ------------------------------------------------------------------------------------------------
+def summarise(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], evals: dict[str, dict[str, list[dict]]],
+              partition: dict[str, dict[str, str]], profile_names: dict[str, str]) -> list[RowResult]:
+    results = []
+    for recipe_name, by_row in evals.items():
+        for row, runs in by_row.items():
+            if not runs:
+                continue
+            cases = sorted(runs[0]["patients"])
+            patient = {c: float(np.mean([r["patients"][c] for r in runs])) for c in cases}
+            lesion = {lt: _mean([patient[c] for c in cases if partition[c]["lesion"] == lt]) for lt in LESION_TYPES}
+            profile = {site: _mean([patient[c] for c in cases if partition[c]["site"] == site])
+                       for site in profile_names}
+            results.append(RowResult(
+                row=row, recipe=recipe_name, description=rows[row][1],
+                training_cases=_count_cases(rows[row][0]), seeds=[int(r["seed"][4:]) for r in runs],
+                dice_per_seed=[float(r["summary"]["dice"]["mean"]) for r in runs], patient_dice=patient,
+                collapsed_seeds=sum(r["collapsed"] for r in runs),
+                by_lesion={k: v for k, v in lesion.items() if v is not None},
+                by_profile={k: v for k, v in profile.items() if v is not None}))
+    return results
+
+
+def _count_cases(trees: list[pathlib.Path]) -> int:
+    return sum(1 for t in trees for p in t.iterdir() if p.is_dir())
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def paired_gap(reference: RowResult, other: RowResult) -> PairedGap:
+    from scipy import stats
+
+    cases = sorted(reference.patient_dice)
+    diff = np.array([reference.patient_dice[c] - other.patient_dice[c] for c in cases])
+    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 \
+        else float("nan")
+    return PairedGap(other.row, float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half), len(diff))
+
+
+def check_targets(after: dict[str, RowResult], gaps: dict[str, PairedGap]) -> list[Target]:
+    out = []
+    for row, gap in gaps.items():
+        if row.startswith("real_site") or row == "public":
+            out.append(Target(f"Real-All - {row}", gap.mean, ">= 0.10", gap.mean >= 0.10))
+    for lt in LESION_TYPES:
+        value = after["real_all"].by_lesion.get(lt)
+        if value is not None:
+            out.append(Target(f"Real-All Dice on {lt} patients (no collapse)", value, ">= 0.5", value >= 0.5))
+    for row in ("small_lesions", "low_grade"):
+        if row in after:
+            r = after[row]
+            out.append(Target(f"{row}: models that collapsed", float(r.collapsed_seeds), "0 of "
+                              f"{len(r.seeds)}", r.collapsed_seeds == 0))
+    return out
+
+
+def run(cfg: CalibrationConfig) -> dict:
+    from asyndgan.experiments import phantom_calibration_report as report
+
+    torch.set_num_threads(cfg.threads)
+    check_settings(cfg)
+    timings, timed = piece_timer(cfg.out / "timings.json")
+    log.info("[1/3] phantoms: heterogeneous consortium, public cohort, regression cohorts")
+    phantoms = timed("phantoms", make_phantoms, cfg)
+    test_dir = phantoms["heterogeneous"] / "test"
+    rows = training_rows(cfg, phantoms)
+    log.info("[2/3] segmentation, current recipe: %d rows x %d seeds", len(rows), cfg.seeds)
+    evals = {"after": timed("segmentation_after", train_and_score, cfg, rows, test_dir, "after")}
+    log.info("[3/3] segmentation, earlier recipe and the fix's loss alone: %d rows x %d seeds each", len(rows),
+             cfg.before_seeds)
+    evals["before"] = timed("segmentation_before", train_and_score, cfg, rows, test_dir, "before")
+    evals["loss_only"] = timed("segmentation_loss_only", train_and_score, cfg, rows, test_dir, "loss_only")
+    partition = read_partition(phantoms["heterogeneous"])
+    layout = phantom_layouts(cfg)["heterogeneous"]
+    profile_names = {n: p.name for n, p in zip(layout.site_names, layout.profiles)}
+    results = summarise(cfg, rows, evals, partition, profile_names)
+    return report.write_all(cfg, results, phantoms, partition, profile_names, timings)
