@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
+from asyndgan.demo_data.phantom import write_phantom
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (

@@ -22,8 +22,10 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
+import time
 from typing import Literal
 
 import numpy as np
@@ -65,6 +67,11 @@ class CalibrationConfig(BaseModel):
     loss_only: SegmentationRecipe = Field(description="the fix's loss on the whole field of view (no brain crop)")
     seeds: int = Field(3, ge=1)
     before_seeds: int = Field(1, ge=0, description="seeds per row for the earlier recipe and for loss_only")
+    before_rows: list[str] = Field(
+        default_factory=lambda: ["real_all", "real_site1", "real_site2", "real_site3", "real_site4", "public",
+                                 "small_lesions", "low_grade"], description="rows trained with the earlier recipe")
+    loss_only_rows: list[str] = Field(default_factory=lambda: ["real_all", "small_lesions", "low_grade"],
+                                      description="rows trained with the fix's loss alone")
     device: str = "cpu"
     threads: int = Field(2, ge=1)
 
@@ -209,24 +216,70 @@ def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], t
     test = None
     slices: dict[pathlib.Path, SliceSet] = {}
     out: dict[str, list[dict]] = {}
-    for row, (trees, _) in rows.items():
-        out[row] = []
-        for s in seeds:
-            folder = cfg.out / "segmentation" / recipe_name / row / f"seed{s}"
-            if not (folder / "eval" / "summary.json").is_file():
-                log.info("segmentation (%s recipe): %s, seed %d", recipe_name, row, s)
-                seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
-                if not (folder / "model" / "training.json").is_file():
-                    for t in trees:
-                        if t not in slices:
-                            slices[t] = load_training_slices([t], seeded, progress=False)
-                    train_model(_pool([slices[t] for t in trees]), seeded, folder / "model", cfg.device,
-                                progress=False)
-                if test is None:
-                    test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
-                write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
-            out[row].append(_load_eval(folder))
+    wanted = {"after": list(rows), "before": cfg.before_rows, "loss_only": cfg.loss_only_rows}[recipe_name]
+    pieces = [(row, s) for row in rows for s in seeds if row in wanted]
+    claimed = []
+    for row, s in pieces:
+        folder = cfg.out / "segmentation" / recipe_name / row / f"seed{s}"
+        if (folder / "eval" / "summary.json").is_file():
+            continue
+        if not _claim(folder):
+            claimed.append(folder)  # another process of this command is on it
+            continue
+        log.info("segmentation (%s recipe): %s, seed %d", recipe_name, row, s)
+        seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
+        if not (folder / "model" / "training.json").is_file():
+            for t in rows[row][0]:
+                if t not in slices:
+                    slices[t] = load_training_slices([t], seeded, progress=False)
+            train_model(_pool([slices[t] for t in rows[row][0]]), seeded, folder / "model", cfg.device,
+                        progress=False)
+        if test is None:
+            test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
+        write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
+        (folder / CLAIM).unlink(missing_ok=True)
+    for folder in claimed:
+        _wait_for(folder)
+    for row, s in pieces:
+        out.setdefault(row, []).append(_load_eval(cfg.out / "segmentation" / recipe_name / row / f"seed{s}"))
     return out
+
+
+# Two processes running the same command on the same OUT share the work (two single-threaded trainings use 2 cores
+# better than one with two threads): each piece is claimed by a file holding the claimant's PID; a claim whose
+# process is gone is taken over.
+CLAIM = ".claimed-by"
+
+
+def _claim(folder: pathlib.Path) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLAIM
+    try:
+        with open(path, "x") as f:
+            f.write(str(os.getpid()))
+        return True
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            path.write_text(str(os.getpid()))  # its claimant died: ours now
+            return True
+        except PermissionError:
+            return False
+
+
+def _wait_for(folder: pathlib.Path) -> None:
+    while not (folder / "eval" / "summary.json").is_file():
+        if not (folder / CLAIM).is_file():
+            raise ConfigError(f"{folder} was claimed by another process that stopped before finishing it; run the "
+                              "command again")
+        try:
+            os.kill(int((folder / CLAIM).read_text() or 0), 0)
+        except (ValueError, ProcessLookupError):
+            raise ConfigError(f"the process working on {folder} has gone; run the command again") from None
+        time.sleep(5)
 
 
 def _load_eval(folder: pathlib.Path) -> dict:
