@@ -5,7 +5,7 @@ Every row trains the same segmentation recipe on one set of real training cases 
 test patients (the heterogeneous preset's test split, drawn from every site's scanner and population in turn):
     real_all        the four sites pooled (the upper bound a consortium would want to reach)
     real_site<k>    one site alone (sites are of similar size, so a gap is not just case count)
-    public          the public cohort (gliomas only, one scanner family; its own random streams)
+    public          the public cohort (large high-grade gliomas, one scanner family; its own random streams)
     small_lesions, low_grade   the two training cohorts on which the earlier recipe collapsed (20 cases with
                     4-10 mm tumours, 20 low-grade 7-12 mm; the original phantom's scanner), kept as a regression
 Each row runs with the current recipe over `seeds` segmentation seeds and with the earlier recipe (`before`)
@@ -19,6 +19,7 @@ same OUT are refused.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from asyndgan.demo_data.phantom.writer import read_partition
 from asyndgan.experiments.runner import piece_timer, write_json
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
-    load_training_slices, train_model, write_results,
+    load_training_slices, pool_slices, train_model, write_results,
 )
 from asyndgan.segmentation.config import earlier_recipe
 
@@ -173,16 +174,20 @@ def phantom_layouts(cfg: CalibrationConfig) -> dict[str, PhantomConfig]:
 
 
 def make_phantoms(cfg: CalibrationConfig) -> dict[str, pathlib.Path]:
-    """Layout name -> its folder under OUT/phantom (each written once; a marker says it is complete)."""
+    """Layout name -> its folder under OUT/phantom (each written once; a marker says it is complete). A second
+    process of this command waits on the lock while the first writes them."""
     folders = {}
-    for name, layout in phantom_layouts(cfg).items():
-        root, done = cfg.out / "phantom" / name, cfg.out / "phantom" / f"{name}.done"
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            log.info("phantom %s: %s cases", name, layout.cases_per_site)
-            write_phantom(root, layout)
-            done.write_text("complete\n")
-        folders[name] = root
+    (cfg.out / "phantom").mkdir(parents=True, exist_ok=True)
+    with open(cfg.out / "phantom" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, layout in phantom_layouts(cfg).items():
+            root, done = cfg.out / "phantom" / name, cfg.out / "phantom" / f"{name}.done"
+            if not done.exists():
+                shutil.rmtree(root, ignore_errors=True)
+                log.info("phantom %s: %s cases", name, layout.cases_per_site)
+                write_phantom(root, layout)
+                done.write_text("complete\n")
+            folders[name] = root
     return folders
 
 
@@ -193,17 +198,10 @@ def training_rows(cfg: CalibrationConfig, phantoms: dict[str, pathlib.Path]) -> 
     rows = {"real_all": ([het / n for n in layout.site_names], "all four sites pooled")}
     for name, profile in zip(layout.site_names, layout.profiles):
         rows[f"real_{name}"] = ([het / name], profile.name)
-    rows["public"] = ([phantoms["public"] / "public"], "public cohort: gliomas, one scanner family")
+    rows["public"] = ([phantoms["public"] / "public"], "public cohort: large high-grade gliomas, one 3 T scanner family")
     rows["small_lesions"] = ([phantoms["small_lesions"] / "small_lesions"], "regression: 4-10 mm tumours")
     rows["low_grade"] = ([phantoms["low_grade"] / "low_grade"], "regression: low grade, 7-12 mm")
     return rows
-
-
-def _pool(sets: list[SliceSet]) -> SliceSet:
-    first = sets[0]
-    return SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), first.preprocessing,
-                    first.region, first.healthy_ratio, [c for s in sets for c in s.cases],
-                    sum(s.tumour_slices for s in sets), sum(s.healthy_slices for s in sets))
 
 
 def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], test_dir: pathlib.Path,
@@ -232,7 +230,7 @@ def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], t
             for t in rows[row][0]:
                 if t not in slices:
                     slices[t] = load_training_slices([t], seeded, progress=False)
-            train_model(_pool([slices[t] for t in rows[row][0]]), seeded, folder / "model", cfg.device,
+            train_model(pool_slices([slices[t] for t in rows[row][0]]), seeded, folder / "model", cfg.device,
                         progress=False)
         if test is None:
             test = load_test_cases(test_dir, recipe.preprocessing, progress=False)

@@ -166,7 +166,7 @@ def plot_lesions(path: pathlib.Path, after: dict, before: dict) -> None:
     names = list(after)
     fig, axes = plt.subplots(1, 2 if before else 1, figsize=(11 if before else 6, 0.45 * len(names) + 1.6),
                              squeeze=False)
-    for ax, (title, table) in zip(axes[0], (("current recipe", after), ("earlier recipe", before))):
+    for k, (ax, (title, table)) in enumerate(zip(axes[0], (("current recipe", after), ("earlier recipe", before)))):
         grid = np.array([[table[r].by_lesion.get(lt, np.nan) if r in table else np.nan for lt in LESION_TYPES]
                          for r in names])
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -175,7 +175,7 @@ def plot_lesions(path: pathlib.Path, after: dict, before: dict) -> None:
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.5 else "black")
         ax.set_xticks(range(len(LESION_TYPES)), [LESION_NAMES[lt] for lt in LESION_TYPES], rotation=20, ha="right")
-        ax.set_yticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names if k == 0 else [""] * len(names))  # the same rows in both panels
         ax.set_title(f"{title}: Dice per test lesion type", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -41,7 +41,7 @@ from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalS
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
-    load_training_slices, train_model, write_results,
+    load_training_slices, pool_slices, train_model, write_results,
 )
 from asyndgan.site_agent.datasets import open_dataset
 
@@ -302,13 +302,6 @@ def rows(sites: list[pathlib.Path], synthetic: dict[str, pathlib.Path] | None, s
     return out
 
 
-def _pool(sets: list[SliceSet]) -> SliceSet:
-    first = sets[0]
-    return SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), first.preprocessing,
-                    first.region, first.healthy_ratio, [c for s in sets for c in s.cases],
-                    sum(s.tumour_slices for s in sets), sum(s.healthy_slices for s in sets))
-
-
 def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Path]],
                  test_dir: pathlib.Path, recipes: dict[str, SegmentationRecipe] | None = None) -> dict[str, list[dict]]:
     """Row -> one evaluation (summary + per-patient rows) per segmentation seed; models and evaluations are kept
@@ -336,7 +329,7 @@ def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Pat
                 for t in trees:
                     if t not in slices:
                         slices[t] = load_training_slices([t], seeded, progress=True)
-                train_model(_pool([slices[t] for t in trees]), seeded, folder / "model", cfg.device)
+                train_model(pool_slices([slices[t] for t in trees]), seeded, folder / "model", cfg.device)
             if test is None:
                 test = load_test_cases(test_dir, recipe.preprocessing)
             result = evaluate_model(folder / "model", test, cfg.device)

@@ -15,7 +15,7 @@ Library use (an experiment loads data once and trains several models on it):
 
 from asyndgan.segmentation.config import (
     REGION_LABELS, EvalRunConfig, NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, TrainRunConfig)
-from asyndgan.segmentation.data import SliceSet, TestSet, load_test_cases, load_training_slices
+from asyndgan.segmentation.data import SliceSet, TestSet, load_test_cases, load_training_slices, pool_slices
 from asyndgan.segmentation.evaluate import PROTOCOL, EvalResult, evaluate, evaluate_model, write_results
 from asyndgan.segmentation.metrics import EMPTY_RULE, CaseScore, diagonal_mm, score_case, summarise
 from asyndgan.segmentation.model import build_loss, build_network, load_model, save_model
@@ -25,6 +25,7 @@ __all__ = [
     "EMPTY_RULE", "PROTOCOL", "REGION_LABELS", "CaseScore", "EvalResult", "EvalRunConfig", "NetworkConfig",
     "Preprocessing", "SegmentationRecipe", "SliceSet", "TestSet", "TrainResult", "TrainRunConfig",
     "TrainingConfig", "build_loss", "build_network", "diagonal_mm", "evaluate", "evaluate_model",
-    "load_model", "load_test_cases", "load_training_slices", "save_model", "score_case", "summarise", "train",
+    "load_model", "load_test_cases", "load_training_slices", "pool_slices", "save_model", "score_case",
+    "summarise", "train",
     "train_model", "write_results",
 ]

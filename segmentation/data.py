@@ -185,6 +185,15 @@ class SliceSet:
         return int(self.images.shape[0])
 
 
+def pool_slices(sets: list[SliceSet]) -> SliceSet:
+    """One SliceSet holding every set's slices in order (sets read separately, e.g. one per site, pooled for one
+    model without reading them again)."""
+    first = sets[0]
+    return SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.masks for s in sets]), first.preprocessing,
+                    first.region, first.healthy_ratio, [c for s in sets for c in s.cases],
+                    sum(s.tumour_slices for s in sets), sum(s.healthy_slices for s in sets))
+
+
 def _map_cases(fn, cases: list, args: tuple, workers: int, desc: str, progress: bool):
     """fn(case, *args) for each case, in order, in `workers` processes when > 1 (reading and normalising a
     BraTS case is ~2 s of single-threaded numpy and gzip; a data set of 60 cases is worth spreading)."""

@@ -5,8 +5,8 @@
     heterogeneous  a consortium whose sites see different parts of the distribution: four sites of similar size,
                    each dominated by its own lesion type, population and scanner; the test set draws on all four
                    in turn (ten patients each at the default 40)
-    public         a public cohort that lacks what the private sites have: gliomas only, from one scanner family
-                   (3 T, thin slices, standard dose), no elderly population; written as one folder `public/`,
+    public         a public cohort that lacks what the private sites have: large high-grade gliomas only, from one
+                   scanner family (3 T, thin slices, standard dose), no elderly population; one folder `public/`,
                    with its own random streams and case ids, so it never repeats a private case
 
 A layout file (TOML or JSON) holds PhantomConfig's fields, optionally with `preset = "NAME"` to start from one of
@@ -53,10 +53,14 @@ HETEROGENEOUS_PROFILES = (
         bias_strength=0.15, noise=0.025),
 )
 
+# A public glioma collection as the public BraTS releases are: pre-operative high-grade gliomas (mostly
+# glioblastoma, large at diagnosis), adults without marked atrophy, from one family of research 3 T scanners. It
+# lacks what the private sites add: low-grade and small tumours, metastases, meningiomas, elderly anatomy,
+# thick-slice 2-D protocols, double or low contrast doses.
 PUBLIC_PROFILE = SiteProfile(
-    name="public glioma collection, one 3 T scanner family",
-    lesions={"glioma": 1.0}, high_grade_fraction=0.8, tumour_radius_mm=(8.0, 20.0), head_scale_sd=0.03,
-    deformation_mm=2.5, atrophy=(0.0, 0.3), **_ACADEMIC_3T)
+    name="public glioma collection: high-grade, one 3 T scanner family",
+    lesions={"glioma": 1.0}, high_grade_fraction=1.0, tumour_radius_mm=(12.0, 22.0), head_scale_sd=0.03,
+    deformation_mm=2.5, atrophy=(0.0, 0.2), **_ACADEMIC_3T)
 
 
 def preset_fields(name: str) -> dict[str, Any]:
