@@ -13,7 +13,7 @@ from asyndgan.common.config import BRATS_MODALITIES
 from asyndgan.demo_data.phantom.anatomy import Template, case_anatomy, load_template
 from asyndgan.demo_data.phantom.config import BRATS_SHAPE, SiteProfile
 from asyndgan.demo_data.phantom.mr_signal import MODALITY_SCALE, tissue_signals
-from asyndgan.demo_data.phantom.tumour import insert_tumour, place_lesions, tumour_centre
+from asyndgan.demo_data.phantom.tumour import place_lesions
 
 CORE_TISSUES = ("necrosis", "enhancing", "non_enhancing", "meningioma")
 
@@ -53,11 +53,7 @@ def make_case_described(template: Template, profile: SiteProfile, rng: np.random
     high_grade = bool(rng.random() < profile.high_grade_fraction) if lesion == "glioma" else False
 
     gm, wm, brain, head_scale, atrophy = case_anatomy(template, profile, rng)
-    if lesion in ("glioma", "low_grade_glioma"):
-        centre, radius = tumour_centre(template, profile, rng, head_scale)
-        lesions = [insert_tumour(gm, wm, brain, centre, radius, sp, high_grade, profile, rng)]
-    else:
-        lesions = place_lesions(template, profile, rng, head_scale, gm, wm, brain, lesion)
+    lesions = place_lesions(template, profile, rng, head_scale, gm, wm, brain, lesion, high_grade)
     csf = np.clip(brain - gm - wm, 0.0, 1.0)
     for tumour in lesions:
         for tissue in (csf, gm, wm):  # the tumour replaces normal tissue

@@ -48,12 +48,12 @@ def _centre_from(seeds: tuple[np.ndarray, np.ndarray], template: Template, rng: 
 
 
 def place_lesions(template: Template, profile: SiteProfile, rng: np.random.Generator, head_scale: np.ndarray,
-                  gm, wm, brain, lesion: str) -> list[dict]:
+                  gm, wm, brain, lesion: str, high_grade: bool = False) -> list[dict]:
     """A patient's lesions of type `lesion` (config.LESION_TYPES), inserted one after another (gm, wm and, for
-    a meningioma, brain change in place); one insert_tumour result per lesion."""
+    a meningioma, brain change in place); one insert_tumour result per lesion. A glioma's grade is drawn by the
+    caller (before the anatomy, as the original phantom drew it)."""
     sp = np.asarray(template.spacing)
     if lesion in ("glioma", "low_grade_glioma"):
-        high_grade = lesion == "glioma" and bool(rng.random() < profile.high_grade_fraction)
         centre, radius = tumour_centre(template, profile, rng, head_scale)
         return [insert_tumour(gm, wm, brain, centre, radius, sp, high_grade, profile, rng)]
     if lesion == "metastases":
