@@ -488,7 +488,8 @@ def segment_train(data_dirs, more_data, out, region, size, steps, batch_size, se
     setup_logging(log_level, cfg.out / "train.log")
     result = train(cfg)
     click.echo(f"trained {result.steps} steps on {result.slices} slices from {result.cases} cases in "
-               f"{result.seconds:.0f} s (final loss {result.final_loss:.4f})")
+               f"{result.seconds:.0f} s (final loss {result.final_loss:.4f}; Dice on its own training slices "
+               f"{result.training_dice:.3f}{': COLLAPSED, see the warning above' if result.collapsed else ''})")
     click.echo(f"  model:            {cfg.out}")
     click.echo(f"  training curves:  .venv/bin/tensorboard --logdir {cfg.out / 'tensorboard'}")
     click.echo(f"  evaluate:         asyndgan segment eval --model {cfg.out} --data TEST_DIR")
