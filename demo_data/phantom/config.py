@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from asyndgan.common.config import BRATS_MODALITIES
 
 BRATS_SHAPE = (240, 240, 155)
-# FeTS 2021 institution sizes (REFERENCE.md); the default split takes the largest few, so that a 3-site run is
-# as uneven as real institutions without leaving a site with a single case.
+# Institution sizes of the FeTS 2021 challenge's partition (Federated Tumour Segmentation); the default split takes
+# the largest few, so that a 3-site run is as uneven as real institutions without leaving a site with one case.
 FETS_2021_PARTITION_SIZES = (129, 14, 5, 9, 22, 34, 12, 8, 4, 8, 6, 9, 27, 3, 11, 34, 6)
 
 # What a case's lesion can be. glioma: high or low grade as `high_grade_fraction` draws (one lobulated tumour in

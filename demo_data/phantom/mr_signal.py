@@ -16,9 +16,9 @@ class Tissue:
     pd: float  # relative proton density
 
 
-# REFERENCE.md starting values, except that GM/WM T2 are set apart (95 / 75 ms, Stanisz et al. 2005 at 1.5 T
-# report 95 / 72): with both at 85 ms white matter would come out brighter than grey matter in FLAIR and T2,
-# the opposite of every real scan.
+# Typical 1.5 T relaxation times from the MR literature, except that GM/WM T2 are set apart (95 / 75 ms;
+# Stanisz et al. 2005 at 1.5 T report 95 / 72): with both at 85 ms white matter would come out brighter than grey
+# matter in FLAIR and T2, the opposite of every real scan.
 TISSUES = {
     "csf": Tissue(3000.0, 2500.0, 1.00),
     "gm": Tissue(1050.0, 95.0, 0.80),
