@@ -8,9 +8,10 @@ test patients (the heterogeneous preset's test split, drawn from every site's sc
     public          the public cohort (large high-grade gliomas, one scanner family; its own random streams)
     small_lesions, low_grade   the two training cohorts on which the earlier recipe collapsed (20 cases with
                     4-10 mm tumours, 20 low-grade 7-12 mm; the original phantom's scanner), kept as a regression
-Each row runs with the current recipe over `seeds` segmentation seeds and with the earlier recipe (`before`)
-over `before_seeds`, so the table shows Dice per lesion type before and after the recipe's fix. Results are
-typed records (`RowResult`), which results.json, report.md and the figures all read.
+Each row runs with the current recipe over `seeds` segmentation seeds; the earlier recipe (`before`, on
+`before_rows`) and the fix's loss alone on the whole field of view (`loss_only`, on `loss_only_rows`) run over
+`before_seeds`, so the tables show Dice per lesion type before and after the recipe's fix and what each of its two
+changes does. Results are typed records (`RowResult`), which results.json, report.md and the figures all read.
 
 Pieces (phantoms, each model and its evaluation) are kept in OUT and skipped on a re-run; other settings in the
 same OUT are refused.
