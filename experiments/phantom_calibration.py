@@ -39,7 +39,8 @@ from asyndgan.demo_data.phantom import PhantomConfig, SiteProfile, write_phantom
 from asyndgan.demo_data.phantom.config import LESION_TYPES
 from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.demo_data.phantom.writer import read_partition
-from asyndgan.experiments.runner import piece_timer, write_json
+from asyndgan.experiments.runner import piece_timer
+from asyndgan.experiments.synthetic_learning import check_settings
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
     load_training_slices, pool_slices, train_model, write_results,
@@ -143,20 +144,6 @@ class Target:
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------
-def check_settings(cfg: CalibrationConfig) -> None:
-    path = cfg.out / "settings.json"
-    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads", "device"}))
-    if path.is_file():
-        if json.loads(path.read_text()) != ours:
-            raise ConfigError(f"{cfg.out} holds a calibration run with other settings ({path}); choose a new --out")
-        log.info("resuming the run in %s: finished pieces are kept", cfg.out)
-        return
-    if cfg.out.exists() and any(p.name != "experiment.log" for p in cfg.out.iterdir()):
-        raise ConfigError(f"{cfg.out} is not empty and holds no calibration run; choose a new --out")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    write_json(path, ours)
-
-
 def phantom_layouts(cfg: CalibrationConfig) -> dict[str, PhantomConfig]:
     """The four phantoms: the heterogeneous consortium (with the test split), the public cohort, and the two
     regression cohorts (the original phantom's default scanner, tumours as the collapse was reported on)."""
