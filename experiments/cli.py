@@ -92,7 +92,9 @@ def phantom(out, preset, config_file, sites, cases_per_site, train_cases, test_c
     for site, n in summary.cases_per_site.items():
         lacks = f" (without {', '.join(cfg.missing[site])})" if cfg.missing.get(site) else ""
         click.echo(f"{site}: {n} cases in {out / site}{lacks}")
-    click.echo(f"test: {summary.test_cases} cases in {out / 'test'}; partition: {out / 'partition.csv'}")
+    if summary.test_cases:
+        click.echo(f"test: {summary.test_cases} cases in {out / 'test'}")
+    click.echo(f"partition: {out / 'partition.csv'}")
     click.echo(f"lesions: {', '.join(f'{k} {v}' for k, v in sorted(summary.lesions.items()))}")
     previews = "preview.png" + (", preview_lesions.png" if (out / "preview_lesions.png").exists() else "")
     click.echo(f"previews: {previews} in {out}  ({summary.seconds_per_case:.1f} s per case)")

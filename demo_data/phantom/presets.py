@@ -95,6 +95,7 @@ def phantom_config(preset: str = "default", file_fields: dict[str, Any] | None =
     merged.update({k: v for k, v in overrides.items() if v is not None})
     if merged.get("sites") is not None and "profiles" in merged and "profiles" not in fields and \
             "profiles" not in overrides and len(merged["profiles"]) != merged["sites"]:
-        raise ConfigError(f"the {preset} preset has {len(merged['profiles'])} site profiles; give --sites "
-                          f"{len(merged['profiles'])} or a config file with a profile per site")
+        n = len(merged["profiles"])
+        raise ConfigError(f"the {preset} preset has {n} site profile{'s' if n > 1 else ''}; give --sites {n} or a "
+                          "config file with a profile per site")
     return PhantomConfig(**merged)
