@@ -16,7 +16,8 @@ from asyndgan.common.atomic import atomic_write_text
 from asyndgan.experiments.runner import write_json
 
 MIB = 1 << 20
-# Parameter counts for the crossover's other model sizes (REFERENCE.md, "Bandwidth").
+# Parameter counts for the crossover's other model sizes: MONAI's UNet(32..512) for 4 -> 2 channels, and the
+# 2-D U-Net of the DSL paper's downstream recipe.
 OTHER_MODELS = {"MONAI UNet(32..512), 6.5 M": 6.5e6, "DSL U-Net, 31 M": 31.0e6}
 
 

@@ -4,8 +4,9 @@ processes on loopback, each SuperNode dialling through its own counting relay, a
 
 Flower lives in its own environment (scripts/setup-flower.sh; ASYNDGAN_FLOWER_VENV to point elsewhere): flwr 1.42
 pins protobuf < 7, asyndgan's generated gRPC code needs protobuf >= 7. Runs are offline: telemetry and the update
-check off, the SuperLink installs no dependencies, every run has its own FLWR_HOME and free ports
-(../shared/notes/flower.md has the measurements behind each condition).
+check off (with them on, every run makes dozens of DNS look-ups to the outside), the SuperLink installs no
+dependencies (by default it installs the app's into a fresh environment per run, which fails offline), every run
+has its own FLWR_HOME and free ports.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def toy(tmp_path):
 @pytest.mark.parametrize("q, sigma, steps, delta", [
     (4 / 196, 1.0, 2000, 1e-5),      # the cpu preset's smallest site, a whole run
     (0.02, 0.8, 500, 1e-5),
-    (6 / 4661, 1.0, 155_400, 1e-5),  # REFERENCE.md's cross-check
+    (6 / 4661, 1.0, 155_400, 1e-5),  # a BraTS-size site, a DSL-length run: epsilon ~3.0 (RDP) in both
     ((4 / 196, 1.0, 700), (4 / 150, 1.3, 300), None, 1e-6),  # a history with two settings
 ])
 def test_our_accountant_matches_google_dp_accounting_within_5_percent(q, sigma, steps, delta):
