@@ -49,9 +49,6 @@ from asyndgan.segmentation.config import earlier_recipe
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu"]
-# The recipe runs: the current recipe (after the fix), the earlier one, and the fix's loss alone (whole field of
-# view), which separates the two changes.
-RECIPES = ("after", "before", "loss_only")
 
 
 class CalibrationConfig(BaseModel):
@@ -105,7 +102,7 @@ class RowResult:
     """One training set under one recipe: Dice per seed, per patient (mean over seeds) and per group."""
 
     row: str
-    recipe: str  # RECIPES: "after" (current), "before" or "loss_only"
+    recipe: str  # "after" (the current recipe), "before" (the earlier one) or "loss_only" (the fix's loss alone)
     description: str
     training_cases: int
     seeds: list[int]

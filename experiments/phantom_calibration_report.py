@@ -131,8 +131,8 @@ def _report(cfg, after, before, loss_only, gaps, targets, test_lesions, profile_
 
 def _recipe_text(recipe) -> str:
     t, p = recipe.training, recipe.preprocessing
-    return (f"{p.image_size} px{', brain crop' if getattr(p, 'crop', 'none') == 'brain' else ''}, "
-            f"{t.steps} steps, batch {t.batch_size}, loss {getattr(t, 'loss', 'dice_ce')}")
+    return (f"{p.image_size} px{', brain crop' if p.crop == 'brain' else ''}, {t.steps} steps, batch "
+            f"{t.batch_size}, loss {t.loss}")
 
 
 def plot_dice(path: pathlib.Path, after: dict, gaps: dict) -> None:
