@@ -47,12 +47,15 @@ def main() -> None:
 @click.option("--certs", type=click.Path(path_type=pathlib.Path), help="TLS folder: ca.crt, server.crt, server.key [certs].")
 @click.option("--insecure", is_flag=True, default=None, help="Plain text without identities (local tests only).")
 @click.option("--port-file", type=click.Path(path_type=pathlib.Path), help="Write the bound port here (for scripts).")
+@click.option("--init", type=click.Path(path_type=pathlib.Path), help="Start from a public pretraining folder "
+              "(`asyndgan-server pretrain`): the generator from its weights, the sites' discriminators from its "
+              "reference discriminator (sent to them, checked by SHA-256).")
 @set_option
 @log_level_option
 @exit_hard  # a gRPC call that never completed must not hold the process after the last checkpoint is written
 @friendly_errors
 def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites, wire_dtype, wire_region, threads, device,
-          resume, health_port, certs, insecure, port_file, overrides, log_level):
+          resume, health_port, certs, insecure, port_file, init, overrides, log_level):
     """Start the server and train until the schedule ends."""
     from asyndgan.central_server.server import run_server
 
@@ -60,7 +63,7 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
         "host": host, "port": port, "run_dir": run_dir and str(run_dir), "site.model.family": family,
         "site.schedule.steps": steps, "train.batch_size": batch_size, "train.min_sites": min_sites,
         "train.wire_dtype": wire_dtype, "train.wire_region": wire_region, "device": device, "threads": threads, "insecure": insecure,
-        "certs": certs and str(certs), "resume": resume, "health_port": health_port,
+        "certs": certs and str(certs), "resume": resume, "health_port": health_port, "init": init and str(init),
     }
     values.update(dict(parse_override(o) for o in overrides))
     folder = run_dir or pathlib.Path(ServerConfig.model_fields["run_dir"].default)
@@ -76,6 +79,40 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
 
         torch.set_num_threads(cfg.threads)
     run_server(cfg, port_file=port_file)
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=pathlib.Path),
+              help="Public training data (BraTS tree, image folder or arrays), e.g. a public BraTS release.")
+@click.option("--out", required=True, type=click.Path(path_type=pathlib.Path),
+              help="Pretraining folder to write (checkpoints, samples, public_start.json, the discriminator).")
+@click.option("--config", "config_file", type=click.Path(path_type=pathlib.Path),
+              help="TOML or JSON server config: the model and schedule (the same model the run will use).")
+@click.option("--steps", type=int, help="Generator steps.")
+@click.option("--batch-size", type=int, help="Samples per step.")
+@click.option("--cache-dir", type=click.Path(path_type=pathlib.Path), help="Where prepared slices are cached.")
+@click.option("--threads", type=int, help="Torch CPU threads.")
+@click.option("--device", help="Torch device (cpu, cuda).")
+@set_option
+@log_level_option
+@friendly_errors
+def pretrain(data, out, config_file, steps, batch_size, cache_dir, threads, device, overrides, log_level):
+    """Train the generator and a reference discriminator on public data, for runs to start from (--init)."""
+    from asyndgan.central_server.pretrain import pretrain as run_pretrain
+    from asyndgan.common.config import DataPrepConfig
+
+    values = {"run_dir": str(out), "site.schedule.steps": steps, "train.batch_size": batch_size,
+              "device": device, "threads": threads}
+    values.update(dict(parse_override(o) for o in overrides))
+    cfg = load_config(ServerConfig, config_file, values)
+    setup_logging(log_level, out / "pretrain.log")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    prep = DataPrepConfig(**({"cache_dir": cache_dir} if cache_dir else {}))
+    folder = run_pretrain(cfg, data, prep)
+    click.echo(f"pretraining in {folder}; start a run from it with: asyndgan-server start --init {folder}")
 
 
 def _has_checkpoint(run_dir: pathlib.Path) -> bool:

@@ -7,7 +7,9 @@ step in flight, writes a checkpoint, tells the sites, and stops the server with 
 
 from __future__ import annotations
 
+import json
 import logging
+import pathlib
 import signal
 import threading
 from concurrent import futures
@@ -15,7 +17,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from asyndgan.common import serde, tls
+from asyndgan.common import public_start, serde, tls
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.config import ServerConfig
@@ -80,10 +82,19 @@ def create_health_server(health_servicer: health.HealthServicer, address: str) -
 
 def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
     """The trainer, registry and servicer of a run; cfg.resume says whether it continues from a checkpoint."""
+    public_weights, start = None, None
+    if cfg.init is not None:
+        record, public_weights = public_start.read_folder(cfg.init)
+        start = _check_init(cfg, record)
+        cfg.site.public_start = record["discriminator_sha256"]
     bank = MaskBank(cfg.run_dir / "bank")
     registry = SiteRegistry(cfg, bank)
     trainer = Trainer(cfg, registry, bank, cfg.run_dir)
     found = ckpt.load_latest(cfg.run_dir / "checkpoints") if cfg.resume != "never" else None
+    if found is None and start is not None:
+        trainer.generator.load_state_dict(ckpt.load_checkpoint(start)["generator"])
+        log.info("generator starts from the public pretraining in %s (%s); sites start from its discriminator "
+                 "(SHA-256 %s...)", cfg.init, start.name, cfg.site.public_start[:16])
     if found is None and cfg.resume == "always":
         raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'} (--resume-if-possible "
                           "starts a new run in that case)")
@@ -106,8 +117,22 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
                              site_config=cfg.site, have_maps=have_maps, wire_region=cfg.train.region_for(cfg.site.model))
 
     authorizer = Authorizer(None if cfg.insecure else cfg.certs, cfg.allowed_sites, cfg.operators)
-    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry), authorizer, cfg.limits)
+    servicer = AsynDGANServicer(registry, welcome, lambda: build_status(trainer, registry), authorizer, cfg.limits,
+                                public_weights=public_weights)
     return trainer, registry, servicer
+
+
+def _check_init(cfg: ServerConfig, record: dict) -> pathlib.Path:
+    """The pretraining's last checkpoint, after checking that its model is this run's; ConfigError otherwise."""
+    theirs = record.get("model")
+    if theirs != json.loads(cfg.site.model.model_dump_json()):
+        raise ConfigError(f"the pretraining in {cfg.init} trained another model than this run's (site.model "
+                          f"differs: {theirs} against {cfg.site.model.model_dump()}); start with the same model "
+                          "settings, or pretrain again")
+    path = cfg.init / record.get("checkpoint", "")
+    if not path.is_file():
+        raise ConfigError(f"the pretraining in {cfg.init} names checkpoint {path}, which is missing")
+    return path
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import grpc
 
-from asyndgan.common import serde
+from asyndgan.common import public_start, serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import LimitsConfig
@@ -73,8 +73,11 @@ class _StreamReader:
 
 class AsynDGANServicer(pb_grpc.AsynDGANServicer):
     def __init__(self, registry: SiteRegistry, welcome: Callable[[bool], serde.Welcome],
-                 status: Callable[[], pb.StatusReply], authorizer: Authorizer, limits: LimitsConfig):
+                 status: Callable[[], pb.StatusReply], authorizer: Authorizer, limits: LimitsConfig,
+                 public_weights: bytes | None = None):
+        """public_weights: the public discriminator file every site starts from (sent after Welcome)."""
         self.registry = registry
+        self.public_weights = public_weights
         self.authorizer = authorizer
         self.welcome = welcome
         self.status = status
@@ -130,6 +133,9 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
             reader.attach(session)
         context.add_callback(lambda: self.registry.leave(session, "connection closed"))
         yield serde.welcome_to_proto(self.welcome(have_maps))
+        if self.public_weights is not None:
+            for index, count, data in public_start.pieces(self.public_weights):
+                yield pb.ServerMessage(weights=pb.PublicWeights(index=index, count=count, data=data))
         while (msg := session.outbox.get()) is not None:
             yield msg
         self.registry.leave(session, "stream finished")

@@ -113,6 +113,9 @@ class SiteFacingConfig(_Section):
     d_steps: int = Field(1, ge=1, le=16, description="discriminator updates per received batch")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     seed: int = 0
+    public_start: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the public "
+                                     "discriminator weights every site starts from (set by the server from "
+                                     "--init; the weights follow Welcome, proto PublicWeights)")
 
 
 class TrainConfig(_Section):
@@ -176,6 +179,9 @@ class ServerConfig(_Section):
                                  "may read Status even when allowed_sites does not list them")
     tensorboard: bool = Field(True, description="write TensorBoard event files to run_dir/tensorboard")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    init: pathlib.Path | None = Field(None, description="a pretraining folder (`asyndgan-server pretrain`): the "
+                                      "generator starts from its weights, the sites' discriminators from its "
+                                      "public discriminator")
     g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     site: SiteFacingConfig = Field(default_factory=SiteFacingConfig)
@@ -215,22 +221,42 @@ class PrivacyConfig(_Section):
     """The site's own differential-privacy guarantee (site_agent/privacy.py). Site-local: the server can read
     what was spent (status) but cannot set or lower any of it.
 
-    On: the site trains its discriminators with DP-SGD (Opacus) on real samples it draws itself (Poisson, with
-    a secret random source), and returns only the adversarial gradient, which depends on its images through
-    those discriminators alone. It refuses a server that asks for an L1 term (computed on real images directly).
-    The unit protected is one training slice (one label map with its images); see the README for patients."""
+    On: the site trains its discriminators with DP-SGD on real data it draws itself (Poisson sampling of its
+    patients, with a secret random source), and returns only the adversarial gradient, which depends on its
+    images through those discriminators alone. The unit protected is one patient (unit = "patient"): all of a
+    patient's slices together, clipped as one. It refuses a server that asks for an L1 term (computed on real
+    images directly)."""
 
     enabled: bool = Field(True, description="differential privacy for everything this site sends")
+    unit: Literal["patient", "slice"] = Field(
+        "patient", description="what one DP step's clipping bounds: 'patient' (default; all slices of one case "
+        "folder, or of one patient in an image folder's patients.csv) or 'slice' (the older, weaker guarantee: "
+        "a patient with k slices is covered only by group privacy, which is vacuous for tens of slices)")
     epsilon: float = Field(10.0, gt=0, le=100, description="total budget: the site stops answering before it "
                            "would spend more, across runs and restarts")
-    delta: float = Field(1e-5, gt=0, lt=1, description="the guarantee's delta; must be at most 1/(samples)")
-    noise_multiplier: float = Field(1.0, ge=0.3, le=20, description="DP-SGD noise: std = this x max_grad_norm")
-    max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD per-sample gradient clipping bound")
-    sample_rate: float = Field(0.01, gt=0, le=1, description="Poisson rate at which the site draws its own "
-                               "real samples for each discriminator step (expected rows = rate x samples). "
-                               "0.01 at noise 1.0 keeps a 10,000-step run near epsilon 6.7 whatever the site's "
-                               "size; the discriminators' signal grows with the rows, i.e. with the site")
-
+    delta: float = Field(1e-5, gt=0, lt=1, description="the guarantee's delta; at most 1/(10 x patients) "
+                         "(unit patient) or 1/slices (unit slice)")
+    noise_multiplier: float | None = Field(
+        None, ge=0.3, le=500, description="DP-SGD noise std = this x max_grad_norm. Unset (default): the site "
+        "computes it from its remaining budget, the sampling rate and the run's planned discriminator steps, so "
+        "that the planned run ends near its budget; set: fixed, and the site stops when the budget is spent")
+    max_grad_norm: float = Field(1.0, gt=0, description="clipping bound of one unit's (patient's) gradient")
+    sample_rate: float = Field(0.5, gt=0, le=1, description="Poisson rate at which the site draws its units "
+                               "(patients) for each discriminator step; 1 = every patient every step (full batch)")
+    slices_per_patient: int = Field(8, ge=0, le=4096, description="a drawn patient contributes a random subset "
+                                    "of this many of its slices (0: all of them)")
+    augmentations: int = Field(1, ge=1, le=16, description="augmentation multiplicity: each drawn slice is seen "
+                               "this many times with independent flips (and crops), averaged inside the patient's "
+                               "clipped gradient, so the views cost no privacy")
+    update_every: int = Field(1, ge=1, le=64, description="take a DP discriminator step every this many batches; "
+                              "the batches between are answered by the discriminators as they are (post-processing "
+                              "of a private model: no budget spent)")
+    trainable: str = Field("all", pattern=r"^(all|last:[1-9][0-9]?)$", description="which discriminator "
+                           "parameters learn under DP: 'all', or 'last:K' (the last K layers with parameters of "
+                           "each discriminator; the rest stays as initialised, e.g. from public weights). Fewer "
+                           "noisy parameters, less noise in all")
+    planned_spare: float = Field(0.05, ge=0, le=1, description="extra fraction of the planned steps the computed "
+                                 "noise allows for (steps the server retries after a missed quorum)")
 
 class SiteConfig(_Section):
     site_id: str = Field(..., min_length=1, max_length=64, pattern=SITE_ID_PATTERN)

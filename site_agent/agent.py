@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from asyndgan.common import serde, tls
+from asyndgan.common import public_start, serde, tls
+from asyndgan.common.atomic import atomic_write
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import SiteConfig
@@ -114,6 +115,7 @@ class SiteAgent:
         self._joined_once = False
         self._outbox: queue.Queue = queue.Queue()
         self._leaving: _Left | None = None
+        self._pending: tuple[serde.Welcome, list[bytes]] | None = None  # a Welcome waiting for public weights
         self._ledger_path = None
         if cfg.privacy.enabled:
             self._ledger_path = privacy.ledger_path(cfg.state_dir, cfg.site_id)
@@ -223,6 +225,8 @@ class SiteAgent:
             return False  # we told the server we are leaving: nothing more to answer
         if kind == "welcome":
             self._on_welcome(serde.welcome_from_proto(msg.welcome))
+        elif kind == "weights":
+            self._on_weights(msg.weights)
         elif kind == "batch":
             self._on_batch(msg.batch)
         elif kind == "shutdown":
@@ -236,15 +240,57 @@ class SiteAgent:
             raise ProtocolError(f"unexpected server message {kind!r}")
         return False
 
+    def _public_file(self, sha: str) -> pathlib.Path:
+        return self.cfg.state_dir / "public" / f"{sha}.safetensors"
+
+    def _public_weights(self, sha: str | None) -> dict | None:
+        """The public discriminator weights with digest `sha`, from this site's copy (None: none kept yet)."""
+        path = self._public_file(sha)
+        if not path.is_file():
+            return None
+        try:
+            return public_start.weights_from_bytes(path.read_bytes(), sha)
+        except (OSError, ProtocolError) as exc:
+            log.warning("the kept public weights %s cannot be used (%s); taking the server's copy", path, exc)
+            return None
+
+    def _on_weights(self, msg: pb.PublicWeights) -> None:
+        """A piece of the public discriminator file (after Welcome); the last one completes the join."""
+        if self._pending is None:
+            return  # this site keeps the file from an earlier join
+        welcome, pieces = self._pending
+        if msg.index != len(pieces) or msg.count <= msg.index or msg.count > 4096:
+            raise ProtocolError(f"public weights piece {msg.index} of {msg.count} arrived after {len(pieces)} "
+                                "pieces: out of order")
+        pieces.append(bytes(msg.data))
+        if len(pieces) < msg.count:
+            return
+        sha = welcome.site_config.public_start
+        data = b"".join(pieces)
+        public_start.weights_from_bytes(data, sha)  # checks the digest before the file is kept
+        atomic_write(self._public_file(sha), lambda f: f.write(data))
+        self._pending = None
+        log.info("received the public discriminator weights (%.1f MB, SHA-256 %s... verified)", len(data) / 1e6,
+                 sha[:16])
+        self._on_welcome(welcome)
+
     def _on_welcome(self, welcome: serde.Welcome) -> None:
         self.wire_dtype = welcome.wire_dtype
         self._joined_once = self._joined_recently = True
         if welcome.site_config != self._site_config:  # first join, or the server's settings changed
+            sha = welcome.site_config.public_start
+            initial = None
+            if sha is not None:
+                initial = self._public_weights(sha)
+                if initial is None:  # wait for the pieces that follow Welcome
+                    self._pending = (welcome, [])
+                    return
             self._save_state()
             dataset = open_dataset(self.cfg.data, welcome.site_config, self.cfg.prep)
             try:
                 self.worker = SiteWorker(welcome.site_config, dataset, self.cfg.device, privacy=self.cfg.privacy,
-                                         ledger_path=self._ledger_path, site_id=self.cfg.site_id)
+                                         ledger_path=self._ledger_path, site_id=self.cfg.site_id,
+                                         start_step=welcome.step, initial=initial)
             except (ConfigError, PrivacyBudgetExhausted) as exc:  # settings it refuses, or no budget left
                 self._leave(str(exc), budget=isinstance(exc, PrivacyBudgetExhausted))
                 return

@@ -273,10 +273,10 @@ def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, siz
                     raise DataError(f"{case.files['seg']} changed while it was being read")
                 writer.images[row:row + n] = images
                 writer.labels[row:row + n] = maps
+                slice_cases.append([case.name, n])  # the rows kept, in order: the patients of the slices
             except DataError as exc:
                 _bad(prep, str(exc))
                 keep[row:row + n] = False
-            slice_cases.append([case.name, n])
             row += n
         return writer.commit(modalities, {"kind": "brats", "source": str(root), "cases": slice_cases,
                                           "num_classes": NUM_CLASSES}, keep)

@@ -24,7 +24,7 @@ import numpy as np
 from asyndgan.common.errors import DataError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when the preparation code changes what it writes
+CACHE_VERSION = 2  # bump when the preparation code changes what it writes (2: meta lists each row's patient)
 
 
 @dataclass

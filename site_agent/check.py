@@ -26,7 +26,7 @@ from asyndgan.common import serde, tls
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import ModelConfig, SiteConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError
-from asyndgan.site_agent.datasets import DataSummary, describe_dataset, open_dataset
+from asyndgan.site_agent.datasets import DataSummary, SiteDataset, describe_dataset, open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def run_checks(cfg: SiteConfig, now: dt.datetime | None = None) -> list[CheckRes
     if kit_ok and _check_reachable(cfg, kit, out) and summary is not None:
         site_config = _check_accepted(cfg, kit, summary, out)
     if summary is not None:
-        samples = _check_cases(cfg, summary, site_config, out)
-        if samples:
-            _check_privacy(cfg, site_config, samples, out)
+        dataset = _check_cases(cfg, summary, site_config, out)
+        if dataset is not None and len(dataset):
+            _check_privacy(cfg, site_config, dataset, out)
     return out
 
 
@@ -180,8 +180,8 @@ def _check_accepted(cfg: SiteConfig, kit: pathlib.Path | None, summary: DataSumm
 
 
 def _check_cases(cfg: SiteConfig, summary: DataSummary, site_config: SiteFacingConfig | None,
-                 out: list[CheckResult]) -> int | None:
-    """The usable sample count, or None when the data cannot be opened."""
+                 out: list[CheckResult]) -> SiteDataset | None:
+    """The opened dataset, or None when the data cannot be opened."""
     where = "at the server's settings"
     if site_config is None:
         # No server to ask: the defaults of this data's family, so that data problems still show offline.
@@ -207,11 +207,13 @@ def _check_cases(cfg: SiteConfig, summary: DataSummary, site_config: SiteFacingC
     for message in collector.messages:
         out.append(CheckResult("cases", "warning", message))
     cached = f"; prepared slices cached in {cfg.prep.cache_dir}" if summary.layout in ("brats", "images") else ""
-    out.append(CheckResult("cases", "ok", f"{len(dataset)} samples usable {where}{cached}"))
-    return len(dataset)
+    patients = dataset.patients()
+    out.append(CheckResult("cases", "ok", f"{len(dataset)} samples of {patients.count} patients "
+                           f"({patients.source}) usable {where}{cached}"))
+    return dataset
 
 
-def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, samples: int,
+def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, dataset: SiteDataset,
                    out: list[CheckResult]) -> None:
     """This site's own guarantee: its ledger, its budget against the server's run, settings it would refuse."""
     from asyndgan.site_agent import privacy
@@ -226,17 +228,39 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, sample
     except AsynDGANError as exc:
         out.append(CheckResult("privacy", "problem", str(exc)))
         return
-    if p.delta > 1 / samples:
-        out.append(CheckResult("privacy", "problem", f"privacy.delta {p.delta:g} is above 1/samples (1/{samples})"))
+    units = dataset.patients().count if p.unit == "patient" else len(dataset)
+    bound = 1 / (10 * units) if p.unit == "patient" else 1 / units
+    if p.delta > bound:
+        out.append(CheckResult("privacy", "problem", f"privacy.delta {p.delta:g} is above "
+                               f"{'1/(10 x patients)' if p.unit == 'patient' else '1/samples'} ({bound:.3g})"))
         return
     if site_config is not None and site_config.loss.lambda_l1 > 0:
         out.append(CheckResult("privacy", "problem", f"the server asks for an L1 term (loss.lambda_l1 = "
                                f"{site_config.loss.lambda_l1:g}), which this private site refuses"))
         return
     rate = p.sample_rate
+    unit = privacy.UNIT_NAMES[p.unit]
+    head = (f"on, per {unit}: epsilon {ledger.epsilon_spent:.2f} of {p.epsilon:g} spent (delta {p.delta:g}); "
+            f"sampling rate {rate:.4g} ({rate * units:.1f} of {units} {unit}s per step expected)")
+    if p.noise_multiplier is None:
+        if site_config is None:
+            out.append(CheckResult("privacy", "ok", f"{head}; the noise is computed at join from the server's "
+                                   "planned steps"))
+            return
+        planned = privacy.planned_dp_steps(site_config, p, 0)
+        try:
+            sigma = privacy.noise_for_budget(p.epsilon, p.delta, rate, planned, ledger.history)
+        except AsynDGANError as exc:
+            out.append(CheckResult("privacy", "problem", str(exc)))
+            return
+        level = "warning" if sigma / max(rate * units, 1e-9) > 0.5 else "ok"
+        detail = (f"{head}; the server's run plans {planned} DP steps, for which this site adds noise {sigma:.3g} "
+                  f"({sigma / max(rate * units, 1e-9):.2f} per expected {unit}"
+                  f"{'; above 0.5 the noise drowns the signal' if level == 'warning' else ''})")
+        out.append(CheckResult("privacy", level, detail))
+        return
     left = privacy.affordable_steps(p, rate, ledger.history)
-    detail = (f"on: epsilon {ledger.epsilon_spent:.2f} of {p.epsilon:g} spent (delta {p.delta:g}); at noise "
-              f"{p.noise_multiplier:g} and sampling rate {rate:.4g}, about {left} more discriminator steps fit")
+    detail = f"{head}; at noise {p.noise_multiplier:g}, about {left} more discriminator steps fit"
     needed = None if site_config is None else site_config.schedule.steps * site_config.d_steps
     if needed is not None and left < needed:
         out.append(CheckResult("privacy", "warning", f"{detail}; the server's run asks for {needed}, so this site "

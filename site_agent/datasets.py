@@ -9,7 +9,8 @@ Layouts understood:
 - brats: one folder per case with BraTS 2018-2021 or 2023+ NIfTI names (site_agent/brats.py);
 - images: 2-D image files beside mask files, PNG or TIFF (site_agent/image_folders.py);
 - arrays (`meta.json` kind "arrays"): `images.npy` float32 [N, C, H, W] in [-1, 1], `labels.npy` uint8
-  [N, H, W]; written by `asyndgan data toy` and usable for any pre-processed 2-D data;
+  [N, H, W], optionally `"patients": [id per sample]` in meta.json; written by `asyndgan data toy` and usable
+  for any pre-processed 2-D data;
 - samples1d (`meta.json` kind "samples1d"): `samples.npy` float32 [N], for the 1-D experiment.
 BraTS and image folders are prepared once at the server's size and cached (site_agent/cache.py).
 """
@@ -30,12 +31,44 @@ from asyndgan.common.errors import DataError
 from asyndgan.site_agent import brats, cache, image_folders
 
 
+@dataclass(frozen=True)
+class Patients:
+    """Which patient each sample belongs to: the unit a private site protects (site_agent/privacy.py).
+
+    index: int64 [N], patient number 0..count-1 of every sample; source: how the grouping was found ("case
+    folders", "patient map", "meta.json", or "one sample = one patient" where the data say nothing)."""
+
+    index: np.ndarray
+    count: int
+    source: str
+
+    @classmethod
+    def from_ids(cls, ids: list, source: str) -> "Patients":
+        names: dict = {}
+        index = np.array([names.setdefault(i, len(names)) for i in ids], dtype=np.int64)
+        return cls(index, len(names), source)
+
+    @classmethod
+    def one_each(cls, n: int) -> "Patients":
+        return cls(np.arange(n, dtype=np.int64), n, "one sample = one patient")
+
+    def members(self) -> list[np.ndarray]:
+        """Sample keys of every patient, patient by patient."""
+        order = np.argsort(self.index, kind="stable")
+        bounds = np.searchsorted(self.index[order], np.arange(self.count + 1))
+        return [order[bounds[i]:bounds[i + 1]] for i in range(self.count)]
+
+
 class SiteDataset(abc.ABC):
     family: str
     modalities: list[str]
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
+
+    def patients(self) -> Patients:
+        """The patient of every sample; by default each sample is its own patient."""
+        return Patients.one_each(len(self))
 
     def label_maps(self) -> torch.Tensor | None:
         """uint8 [N, H, W] to upload at join, or None when the family has no condition to upload. May be
@@ -76,6 +109,13 @@ class ArrayImageDataset(SiteDataset):
             lab = F.interpolate(lab[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(torch.uint8)
         self._images = img
         self._labels = lab
+        ids = meta.get("patients")
+        if ids is not None and (not isinstance(ids, list) or len(ids) != img.shape[0]):
+            raise DataError(f"{root}/meta.json 'patients' must list one patient id per sample ({img.shape[0]})")
+        self._patients = Patients.one_each(img.shape[0]) if ids is None else Patients.from_ids(ids, "meta.json")
+
+    def patients(self) -> Patients:
+        return self._patients
 
     def __len__(self) -> int:
         return self._images.shape[0]
@@ -117,6 +157,20 @@ class PreparedImageDataset(SiteDataset):
 
     def __len__(self) -> int:
         return self.prepared.labels.shape[0]
+
+    def patients(self) -> Patients:
+        meta = self.prepared.meta
+        if meta.get("kind") == "brats":  # one case folder = one patient; rows are in case order
+            ids = [name for name, n in meta["cases"] for _ in range(int(n))]
+            source = "case folders"
+        elif "patients" in meta:
+            ids, source = meta["patients"], "patient map"
+        else:
+            return Patients.one_each(len(self))
+        if len(ids) != len(self):
+            raise DataError(f"the prepared cache's patient list ({len(ids)} rows) does not match its {len(self)} "
+                            "samples; delete the cache entry to prepare it again")
+        return Patients.from_ids(ids, source)
 
     def label_maps(self) -> torch.Tensor:
         """The cache's labels.npy memory-mapped, not copied: pages are read as the upload and batches need them."""

@@ -62,6 +62,20 @@ class SiteLearner:
         self.optimizer = make_optimizer(self.discriminators.parameters(), cfg.d_optim)
         self.gan_loss = GANLoss().to(self.device)
 
+    def load_public(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start from public discriminator weights (a state dict over every modality's discriminator): this
+        site's discriminators take their entries; ConfigError when they do not fit."""
+        from asyndgan.common.errors import ConfigError
+
+        own = self.discriminators.state_dict()
+        missing = [k for k in own if k not in weights]
+        wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+        if missing or wrong:
+            raise ConfigError(f"the public discriminator weights do not fit this site's discriminators "
+                              f"({len(missing)} entries missing, {len(wrong)} of another shape, e.g. "
+                              f"{(missing + wrong)[0]})")
+        self.discriminators.load_state_dict({k: weights[k].to(own[k].dtype) for k in own})
+
     def _logits(self, name: str, x: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:
         d = self.discriminators[name]
         return d(sample) if x is None else d(torch.cat([x, sample], dim=1))

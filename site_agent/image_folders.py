@@ -4,10 +4,13 @@ Two layouts are recognised: `images/<name>.<ext>` with `masks/<name>.<ext>`, or 
 `<name>_mask.<ext>` in one folder. Images are greyscale (modality "gray") or RGB ("r", "g", "b"), scaled to
 [-1, 1]; masks hold class labels (a 0/255 mask becomes 0/1) and are the generator's label map as they are.
 Both are resized to the server's size (images bilinear, masks nearest) and cached like BraTS slices.
+An optional `patients.csv` (`file,patient`) says which images belong to one patient, the unit a private site
+protects (site_agent/privacy.py); without it each image is its own patient.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import pathlib
 
@@ -36,6 +39,43 @@ def find_pairs(root: pathlib.Path) -> list[tuple[pathlib.Path, pathlib.Path]]:
     files = images_in(root)
     masks = {p.stem[: -len("_mask")]: p for p in files if p.stem.endswith("_mask")}
     return [(p, masks[p.stem]) for p in files if not p.stem.endswith("_mask") and p.stem in masks]
+
+
+PATIENT_MAP = "patients.csv"
+
+
+def read_patient_map(root: pathlib.Path, pairs: list[tuple[pathlib.Path, pathlib.Path]]) -> list[str] | None:
+    """Each pair's patient from `root/patients.csv` (columns `file,patient`; `file` is the image's name, or its
+    path under `root`), or None when there is no map (then one image is one patient). A map that leaves an image
+    out, or names one twice, is a DataError: a patient's images must all be known to protect the patient."""
+    path = root / PATIENT_MAP
+    if not path.is_file():
+        return None
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read the patient map {path}: {exc}") from None
+    if not rows or not {"file", "patient"} <= set(rows[0]):
+        raise DataError(f"the patient map {path} needs the columns file,patient (one row per image)")
+    by_file: dict[str, str] = {}
+    for i, row in enumerate(rows, start=2):
+        file, patient = (row.get("file") or "").strip(), (row.get("patient") or "").strip()
+        if not file or not patient:
+            raise DataError(f"{path} line {i}: empty file or patient")
+        if file in by_file:
+            raise DataError(f"{path} line {i}: {file} is listed twice")
+        by_file[file] = patient
+    out, missing = [], []
+    for image, _ in pairs:
+        pid = by_file.get(str(image.relative_to(root)), by_file.get(image.name))
+        if pid is None:
+            missing.append(image.name)
+        out.append(pid or "")
+    if missing:
+        raise DataError(f"the patient map {path} does not name the patient of {len(missing)} image(s), e.g. "
+                        f"{missing[0]}; every image needs its patient")
+    return out
 
 
 def _open(path: pathlib.Path) -> Image.Image:
@@ -94,8 +134,10 @@ def prepare(root: pathlib.Path, prep: DataPrepConfig, size: int, num_classes: in
     if not pairs:
         raise DataError(f"{root} holds no image/mask pairs")
     modalities = image_modalities(pairs[0][0])
+    patients = read_patient_map(root, pairs)
     settings = {"size": size, "num_classes": num_classes, "modalities": modalities}
-    name = f"images-{cache.cache_key('images', [f for p in pairs for f in p], settings)}"
+    sources = [f for p in pairs for f in p] + ([root / PATIENT_MAP] if patients is not None else [])
+    name = f"images-{cache.cache_key('images', sources, settings)}"
     root_dir = cache.cache_root(prep.cache_dir)
     if (hit := cache.load(root_dir / name)) is not None:
         return hit
@@ -110,7 +152,10 @@ def prepare(root: pathlib.Path, prep: DataPrepConfig, size: int, num_classes: in
                     raise
                 log.warning("skipping an image: %s", exc)
                 keep[i] = False
-        return writer.commit(modalities, {"kind": "images", "source": str(root)}, keep)
+        meta = {"kind": "images", "source": str(root)}
+        if patients is not None:
+            meta["patients"] = [pid for pid, kept in zip(patients, keep) if kept]
+        return writer.commit(modalities, meta, keep)
     except BaseException:
         writer.discard()
         raise

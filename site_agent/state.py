@@ -19,12 +19,15 @@ from asyndgan.common.config import SiteFacingConfig
 log = logging.getLogger(__name__)
 
 
-def settings_digest(cfg: SiteFacingConfig, modalities: list[str], private: bool = False) -> str:
-    """Digest of what the saved state must match. `private`: trained with DP-SGD; state trained without it is
-    never loaded into a private site (its weights would carry the images unprotected)."""
+def settings_digest(cfg: SiteFacingConfig, modalities: list[str], private: str | None = None) -> str:
+    """Digest of what the saved state must match. `private`: the DP unit it was trained under ("patient",
+    "slice"); state trained without DP, or under a weaker unit, is never loaded into a private site (its weights
+    would carry the images unprotected, or protected per slice only)."""
     shape = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
-    if private:
-        shape["dp_sgd"] = True
+    if private == "slice":
+        shape["dp_sgd"] = True  # as digests were before the patient unit existed
+    elif private:
+        shape["dp_sgd"] = private
     return hashlib.sha256(repr(sorted(shape.items())).encode()).hexdigest()[:16]
 
 

@@ -32,9 +32,11 @@ class SiteWorker:
 
     def __init__(self, cfg: SiteFacingConfig, dataset: SiteDataset, device: str = "cpu",
                  privacy: PrivacyConfig | None = None, ledger_path: pathlib.Path | None = None,
-                 site_id: str = "site"):
+                 site_id: str = "site", start_step: int = 0, initial: dict | None = None):
         """privacy: the site's own settings (None or disabled: the papers' algorithm, nothing protected);
-        ledger_path: where spent privacy is kept (required with privacy on)."""
+        ledger_path: where spent privacy is kept (required with privacy on); start_step: the server's step at
+        join (a private site plans its noise for the steps left); initial: public discriminator weights to start
+        from (a state dict, already checked against the digest the server announced)."""
         self.cfg = cfg
         self.family = get_family(cfg.model.family)
         if dataset.family != self.family.name:
@@ -49,10 +51,12 @@ class SiteWorker:
                 raise ValueError("a private site needs a ledger path")
             self.ledger = PrivacyLedger(ledger_path, site_id, privacy)
             self.learner = PrivateSiteLearner(cfg, dataset.modalities, dataset, self.label_maps, privacy,
-                                              self.ledger, device)
+                                              self.ledger, device, start_step=start_step, initial=initial)
         else:
             self.learner = SiteLearner(cfg, dataset.modalities, device)
-        self.state_digest = state.settings_digest(cfg, dataset.modalities, private=self.ledger is not None)
+            if initial is not None:
+                self.learner.load_public(initial)
+        self.state_digest = state.settings_digest(cfg, dataset.modalities, private=privacy.unit if self.ledger is not None else None)
 
     @property
     def epsilon_spent(self) -> float | None:

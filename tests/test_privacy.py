@@ -107,9 +107,9 @@ def test_a_private_site_refuses_an_l1_term_from_the_server(toy, tmp_path):
 
 def test_a_private_site_answers_with_dp_sgd_and_stops_at_its_budget(toy, tmp_path):
     cfg = _cfg()
-    privacy = PrivacyConfig(epsilon=2.0, delta=1e-3, sample_rate=0.1)
+    privacy = PrivacyConfig(epsilon=2.0, delta=1e-3, sample_rate=0.1, noise_multiplier=1.0, unit="slice")
     worker = SiteWorker(cfg, open_dataset(toy, cfg), privacy=privacy, ledger_path=tmp_path / "l.json", site_id="s")
-    expected = affordable_steps(privacy, 4 / 40)
+    expected = affordable_steps(privacy, 0.1)
     rng = torch.Generator().manual_seed(0)
     answered, grads = 0, []
     with pytest.raises(PrivacyBudgetExhausted):
@@ -131,7 +131,7 @@ def test_discriminator_state_trained_without_dp_is_never_loaded_into_a_private_s
     plain.save_state(tmp_path / "d.pt", 7)
     private = SiteWorker(cfg, ds, privacy=PrivacyConfig(delta=1e-3), ledger_path=tmp_path / "l.json")
     assert private.restore_state(tmp_path / "d.pt") is None
-    assert state.settings_digest(cfg, ds.modalities) != state.settings_digest(cfg, ds.modalities, private=True)
+    assert state.settings_digest(cfg, ds.modalities) != state.settings_digest(cfg, ds.modalities, private="patient")
 
 
 def test_privacy_settings_are_validated():
@@ -150,7 +150,8 @@ def test_the_ledger_survives_kill_9_and_a_site_at_its_budget_leaves_while_the_ru
     server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 300, "train.batch_size": 2,
                                        "train.min_sites": 2, "checkpoint_every": 1000})
     ledger = tmp_path / "state" / "private.privacy-ledger.json"
-    budget = ["--set", "privacy.epsilon=1.5", "--set", "privacy.delta=1e-3", "--set", "privacy.sample_rate=0.05"]
+    budget = ["--set", "privacy.epsilon=1.5", "--set", "privacy.delta=1e-3", "--set", "privacy.sample_rate=0.05",
+                  "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.unit=slice"]
     other = start_site(folders[1], server.address, "other", tmp_path / "other.log")  # privacy off
     site = start_site(folders[0], server.address, "private", tmp_path / "p1.log", budget, private=True)
     try:

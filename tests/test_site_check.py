@@ -55,7 +55,7 @@ def test_a_good_site_passes_and_can_join_afterwards(world):
     for needle in ("ok       data folder", "ok       layout: arrays (image2d family)", "ok       identity: ",
                    "ok       server: " + world["server"].address + " reachable, TLS handshake done",
                    "ok       identity accepted: the server welcomed a",
-                   "ok       cases: 4 samples usable at the server's settings"):
+                   "ok       cases: 4 samples of 4 patients (one sample = one patient) usable at the server's settings"):
         assert any(line.startswith(needle) for line in out), (needle, r.stdout)
     # The dry run left at once: the same identity joins for real and the run completes.
     tmp = world["tmp"]
