@@ -448,6 +448,35 @@ def audit_privacy(out, preset, seed, log_level):
     click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}  figure: {out / 'figure.png'}")
 
 
+@audit.command("memorization")
+@click.option("--checkpoint", type=click.Path(path_type=pathlib.Path), required=True,
+              help="The released generator: a server checkpoint or run folder.")
+@click.option("--members", type=click.Path(path_type=pathlib.Path), multiple=True, required=True,
+              help="A data folder of training patients (repeat for several sites).")
+@click.option("--nonmembers", type=click.Path(path_type=pathlib.Path), multiple=True, required=True,
+              help="A data folder of held-out patients of the same sites (repeat).")
+@click.option("--cache-dir", type=click.Path(path_type=pathlib.Path), help="Prepared slices [OUT/cache].")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Output folder (results.json).")
+@log_level_option
+@friendly_errors
+def audit_memorization(checkpoint, members, nonmembers, cache_dir, out, log_level):
+    """Membership inference by someone holding a patient's scan and the generator (AUC, TPR at FPR 0.1) and
+    nearest-neighbour distances of synthetic slices to the training slices."""
+    import json
+
+    from asyndgan.experiments.memorization import audit as run_audit
+
+    setup_logging(log_level, out / "memorization.log")
+    result = run_audit(checkpoint, list(members), list(nonmembers), cache_dir or out / "cache")
+    (out / "results.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n")
+    click.echo(f"membership: AUC {result.auc:.3f}, TPR {result.tpr_at_fpr_0_1:.3f} at FPR 0.1 ({result.members} "
+               f"members, {result.nonmembers} held out; brain MSE {result.member_error:.4f} vs "
+               f"{result.nonmember_error:.4f})")
+    click.echo(f"nearest training slice: synthetic {result.nn_synthetic_to_train:.4f}, held-out real "
+               f"{result.nn_heldout_to_train:.4f} (RMS per pixel, medians)")
+    click.echo(f"results: {out / 'results.json'}")
+
+
 @main.group()
 def segment() -> None:
     """Downstream segmentation (MONAI 2-D U-Net) trained on any BraTS tree, scored per patient in 3-D."""
