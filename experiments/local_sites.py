@@ -22,15 +22,16 @@ class LocalSession:
     channels: indices of G's channels this site is sent; by default those of the modalities its dataset holds.
     wire: a wire dtype (float32, float16, bfloat16, q8): batches and answers then go through the same encoding
     and decoding as on the network (serde), so a run in one process sees exactly what the encoding loses;
-    `payload` counts the protobuf bytes each way."""
+    `payload` counts the protobuf bytes each way. initial: public discriminator weights to start from."""
 
     def __init__(self, site_id: str, dataset: SiteDataset, cfg: SiteFacingConfig, channels: list[int] | None = None,
                  device: str = "cpu", privacy: PrivacyConfig | None = None, ledger_path: pathlib.Path | None = None,
-                 wire: str | None = None):
+                 wire: str | None = None, initial: dict | None = None):
         self.site_id = site_id
         self.wire = wire
         self.payload = [0, 0]  # protobuf bytes up (answers), down (batches)
-        self.worker = SiteWorker(cfg, dataset, device, privacy=privacy, ledger_path=ledger_path, site_id=site_id)
+        self.worker = SiteWorker(cfg, dataset, device, privacy=privacy, ledger_path=ledger_path, site_id=site_id,
+                                 initial=initial)
         self.num_samples = self.worker.num_samples
         if channels is None:
             channels = self.worker.family.channels_for(cfg.model, self.worker.modalities)

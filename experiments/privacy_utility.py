@@ -1,0 +1,406 @@
+"""Private and useful at once? Patient-level DP from a public warm start, measured against its floor and ceiling.
+
+Data (the heterogeneous phantom): a public cohort (large high-grade gliomas from one 3 T scanner family) and three
+private sites that hold what it lacks (a metastasis clinic, a community hospital with low-grade gliomas on an old
+5 mm protocol, a meningioma centre with elderly patients), of realistic, uneven sizes. The test patients come
+from the private sites' scanners and populations (the same number from each); no setting is tuned on them.
+
+Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the same test patients):
+    real_all           the private sites' real cases pooled (the ceiling)
+    real_public        the public cohort's real cases (what a consortium has without the sites)
+    public_only        synthetic data from the generator pretrained on the public cohort alone, made from the
+                       private sites' label maps (the floor the private data must beat)
+    nonprivate         AsynDGAN fine-tuned from the public start with the three sites, privacy off
+    dp_eps<e>          the same with patient-level DP at epsilon e per site (each site computes its own noise for
+                       the planned steps)
+    dp_scratch_eps<e>  patient-level DP without the public start (generator and discriminators from scratch)
+    slice_default      the earlier default: slice-level DP (rate 0.01, noise 1), from scratch
+Synthetic rows are made from the private sites' training label maps (public: they are uploaded at join), one
+synthetic volume per training case. Every GAN runs with the sites in this process (the same SiteWorker as a
+site process; the distributed path is tested elsewhere) and without the L1 term, which private sites refuse; the
+public pretraining may use it (public data).
+
+Per row: Dice and HD95 (whole tumour, 3-D, per patient), epsilon per site from the ledgers, the one-run canary
+audit's epsilon lower bound (a separate audit run of the smallest site's mechanism at the row's settings, with
+256 gradient canaries), and the membership test of the released generator (members: the sites' training
+patients; non-members: the test patients). Paired differences per test patient (Dice averaged over seeds first)
+against the non-private and the public-only rows, with 95% t-intervals.
+
+Every piece is kept in OUT and skipped on a re-run (resumable); two processes of the command share the
+segmentation models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import shutil
+import threading
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.central_server.pretrain import pretrain
+from asyndgan.central_server.trainer import Trainer
+from asyndgan.common import public_start
+from asyndgan.common.config import (DataPrepConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
+                                    PrivacyConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
+from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
+from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES, phantom_config
+from asyndgan.experiments import dp_audit, memorization
+from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.experiments.phantom_calibration import _claim, _load_eval, _wait_for
+from asyndgan.experiments.runner import piece_timer, write_json
+from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, evaluate_model,
+                                   load_test_cases, load_training_slices, pool_slices, train_model, write_results)
+from asyndgan.site_agent.datasets import open_dataset
+
+log = logging.getLogger(__name__)
+Preset = Literal["smoke", "cpu", "gpu"]
+
+
+class GANSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_size: int
+    ngf: int
+    n_blocks: int
+    ndf: int
+    d_layers: int = 3
+    batch_per_site: int = 4
+    lr: float = 2e-4
+    pretrain_steps: int = Field(ge=1, description="generator steps on the public cohort")
+    pretrain_lambda_l1: float = Field(100.0, description="L1 weight in the public pretraining (public data)")
+    finetune_steps: int = Field(ge=1, description="steps with the private sites, from the public start")
+    scratch_steps: int = Field(ge=1, description="steps with the private sites, from scratch")
+
+
+class DPSettings(BaseModel):
+    """The sites' privacy settings other than epsilon (PrivacyConfig's meaning), the same at every site."""
+
+    model_config = ConfigDict(extra="forbid")
+    delta: float = 1e-5
+    sample_rate: float = 0.5
+    slices_per_patient: int = 4
+    augmentations: int = 2
+    update_every: int = 1
+    trainable: str = "last:1"
+    max_grad_norm: float = 1.0
+
+    def privacy(self, epsilon: float) -> PrivacyConfig:
+        return PrivacyConfig(epsilon=epsilon, **self.model_dump())
+
+
+class PrivacyUtilityConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    preset: Preset
+    out: pathlib.Path
+    seed: int = Field(0, ge=0)
+    shape: tuple[int, int, int] = (160, 160, 100)
+    public_cases: int = Field(40, ge=1)
+    site_cases: list[int] = Field(default_factory=lambda: [60, 30, 15])
+    site_profiles: list[int] = Field(default_factory=lambda: [1, 2, 3], description="heterogeneous preset profiles")
+    test_cases: int = Field(30, ge=3)
+    gan: GANSettings
+    dp: DPSettings = Field(default_factory=DPSettings)
+    epsilons: list[float] = Field(default_factory=lambda: [1.0, 3.0, 10.0])
+    scratch_epsilon: float = 10.0
+    canaries: int = Field(256, ge=10)
+    segmentation: SegmentationRecipe
+    seeds: int = Field(3, ge=1)
+    device: str = "cpu"
+    threads: int = Field(2, ge=1)
+
+
+def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUtilityConfig:
+    """smoke: the plumbing in a few minutes; cpu: the measurement on 2 cores (about 2.5 hours); gpu: larger."""
+    if preset == "smoke":
+        return PrivacyUtilityConfig(
+            preset=preset, out=out, seed=seed, shape=(64, 64, 40), public_cases=4, site_cases=[4, 3, 2],
+            test_cases=3, gan=GANSettings(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, batch_per_site=2,
+                                          pretrain_steps=8, finetune_steps=4, scratch_steps=4),
+            dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], canaries=40,
+            segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
+                                            network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
+                                            training=TrainingConfig(steps=6, batch_size=8)), seeds=2)
+    recipe = SegmentationRecipe(preprocessing=Preprocessing(image_size=64),
+                                training=TrainingConfig(steps=1000, batch_size=16))
+    if preset == "cpu":
+        return PrivacyUtilityConfig(
+            preset=preset, out=out, seed=seed,
+            gan=GANSettings(image_size=64, ngf=32, n_blocks=6, ndf=32, pretrain_steps=1500, finetune_steps=300,
+                            scratch_steps=1000),
+            segmentation=recipe)
+    return PrivacyUtilityConfig(
+        preset=preset, out=out, seed=seed, shape=(240, 240, 155), public_cases=100, site_cases=[120, 60, 30],
+        test_cases=60, gan=GANSettings(image_size=128, ngf=64, n_blocks=9, ndf=64, pretrain_steps=20000,
+                                       finetune_steps=3000, scratch_steps=10000),
+        segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=128),
+                                        training=TrainingConfig(steps=4000, batch_size=16)), device="cuda")
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def layouts(cfg: PrivacyUtilityConfig) -> dict[str, PhantomConfig]:
+    profiles = [HETEROGENEOUS_PROFILES[k].model_copy() for k in cfg.site_profiles]
+    private = PhantomConfig(sites=len(profiles), cases_per_site=cfg.site_cases, test_cases=cfg.test_cases,
+                            seed=cfg.seed, shape=cfg.shape, profiles=profiles, cohort="private",
+                            site_names=[f"site{i + 1}" for i in range(len(profiles))])
+    public = phantom_config("public", seed=cfg.seed, shape=cfg.shape, cases_per_site=[cfg.public_cases])
+    return {"private": private, "public": public}
+
+
+def make_phantoms(cfg: PrivacyUtilityConfig) -> dict[str, pathlib.Path]:
+    import fcntl
+
+    folders = {}
+    (cfg.out / "phantom").mkdir(parents=True, exist_ok=True)
+    with open(cfg.out / "phantom" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name, layout in layouts(cfg).items():
+            root, done = cfg.out / "phantom" / name, cfg.out / "phantom" / f"{name}.done"
+            if not done.exists():
+                shutil.rmtree(root, ignore_errors=True)
+                write_phantom(root, layout)
+                done.write_text("complete\n")
+            folders[name] = root
+    return folders
+
+
+def site_trees(cfg: PrivacyUtilityConfig, phantoms: dict[str, pathlib.Path]) -> list[pathlib.Path]:
+    return [phantoms["private"] / n for n in layouts(cfg)["private"].site_names]
+
+
+def pooled_maps(cfg: PrivacyUtilityConfig, sites: list[pathlib.Path]) -> pathlib.Path:
+    from asyndgan.experiments.synthetic_learning import pooled_tree
+
+    return pooled_tree(sites, cfg.out / "pooled")
+
+
+# ---- GANs ------------------------------------------------------------------------------------------------------
+def server_config(cfg: PrivacyUtilityConfig, run_dir: pathlib.Path, steps: int, batch: int,
+                  lambda_l1: float = 0.0) -> ServerConfig:
+    g = cfg.gan
+    opt = OptimizerConfig(lr=g.lr)
+    return ServerConfig(
+        host="127.0.0.1", port=0, run_dir=run_dir, device=cfg.device, checkpoint_every=max(1, steps // 2),
+        sample_every=max(1, steps // 4), g_optim=opt, tensorboard=False,
+        train=TrainConfig(batch_size=batch, sampling="balance", step_deadline_s=600, seed=cfg.seed),
+        site=SiteFacingConfig(
+            model=ModelConfig(family="image2d", image2d=Image2DConfig(
+                image_size=g.image_size, ngf=g.ngf, n_blocks=g.n_blocks, ndf=g.ndf, d_layers=g.d_layers)),
+            d_optim=opt, loss=LossConfig(lambda_l1=lambda_l1), schedule=ScheduleConfig(steps=steps), seed=cfg.seed))
+
+
+def run_pretrain(cfg: PrivacyUtilityConfig, phantoms: dict[str, pathlib.Path]) -> pathlib.Path:
+    g = cfg.gan
+    scfg = server_config(cfg, cfg.out / "gan" / "public_pretrain", g.pretrain_steps,
+                         g.batch_per_site * len(cfg.site_cases), g.pretrain_lambda_l1)
+    return pretrain(scfg, phantoms["public"] / "public", DataPrepConfig(cache_dir=cfg.out / "cache"))
+
+
+def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, tuple[bool, PrivacyConfig | None, int]]:
+    """GAN row -> (from the public start, the sites' privacy (None: off), steps)."""
+    g = cfg.gan
+    out: dict[str, tuple[bool, PrivacyConfig | None, int]] = {"nonprivate": (True, None, g.finetune_steps)}
+    for eps in cfg.epsilons:
+        out[f"dp_eps{eps:g}"] = (True, cfg.dp.privacy(eps), g.finetune_steps)
+    out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = (False, cfg.dp.privacy(cfg.scratch_epsilon), g.scratch_steps)
+    out["slice_default"] = (False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta, noise_multiplier=1.0,
+                                                 sample_rate=0.01, trainable="all"), g.scratch_steps)
+    return out
+
+
+def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], pre: pathlib.Path) -> dict:
+    """One GAN with the private sites in this process; {checkpoint, epsilon per site, ...}. Kept when done."""
+    from_public, privacy, steps = gan_settings(cfg)[name]
+    folder = cfg.out / "gan" / name
+    record = folder / "gan.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    shutil.rmtree(folder, ignore_errors=True)  # a cut run (with its experiment-only ledgers) starts again
+    scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site)
+    initial = None
+    if from_public:
+        info, data = public_start.read_folder(pre)
+        initial = public_start.weights_from_bytes(data, info["discriminator_sha256"])
+    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    sessions = [LocalSession(f"site{i + 1}", open_dataset(path, scfg.site, prep), scfg.site, device=cfg.device,
+                             privacy=privacy, ledger_path=folder / "ledgers" / f"site{i + 1}.json", initial=initial)
+                for i, path in enumerate(sites)]
+    trainer = Trainer(scfg, LocalRegistry(sessions), CountingBank(sessions), folder)
+    if from_public:
+        trainer.generator.load_state_dict(ckpt.load_checkpoint(pre / info["checkpoint"])["generator"])
+    started = time.monotonic()
+    trainer.run(threading.Event())
+    final = ckpt.checkpoint_path(folder / "checkpoints", steps)
+    result = {
+        "row": name, "from_public": from_public, "steps": steps, "checkpoint": str(final),
+        "seconds": round(time.monotonic() - started, 1),
+        "privacy": None if privacy is None else json.loads(privacy.model_dump_json()),
+        "sites": {s.site_id: {"samples": s.num_samples, "patients": s.worker.dataset.patients().count,
+                              "epsilon": s.worker.epsilon_spent,
+                              "noise_multiplier": getattr(s.worker.learner, "noise_multiplier", None)}
+                  for s in sessions},
+    }
+    write_json(record, result)
+    log.info("%s: %d steps in %.0f s; epsilon per site %s", name, steps, result["seconds"],
+             {k: v["epsilon"] for k, v in result["sites"].items()})
+    return result
+
+
+def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], pre: pathlib.Path) -> dict:
+    """The one-run audit of the smallest site's DP mechanism at the row's settings (its own ledger, the public
+    generator's fakes); {epsilon_ledger, epsilon_lower_bound, ...}. Kept when done."""
+    from asyndgan.common import serde
+    from asyndgan.common.conditions import augment, draw_augmentation, one_hot
+    from asyndgan.site_agent.worker import SiteWorker
+    from asyndgan.synthesis.generator_file import load_from_checkpoint
+
+    from_public, privacy, steps = gan_settings(cfg)[name]
+    folder = cfg.out / "audit" / name
+    record = folder / "canaries.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    smallest = sites[int(np.argmin(cfg.site_cases))]
+    scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site)
+    info, data = public_start.read_folder(pre)
+    initial = public_start.weights_from_bytes(data, info["discriminator_sha256"]) if from_public else None
+    dataset = open_dataset(smallest, scfg.site, DataPrepConfig(cache_dir=cfg.out / "cache"))
+    worker = SiteWorker(scfg.site, dataset, cfg.device, privacy=privacy, ledger_path=folder / "ledger.json",
+                        site_id="audit", initial=initial)
+    canaries = dp_audit.attach(worker.learner, count=cfg.canaries, seed=cfg.seed)
+    generator = load_from_checkpoint(pre / info["checkpoint"]).generator.eval()
+    rng = torch.Generator().manual_seed(cfg.seed)
+    size, stored = cfg.gan.image_size, scfg.site.model.image2d.stored_size
+    started = time.monotonic()
+    for step in range(steps):
+        keys = torch.randint(len(dataset), (cfg.gan.batch_per_site,), generator=rng)
+        aug = draw_augmentation(len(keys), True, stored, size, rng)
+        with torch.no_grad():
+            fake = generator(one_hot(augment(worker.label_maps[keys], aug), scfg.site.model.image2d.num_classes))
+        worker.answer(serde.SyntheticBatch(step=step, round=step, keys=keys, fake=fake, aug=aug))
+    result = {"row": name, "site_patients": dataset.patients().count, "epsilon_ledger": worker.epsilon_spent,
+              **dp_audit.conclude(canaries).as_dict(), "seconds": round(time.monotonic() - started, 1)}
+    write_json(record, result)
+    log.info("%s: canary audit bound %.3f against the ledger's %.3f", name, result["epsilon_lower_bound"],
+             result["epsilon_ledger"])
+    return result
+
+
+def synthesise(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, maps: pathlib.Path) -> pathlib.Path:
+    from asyndgan.synthesis.generate import GenerateConfig, run
+
+    out = cfg.out / "synthetic" / name
+    run(GenerateConfig(checkpoint=checkpoint, out=out, label_maps=maps, device=cfg.device, batch_size=32))
+    return out
+
+
+def membership(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, sites: list[pathlib.Path],
+               test_dir: pathlib.Path) -> dict:
+    path = cfg.out / "audit" / name / "membership.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = memorization.audit(checkpoint, sites, [test_dir], cfg.out / "cache", seed=cfg.seed).as_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    return result
+
+
+# ---- segmentation ----------------------------------------------------------------------------------------------
+def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test_dir: pathlib.Path) -> dict:
+    """Row -> [per seed {"summary", "patients", "collapsed"}]; models in OUT/segmentation/<row>/seed<s>."""
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    pieces = [(row, s) for row in rows for s in seeds]
+    test, claimed = None, []
+    for row, s in pieces:
+        folder = cfg.out / "segmentation" / row / f"seed{s}"
+        if (folder / "eval" / "summary.json").is_file():
+            continue
+        if not _claim(folder):
+            claimed.append(folder)
+            continue
+        log.info("segmentation: %s, seed %d", row, s)
+        recipe = cfg.segmentation.model_copy(update={"training": cfg.segmentation.training.model_copy(
+            update={"seed": s})})
+        if not (folder / "model" / "training.json").is_file():
+            train_model(pool_slices([load_training_slices([t], recipe, progress=False) for t in rows[row]]), recipe,
+                        folder / "model", cfg.device, progress=False)
+        if test is None:
+            test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
+        write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
+        (folder / ".claimed-by").unlink(missing_ok=True)
+    for folder in claimed:
+        _wait_for(folder)
+    out: dict[str, list[dict]] = {}
+    for row, s in pieces:
+        folder = cfg.out / "segmentation" / row / f"seed{s}"
+        out.setdefault(row, []).append({**_load_eval(folder),
+                                        "hd95": json.loads((folder / "eval" / "summary.json").read_text())
+                                        ["hd95_mm"]["mean"]})
+    return out
+
+
+def paired(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Mean of a - b over the patients both have, with a 95% t-interval."""
+    from scipy import stats
+
+    cases = sorted(set(a) & set(b))
+    d = np.array([a[c] - b[c] for c in cases])
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half),
+            "patients": len(d)}
+
+
+def summarise_rows(evals: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for row, runs in evals.items():
+        cases = sorted(runs[0]["patients"])
+        dice = [float(r["summary"]["dice"]["mean"]) for r in runs]
+        out[row] = {"dice_per_seed": dice, "dice": float(np.mean(dice)),
+                    "dice_sd": float(np.std(dice, ddof=1)) if len(dice) > 1 else 0.0,
+                    "hd95": float(np.mean([r["hd95"] for r in runs])),
+                    "collapsed": sum(r["collapsed"] for r in runs),
+                    "patients": {c: float(np.mean([r["patients"][c] for r in runs])) for c in cases}}
+    return out
+
+
+# ---- the whole experiment ----------------------------------------------------------------------------------------
+def run(cfg: PrivacyUtilityConfig) -> dict:
+    from asyndgan.experiments import privacy_utility_report as report
+    from asyndgan.experiments.synthetic_learning import check_settings
+
+    torch.set_num_threads(cfg.threads)
+    check_settings(cfg)
+    timings, timed = piece_timer(cfg.out / "timings.json")
+    log.info("[1/6] phantoms: public cohort, three private sites and their test patients")
+    phantoms = timed("phantoms", make_phantoms, cfg)
+    sites, test_dir = site_trees(cfg, phantoms), phantoms["private"] / "test"
+    maps = pooled_maps(cfg, sites)
+    log.info("[2/6] real rows (segmentation)")
+    evals = timed("segmentation_real", segment, cfg, {"real_all": sites,
+                                                     "real_public": [phantoms["public"] / "public"]}, test_dir)
+    log.info("[3/6] public pretraining (%d steps)", cfg.gan.pretrain_steps)
+    pre = timed("pretrain", run_pretrain, cfg, phantoms)
+    info, _ = public_start.read_folder(pre)
+    gans = {"public_only": {"row": "public_only", "checkpoint": str(pre / info["checkpoint"]),
+                            "steps": info["steps"], "seconds": info["seconds"], "privacy": None, "sites": {}}}
+    log.info("[4/6] GANs with the private sites: %s", ", ".join(gan_settings(cfg)))
+    for name in gan_settings(cfg):
+        gans[name] = timed(f"gan_{name}", train_gan, cfg, name, sites, pre)
+    log.info("[5/6] audits: canaries (DP rows), membership (every generator)")
+    canaries = {name: timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre)
+                for name, (_, privacy, _) in gan_settings(cfg).items() if privacy is not None}
+    members = {name: timed(f"membership_{name}", membership, cfg, name, pathlib.Path(g["checkpoint"]), sites,
+                           test_dir) for name, g in gans.items()}
+    log.info("[6/6] synthetic data and segmentation for every generator")
+    synthetic = {name: timed(f"synthesis_{name}", synthesise, cfg, name, pathlib.Path(g["checkpoint"]), maps)
+                 for name, g in gans.items()}
+    evals.update(timed("segmentation_synthetic", segment, cfg, {k: [v] for k, v in synthetic.items()}, test_dir))
+    rows = summarise_rows(evals)
+    return report.write_all(cfg, rows, gans, canaries, members, timings)
