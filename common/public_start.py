@@ -26,6 +26,7 @@ from asyndgan.common.errors import ConfigError, ProtocolError
 RECORD = "public_start.json"
 DISCRIMINATOR = "public_discriminator.safetensors"
 PIECE_BYTES = 1 << 20
+MAX_PIECES = 512  # 512 MiB: far above any discriminator we train, bounded for a site's memory
 
 
 def digest(data: bytes) -> str:

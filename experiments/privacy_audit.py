@@ -204,7 +204,9 @@ def make_worker(cfg: AuditConfig, setting: DefenceSetting, dataset: SiteDataset,
         return SiteWorker(site_cfg, dataset, "cpu")
     from asyndgan.common.config import PrivacyConfig
 
-    privacy = PrivacyConfig(enabled=True, epsilon=cfg.dp_epsilon_budget, delta=dp_delta(cfg),
+    # Each image is its own patient in the audit's data: slice and patient units coincide; the attacks measure a
+    # fixed noise, so the site does not compute its own.
+    privacy = PrivacyConfig(enabled=True, epsilon=cfg.dp_epsilon_budget, delta=dp_delta(cfg), unit="slice",
                             noise_multiplier=setting.noise_multiplier, sample_rate=cfg.dp_sample_rate)
     ledger.parent.mkdir(parents=True, exist_ok=True)
     ledger.unlink(missing_ok=True)  # each attack starts from a site that has spent nothing

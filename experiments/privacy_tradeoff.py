@@ -84,7 +84,10 @@ def train_private_gan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], n
     if ndf is not None:
         scfg.site.model.image2d.ndf = ndf
     prep = DataPrepConfig(cache_dir=cfg.out / "cache")
-    privacy = None if noise is None else PrivacyConfig(epsilon=BUDGET_FOR_MEASURING, noise_multiplier=noise)
+    # The earlier slice-level mechanism this experiment measured (rate 0.01 of slices, fixed noise); the
+    # patient-level one is measured by `asyndgan experiment privacy-utility`.
+    privacy = None if noise is None else PrivacyConfig(epsilon=BUDGET_FOR_MEASURING, noise_multiplier=noise,
+                                                       unit="slice", sample_rate=0.01)
     sessions = [LocalSession(f"site{i + 1}", open_dataset(path, scfg.site, prep), scfg.site, device=cfg.device,
                              privacy=privacy, ledger_path=run_dir / "ledgers" / f"site{i + 1}.json")
                 for i, path in enumerate(sites)]

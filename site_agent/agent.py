@@ -259,9 +259,11 @@ class SiteAgent:
         if self._pending is None:
             return  # this site keeps the file from an earlier join
         welcome, pieces = self._pending
-        if msg.index != len(pieces) or msg.count <= msg.index or msg.count > 4096:
-            raise ProtocolError(f"public weights piece {msg.index} of {msg.count} arrived after {len(pieces)} "
-                                "pieces: out of order")
+        if msg.index != len(pieces) or msg.count <= msg.index or msg.count > public_start.MAX_PIECES or \
+                len(msg.data) > public_start.PIECE_BYTES:
+            raise ProtocolError(f"public weights piece {msg.index} of {msg.count} ({len(msg.data)} bytes) after "
+                                f"{len(pieces)} pieces: out of order or over the limits ({public_start.MAX_PIECES} "
+                                f"pieces of {public_start.PIECE_BYTES} bytes)")
         pieces.append(bytes(msg.data))
         if len(pieces) < msg.count:
             return
