@@ -42,6 +42,10 @@ class Image2DConfig(_Section):
     unet_depth: int = Field(7, ge=2, le=8, description="down-samplings (unet generator)")
     ndf: int = Field(64, ge=1, le=512)
     d_layers: int = Field(3, ge=1, le=6, description="PatchGAN strided layers (3 -> 70x70 receptive field)")
+    discriminator: Literal["per_modality", "joint"] = Field(
+        "per_modality", description="per_modality: one PatchGAN per modality a site holds (the multi-modal "
+        "method); joint: one PatchGAN over the label map and every held modality together (a private site then "
+        "adds its noise to one network instead of one per modality)")
 
     @model_validator(mode="after")
     def _check(self) -> "Image2DConfig":

@@ -100,6 +100,9 @@ def get_family(name: str) -> Family:
         raise ConfigError(f"unknown model family {name!r}; known families: {', '.join(family_names())}") from None
 
 
+JOINT = "joint"  # the name of the one discriminator over every modality (image2d.discriminator = "joint")
+
+
 @register_family
 class Image2D(Family):
     name = "image2d"
@@ -150,11 +153,16 @@ class Image2D(Family):
         raise ConfigError(f"unknown image2d generator {cfg.generator!r}; choose resnet or unet")
 
     def build_discriminators(self, model, modalities):
-        # One PatchGAN per modality held (the multi-modal method): input is the one-hot map plus that channel.
+        # One PatchGAN per modality held (the multi-modal method): input is the one-hot map plus that channel;
+        # or one "joint" PatchGAN over the map and every held channel.
         cfg = model.image2d
+        if cfg.discriminator == "joint":
+            return nn.ModuleDict({JOINT: PatchGAN(cfg.num_classes + len(modalities), cfg.ndf, cfg.d_layers)})
         return nn.ModuleDict({m: PatchGAN(cfg.num_classes + 1, cfg.ndf, cfg.d_layers) for m in modalities})
 
     def discriminator_inputs(self, names, samples):
+        if names == [JOINT]:
+            return [(JOINT, samples)]
         return [(name, samples[:, i : i + 1]) for i, name in enumerate(names)]
 
 

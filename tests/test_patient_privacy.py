@@ -268,3 +268,15 @@ def test_public_weights_are_read_only_after_their_digest_matched(site, tmp_path)
         public_start.weights_from_bytes(tampered, public_start.digest(data))
     with pytest.raises(ConfigError, match="do not fit"):
         worker.learner.load_public({k: v[..., :1] for k, v in state.items()})
+
+
+def test_one_joint_discriminator_over_every_modality_learns_under_dp(site, tmp_path):
+    cfg = _cfg()
+    cfg.model.image2d.discriminator = "joint"
+    worker = _worker(site, tmp_path, cfg, trainable="all")
+    assert list(worker.learner.discriminators) == ["joint"]
+    assert worker.learner.discriminators["joint"].net[0].in_channels == 5 + 4
+    before = [p.clone() for p in worker.learner.trained]
+    grad = worker.answer(_batch(0, torch.Generator().manual_seed(0))).gradient
+    assert grad.shape == (3, 4, 16, 16) and torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, worker.learner.trained))
