@@ -7,7 +7,6 @@ step in flight, writes a checkpoint, tells the sites, and stops the server with 
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import signal
@@ -16,11 +15,12 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from asyndgan.common import public_start, serde, tls
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.atomic import atomic_write_text
-from asyndgan.common.config import ServerConfig
+from asyndgan.common.config import ModelConfig, ServerConfig, describe_validation_error
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.common.grpc_options import OPTIONS
 from asyndgan.central_server import checkpoint as ckpt
@@ -122,13 +122,26 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
     return trainer, registry, servicer
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _check_init(cfg: ServerConfig, record: dict) -> pathlib.Path:
     """The pretraining's last checkpoint, after checking that its model is this run's; ConfigError otherwise."""
-    theirs = record.get("model")
-    if theirs != json.loads(cfg.site.model.model_dump_json()):
+    try:
+        theirs = _flat(ModelConfig.model_validate(record.get("model")).model_dump(mode="json"))
+    except ValidationError as exc:
+        raise ConfigError(f"the pretraining in {cfg.init} records a model this version cannot read: "
+                          f"{describe_validation_error(exc)}") from None
+    ours = _flat(cfg.site.model.model_dump(mode="json"))
+    differ = [f"{k}: {theirs.get(k)} there, {ours.get(k)} here" for k in sorted(set(theirs) | set(ours))
+              if theirs.get(k) != ours.get(k) and (k == "family" or k.startswith(f"{ours['family']}."))]
+    if differ:
         raise ConfigError(f"the pretraining in {cfg.init} trained another model than this run's (site.model "
-                          f"differs: {theirs} against {cfg.site.model.model_dump()}); start with the same model "
-                          "settings, or pretrain again")
+                          f"{'; '.join(differ)}); start with the same model settings, or pretrain again")
     path = cfg.init / record.get("checkpoint", "")
     if not path.is_file():
         raise ConfigError(f"the pretraining in {cfg.init} names checkpoint {path}, which is missing")
