@@ -449,7 +449,6 @@ class PrivateSiteLearner(SiteLearner):
         for p, r, f in zip(self.trained, real_half, fake_sums):
             p.grad = 0.5 * (r + f / max(1, fake.shape[0]))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)
         return loss_fake
 
     def step(self, step, label_maps, real, fake):

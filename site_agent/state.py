@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 def settings_digest(cfg: SiteFacingConfig, modalities: list[str], private: str | None = None) -> str:
     """Digest of what the saved state must match. `private`: the DP unit it was trained under ("patient",
-    "slice"); state trained without DP, or under a weaker unit, is never loaded into a private site (its weights
-    would carry the images unprotected, or protected per slice only)."""
+    "slice", with ":last:K" when only part of it learnt); state trained without DP, or under a weaker unit, is
+    never loaded into a private site (its weights would carry the images unprotected, or protected per slice
+    only)."""
     shape = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
     if private == "slice":
         shape["dp_sgd"] = True  # as digests were before the patient unit existed

@@ -56,7 +56,14 @@ class SiteWorker:
             self.learner = SiteLearner(cfg, dataset.modalities, device)
             if initial is not None:
                 self.learner.load_public(initial)
-        self.state_digest = state.settings_digest(cfg, dataset.modalities, private=privacy.unit if self.ledger is not None else None)
+        self.state_digest = state.settings_digest(cfg, dataset.modalities, private=self._dp_state_kind(privacy))
+
+    def _dp_state_kind(self, privacy: PrivacyConfig | None) -> str | None:
+        """What the saved discriminator state must have been trained under: the DP unit, and the trained part
+        when it is not the whole (its optimiser state covers only that part)."""
+        if self.ledger is None or privacy is None:
+            return None
+        return privacy.unit if privacy.trainable == "all" else f"{privacy.unit}:{privacy.trainable}"
 
     @property
     def epsilon_spent(self) -> float | None:
