@@ -298,6 +298,7 @@ def synthesise(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, m
 
     out = cfg.out / "synthetic" / name
     run(GenerateConfig(checkpoint=checkpoint, out=out, label_maps=maps, device=cfg.device, batch_size=32))
+    (out / ".done").write_text("complete\n")  # for another process of this command waiting on it
     return out
 
 
@@ -317,7 +318,7 @@ def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test
     """Row -> [per seed {"summary", "patients", "collapsed"}]; models in OUT/segmentation/<row>/seed<s>."""
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     pieces = [(row, s) for row in rows for s in seeds]
-    test, claimed = None, []
+    test, claimed, slices = None, [], {}
     for row, s in pieces:
         folder = cfg.out / "segmentation" / row / f"seed{s}"
         if (folder / "eval" / "summary.json").is_file():
@@ -329,8 +330,11 @@ def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test
         recipe = cfg.segmentation.model_copy(update={"training": cfg.segmentation.training.model_copy(
             update={"seed": s})})
         if not (folder / "model" / "training.json").is_file():
-            train_model(pool_slices([load_training_slices([t], recipe, progress=False) for t in rows[row]]), recipe,
-                        folder / "model", cfg.device, progress=False)
+            for t in rows[row]:
+                if t not in slices:  # the same slices for every seed (the seed is the training's, not the data's)
+                    slices[t] = load_training_slices([t], recipe, progress=False)
+            train_model(pool_slices([slices[t] for t in rows[row]]), recipe, folder / "model", cfg.device,
+                        progress=False)
         if test is None:
             test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
         write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
@@ -370,6 +374,66 @@ def summarise_rows(evals: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
+# ---- pieces shared between processes ----------------------------------------------------------------------------
+def shared_pieces(cfg: PrivacyUtilityConfig, kind: str, names: list[str], work, done) -> dict:
+    """name -> work(name) for every piece, with any other process of this command on the same OUT taking some:
+    a piece is claimed by a file (OUT/claims/<kind>-<name>) holding the claimant's PID; a piece claimed by a
+    live process is waited for (done(name) returns its result once it is finished, else None), one whose
+    claimant died is taken over. Two single-threaded processes use 2 cores better than one with two threads."""
+    results: dict = {}
+    waiting = []
+    for name in names:
+        if (value := done(name)) is not None:
+            results[name] = value
+        elif _claim_piece(cfg, kind, name):
+            results[name] = work(name)
+            _release(cfg, kind, name)
+        else:
+            waiting.append(name)
+    for name in waiting:
+        while (value := done(name)) is None:
+            if _claim_piece(cfg, kind, name):  # its claimant is gone
+                value = work(name)
+                _release(cfg, kind, name)
+                break
+            time.sleep(5)
+        results[name] = value
+    return {name: results[name] for name in names}
+
+
+def _claim_path(cfg: PrivacyUtilityConfig, kind: str, name: str) -> pathlib.Path:
+    return cfg.out / "claims" / f"{kind}-{name}"
+
+
+def _claim_piece(cfg: PrivacyUtilityConfig, kind: str, name: str) -> bool:
+    import os
+
+    path = _claim_path(cfg, kind, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x") as f:
+            f.write(str(os.getpid()))
+        return True
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            path.write_text(str(os.getpid()))
+            return True
+        except PermissionError:
+            return False
+
+
+def _release(cfg: PrivacyUtilityConfig, kind: str, name: str) -> None:
+    _claim_path(cfg, kind, name).unlink(missing_ok=True)
+
+
+def _json_if(path: pathlib.Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 # ---- the whole experiment ----------------------------------------------------------------------------------------
 def run(cfg: PrivacyUtilityConfig) -> dict:
     from asyndgan.experiments import privacy_utility_report as report
@@ -386,21 +450,28 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     evals = timed("segmentation_real", segment, cfg, {"real_all": sites,
                                                      "real_public": [phantoms["public"] / "public"]}, test_dir)
     log.info("[3/6] public pretraining (%d steps)", cfg.gan.pretrain_steps)
-    pre = timed("pretrain", run_pretrain, cfg, phantoms)
+    pre = cfg.out / "gan" / "public_pretrain"
+    shared_pieces(cfg, "pretrain", ["public"], lambda _: timed("pretrain", run_pretrain, cfg, phantoms),
+                  lambda _: pre if (pre / public_start.RECORD).is_file() else None)
     info, _ = public_start.read_folder(pre)
     gans = {"public_only": {"row": "public_only", "checkpoint": str(pre / info["checkpoint"]),
                             "steps": info["steps"], "seconds": info["seconds"], "privacy": None, "sites": {}}}
     log.info("[4/6] GANs with the private sites: %s", ", ".join(gan_settings(cfg)))
-    for name in gan_settings(cfg):
-        gans[name] = timed(f"gan_{name}", train_gan, cfg, name, sites, pre)
+    gans.update(shared_pieces(cfg, "gan", list(gan_settings(cfg)),
+                              lambda name: timed(f"gan_{name}", train_gan, cfg, name, sites, pre),
+                              lambda name: _json_if(cfg.out / "gan" / name / "gan.json")))
     log.info("[5/6] audits: canaries (DP rows), membership (every generator)")
-    canaries = {name: timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre)
-                for name, (_, privacy, _) in gan_settings(cfg).items() if privacy is not None}
-    members = {name: timed(f"membership_{name}", membership, cfg, name, pathlib.Path(g["checkpoint"]), sites,
-                           test_dir) for name, g in gans.items()}
+    private = [name for name, (_, privacy, _) in gan_settings(cfg).items() if privacy is not None]
+    canaries = shared_pieces(cfg, "canaries", private,
+                             lambda name: timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre),
+                             lambda name: _json_if(cfg.out / "audit" / name / "canaries.json"))
+    members = shared_pieces(cfg, "membership", list(gans), lambda name: timed(
+        f"membership_{name}", membership, cfg, name, pathlib.Path(gans[name]["checkpoint"]), sites, test_dir),
+        lambda name: _json_if(cfg.out / "audit" / name / "membership.json"))
     log.info("[6/6] synthetic data and segmentation for every generator")
-    synthetic = {name: timed(f"synthesis_{name}", synthesise, cfg, name, pathlib.Path(g["checkpoint"]), maps)
-                 for name, g in gans.items()}
+    synthetic = shared_pieces(cfg, "synthesis", list(gans), lambda name: timed(
+        f"synthesis_{name}", synthesise, cfg, name, pathlib.Path(gans[name]["checkpoint"]), maps),
+        lambda name: cfg.out / "synthetic" / name if (cfg.out / "synthetic" / name / ".done").is_file() else None)
     evals.update(timed("segmentation_synthetic", segment, cfg, {k: [v] for k, v in synthetic.items()}, test_dir))
     rows = summarise_rows(evals)
     return report.write_all(cfg, rows, gans, canaries, members, timings)

@@ -124,8 +124,9 @@ def _f(x, digits: int = 3) -> str:
 
 def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
     lines = [f"# Privacy and utility: patient-level DP from a public warm start ({cfg.preset} preset)", "",
-             "Command: `asyndgan experiment privacy-utility --preset %s --out OUT`; wall time %.0f min (sum of "
-             "pieces)." % (cfg.preset, sum(timings.values()) / 60), "",
+             "Command: `asyndgan experiment privacy-utility --preset %s --out OUT` (two processes of it on one "
+             "OUT, `--threads 1` each, share the pieces); %.0f min of pieces in all (a piece one process waited "
+             "for counts in both)." % (cfg.preset, sum(timings.values()) / 60), "",
              "## Protocol", "",
              f"- Public cohort: {cfg.public_cases} cases (large high-grade gliomas, one 3 T scanner family). Private "
              f"sites: {', '.join(map(str, cfg.site_cases))} cases (heterogeneous-phantom profiles "

@@ -205,14 +205,22 @@ def write_json(path: pathlib.Path, data) -> None:
 def piece_timer(path: pathlib.Path):
     """(timings, timed) for an experiment made of resumable pieces: `timed(name, fn, *args)` runs fn and adds its
     seconds to timings[name], saved in `path` (JSON) after every piece, so a resumed run adds what it redid to
-    what was done before."""
+    what was done before. Two processes sharing the pieces merge into the one file (under a lock)."""
+    import fcntl
+
     timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def timed(name: str, fn, *args):
         t0 = time.monotonic()
         value = fn(*args)
-        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 1)
-        write_json(path, timings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = json.loads(path.read_text()) if path.is_file() else {}
+            current[name] = round(current.get(name, 0.0) + time.monotonic() - t0, 1)
+            write_json(path, current)
+        timings.clear()
+        timings.update(current)
         return value
 
     return timings, timed
