@@ -68,3 +68,39 @@ def test_a_pretraining_folder_whose_weights_changed_is_refused(tmp_path):
     r = run_cli(["asyndgan.central_server.cli", "start", "--init", str(tmp_path / "nothing"), "--insecure",
                  "--port", "0", "--run-dir", str(tmp_path / "run2")])
     assert r.returncode != 0 and "not a pretraining folder" in (r.stdout + r.stderr)
+
+
+def test_a_site_refuses_public_weight_pieces_out_of_order_or_with_another_digest(tmp_path):
+    from asyndgan.common import serde
+    from asyndgan.common._generated import asyndgan_pb2 as pb
+    from asyndgan.common.config import SiteConfig, SiteFacingConfig
+    from asyndgan.common.errors import ProtocolError
+    from asyndgan.site_agent.agent import SiteAgent
+
+    import torch
+
+    data = public_start.weights_to_bytes({"w": torch.zeros(300_000)})  # 1.2 MB: two pieces
+    sha = public_start.digest(data)
+    agent = SiteAgent(SiteConfig(site_id="h", data=tmp_path, insecure=True, state_dir=tmp_path / "state",
+                                 privacy={"enabled": False}))
+    welcomed = []
+    agent._on_welcome = welcomed.append  # what follows the last piece
+    welcome = serde.Welcome(step=0, wire_dtype="q8", run_id="r", site_config=SiteFacingConfig(public_start=sha))
+    pieces = [pb.PublicWeights(index=i, count=c, data=d) for i, c, d in public_start.pieces(data)]
+    agent._pending = (welcome, [])
+    with pytest.raises(ProtocolError, match="out of order"):
+        agent._on_weights(pieces[1])
+    agent._pending = (welcome, [])
+    with pytest.raises(ProtocolError, match="out of order or over the limits"):
+        agent._on_weights(pb.PublicWeights(index=0, count=100_000, data=b"x"))
+    agent._pending = (welcome, [])
+    agent._on_weights(pieces[0])
+    with pytest.raises(ProtocolError, match="not the"):
+        agent._on_weights(pb.PublicWeights(index=1, count=2, data=b"y" * 10))  # the joined bytes differ
+    assert not welcomed and not (tmp_path / "state" / "public").exists()
+    agent._pending = (welcome, [])
+    for piece in pieces:
+        agent._on_weights(piece)
+    assert welcomed == [welcome] and (tmp_path / "state" / "public" / f"{sha}.safetensors").read_bytes() == data
+    agent._on_weights(pieces[0])  # pieces after the join (the site kept the file): ignored
+    assert welcomed == [welcome]
