@@ -255,10 +255,11 @@ class PrivacyConfig(_Section):
     update_every: int = Field(1, ge=1, le=64, description="take a DP discriminator step every this many batches; "
                               "the batches between are answered by the discriminators as they are (post-processing "
                               "of a private model: no budget spent)")
-    trainable: str = Field("all", pattern=r"^(all|last:[1-9][0-9]?)$", description="which discriminator "
-                           "parameters learn under DP: 'all', or 'last:K' (the last K layers with parameters of "
-                           "each discriminator; the rest stays as initialised, e.g. from public weights). Fewer "
-                           "noisy parameters, less noise in all")
+    trainable: str = Field("auto", pattern=r"^(auto|all|last:[1-9][0-9]?)$", description="which discriminator "
+                           "parameters learn under DP: 'all', 'last:K' (the last K layers with parameters of each "
+                           "discriminator; the rest stays as initialised, e.g. from public weights; fewer noisy "
+                           "parameters, less noise in all), or 'auto' (default): last:1 when the run starts from "
+                           "public weights, all otherwise")
     planned_spare: float = Field(0.05, ge=0, le=1, description="extra fraction of the planned steps the computed "
                                  "noise allows for (steps the server retries after a missed quorum)")
 

@@ -89,7 +89,7 @@ class DPSettings(BaseModel):
     slices_per_patient: int = 4
     augmentations: int = 2
     update_every: int = 1
-    trainable: str = "last:1"
+    trainable: str = "auto"  # last:1 from the public start, all from scratch
     max_grad_norm: float = 1.0
 
     def privacy(self, epsilon: float) -> PrivacyConfig:

@@ -259,6 +259,14 @@ def check_no_batch_mixing(module: nn.Module) -> None:
                           f"clip per unit ({', '.join(mixing) or errors[0]}); a private site cannot train them")
 
 
+def resolve_trainable(trainable: str, public_start: bool) -> str:
+    """privacy.trainable with 'auto' made concrete: the last layer when the discriminators start from public
+    weights (the body keeps what public data taught it), everything when they start from scratch."""
+    if trainable != "auto":
+        return trainable
+    return "last:1" if public_start else "all"
+
+
 def freeze_except(discriminators: nn.ModuleDict, trainable: str) -> list[nn.Parameter]:
     """Leave only the parameters privacy.trainable names trainable; returns them. 'last:K': the last K modules
     holding parameters of each discriminator."""
@@ -310,7 +318,8 @@ class PrivateSiteLearner(SiteLearner):
         self.sample_rate = privacy.sample_rate
         self.expected_units = self.sample_rate * units
         self.chunk_rows = chunk_rows
-        self.trained = freeze_except(self.discriminators, privacy.trainable)
+        self.trainable = resolve_trainable(privacy.trainable, initial is not None)
+        self.trained = freeze_except(self.discriminators, self.trainable)
         self.optimizer = make_optimizer(self.trained, cfg.d_optim)
         # A secret source for the sampling, the site's flips and the noise: cfg.seed is known to the server.
         self.secret = torch.Generator(device="cpu").manual_seed(secrets.randbits(63))
@@ -327,7 +336,7 @@ class PrivateSiteLearner(SiteLearner):
         n_trained = sum(p.numel() for p in self.trained)
         ledger.describe(units=units, grouping=self.patients.source, samples=len(dataset),
                         slices_per_patient=privacy.slices_per_patient, augmentations=privacy.augmentations,
-                        max_grad_norm=privacy.max_grad_norm, trainable=privacy.trainable,
+                        max_grad_norm=privacy.max_grad_norm, trainable=self.trainable,
                         trained_parameters=n_trained, noise_per_expected_unit=self.noise_multiplier / self.expected_units)
         if privacy.unit == "patient" and self.patients.source == "one sample = one patient":
             log.warning("privacy: the data say nothing about patients, so each sample is treated as its own "
@@ -340,7 +349,7 @@ class PrivateSiteLearner(SiteLearner):
                  UNIT_NAMES[privacy.unit], units, UNIT_NAMES[privacy.unit], self.patients.source,
                  self.noise_multiplier, "fixed" if privacy.noise_multiplier is not None else "computed from the budget",
                  privacy.max_grad_norm, self.expected_units, UNIT_NAMES[privacy.unit], self.sample_rate, n_trained,
-                 privacy.trainable, ledger.epsilon_spent, privacy.epsilon, privacy.delta, self.planned, left)
+                 self.trainable, ledger.epsilon_spent, privacy.epsilon, privacy.delta, self.planned, left)
         if self.noise_multiplier / max(self.expected_units, 1e-9) > 0.5:
             log.warning("privacy: noise %.3g against %.1f expected %ss per step: the noise drowns the "
                         "discriminators' signal; more patients, a higher sample_rate, fewer planned steps or "

@@ -63,7 +63,8 @@ class SiteWorker:
         when it is not the whole (its optimiser state covers only that part)."""
         if self.ledger is None or privacy is None:
             return None
-        return privacy.unit if privacy.trainable == "all" else f"{privacy.unit}:{privacy.trainable}"
+        trainable = self.learner.trainable
+        return privacy.unit if trainable == "all" else f"{privacy.unit}:{trainable}"
 
     @property
     def epsilon_spent(self) -> float | None:
