@@ -436,42 +436,64 @@ def _json_if(path: pathlib.Path):
 
 # ---- the whole experiment ----------------------------------------------------------------------------------------
 def run(cfg: PrivacyUtilityConfig) -> dict:
-    from asyndgan.experiments import privacy_utility_report as report
     from asyndgan.experiments.synthetic_learning import check_settings
 
     torch.set_num_threads(cfg.threads)
     check_settings(cfg)
     timings, timed = piece_timer(cfg.out / "timings.json")
-    log.info("[1/6] phantoms: public cohort, three private sites and their test patients")
+    log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)
     sites, test_dir = site_trees(cfg, phantoms), phantoms["private"] / "test"
     maps = pooled_maps(cfg, sites)
-    log.info("[2/6] real rows (segmentation)")
+    log.info("[2/4] real rows (segmentation)")
     evals = timed("segmentation_real", segment, cfg, {"real_all": sites,
                                                      "real_public": [phantoms["public"] / "public"]}, test_dir)
-    log.info("[3/6] public pretraining (%d steps)", cfg.gan.pretrain_steps)
+    log.info("[3/4] public pretraining (%d steps)", cfg.gan.pretrain_steps)
     pre = cfg.out / "gan" / "public_pretrain"
     shared_pieces(cfg, "pretrain", ["public"], lambda _: timed("pretrain", run_pretrain, cfg, phantoms),
                   lambda _: pre if (pre / public_start.RECORD).is_file() else None)
     info, _ = public_start.read_folder(pre)
-    gans = {"public_only": {"row": "public_only", "checkpoint": str(pre / info["checkpoint"]),
-                            "steps": info["steps"], "seconds": info["seconds"], "privacy": None, "sites": {}}}
-    log.info("[4/6] GANs with the private sites: %s", ", ".join(gan_settings(cfg)))
-    gans.update(shared_pieces(cfg, "gan", list(gan_settings(cfg)),
-                              lambda name: timed(f"gan_{name}", train_gan, cfg, name, sites, pre),
-                              lambda name: _json_if(cfg.out / "gan" / name / "gan.json")))
-    log.info("[5/6] audits: canaries (DP rows), membership (every generator)")
-    private = [name for name, (_, privacy, _) in gan_settings(cfg).items() if privacy is not None]
-    canaries = shared_pieces(cfg, "canaries", private,
-                             lambda name: timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre),
-                             lambda name: _json_if(cfg.out / "audit" / name / "canaries.json"))
-    members = shared_pieces(cfg, "membership", list(gans), lambda name: timed(
-        f"membership_{name}", membership, cfg, name, pathlib.Path(gans[name]["checkpoint"]), sites, test_dir),
-        lambda name: _json_if(cfg.out / "audit" / name / "membership.json"))
-    log.info("[6/6] synthetic data and segmentation for every generator")
-    synthetic = shared_pieces(cfg, "synthesis", list(gans), lambda name: timed(
-        f"synthesis_{name}", synthesise, cfg, name, pathlib.Path(gans[name]["checkpoint"]), maps),
-        lambda name: cfg.out / "synthetic" / name if (cfg.out / "synthetic" / name / ".done").is_file() else None)
-    evals.update(timed("segmentation_synthetic", segment, cfg, {k: [v] for k, v in synthetic.items()}, test_dir))
-    rows = summarise_rows(evals)
-    return report.write_all(cfg, rows, gans, canaries, members, timings)
+    public_only = {"row": "public_only", "checkpoint": str(pre / info["checkpoint"]), "steps": info["steps"],
+                   "seconds": info["seconds"], "privacy": None, "sites": {}}
+    # the rows people look at first go first (a cut run reports them): non-private, then the largest epsilon
+    dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")), key=lambda n: -float(n[len("dp_eps"):]))
+    names = ["public_only", "nonprivate", *dp, *(n for n in gan_settings(cfg) if n not in dp and n != "nonprivate")]
+    log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))
+    results: dict = {}
+
+    def row(name: str) -> dict:
+        """One generator's row, start to end (a piece another process may take), and the report so far."""
+        if name == "public_only":
+            gan = public_only
+        else:
+            gan = timed(f"gan_{name}", train_gan, cfg, name, sites, pre)
+        checkpoint = pathlib.Path(gan["checkpoint"])
+        canaries = None if gan["privacy"] is None else timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre)
+        member = timed(f"membership_{name}", membership, cfg, name, checkpoint, sites, test_dir)
+        synthetic = timed(f"synthesis_{name}", synthesise, cfg, name, checkpoint, maps)
+        seg = timed(f"segmentation_{name}", segment, cfg, {name: [synthetic]}, test_dir)[name]
+        out = {"gan": gan, "canaries": canaries, "membership": member, "segmentation": seg}
+        write_json(cfg.out / "rows" / f"{name}.json", out)
+        results[name] = out
+        _report_so_far(cfg, evals, {**_rows_done(cfg), name: out}, timings)
+        return out
+
+    done = shared_pieces(cfg, "row", names, row, lambda name: _json_if(cfg.out / "rows" / f"{name}.json"))
+    return _report_so_far(cfg, evals, done, timings)
+
+
+def _rows_done(cfg: PrivacyUtilityConfig) -> dict:
+    folder = cfg.out / "rows"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def _report_so_far(cfg: PrivacyUtilityConfig, real_evals: dict, done: dict, timings: dict) -> dict:
+    """results.json, report.md and the figure from the real rows and the generators finished so far."""
+    from asyndgan.experiments import privacy_utility_report as report
+
+    order = ["public_only", *gan_settings(cfg)]
+    done = {k: done[k] for k in order if k in done}
+    evals = {**real_evals, **{k: v["segmentation"] for k, v in done.items()}}
+    return report.write_all(cfg, summarise_rows(evals), {k: v["gan"] for k, v in done.items()},
+                            {k: v["canaries"] for k, v in done.items() if v["canaries"] is not None},
+                            {k: v["membership"] for k, v in done.items()}, timings)

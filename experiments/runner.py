@@ -199,7 +199,10 @@ class Cluster:
 
 
 def write_json(path: pathlib.Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    """Whole or not at all (another process of an experiment may be reading it), its folder made if needed."""
+    from asyndgan.common.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def piece_timer(path: pathlib.Path):
