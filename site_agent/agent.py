@@ -181,6 +181,7 @@ class SiteAgent:
         """One connection: returns when the server ends the run; raises _Retry or AsynDGANError otherwise."""
         self._outbox = outbox = queue.Queue()
         self._joined_recently = False
+        self._pending = None  # public-weight pieces of a lost connection are not continued on a new one
         channel = self._channel_factory()
         try:
             try:
