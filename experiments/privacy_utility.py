@@ -127,7 +127,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
             dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], canaries=40,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
                                             network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
-                                            training=TrainingConfig(steps=6, batch_size=8)), seeds=2)
+                                            training=TrainingConfig(steps=4, batch_size=8)), seeds=1)
     recipe = SegmentationRecipe(preprocessing=Preprocessing(image_size=64),
                                 training=TrainingConfig(steps=1000, batch_size=16))
     if preset == "cpu":

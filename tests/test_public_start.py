@@ -52,21 +52,14 @@ def test_a_run_starts_from_public_weights_and_a_private_site_adapts_them(tmp_pat
     assert ledger["unit"] == "one patient" and ledger["details"]["units"] == 10
     assert ledger["details"]["grouping"] == "meta.json" and 4.5 <= ledger["epsilon_at_delta"][0] <= 5.0
 
-
-def test_a_pretraining_folder_whose_weights_changed_is_refused(tmp_path):
-    (public,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[8], size=20, seed=3)
-    pre = tmp_path / "public"
-    r = run_cli(["asyndgan.central_server.cli", "pretrain", "--data", str(public), "--out", str(pre), "--steps", "2",
-                 "--batch-size", "2", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
-                 *_sets({**TINY_IMAGE2D, "site.model.image2d.load_size": 20})], timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
+    # a pretraining folder changed after the fact, or none at all, is refused with one line
     path = pre / public_start.DISCRIMINATOR
     path.write_bytes(path.read_bytes()[:-1] + b"\0")
     r = run_cli(["asyndgan.central_server.cli", "start", "--init", str(pre), "--insecure", "--port", "0",
-                 "--run-dir", str(tmp_path / "run"), *_sets({**TINY_IMAGE2D, "site.model.image2d.load_size": 20})])
+                 "--run-dir", str(tmp_path / "run2"), *_sets(model)])
     assert r.returncode != 0 and "does not match the digest" in (r.stdout + r.stderr)
     r = run_cli(["asyndgan.central_server.cli", "start", "--init", str(tmp_path / "nothing"), "--insecure",
-                 "--port", "0", "--run-dir", str(tmp_path / "run2")])
+                 "--port", "0", "--run-dir", str(tmp_path / "run3")])
     assert r.returncode != 0 and "not a pretraining folder" in (r.stdout + r.stderr)
 
 
