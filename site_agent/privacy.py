@@ -127,6 +127,13 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: in
     """The smallest noise multiplier (to 0.1%) with which `steps` more subsampled Gaussian steps at `sample_rate`
     keep the composition with `spent` within `epsilon` at `delta`; PrivacyBudgetExhausted when none up to
     MAX_NOISE does."""
+    return _noise_for_budget(float(epsilon), float(delta), float(sample_rate), int(steps),
+                             tuple((float(s), float(q), int(t)) for s, q, t in spent))
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int,
+                      spent: tuple[tuple[float, float, int], ...]) -> float:
     def fits(sigma: float) -> bool:
         return rdp_epsilon([*spent, (sigma, sample_rate, max(1, steps))], delta) <= epsilon
 
