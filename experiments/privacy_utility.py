@@ -121,7 +121,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
     """smoke: the plumbing in a few minutes; cpu: the measurement on 2 cores (about 2.5 hours); gpu: larger."""
     if preset == "smoke":
         return PrivacyUtilityConfig(
-            preset=preset, out=out, seed=seed, shape=(64, 64, 40), public_cases=4, site_cases=[4, 3, 2],
+            preset=preset, out=out, seed=seed, shape=(64, 64, 40), public_cases=2, site_cases=[3, 2, 2],
             test_cases=3, gan=GANSettings(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, batch_per_site=2,
                                           pretrain_steps=8, finetune_steps=4, scratch_steps=4),
             dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], canaries=40,
