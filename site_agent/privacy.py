@@ -421,11 +421,14 @@ class PrivateSiteLearner(SiteLearner):
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 per_row.sum().backward()  # per-row gradients in p.grad_sample
             local = (units[sel] - start_unit).to(self.device)
-            weight = 1.0 / sizes[start_unit:end_unit].to(self.device, torch.float32)[local]  # mean within a unit
+            # [units, rows]: row r's weight in its unit's mean (a matrix product sums rows per unit much faster
+            # than index_add on the CPU)
+            mean_of = torch.zeros(end_unit - start_unit, local.numel(), device=self.device)
+            mean_of[local, torch.arange(local.numel(), device=self.device)] = \
+                1.0 / sizes[start_unit:end_unit].to(self.device, torch.float32)[local]
             per_unit = []
             for p in self.trained:
-                g = p.grad_sample.reshape(p.grad_sample.shape[0], -1) * weight[:, None]
-                per_unit.append(torch.zeros(end_unit - start_unit, g.shape[1], device=g.device).index_add_(0, local, g))
+                per_unit.append(mean_of @ p.grad_sample.reshape(p.grad_sample.shape[0], -1))
                 p.grad_sample = None
             clipped, norm = self.clip_and_sum(per_unit)
             for total, c in zip(sums, clipped):

@@ -227,7 +227,7 @@ def test_the_ledger_composes_across_restarts_and_keeps_its_unit(tmp_path):
 
 # ---- the audit -----------------------------------------------------------------------------------------------
 def _audited_run(site, tmp_path, broken: bool) -> tuple[dp_audit.AuditResult, float]:
-    worker = _worker(site, tmp_path, _cfg(steps=40), epsilon=1.0, sample_rate=0.5, trainable="all")
+    worker = _worker(site, tmp_path, _cfg(steps=30), epsilon=1.0, sample_rate=0.5, trainable="all")
     learner = worker.learner
     _seed(learner, 21)
     canaries = dp_audit.attach(learner, count=200, seed=5)
@@ -236,7 +236,7 @@ def _audited_run(site, tmp_path, broken: bool) -> tuple[dp_audit.AuditResult, fl
             [g.sum(dim=0).view(p.shape) for g, p in zip(per_unit, learner.trained)],
             torch.cat(per_unit, dim=1).norm(dim=1))
     rng = torch.Generator().manual_seed(0)
-    for step in range(40):
+    for step in range(30):
         worker.answer(_batch(step, rng))
     return dp_audit.conclude(canaries), worker.epsilon_spent
 
