@@ -39,7 +39,7 @@ from asyndgan.demo_data.phantom import PhantomConfig, SiteProfile, write_phantom
 from asyndgan.demo_data.phantom.config import LESION_TYPES
 from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.demo_data.phantom.writer import read_partition
-from asyndgan.experiments.runner import piece_timer
+from asyndgan.experiments.runner import claim_file, piece_timer
 from asyndgan.experiments.synthetic_learning import check_settings
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
@@ -235,22 +235,7 @@ CLAIM = ".claimed-by"
 
 
 def _claim(folder: pathlib.Path) -> bool:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CLAIM
-    try:
-        with open(path, "x") as f:
-            f.write(str(os.getpid()))
-        return True
-    except FileExistsError:
-        try:
-            pid = int(path.read_text() or 0)
-            os.kill(pid, 0)
-            return pid == os.getpid()
-        except (ValueError, ProcessLookupError):
-            path.write_text(str(os.getpid()))  # its claimant died: ours now
-            return True
-        except PermissionError:
-            return False
+    return claim_file(folder / CLAIM)
 
 
 def _wait_for(folder: pathlib.Path) -> None:

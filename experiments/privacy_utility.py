@@ -56,7 +56,7 @@ from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES, phantom_c
 from asyndgan.experiments import dp_audit, memorization
 from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.phantom_calibration import _claim, _load_eval, _wait_for
-from asyndgan.experiments.runner import piece_timer, write_json
+from asyndgan.experiments.runner import claim_file, piece_timer, write_json
 from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, evaluate_model,
                                    load_test_cases, load_training_slices, pool_slices, train_model, write_results)
 from asyndgan.site_agent.datasets import open_dataset
@@ -406,24 +406,7 @@ def _claim_path(cfg: PrivacyUtilityConfig, kind: str, name: str) -> pathlib.Path
 
 
 def _claim_piece(cfg: PrivacyUtilityConfig, kind: str, name: str) -> bool:
-    import os
-
-    path = _claim_path(cfg, kind, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "x") as f:
-            f.write(str(os.getpid()))
-        return True
-    except FileExistsError:
-        try:
-            pid = int(path.read_text() or 0)
-            os.kill(pid, 0)
-            return pid == os.getpid()
-        except (ValueError, ProcessLookupError):
-            path.write_text(str(os.getpid()))
-            return True
-        except PermissionError:
-            return False
+    return claim_file(_claim_path(cfg, kind, name))
 
 
 def _release(cfg: PrivacyUtilityConfig, kind: str, name: str) -> None:

@@ -227,3 +227,23 @@ def piece_timer(path: pathlib.Path):
         return value
 
     return timings, timed
+
+
+def claim_file(path: pathlib.Path) -> bool:
+    """Claim a piece of work shared between processes: True when `path` now holds this process's PID (created
+    now, ours already, or taken over from a claimant that died); False while another live process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "x") as f:
+            f.write(str(os.getpid()))
+        return True
+    except FileExistsError:
+        try:
+            pid = int(path.read_text() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            path.write_text(str(os.getpid()))  # its claimant died: ours now
+            return True
+        except PermissionError:
+            return False
