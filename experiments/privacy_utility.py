@@ -10,15 +10,18 @@ Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the s
     real_public        the public cohort's real cases (what a consortium has without the sites)
     public_only        synthetic data from the generator pretrained on the public cohort alone, made from the
                        private sites' label maps (the floor the private data must beat)
-    nonprivate         AsynDGAN fine-tuned from the public start with the three sites, privacy off
+    nonprivate         AsynDGAN fine-tuned from the public start with the three sites, privacy off, with the papers'
+                       L1 term (computed at the sites on their real images: what a consortium without privacy runs)
+    nonprivate_adv     the same without the L1 term: the private rows' recipe with privacy off, so that
+                       dp_eps<e> - nonprivate_adv is the cost of the privacy mechanism alone
     dp_eps<e>          the same with patient-level DP at epsilon e per site (each site computes its own noise for
                        the planned steps)
     dp_scratch_eps<e>  patient-level DP without the public start (generator and discriminators from scratch)
     slice_default      the earlier default: slice-level DP (rate 0.01, noise 1), from scratch
 Synthetic rows are made from the private sites' training label maps (public: they are uploaded at join), one
 synthetic volume per training case. Every GAN runs with the sites in this process (the same SiteWorker as a
-site process; the distributed path is tested elsewhere) and without the L1 term, which private sites refuse; the
-public pretraining may use it (public data).
+site process; the distributed path is tested elsewhere); only the public pretraining and the nonprivate row use the
+L1 term (private sites refuse it).
 
 Per row: Dice and HD95 (whole tumour, 3-D, per patient), epsilon per site from the ledgers, the one-run canary
 audit's epsilon lower bound (a separate audit run of the smallest site's mechanism at the row's settings, with
@@ -39,7 +42,7 @@ import pathlib
 import shutil
 import threading
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +79,7 @@ class GANSettings(BaseModel):
     lr: float = 2e-4
     pretrain_steps: int = Field(ge=1, description="generator steps on the public cohort")
     pretrain_lambda_l1: float = Field(100.0, description="L1 weight in the public pretraining (public data)")
+    nonprivate_lambda_l1: float = Field(100.0, description="L1 weight of the nonprivate row (the papers' value)")
     finetune_steps: int = Field(ge=1, description="steps with the private sites, from the public start")
     scratch_steps: int = Field(ge=1, description="steps with the private sites, from scratch")
 
@@ -203,27 +207,37 @@ def run_pretrain(cfg: PrivacyUtilityConfig, phantoms: dict[str, pathlib.Path]) -
     return pretrain(scfg, phantoms["public"] / "public", DataPrepConfig(cache_dir=cfg.out / "cache"))
 
 
-def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, tuple[bool, PrivacyConfig | None, int]]:
-    """GAN row -> (from the public start, the sites' privacy (None: off), steps)."""
+class GANRow(NamedTuple):
+    from_public: bool
+    privacy: PrivacyConfig | None  # None: off
+    steps: int
+    lambda_l1: float = 0.0
+
+
+def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
+    """GAN row -> how it is trained."""
     g = cfg.gan
-    out: dict[str, tuple[bool, PrivacyConfig | None, int]] = {"nonprivate": (True, None, g.finetune_steps)}
+    out = {"nonprivate": GANRow(True, None, g.finetune_steps, g.nonprivate_lambda_l1),
+           "nonprivate_adv": GANRow(True, None, g.finetune_steps)}
     for eps in cfg.epsilons:
-        out[f"dp_eps{eps:g}"] = (True, cfg.dp.privacy(eps), g.finetune_steps)
-    out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = (False, cfg.dp.privacy(cfg.scratch_epsilon), g.scratch_steps)
-    out["slice_default"] = (False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta, noise_multiplier=1.0,
-                                                 sample_rate=0.01, trainable="all"), g.scratch_steps)
+        out[f"dp_eps{eps:g}"] = GANRow(True, cfg.dp.privacy(eps), g.finetune_steps)
+    out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = GANRow(False, cfg.dp.privacy(cfg.scratch_epsilon),
+                                                           g.scratch_steps)
+    out["slice_default"] = GANRow(False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta,
+                                                       noise_multiplier=1.0, sample_rate=0.01, trainable="all"),
+                                  g.scratch_steps)
     return out
 
 
 def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], pre: pathlib.Path) -> dict:
     """One GAN with the private sites in this process; {checkpoint, epsilon per site, ...}. Kept when done."""
-    from_public, privacy, steps = gan_settings(cfg)[name]
+    from_public, privacy, steps, lambda_l1 = gan_settings(cfg)[name]
     folder = cfg.out / "gan" / name
     record = folder / "gan.json"
     if record.is_file():
         return json.loads(record.read_text())
     shutil.rmtree(folder, ignore_errors=True)  # a cut run (with its experiment-only ledgers) starts again
-    scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site)
+    scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site, lambda_l1)
     initial = None
     if from_public:
         info, data = public_start.read_folder(pre)
@@ -239,7 +253,7 @@ def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], p
     trainer.run(threading.Event())
     final = ckpt.checkpoint_path(folder / "checkpoints", steps)
     result = {
-        "row": name, "from_public": from_public, "steps": steps, "checkpoint": str(final),
+        "row": name, "from_public": from_public, "steps": steps, "lambda_l1": lambda_l1, "checkpoint": str(final),
         "seconds": round(time.monotonic() - started, 1),
         "privacy": None if privacy is None else json.loads(privacy.model_dump_json()),
         "sites": {s.site_id: {"samples": s.num_samples, "patients": s.worker.dataset.patients().count,
@@ -261,7 +275,7 @@ def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path]
     from asyndgan.site_agent.worker import SiteWorker
     from asyndgan.synthesis.generator_file import load_from_checkpoint
 
-    from_public, privacy, steps = gan_settings(cfg)[name]
+    from_public, privacy, steps, _ = gan_settings(cfg)[name]
     folder = cfg.out / "audit" / name
     record = folder / "canaries.json"
     if record.is_file():

@@ -13,7 +13,8 @@ ORDER_NOTE = {
     "real_all": "private sites' real cases pooled (ceiling)",
     "real_public": "public cohort's real cases",
     "public_only": "generator pretrained on the public cohort only (floor)",
-    "nonprivate": "AsynDGAN from the public start, privacy off",
+    "nonprivate": "AsynDGAN from the public start, privacy off, with the L1 term",
+    "nonprivate_adv": "the same without the L1 term (the private rows' recipe, privacy off)",
     "slice_default": "earlier default: slice-level DP (rate 0.01, noise 1), from scratch",
 }
 
@@ -46,10 +47,11 @@ def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[
         row = f"dp_eps{eps:g}"
         if row not in rows or eps > 10:
             continue
-        vs_np = gaps.get(f"nonprivate - {row}")
-        if vs_np:
-            out.append({"name": f"{row}: within 0.05 of non-private", "value": vs_np["mean"], "needed": "<= 0.05",
-                        "met": vs_np["mean"] <= 0.05})
+        for reference in ("nonprivate", "nonprivate_adv"):
+            vs_np = gaps.get(f"{reference} - {row}")
+            if vs_np:
+                out.append({"name": f"{row}: within 0.05 of {reference}", "value": vs_np["mean"],
+                            "needed": "<= 0.05", "met": vs_np["mean"] <= 0.05})
         above = gaps.get(f"{row} - public_only")
         if above:
             need = 2 * max(spread, rows[row]["dice_sd"])
@@ -73,8 +75,9 @@ def write_all(cfg, rows: dict, gans: dict, canaries: dict, members: dict, timing
         gaps["real_all - real_public"] = paired(rows["real_all"]["patients"], rows["real_public"]["patients"])
     for row in rows:
         if row.startswith("dp_") or row == "slice_default":
-            if "nonprivate" in rows:
-                gaps[f"nonprivate - {row}"] = paired(rows["nonprivate"]["patients"], rows[row]["patients"])
+            for reference in ("nonprivate", "nonprivate_adv"):
+                if reference in rows:
+                    gaps[f"{reference} - {row}"] = paired(rows[reference]["patients"], rows[row]["patients"])
         if row not in ("real_all", "real_public", "public_only") and "public_only" in rows:
             gaps[f"{row} - public_only"] = paired(rows[row]["patients"], rows["public_only"]["patients"])
     checks = targets(cfg, rows, gaps, members, canaries)
@@ -102,7 +105,8 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
     if scratch in rows:
         ax.errorbar([cfg.scratch_epsilon], [rows[scratch]["dice"]], yerr=[rows[scratch]["dice_sd"]], marker="s",
                     capsize=3, linestyle="none", label="patient-level DP, from scratch")
-    styles = {"nonprivate": ("tab:green", "non-private, public start"), "public_only": ("tab:red", "public-only "
+    styles = {"nonprivate": ("tab:green", "non-private, public start, L1"),
+              "nonprivate_adv": ("tab:olive", "non-private, public start, no L1"), "public_only": ("tab:red", "public-only "
               "generator"), "real_all": ("black", "Real-All"), "real_public": ("tab:grey", "Real-Public")}
     for row, (colour, label) in styles.items():
         if row in rows:
@@ -136,7 +140,8 @@ def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
              f"PatchGAN ({cfg.gan.ndf} filters, {cfg.gan.d_layers} layers) per modality, {cfg.gan.batch_per_site} "
              f"images per site per step; public pretraining {cfg.gan.pretrain_steps} steps (L1 weight "
              f"{cfg.gan.pretrain_lambda_l1:g}, public data); with the sites {cfg.gan.finetune_steps} steps from the "
-             f"public start or {cfg.gan.scratch_steps} from scratch, no L1 term; sites in one process.",
+             f"public start or {cfg.gan.scratch_steps} from scratch, no L1 term except in the nonprivate row "
+             f"(weight {cfg.gan.nonprivate_lambda_l1:g}); sites in one process.",
              f"- DP (every private row): unit patient, delta {cfg.dp.delta:g}, rate {cfg.dp.sample_rate:g}, "
              f"{cfg.dp.slices_per_patient} slices per drawn patient x {cfg.dp.augmentations} views, clip "
              f"{cfg.dp.max_grad_norm:g}, trainable `{cfg.dp.trainable}`, a DP step every {cfg.dp.update_every} "

@@ -34,8 +34,9 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     assert set(results["rows"]) == expected
     for row in expected - {"real_all", "real_public"}:
         assert row in results["membership"] and 0 <= results["membership"][row]["auc"] <= 1
-    for row, (_, privacy, _) in gan_settings(cfg).items():
-        sites = results["gans"][row]["sites"]
+    for row, settings in gan_settings(cfg).items():
+        sites, privacy = results["gans"][row]["sites"], settings.privacy
+        assert results["gans"][row]["lambda_l1"] == (100.0 if row == "nonprivate" else 0.0)
         if privacy is None:
             assert all(s["epsilon"] is None for s in sites.values())
             continue
