@@ -60,6 +60,7 @@ class SiteSession:
     ):
         self.site_id = hello.site_id
         self.num_samples = 0  # known at Ready
+        self.statistics: dict[str, tuple[float, float]] = {}  # a private site's released statistics (at Ready)
         self.modalities = hello.modalities
         self.channels = channels
         self.wire_dtype = wire_dtype
@@ -104,6 +105,7 @@ class SiteSession:
             if reuse:
                 self._upload.discard()
             self.num_samples = n
+            self.statistics = ready.statistics  # checked against what G makes when the trainer uses them
             self._upload = None
             self._on_ready(self, maps, reuse)  # the bank takes the maps, then the registry marks us ready
         elif kind == "gradient" and self.state is State.READY:

@@ -5,7 +5,9 @@ One step (the dataflow drawn in the README's "One training step"), in named stag
     conditions  x_j <- the family's condition (label maps read once, augmented; or noise)
     dispatch    fake <- G(cat_j x_j), one forward for all sites; send fake_j (only the channels j holds)
     collect     wait for each g_j until the step deadline                 (session.py)
-    update      g <- combine(w_j * g_j) (aggregation.py); fake.backward(gradient=g); optimiser step
+    update      g <- combine(w_j * g_j) (aggregation.py), plus the gradient of the statistics term when private
+                sites released intensity statistics (common/intensity_statistics.py); fake.backward(gradient=g);
+                optimiser step
 The random generator is drawn in a fixed order (plan, then each site's augmentation in site-id order, then noise
 in the same order), so a one-process reference can replay a step exactly. Each stage takes and returns plain
 values; the step's preview (label maps and fakes for the sample grid) comes back in its StepReport.
@@ -28,6 +30,8 @@ from asyndgan.common import serde
 from asyndgan.common.conditions import Augmentation, augment, brain_region
 from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
+from asyndgan.common.intensity_statistics import check_received, statistics_loss
+from asyndgan.common.intensity_statistics import names as statistics_names
 from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.central_server.aggregation import SiteGradient, channel_weights, combine, site_weights
 from asyndgan.central_server.mask_bank import MaskBank
@@ -153,12 +157,38 @@ class Trainer:
             report.losses[p.session.site_id] = answer.losses
         return results
 
-    def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient]) -> None:
+    def _statistics_term(self, planned: list[_Planned], fake: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """(d/d fake, value) of statistics_weight x the mean over the sites that released statistics of
+        intensity_statistics.statistics_loss on their rows; None when no site released any."""
+        if self.cfg.train.statistics_weight == 0 or fake.dim() != 4:
+            return None
+        modalities = self.family.modalities(self.model_cfg)
+        terms = []
+        for p in planned:
+            released = p.session.statistics
+            if not released or p.maps is None:
+                continue
+            target = check_received(released, set(statistics_names(modalities)))
+            term = statistics_loss(fake[p.rows], p.maps, modalities, target, self.cfg.train.statistics_floor)
+            if term is not None:
+                terms.append(term)
+        if not terms:
+            return None
+        loss = self.cfg.train.statistics_weight * torch.stack(terms).mean()
+        (grad,) = torch.autograd.grad(loss, fake, retain_graph=True)
+        return grad, float(loss.detach())
+
+    def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient], planned: list[_Planned],
+                report: StepReport) -> None:
         weights = site_weights(results, self.cfg.train.sampling)
         if fake.dim() >= 2 and any(r.channels is not None for r in results.values()):
             # Sites holding different modalities: each channel's weights over the sites that hold it.
             weights = channel_weights(results, weights, fake.shape[1])
         gradient = combine(results, weights, fake)
+        steer = self._statistics_term([p for p in planned if p.session.site_id in results], fake)
+        if steer is not None:
+            gradient = gradient + steer[0]
+            report.losses["server"] = {"statistics": steer[1]}
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.g_optim.lr * linear_decay(self.step, self.cfg.site.schedule)
         self.optimizer.zero_grad(set_to_none=True)
@@ -179,7 +209,7 @@ class Trainer:
             log.warning("step %d: %d of %d sites answered, quorum is %d; retrying the step", self.step,
                         len(results), len(planned), quorum)
             return None
-        self._update(fake, results)
+        self._update(fake, results, planned, report)
         self.step += 1
         report.answered = sorted(results)
         report.images = sum(r.batch_size for r in results.values())

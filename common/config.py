@@ -143,6 +143,12 @@ class TrainConfig(_Section):
         mri = model.family == "image2d" and set(model.image2d.modalities) <= set(BRATS_MODALITIES)
         return "brain" if mri else "full"
     flip: bool = Field(True, description="random left-right flips drawn by the server (image2d)")
+    statistics_weight: float = Field(1.0, ge=0, description="weight of the term that pulls the generator's "
+                                     "per-site intensity statistics towards those the sites released (privacy."
+                                     "statistics_share); each number weighted by 1 / (its noise variance + "
+                                     "statistics_floor^2)")
+    statistics_floor: float = Field(0.05, gt=0, description="the smallest standard deviation a released statistic "
+                                    "is trusted to (so exact, noise-free numbers cannot dominate the loss)")
     seed: int = 0
 
 
@@ -262,6 +268,10 @@ class PrivacyConfig(_Section):
                            "public weights, all otherwise")
     planned_spare: float = Field(0.05, ge=0, le=1, description="extra fraction of the planned steps the computed "
                                  "noise allows for (steps the server retries after a missed quorum)")
+    statistics_share: float = Field(0.0, ge=0, lt=1, description="share of epsilon spent on a one-shot release of "
+                                    "per-modality intensity statistics of the brain and the tumour, which the server "
+                                    "steers the generator towards (0: none); DP-SGD gets the rest")
+    statistics_clip: float = Field(2.0, gt=0, description="clipping bound of one patient's statistics vector")
 
 class SiteConfig(_Section):
     site_id: str = Field(..., min_length=1, max_length=64, pattern=SITE_ID_PATTERN)

@@ -7,6 +7,7 @@ ProtocolError, never anything else, so transport code can drop it and carry on.
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -174,6 +175,8 @@ class LabelMapChunk:
 class Ready:
     num_chunks: int
     num_samples: int
+    # a private site's released statistics: name -> (value, noise std) (site_agent/site_statistics.py)
+    statistics: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,13 +291,26 @@ def label_map_chunk_from_proto(m: pb.ConditionChunk, *, size: int | None, max_by
 
 
 def ready_to_proto(r: Ready) -> pb.SiteMessage:
-    return pb.SiteMessage(ready=pb.Ready(num_chunks=r.num_chunks, num_samples=r.num_samples))
+    stats = [pb.Statistic(name=k, value=v, noise_std=sd) for k, (v, sd) in r.statistics.items()]
+    return pb.SiteMessage(ready=pb.Ready(num_chunks=r.num_chunks, num_samples=r.num_samples, statistics=stats))
+
+
+MAX_STATISTICS = 256  # a release is 4 numbers per modality
 
 
 def ready_from_proto(m: pb.Ready) -> Ready:
     if m.num_chunks < 0 or m.num_samples < 0:
         raise ProtocolError(f"Ready declares {m.num_chunks} chunks and {m.num_samples} samples")
-    return Ready(num_chunks=int(m.num_chunks), num_samples=int(m.num_samples))
+    if len(m.statistics) > MAX_STATISTICS:
+        raise ProtocolError(f"Ready carries {len(m.statistics)} statistics (at most {MAX_STATISTICS})")
+    stats: dict[str, tuple[float, float]] = {}
+    for s in m.statistics:
+        if not (0 < len(s.name) <= 100) or s.name in stats or not (math.isfinite(s.value) and
+                                                                      math.isfinite(s.noise_std) and s.noise_std >= 0):
+            raise ProtocolError(f"Ready carries a malformed statistic ({s.name[:100]!r}: {s.value!r}, noise "
+                                f"{s.noise_std!r})")
+        stats[s.name] = (float(s.value), float(s.noise_std))
+    return Ready(num_chunks=int(m.num_chunks), num_samples=int(m.num_samples), statistics=stats)
 
 
 def shutdown_to_proto(s: Shutdown) -> pb.ServerMessage:

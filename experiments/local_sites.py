@@ -33,6 +33,8 @@ class LocalSession:
         self.worker = SiteWorker(cfg, dataset, device, privacy=privacy, ledger_path=ledger_path, site_id=site_id,
                                  initial=initial)
         self.num_samples = self.worker.num_samples
+        released = self.worker.statistics
+        self.statistics = {} if released is None else released.as_pairs()
         if channels is None:
             channels = self.worker.family.channels_for(cfg.model, self.worker.modalities)
         self.channels = channels

@@ -16,6 +16,8 @@ Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the s
                        dp_eps<e> - nonprivate_adv is the cost of the privacy mechanism alone
     dp_eps<e>          the same with patient-level DP at epsilon e per site (each site computes its own noise for
                        the planned steps)
+    dp_eps<e>_stats    the same, plus the one-shot DP release of intensity statistics (statistics_share of epsilon)
+                       that the server pulls the generator towards; DP-SGD gets the rest of the budget
     dp_scratch_eps<e>  patient-level DP without the public start (generator and discriminators from scratch)
     slice_default      the earlier default: slice-level DP (rate 0.01, noise 1), from scratch
 Synthetic rows are made from the private sites' training label maps (public: they are uploaded at join), one
@@ -96,8 +98,8 @@ class DPSettings(BaseModel):
     trainable: str = "auto"  # last:1 from the public start, all from scratch
     max_grad_norm: float = 1.0
 
-    def privacy(self, epsilon: float) -> PrivacyConfig:
-        return PrivacyConfig(epsilon=epsilon, **self.model_dump())
+    def privacy(self, epsilon: float, statistics_share: float = 0.0) -> PrivacyConfig:
+        return PrivacyConfig(epsilon=epsilon, statistics_share=statistics_share, **self.model_dump())
 
 
 class PrivacyUtilityConfig(BaseModel):
@@ -114,6 +116,9 @@ class PrivacyUtilityConfig(BaseModel):
     dp: DPSettings = Field(default_factory=DPSettings)
     epsilons: list[float] = Field(default_factory=lambda: [1.0, 3.0, 10.0])
     scratch_epsilon: float = 10.0
+    statistics_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0],
+                                             description="epsilons of the rows with the statistics release")
+    statistics_share: float = Field(0.25, gt=0, lt=1, description="share of epsilon those rows spend on it")
     canaries: int = Field(256, ge=10)
     segmentation: SegmentationRecipe
     seeds: int = Field(3, ge=1)
@@ -221,6 +226,8 @@ def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
            "nonprivate_adv": GANRow(True, None, g.finetune_steps)}
     for eps in cfg.epsilons:
         out[f"dp_eps{eps:g}"] = GANRow(True, cfg.dp.privacy(eps), g.finetune_steps)
+    for eps in cfg.statistics_epsilons:
+        out[f"dp_eps{eps:g}_stats"] = GANRow(True, cfg.dp.privacy(eps, cfg.statistics_share), g.finetune_steps)
     out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = GANRow(False, cfg.dp.privacy(cfg.scratch_epsilon),
                                                            g.scratch_steps)
     out["slice_default"] = GANRow(False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta,
@@ -258,7 +265,8 @@ def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], p
         "privacy": None if privacy is None else json.loads(privacy.model_dump_json()),
         "sites": {s.site_id: {"samples": s.num_samples, "patients": s.worker.dataset.patients().count,
                               "epsilon": s.worker.epsilon_spent,
-                              "noise_multiplier": getattr(s.worker.learner, "noise_multiplier", None)}
+                              "noise_multiplier": getattr(s.worker.learner, "noise_multiplier", None),
+                              "released_statistics": s.statistics or None}
                   for s in sessions},
     }
     write_json(record, result)
@@ -436,7 +444,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     from asyndgan.experiments.synthetic_learning import check_settings
 
     torch.set_num_threads(cfg.threads)
-    check_settings(cfg)
+    check_settings(cfg, added=("statistics_epsilons", "statistics_share"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)
@@ -453,7 +461,8 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     public_only = {"row": "public_only", "checkpoint": str(pre / info["checkpoint"]), "steps": info["steps"],
                    "seconds": info["seconds"], "privacy": None, "sites": {}}
     # the rows people look at first go first (a cut run reports them): non-private, then the largest epsilon
-    dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")), key=lambda n: -float(n[len("dp_eps"):]))
+    dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
+                key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
     names = ["public_only", "nonprivate", *dp, *(n for n in gan_settings(cfg) if n not in dp and n != "nonprivate")]
     log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))
     results: dict = {}

@@ -24,16 +24,11 @@ def describe(row: str) -> str:
         return ORDER_NOTE[row]
     if row.startswith("dp_scratch_eps"):
         return f"patient-level DP at epsilon {row[len('dp_scratch_eps'):]}, from scratch"
+    if row.startswith("dp_eps") and row.endswith("_stats"):
+        return f"the same at epsilon {row[len('dp_eps'):-len('_stats')]}, with the DP statistics release"
     if row.startswith("dp_eps"):
         return f"patient-level DP at epsilon {row[len('dp_eps'):]}, from the public start"
     return row
-
-
-def _epsilon(row: str) -> float | None:
-    for prefix in ("dp_scratch_eps", "dp_eps"):
-        if row.startswith(prefix):
-            return float(row[len(prefix):])
-    return None
 
 
 def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[dict]:
@@ -43,8 +38,9 @@ def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[
         out.append({"name": "shift shown: Real-All - Real-Public", "value": shift["mean"], "needed": ">= 0.10",
                     "met": shift["mean"] >= 0.10})
     spread = max((rows[r]["dice_sd"] for r in ("public_only",) if r in rows), default=0.0)
-    for eps in cfg.epsilons:
-        row = f"dp_eps{eps:g}"
+    candidates = [(e, f"dp_eps{e:g}") for e in cfg.epsilons] + \
+        [(e, f"dp_eps{e:g}_stats") for e in cfg.statistics_epsilons]
+    for eps, row in candidates:
         if row not in rows or eps > 10:
             continue
         for reference in ("nonprivate", "nonprivate_adv"):
@@ -101,6 +97,11 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
         ys = [rows[f"dp_eps{e:g}"] for e in eps]
         ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="o", capsize=3,
                     label="patient-level DP, public start")
+    eps = [e for e in cfg.statistics_epsilons if f"dp_eps{e:g}_stats" in rows]
+    if eps:
+        ys = [rows[f"dp_eps{e:g}_stats"] for e in eps]
+        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="^", capsize=3,
+                    label="the same + DP statistics release")
     scratch = f"dp_scratch_eps{cfg.scratch_epsilon:g}"
     if scratch in rows:
         ax.errorbar([cfg.scratch_epsilon], [rows[scratch]["dice"]], yerr=[rows[scratch]["dice_sd"]], marker="s",

@@ -306,7 +306,10 @@ class SiteAgent:
             chunk_bytes = int(self.cfg.upload_chunk_mb * 1024 * 1024)
             chunks = label_map_chunk_count(self._label_maps, chunk_bytes)
             self._send(label_map_chunks(self._label_maps, chunk_bytes))  # lazy: made as the stream pulls
-        self._send(serde.ready_to_proto(serde.Ready(num_chunks=chunks, num_samples=len(self.dataset))))
+        released = self.worker.statistics
+        stats = {} if released is None else released.as_pairs()
+        self._send(serde.ready_to_proto(serde.Ready(num_chunks=chunks, num_samples=len(self.dataset),
+                                                    statistics=stats)))
         log.info("joined run %s at step %d (wire %s, %s) with %d samples; %s", welcome.run_id, welcome.step,
                  welcome.wire_dtype, "brain region only" if welcome.wire_region == "brain" else "every pixel",
                  len(self.dataset),

@@ -12,6 +12,7 @@ this class, so the checks and the math cannot drift apart. Nothing here imports 
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import torch
@@ -21,10 +22,13 @@ from asyndgan.common.conditions import augment
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import DataError, ProtocolError
 from asyndgan.common.families import get_family
-from asyndgan.site_agent import state
-from asyndgan.site_agent.datasets import SiteDataset
+from asyndgan.common.intensity_statistics import names as released_names
+from asyndgan.site_agent import site_statistics, state
+from asyndgan.site_agent.datasets import Patients, SiteDataset
 from asyndgan.site_agent.gradients import SiteLearner
-from asyndgan.site_agent.privacy import PrivacyLedger, PrivateSiteLearner
+from asyndgan.site_agent.privacy import PrivacyLedger, PrivateSiteLearner, noise_for_budget
+
+log = logging.getLogger(__name__)
 
 
 class SiteWorker:
@@ -46,10 +50,14 @@ class SiteWorker:
         self.label_maps: torch.Tensor | None = dataset.label_maps() if self.family.uploads_maps else None
         self.maps_digest = serde.maps_digest(self.label_maps)
         self.ledger: PrivacyLedger | None = None
+        self.statistics: site_statistics.Statistics | None = None
         if privacy is not None and privacy.enabled:
             if ledger_path is None:
                 raise ValueError("a private site needs a ledger path")
             self.ledger = PrivacyLedger(ledger_path, site_id, privacy)
+            if privacy.statistics_share > 0 and self.label_maps is not None:
+                # before DP-SGD's noise is computed: that noise is for what the release leaves of the budget
+                self.statistics = self._release_statistics(privacy, ledger_path.parent / f"{site_id}.statistics.json")
             self.learner = PrivateSiteLearner(cfg, dataset.modalities, dataset, self.label_maps, privacy,
                                               self.ledger, device, start_step=start_step, initial=initial)
         else:
@@ -57,6 +65,28 @@ class SiteWorker:
             if initial is not None:
                 self.learner.load_public(initial)
         self.state_digest = state.settings_digest(cfg, dataset.modalities, private=self._dp_state_kind(privacy))
+
+    def _release_statistics(self, privacy: PrivacyConfig, path: pathlib.Path) -> site_statistics.Statistics:
+        """The site's one release (site_statistics.py): made, charged to the ledger and kept on the first join;
+        read back on every later one (sending the same numbers again costs nothing)."""
+        digest = f"{self.maps_digest}:{','.join(self.dataset.modalities)}:{privacy.unit}:{privacy.statistics_clip}"
+        kept = site_statistics.load(path, digest)
+        if kept is not None:
+            return kept
+        assert self.ledger is not None and self.label_maps is not None
+        patients = self.dataset.patients() if privacy.unit == "patient" else Patients.one_each(len(self.dataset))
+        members = patients.members()
+        sigma = noise_for_budget(privacy.epsilon * privacy.statistics_share, privacy.delta, 1.0, 1)
+        self.ledger.describe(statistics={"noise_multiplier": sigma, "clip": privacy.statistics_clip,
+                                         "numbers": len(released_names(self.modalities)), "file": path.name})
+        self.ledger.charge(sigma, 1.0, 1)  # recorded before anything is computed from the data
+        released = site_statistics.release(self.dataset, self.label_maps, members, sigma, privacy.statistics_clip)
+        site_statistics.save(path, released, digest)
+        log.info("privacy: released %d intensity statistics (noise multiplier %.3g, clip %g; noise std %.3g..%.3g "
+                 "on the released values); epsilon %.3g of %g spent", len(released.values), sigma,
+                 privacy.statistics_clip, min(released.noise_std.values(), default=0.0),
+                 max(released.noise_std.values(), default=0.0), self.ledger.epsilon_spent, privacy.epsilon)
+        return released
 
     def _dp_state_kind(self, privacy: PrivacyConfig | None) -> str | None:
         """What the saved discriminator state must have been trained under: the DP unit, and the trained part

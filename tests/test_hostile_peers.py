@@ -248,6 +248,7 @@ class _RejoiningSite:
 
     def __init__(self, bank: MaskBank, keys_before: int):
         self.site_id, self.channels, self.num_samples = "a", None, keys_before
+        self.statistics: dict = {}  # released intensity statistics: none
         self.ready = self.available = True
         self.bank = bank
 
