@@ -9,6 +9,12 @@ scanners and populations, so that only membership differs. AUC 0.5 means no sign
 Nearest neighbours: for synthetic slices made from members' label maps, the distance to the closest real
 training slice, against the same distance for held-out real slices (how far a new real patient naturally lies
 from the training set). Synthetic slices much closer than that would be copies.
+
+Both compare images inside each label map's brain region only (the outline's inside, tumour included), where the
+generator is trained: outside it the server replaces G's output by the background before anything is sent, so
+G's raw output there was never judged and says nothing about memory. Every slice is set to the background
+outside its brain region before distances are taken (METHOD 2; METHOD 1 measured the error on the outline and
+tumour pixels only and the distances over the whole image, where untrained background dominated).
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import pathlib
 import numpy as np
 import torch
 
+from asyndgan.common import serde
+from asyndgan.common.conditions import brain_region
 from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.families import get_family
 from asyndgan.site_agent.datasets import open_dataset
 
 log = logging.getLogger(__name__)
+METHOD = 2  # see the module docstring
 
 
 @dataclasses.dataclass
@@ -39,7 +48,7 @@ class MembershipResult:
     nn_heldout_to_train: float  # the same for held-out real slices
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "method": METHOD}
 
 
 def auc_and_tpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, fpr: float = 0.1) -> tuple[float, float]:
@@ -62,8 +71,11 @@ def _patient_errors(generator, model, dataset, batch: int = 64) -> tuple[dict[in
         m = maps[k]
         fakes.append(generator(family.condition(model, m, len(k))).float())
         reals.append(dataset.real(k))
-    real, fake = torch.cat(reals), torch.cat(fakes)
-    brain = (torch.as_tensor(np.asarray(maps)) > 0)[:, None].float()
+    inside = brain_region(torch.as_tensor(np.asarray(maps)))[:, None]
+    background = torch.tensor(serde.BACKGROUND)
+    real = torch.where(inside, torch.cat(reals).float(), background)
+    fake = torch.where(inside, torch.cat(fakes), background)
+    brain = inside.float()
     err = (((fake - real) ** 2) * brain).sum(dim=(1, 2, 3)) / (brain.sum(dim=(1, 2, 3)) * real.shape[1]).clamp(min=1)
     patients = dataset.patients()
     out = {p: float(err[torch.from_numpy(idx)].mean()) for p, idx in enumerate(patients.members())}

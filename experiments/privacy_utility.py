@@ -327,8 +327,8 @@ def synthesise(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, m
 def membership(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, sites: list[pathlib.Path],
                test_dir: pathlib.Path) -> dict:
     path = cfg.out / "audit" / name / "membership.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    if path.is_file() and (kept := json.loads(path.read_text())).get("method", 1) == memorization.METHOD:
+        return kept
     result = memorization.audit(checkpoint, sites, [test_dir], cfg.out / "cache", seed=cfg.seed).as_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, result)
@@ -485,6 +485,11 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
         return out
 
     done = shared_pieces(cfg, "row", names, row, lambda name: _json_if(cfg.out / "rows" / f"{name}.json"))
+    for name, out in done.items():  # rows finished before the membership audit's method changed
+        if out["membership"].get("method", 1) != memorization.METHOD:
+            out["membership"] = timed(f"membership_{name}", membership, cfg, name, pathlib.Path(out["gan"]["checkpoint"]),
+                                      sites, test_dir)
+            write_json(cfg.out / "rows" / f"{name}.json", out)
     return _report_so_far(cfg, evals, done, timings)
 
 
