@@ -242,6 +242,17 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, datase
     unit = privacy.UNIT_NAMES[p.unit]
     head = (f"on, per {unit}: epsilon {ledger.epsilon_spent:.2f} of {p.epsilon:g} spent (delta {p.delta:g}); "
             f"sampling rate {rate:.4g} ({rate * units:.1f} of {units} {unit}s per step expected)")
+    spent = list(ledger.history)
+    if p.statistics_share > 0:
+        from asyndgan.site_agent.site_statistics import statistics_path
+
+        if statistics_path(cfg.state_dir, cfg.site_id).is_file():
+            head += "; its statistics, released earlier, are re-sent at no cost"
+        else:
+            release = privacy.noise_for_budget(p.epsilon * p.statistics_share, p.delta, 1.0, 1)
+            spent.append((release, 1.0, 1))
+            head += (f"; the statistics release at join costs {p.statistics_share:g} of epsilon (noise "
+                     f"{release:.3g})")
     if p.noise_multiplier is None:
         if site_config is None:
             out.append(CheckResult("privacy", "ok", f"{head}; the noise is computed at join from the server's "
@@ -249,7 +260,7 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, datase
             return
         planned = privacy.planned_dp_steps(site_config, p, 0)
         try:
-            sigma = privacy.noise_for_budget(p.epsilon, p.delta, rate, planned, ledger.history)
+            sigma = privacy.noise_for_budget(p.epsilon, p.delta, rate, planned, spent)
         except AsynDGANError as exc:
             out.append(CheckResult("privacy", "problem", str(exc)))
             return
@@ -259,7 +270,7 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, datase
                   f"{'; above 0.5 the noise drowns the signal' if level == 'warning' else ''})")
         out.append(CheckResult("privacy", level, detail))
         return
-    left = privacy.affordable_steps(p, rate, ledger.history)
+    left = privacy.affordable_steps(p, rate, spent)
     detail = f"{head}; at noise {p.noise_multiplier:g}, about {left} more discriminator steps fit"
     needed = None if site_config is None else site_config.schedule.steps * site_config.d_steps
     if needed is not None and left < needed:

@@ -36,6 +36,11 @@ from asyndgan.common.intensity_statistics import names, region_moments
 RELEASE_FORMAT = 1
 
 
+def statistics_path(state_dir: pathlib.Path, site_id: str) -> pathlib.Path:
+    """Where a site keeps its release (beside its privacy ledger)."""
+    return state_dir / f"{site_id}.statistics.json"
+
+
 @dataclass(frozen=True)
 class Statistics:
     """Released numbers by name ("<modality>/<region>/<moment>") with the std of the noise on each."""

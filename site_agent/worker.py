@@ -57,7 +57,8 @@ class SiteWorker:
             self.ledger = PrivacyLedger(ledger_path, site_id, privacy)
             if privacy.statistics_share > 0 and self.label_maps is not None:
                 # before DP-SGD's noise is computed: that noise is for what the release leaves of the budget
-                self.statistics = self._release_statistics(privacy, ledger_path.parent / f"{site_id}.statistics.json")
+                self.statistics = self._release_statistics(
+                    privacy, site_statistics.statistics_path(ledger_path.parent, site_id))
             self.learner = PrivateSiteLearner(cfg, dataset.modalities, dataset, self.label_maps, privacy,
                                               self.ledger, device, start_step=start_step, initial=initial)
         else:

@@ -76,6 +76,19 @@ def live(world, tmp_path):
         server.kill()
 
 
+def test_a_statistics_release_is_counted_in_the_planned_noise(live, tmp_path):
+    def privacy_line(*extra):
+        r = _check(live, "a", "--set", f"state_dir={tmp_path}", "--set", "privacy.delta=0.001", *extra)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        (line,) = [x for x in r.stdout.splitlines() if " privacy: " in x]
+        return line, float(line.split("adds noise ")[1].split()[0])
+
+    plain, sigma = privacy_line()
+    release, more = privacy_line("--set", "privacy.statistics_share=0.3")
+    assert "statistics release at join costs 0.3 of epsilon" in release and "statistics" not in plain
+    assert more > sigma  # DP-SGD plans for what the release leaves
+
+
 def test_a_wrong_data_path_is_named(live):
     r = _check(live, "a", data=live["tmp"] / "nowhere")
     line = _error_line(r)
