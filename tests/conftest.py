@@ -48,3 +48,20 @@ def deploy_job(request):
 
         pytest.skip(deploy_stack.missing() or "the deployment job was not started")
     return job
+
+
+TOY_PATIENTS, TOY_SLICES = 20, 3
+
+
+@pytest.fixture
+def toy_patient_site(tmp_path):
+    """A toy image2d site of TOY_PATIENTS patients with TOY_SLICES slices each, the grouping in its meta.json."""
+    import json
+
+    from asyndgan.demo_data.toy import write_toy_sites
+
+    (folder,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[TOY_PATIENTS * TOY_SLICES], size=20, seed=1)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["patients"] = [f"p{i // TOY_SLICES:02d}" for i in range(TOY_PATIENTS * TOY_SLICES)]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder

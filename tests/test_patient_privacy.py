@@ -17,7 +17,6 @@ from asyndgan.common.conditions import draw_augmentation
 from asyndgan.common import serde
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError, ProtocolError
-from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.experiments import dp_audit
 from asyndgan.site_agent.datasets import Patients, open_dataset
 from asyndgan.site_agent.image_folders import read_patient_map
@@ -25,7 +24,7 @@ from asyndgan.site_agent.privacy import (PrivacyLedger, check_no_batch_mixing, n
                                          rdp_epsilon)
 from asyndgan.site_agent.worker import SiteWorker
 
-PATIENTS, SLICES = 20, 3  # the toy site: 60 slices of 20 patients
+from conftest import TOY_PATIENTS as PATIENTS, TOY_SLICES as SLICES  # the toy site: 60 slices of 20 patients
 
 
 def _cfg(steps: int = 50, **extra) -> SiteFacingConfig:
@@ -36,12 +35,8 @@ def _cfg(steps: int = 50, **extra) -> SiteFacingConfig:
 
 
 @pytest.fixture
-def site(tmp_path):
-    (folder,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[PATIENTS * SLICES], size=20, seed=1)
-    meta = json.loads((folder / "meta.json").read_text())
-    meta["patients"] = [f"p{i // SLICES:02d}" for i in range(PATIENTS * SLICES)]
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
+def site(toy_patient_site):
+    return toy_patient_site
 
 
 def _worker(site, tmp_path, cfg=None, **privacy) -> SiteWorker:

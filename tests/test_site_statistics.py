@@ -3,7 +3,6 @@ term that pulls the generator towards them (common/intensity_statistics.py, cent
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,13 +12,11 @@ from asyndgan.common import serde
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ProtocolError
 from asyndgan.common.intensity_statistics import check_received, names, region_moments, statistics_loss
-from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.site_agent import site_statistics
 from asyndgan.site_agent.datasets import open_dataset
 from asyndgan.site_agent.privacy import noise_for_budget, rdp_epsilon
 from asyndgan.site_agent.worker import SiteWorker
 
-PATIENTS, SLICES = 20, 3
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
 
 
@@ -30,12 +27,8 @@ def _cfg(steps: int = 40) -> SiteFacingConfig:
 
 
 @pytest.fixture
-def site(tmp_path):
-    (folder,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[PATIENTS * SLICES], size=20, seed=1)
-    meta = json.loads((folder / "meta.json").read_text())
-    meta["patients"] = [f"p{i // SLICES:02d}" for i in range(PATIENTS * SLICES)]
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
+def site(toy_patient_site):
+    return toy_patient_site
 
 
 def _maps() -> torch.Tensor:
