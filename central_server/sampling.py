@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import torch
 
-# draw_augmentation moved to common/conditions.py (the image2d family draws it); the name stays importable here.
-from asyndgan.common.conditions import draw_augmentation  # noqa: F401
-
 
 def plan_batches(sizes: dict[str, int], batch_size: int, mode: str, rng: torch.Generator) -> dict[str, torch.Tensor]:
     """site id -> int64 keys [b_j] (sites with no keys this step are left out)."""

@@ -2,7 +2,7 @@
 
 A uint8 label map becomes a one-hot float tensor [n, K, H, W]. Augmentation (a crop, left-right / top-bottom
 flips) is drawn by the server, applied to the label map before G and by the site to its real image. Which
-family uses these, and how, is in common/families.py; `sample_shape` here only forwards to it.
+family uses these, and how, is in common/families.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from asyndgan.common.config import ModelConfig
 
 def brain_region(label_maps: torch.Tensor) -> torch.Tensor:
     """bool [n, H, W]: each map's brain, i.e. its labelled pixels (outline and tumour) with the holes filled."""
@@ -70,11 +69,3 @@ def draw_augmentation(n: int, flip: bool, stored_size: int, crop_size: int, rng:
         aug.crop_y = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
         aug.crop_x = torch.randint(stored_size - crop_size + 1, (n,), generator=rng)
     return aug
-
-
-def sample_shape(model: ModelConfig, n: int, channels: int | None = None) -> tuple[int, ...]:
-    """Shape of G's output for n samples; kept for callers of the old name: use
-    get_family(model.family).sample_shape."""
-    from asyndgan.common.families import get_family  # families imports this module: resolve at call time
-
-    return get_family(model.family).sample_shape(model, n, channels)

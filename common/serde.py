@@ -115,7 +115,6 @@ class ImageGradient:
     round: int
     gradient: torch.Tensor  # same shape as the batch's fake
     losses: dict[str, float]
-    num_samples: int
     privacy: PrivacyStatus | None = None  # a private site's guarantee after this answer
 
 
@@ -382,8 +381,7 @@ def gradient_to_proto(g: ImageGradient, wire_dtype: str, region: torch.Tensor | 
     gradient = tensor_codec.encode(g.gradient, wire_dtype, region=region, send_region=False, stochastic=True)
     return pb.SiteMessage(gradient=pb.ImageGradient(
         step=g.step, round=g.round, gradient=gradient,
-        losses={k: float(v) for k, v in g.losses.items()}, num_samples=g.num_samples,
-        privacy=privacy_to_proto(g.privacy),
+        losses={k: float(v) for k, v in g.losses.items()}, privacy=privacy_to_proto(g.privacy),
     ))
 
 
@@ -400,4 +398,4 @@ def gradient_from_proto(
     # Loss names reach logs, status output and TensorBoard tags: printable characters only.
     losses = {"".join(c for c in str(k)[:64] if c.isprintable()): float(v) for k, v in m.losses.items()}
     return ImageGradient(step=int(m.step), round=int(m.round), gradient=grad.float(), losses=losses,
-                         num_samples=int(m.num_samples), privacy=privacy_from_proto(m.privacy))
+                         privacy=privacy_from_proto(m.privacy))

@@ -100,16 +100,6 @@ def phantom(out, preset, config_file, sites, cases_per_site, train_cases, test_c
     click.echo(f"previews: {previews} in {out}  ({summary.seconds_per_case:.1f} s per case)")
 
 
-def _phantom_moved(**kwargs):
-    click.echo("note: `asyndgan phantom` is now `asyndgan data phantom`", err=True)
-    phantom.callback(**kwargs)
-
-
-# The old name keeps working for scripts written against it, hidden from the help.
-main.add_command(click.Command("phantom", params=phantom.params, callback=_phantom_moved, hidden=True,
-                               help="Moved to `asyndgan data phantom`."))
-
-
 @main.command()
 @click.option("--out", type=click.Path(path_type=pathlib.Path), default="runs/demo", show_default=True)
 @click.option("--data", type=click.Path(path_type=pathlib.Path), default="data/phantom", show_default=True,

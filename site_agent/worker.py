@@ -145,7 +145,7 @@ class SiteWorker:
         maps = None if self.label_maps is None else augment(self.label_maps[batch.keys], batch.aug)
         grad, losses = self.learner.step(batch.step, maps, real, fake)
         return serde.ImageGradient(step=batch.step, round=batch.round, gradient=grad, losses=losses,
-                                   num_samples=grad.shape[0], privacy=self.privacy_status())
+                                   privacy=self.privacy_status())
 
     # ---- state kept at the site between runs (site_agent/state.py) ------------------------------------------
     def save_state(self, path: pathlib.Path, step: int) -> None:

@@ -35,7 +35,7 @@ def bad_gradient(batch: pb.SyntheticBatch, mode: str) -> pb.SiteMessage:
         g = pb.Tensor(dtype="uint8", shape=[80 << 20], data=b"\0" * (80 << 20))
     else:
         raise ValueError(mode)
-    return pb.SiteMessage(gradient=pb.ImageGradient(step=batch.step, round=batch.round, gradient=g, num_samples=1))
+    return pb.SiteMessage(gradient=pb.ImageGradient(step=batch.step, round=batch.round, gradient=g))
 
 
 def main() -> None:

@@ -109,10 +109,8 @@ def test_demo_on_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path):
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
-def test_phantom_lives_under_data_and_the_old_name_says_so(tmp_path):
+def test_phantom_lives_under_data(tmp_path):
     r = run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path), "--cases-per-site", "1,x"])
     one_line_error(r, "invalid phantom settings")
-    r = run_cli(["asyndgan.experiments.cli", "phantom", "--out", str(tmp_path), "--cases-per-site", "1,x"])
-    one_line_error(r, "invalid phantom settings")
-    assert "`asyndgan data phantom`" in r.stderr
-    assert "phantom" not in run_cli(["asyndgan.experiments.cli", "--help"]).stdout  # hidden from the help
+    r = run_cli(["asyndgan.experiments.cli", "phantom", "--out", str(tmp_path)])
+    assert r.returncode == 2 and "No such command 'phantom'" in r.stderr

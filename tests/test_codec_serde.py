@@ -95,7 +95,7 @@ def test_batch_and_gradient_round_trip():
     assert torch.equal(back.aug.crop_y, aug.crop_y) and torch.equal(back.aug.crop_x, aug.crop_x)
     with pytest.raises(ProtocolError, match="crop offsets"):
         serde.batch_from_proto(msg.batch, "float32", num_samples=4, stored_size=9)
-    grad = serde.ImageGradient(step=5, round=9, gradient=torch.randn(2, 4, 8, 8), losses={"d": 0.5}, num_samples=2)
+    grad = serde.ImageGradient(step=5, round=9, gradient=torch.randn(2, 4, 8, 8), losses={"d": 0.5})
     gmsg = serde.gradient_to_proto(grad, "float16")
     gback = serde.gradient_from_proto(gmsg.gradient, wire_dtype="float16", shape=(2, 4, 8, 8))
     assert gback.losses == {"d": 0.5} and gback.round == 9
@@ -109,7 +109,7 @@ def test_batch_with_keys_out_of_range_is_rejected():
 
 
 def test_gradient_of_the_wrong_shape_or_dtype_is_rejected():
-    gmsg = serde.gradient_to_proto(serde.ImageGradient(1, 1, torch.zeros(2, 3), {}, 2), "float32").gradient
+    gmsg = serde.gradient_to_proto(serde.ImageGradient(1, 1, torch.zeros(2, 3), {}), "float32").gradient
     with pytest.raises(ProtocolError, match="shape"):
         serde.gradient_from_proto(gmsg, wire_dtype="float32", shape=(2, 4))
     with pytest.raises(ProtocolError, match="dtype"):

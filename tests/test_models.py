@@ -5,10 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyndgan.central_server.generators import build_generator
 from asyndgan.common.config import ModelConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.site_agent.discriminators import build_discriminators
+from asyndgan.common.families import get_family
+
+
+def build_generator(model: ModelConfig):
+    return get_family(model.family).build_generator(model)
+
+
+def build_discriminators(model: ModelConfig, modalities: list[str]):
+    return get_family(model.family).build_discriminators(model, modalities)
 
 
 def _count(m):

@@ -59,7 +59,7 @@ def test_worker_answer_equals_a_direct_learner_step(toy):
     maps = augment(ds.label_maps()[batch.keys], batch.aug)
     real = augment(ds.real(batch.keys), batch.aug)
     want, losses = learner.step(batch.step, maps, real, batch.fake)
-    assert (got.step, got.round, got.num_samples) == (3, 4, 3)
+    assert (got.step, got.round, got.gradient.shape[0]) == (3, 4, 3)
     assert got.gradient.shape == (3, 4, 16, 16)
     assert float(want.abs().sum()) > 0
     assert torch.allclose(got.gradient, want, atol=1e-7, rtol=0)
