@@ -229,7 +229,7 @@ class Trainer:
         if self.cfg.tensorboard and self.monitor is None:
             self.monitor = TrainingLog(self.run_dir / "tensorboard")
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-        last_wait_log = 0.0
+        last_wait_log, first = 0.0, True
         t0, bytes0 = time.monotonic(), sum(self.registry.bytes_moved())
         try:
             while self.step < total and not stop.is_set():
@@ -248,7 +248,9 @@ class Trainer:
                 self.last_report = report
                 now = time.monotonic()
                 rate = report.images / max(report.seconds, 1e-9)
-                self.images_per_second = rate if self.step == 1 else 0.9 * self.images_per_second + 0.1 * rate
+                # the first step of this process (a resumed run starts past step 1) sets the average
+                self.images_per_second = rate if first else 0.9 * self.images_per_second + 0.1 * rate
+                first = False
                 moved = sum(self.registry.bytes_moved())
                 bar.set_postfix(img_s=f"{self.images_per_second:.1f}",
                                 MB_s=f"{(moved - bytes0) / max(now - t0, 1e-9) / 1e6:.2f}",

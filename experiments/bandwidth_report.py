@@ -69,7 +69,8 @@ def _asyndgan_rows(cfg, wire: dict, gans: dict, syn: dict, target: float) -> dic
     base = rows.get("float32/full")
     for r in rows.values():
         r["fewer_bytes_than_float32"] = base["per_sample_step"] / r["per_sample_step"] if base else None
-        r["dice_cost_vs_float32"] = base["dice"] - r["dice"] if base and r["dice"] is not None else None
+        both = base is not None and base["dice"] is not None and r["dice"] is not None
+        r["dice_cost_vs_float32"] = base["dice"] - r["dice"] if both else None
     return rows
 
 
@@ -342,7 +343,8 @@ def _markdown(cfg, r: dict) -> str:
         lines.append(f"| {m} (Flower) | {x['rounds']} | {x['local_steps']} | {_fmt_bytes(x['up'])} / "
                      f"{_fmt_bytes(x['down'])} | {_fmt_bytes(x['per_round'])} | "
                      f"{_fmt_bytes(x['largest_message']['down'])} / {_fmt_bytes(x['largest_message']['up'])} | "
-                     f"{x['dice']:.3f} | {x['rounds_to_target'] or 'not reached'} | "
+                     f"{'not scored' if x['dice'] is None else format(x['dice'], '.3f')} | "
+                     f"{x['rounds_to_target'] or 'not reached'} | "
                      f"{_fmt_bytes(x['bytes_to_target'])} | {x['compute_s']:.0f} / {x['waiting_s']:.0f} |")
     e = r["ensemble"]
     lines.append(f"| ensembling | 1 | {cfg.ensemble_steps} | {_fmt_bytes(e['bytes'])} (modelled) | - | - | "

@@ -130,3 +130,39 @@ def test_the_larger_network_verdict_counts_the_earliest_round_fedavg_could_have_
     assert g["fedavg"]["bytes_to_target"] == 600 and g["fedavg_bytes_to_target_at_least"] == 400
     assert not g["asyndgan_wins"]
     assert _larger_rows(cfg, {"q8/full": {"total": 350}}, larger)["asyndgan_wins"]
+
+
+def _wire(per_step: int) -> dict:
+    return {"one_time": 1000, "per_step": per_step, "up_per_step": per_step // 2, "down_per_step": per_step // 2,
+            "largest_message": {"up": 10, "down": 10}, "message_sizes": {}, "seconds_per_step": 0.5}
+
+
+def test_the_report_takes_an_untrained_float32_row_and_an_empty_flower_curve(tmp_path):
+    """Two report bugs: float32/full measured on the wire but no generator trained for it (its Dice is None) made
+    the Dice cost raise TypeError; a Flower baseline with no scored round made the table raise too."""
+    from types import SimpleNamespace
+
+    from asyndgan.experiments.bandwidth import HOSPITAL_LINKS
+    from asyndgan.experiments.bandwidth_report import write_all
+
+    cfg = SimpleNamespace(out=tmp_path, preset="unit", seed=0, target_fraction=0.9, link_encoding="q8/brain",
+                          wire_steps=5, ensemble_steps=10,
+                          profiles=HOSPITAL_LINKS[:1], gan=SimpleNamespace(batch_per_site=2, steps=10),
+                          phantom=SimpleNamespace(cases_per_site=[2, 2], test_cases=2),
+                          segmentation=SimpleNamespace(preprocessing=SimpleNamespace(image_size=32)))
+    gan = {"seconds": 5.0, "payload_up": 10, "payload_down": 10, "slices": {"a": 20, "b": 20}}
+    fedavg = {**_fedavg(100, 3), "largest_message": {"up": 50, "down": 50}}
+    results = write_all(cfg, real={"real_all": _evals(0.8)}, wire={"float32/full": _wire(800), "q8/brain": _wire(100)},
+                        gans={"q8/brain": gan}, syn={"asyndgan_q8-brain": _evals(0.75)},
+                        flower={"fedavg": fedavg, "cyclic": fedavg}, curves={"fedavg": _curve(), "cyclic": []},
+                        ens={"dice": 0.5}, links={}, params=1000, timings={})
+    assert results["asyndgan"]["float32/full"]["dice"] is None
+    assert results["asyndgan"]["q8/brain"]["dice_cost_vs_float32"] is None
+    assert results["asyndgan"]["q8/brain"]["fewer_bytes_than_float32"] == pytest.approx(8.0)
+    assert results["flower"]["cyclic"]["dice"] is None
+    report = (tmp_path / "report.md").read_text()
+    assert "| cyclic (Flower) |" in report and "not scored" in report
+
+
+def _curve() -> list[dict]:
+    return [{"round": k, "dice": 0.3 * k} for k in range(4)]

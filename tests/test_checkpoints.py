@@ -50,3 +50,34 @@ def test_bank_restores_verified_maps_and_reports_altered_ones(tmp_path):
     assert fresh.has("a", maps_digest(a)) and torch.equal(fresh.maps("a", torch.arange(4)), a)
     assert not fresh.has("b", maps_digest(b)) and len(problems) == 1 and "site b" in problems[0]
     assert fresh.size("g") == 100
+
+
+def test_a_resumed_run_reports_its_throughput_from_its_first_step(tmp_path):
+    """The speed shown after --resume was an average that started at 0 (it was seeded only at step 1)."""
+    import threading
+
+    from asyndgan.central_server.trainer import Trainer
+    from asyndgan.common.config import ServerConfig
+    from asyndgan.demo_data.toy import write_toy_sites
+    from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+    from asyndgan.site_agent.datasets import open_dataset
+
+    (folder,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[8], size=20, seed=1)
+    cfg = ServerConfig.model_validate({
+        "run_dir": str(tmp_path / "run"), "tensorboard": False, "train": {"batch_size": 2},
+        "site": {"model": {"image2d": {"image_size": 16, "load_size": 20, "ngf": 4, "n_blocks": 1, "ndf": 4,
+                                       "d_layers": 1, "modalities": ["t1", "t1ce", "t2", "flair"]}},
+                 "schedule": {"steps": 4}}})
+    sessions = [LocalSession("a", open_dataset(folder, cfg.site), cfg.site)]
+    first = Trainer(cfg, LocalRegistry(sessions), CountingBank(sessions), tmp_path / "run")
+    first.cfg = cfg.model_copy(update={"site": cfg.site.model_copy(update={"schedule": cfg.site.schedule.model_copy(
+        update={"steps": 2})})})
+    first.run(threading.Event())
+    resumed = Trainer(cfg, LocalRegistry(sessions), CountingBank(sessions), tmp_path / "run")
+    resumed.load_state_dict(first.state_dict())
+    resumed.cfg = cfg.model_copy(update={"site": cfg.site.model_copy(update={"schedule": cfg.site.schedule.model_copy(
+        update={"steps": 3})})})
+    resumed.run(threading.Event())
+    report = resumed.last_report
+    assert report.step == 2 and resumed.step == 3
+    assert resumed.images_per_second == report.images / report.seconds
