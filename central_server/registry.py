@@ -38,6 +38,7 @@ class SiteRegistry:
         self.departed_bytes_sent = 0
         self.departed_bytes_received = 0
         self._left: dict[str, SiteSession] = {}  # sites that left for good (Leave) and have not come back
+        self._removed: dict[str, str] = {}  # sites the guard removed from this run -> why (refused until restart)
 
     def join(self, hello: serde.Hello, replace: bool = False) -> tuple[SiteSession, bool]:
         """Admit a site: (its new session, whether the server already holds its label maps).
@@ -51,6 +52,11 @@ class SiteRegistry:
         problem = site_id_problem(hello.site_id)
         if problem:  # ids end up in file names, logs and status output: one rule everywhere
             raise JoinRefused("invalid", problem)
+        with self._cond:
+            removed = self._removed.get(hello.site_id)
+        if removed is not None:
+            raise JoinRefused("forbidden", f"site {hello.site_id} was {removed}; it may join again after the server "
+                                           "restarts")
         if hello.family != model.family:
             raise JoinRefused("incompatible", f"site {hello.site_id} holds {hello.family[:32]!r} data but this "
                                               f"server trains {model.family!r}")
@@ -99,6 +105,15 @@ class SiteRegistry:
                 if session.left is not None:
                     self._left[session.site_id] = session
             self._cond.notify_all()
+
+    def remove(self, session: SiteSession, reason: str) -> None:
+        """Take a site out of the run for good (the guard's decision): its stream ends with the reason, status
+        lists it as left, and it cannot rejoin until the server restarts."""
+        with self._cond:
+            self._removed[session.site_id] = reason
+        session.left = reason
+        session.close(reason, failure=True)
+        self.leave(session, reason)
 
     def departed(self) -> list[SiteSession]:
         """Sites that left the run for good (their privacy budget spent, or settings they refused)."""

@@ -42,6 +42,8 @@ class SessionStats:
     steps_missed: int = 0
     bad_messages: int = 0
     late_replies: int = 0
+    gradients_rejected: int = 0  # answers the server's guard left out (central_server/guard.py)
+    rows_clipped: int = 0        # rows of answers it scaled down
     bytes_sent: int = 0
     bytes_received: int = 0
     losses: dict[str, float] = field(default_factory=dict)

@@ -27,6 +27,7 @@ def build_status(trainer: Trainer, registry: SiteRegistry) -> pb.StatusReply:
             losses=s.stats.losses, connected_seconds=now - s.stats.joined_at,
             late_replies=s.stats.late_replies, bad_messages=s.stats.bad_messages,
             privacy=serde.privacy_to_proto(s.privacy), left=s.left or "", modalities=list(s.modalities),
+            gradients_rejected=s.stats.gradients_rejected, rows_clipped=s.stats.rows_clipped,
         ))
     return reply
 
@@ -49,6 +50,7 @@ def format_status(reply: pb.StatusReply) -> str:
         lines.append(
             f"  {s.site_id:<16} n={s.num_samples:<7} {state:<8} {holds}"
             f"answered {s.steps_answered}  missed {s.steps_missed}  late {s.late_replies}  "
+            f"{f'rejected {s.gradients_rejected}  clipped rows {s.rows_clipped}  ' if s.gradients_rejected or s.rows_clipped else ''}"
             f"{(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB  losses: {losses}"
         )
         lines.append(f"  {'':<16} privacy {serde.privacy_from_proto(s.privacy).describe()}"

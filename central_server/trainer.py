@@ -5,6 +5,7 @@ One step (the dataflow drawn in the README's "One training step"), in named stag
     conditions  x_j <- the family's condition (label maps read once, augmented; or noise)
     dispatch    fake <- G(cat_j x_j), one forward for all sites; send fake_j (only the channels j holds)
     collect     wait for each g_j until the step deadline                 (session.py)
+    guard       bound each site's gradient against the others' (guard.py); a site rejected too often is removed
     update      g <- combine(w_j * g_j) (aggregation.py), plus the gradient of the statistics term when private
                 sites released intensity statistics (common/intensity_statistics.py); fake.backward(gradient=g);
                 optimiser step
@@ -33,6 +34,7 @@ from asyndgan.common.families import get_family
 from asyndgan.common.intensity_statistics import check_received, statistics_loss
 from asyndgan.common.intensity_statistics import names as statistics_names
 from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient, channel_weights, combine, site_weights
 from asyndgan.central_server.mask_bank import MaskBank
 from asyndgan.central_server.monitoring import TrainingLog
@@ -58,6 +60,7 @@ class StepReport:
     seconds: float
     answered: list[str]
     missed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # answers the guard left out (guard.py)
     losses: dict[str, dict[str, float]] = field(default_factory=dict)
     preview: tuple[torch.Tensor, torch.Tensor] | None = None  # (label maps uint8 [n, H, W], fakes [n, C, H, W])
 
@@ -93,6 +96,7 @@ class Trainer:
         self.images_per_second = 0.0
         self.last_report: StepReport | None = None
         self.monitor: TrainingLog | None = None
+        self.rejections = guard.RejectionLog(cfg.train.guard)
 
     # ---- one step, stage by stage ------------------------------------------------------------------------
     def _plan(self, sessions: list[SiteSession]) -> list[_Planned]:
@@ -178,9 +182,32 @@ class Trainer:
         (grad,) = torch.autograd.grad(loss, fake, retain_graph=True)
         return grad, float(loss.detach())
 
+    def _guard(self, planned: list[_Planned], results: dict[str, SiteGradient], report: StepReport
+               ) -> dict[str, SiteGradient]:
+        """The answers the guard accepts (clipped where needed); rejections counted, repeat offenders removed."""
+        verdict = guard.check_step(results, self.cfg.train.guard)
+        by_id = {p.session.site_id: p.session for p in planned}
+        for site in results:
+            session = by_id[site]
+            session.stats.rows_clipped += verdict.clipped_rows.get(site, 0)
+            if site in verdict.rejected:
+                session.stats.gradients_rejected += 1
+                report.rejected[site] = verdict.rejected[site]
+                log.warning("step %d: site %s's gradient rejected: %s", self.step, site, verdict.rejected[site])
+            if self.rejections.record(site, site in verdict.rejected):
+                g = self.cfg.train.guard
+                reason = (f"removed from the run: {g.max_rejections} of its last {g.window} answers were rejected "
+                          f"as out of bounds (last: {verdict.rejected.get(site, '-')})")
+                log.error("site %s %s", site, reason)
+                self.rejections.forget(site)
+                self.registry.remove(session, reason)
+        return verdict.accepted
+
     def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient], planned: list[_Planned],
-                report: StepReport) -> None:
-        weights = site_weights(results, self.cfg.train.sampling)
+                report: StepReport) -> bool:
+        """The generator's step from the accepted answers; False (nothing changed) when the combined gradient is
+        not finite."""
+        weights = guard.cap_shares(site_weights(results, self.cfg.train.sampling), self.cfg.train.guard.max_share)
         if fake.dim() >= 2 and any(r.channels is not None for r in results.values()):
             # Sites holding different modalities: each channel's weights over the sites that hold it.
             weights = channel_weights(results, weights, fake.shape[1])
@@ -189,11 +216,15 @@ class Trainer:
         if steer is not None:
             gradient = gradient + steer[0]
             report.losses["server"] = {"statistics": steer[1]}
+        if not bool(torch.isfinite(gradient).all()):
+            log.warning("step %d: the combined gradient is not finite; the step is not taken", self.step)
+            return False
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.g_optim.lr * linear_decay(self.step, self.cfg.site.schedule)
         self.optimizer.zero_grad(set_to_none=True)
         fake.backward(gradient=gradient)
         self.optimizer.step()
+        return True
 
     def train_step(self, sessions: list[SiteSession]) -> StepReport | None:
         """One generator step with these sites. None when fewer than the quorum answered (no update)."""
@@ -202,14 +233,15 @@ class Trainer:
         x = self._conditions(planned)
         fake = self._dispatch(planned, x)
         report = StepReport(self.step, 0, 0.0, [])
-        results = self._collect(planned, report)
+        results = self._guard(planned, self._collect(planned, report), report)
         # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
         quorum = min(self._quorum(), len(planned))
         if len(results) < quorum:
-            log.warning("step %d: %d of %d sites answered, quorum is %d; retrying the step", self.step,
-                        len(results), len(planned), quorum)
+            log.warning("step %d: %d of %d sites answered within bounds, quorum is %d; retrying the step",
+                        self.step, len(results), len(planned), quorum)
             return None
-        self._update(fake, results, planned, report)
+        if not self._update(fake, results, planned, report):
+            return None
         self.step += 1
         report.answered = sorted(results)
         report.images = sum(r.batch_size for r in results.values())
@@ -220,8 +252,7 @@ class Trainer:
         return report
 
     def _quorum(self) -> int:
-        quorum = getattr(self.registry, "quorum", None)  # the in-process registry has no departures
-        return self.cfg.train.min_sites if quorum is None else quorum(self.cfg.train.min_sites)
+        return self.registry.quorum(self.cfg.train.min_sites)
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -274,8 +305,7 @@ class Trainer:
 
     def _bytes_by_site(self) -> dict[str, tuple[int, int]]:
         """(sent to, received from) per connected site, for the training log."""
-        sessions = getattr(self.registry, "sessions", lambda: [])()
-        return {s.site_id: (s.stats.bytes_sent, s.stats.bytes_received) for s in sessions}
+        return {s.site_id: (s.stats.bytes_sent, s.stats.bytes_received) for s in self.registry.sessions()}
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

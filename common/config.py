@@ -122,6 +122,21 @@ class SiteFacingConfig(_Section):
                                      "--init; the weights follow Welcome, proto PublicWeights)")
 
 
+class GuardConfig(_Section):
+    """Bounds on what one site's answer can do to a step (central_server/guard.py)."""
+
+    clip_factor: float = Field(4.0, ge=0, description="a row (one fake's gradient) whose RMS exceeds this many "
+                               "times the step's reference (the lower median over sites of each site's median row "
+                               "RMS) is scaled down to it; 0: no clipping")
+    reject_factor: float = Field(20.0, ge=0, description="a site whose median row RMS exceeds this many times the "
+                                 "reference is left out of the step and counted as rejected; 0: never")
+    max_share: float = Field(0.5, gt=0, le=1, description="the largest weight one site can have in the combination "
+                             "when others answered (uploading more label maps buys no more)")
+    window: int = Field(20, ge=1, description="steps over which rejections are counted")
+    max_rejections: int = Field(5, ge=1, description="a site rejected this often within `window` steps is removed "
+                                "from the run (it cannot rejoin until the server restarts)")
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(1, ge=1, le=4096, description="samples per site per step ('balance') or in all ('uniform')")
     sampling: Literal["balance", "uniform"] = "balance"
@@ -143,6 +158,7 @@ class TrainConfig(_Section):
         mri = model.family == "image2d" and set(model.image2d.modalities) <= set(BRATS_MODALITIES)
         return "brain" if mri else "full"
     flip: bool = Field(True, description="random left-right flips drawn by the server (image2d)")
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     statistics_weight: float = Field(1.0, ge=0, description="weight of the term that pulls the generator's "
                                      "per-site intensity statistics towards those the sites released (privacy."
                                      "statistics_share); each number weighted by 1 / (its noise variance + "

@@ -398,7 +398,8 @@ def privacy_tradeoff(run_folder, settings, audit_folder, threads, log_level):
 
 @main.group()
 def bench() -> None:
-    """Benchmarks users run to decide: bandwidth against FedAvg and weight transfer (on Flower)."""
+    """Benchmarks users run to decide: bandwidth against FedAvg and weight transfer (on Flower); what one hostile
+    site can do to the generator (poisoning)."""
 
 
 @bench.command("bandwidth")
@@ -434,9 +435,37 @@ def bandwidth(preset, out, seed, threads, phantom_preset, log_level):
                    f"{'not trained' if row['dice'] is None else format(row['dice'], '.3f')}  "
                    f"total {row['total'] / 2**20:.1f} MiB")
     for m, row in results["flower"].items():
-        click.echo(f"{m + ' (Flower)':<23} {row['per_round'] / 2**20:>8.2f} MiB/round  Dice {row['dice']:.3f}  "
+        dice = "not scored" if row["dice"] is None else format(row["dice"], ".3f")
+        click.echo(f"{m + ' (Flower)':<23} {row['per_round'] / 2**20:>8.2f} MiB/round  Dice {dice}  "
                    f"total {(row['up'] + row['down']) / 2**20:.1f} MiB")
     click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}")
+
+
+@bench.command("poisoning")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Run folder (overwritten).")
+@click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
+@click.option("--attack", "attacks", multiple=True, type=click.Choice(["targeted", "targeted_quiet", "flipped",
+              "huge", "huge30"]), help="Attacks to run (repeatable) [all].")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads of this process [2].")
+@log_level_option
+@friendly_errors
+def poisoning(out, steps, attacks, seed, threads, log_level):
+    """One site of three answers with gradients of its choosing (a painted square, sign-flipped, huge); how far
+    the generator moves from an honest run, with the server's guard and without. About a minute per attack on
+    2 cores."""
+    import torch
+
+    from asyndgan.experiments.poisoning import ATTACKS, PoisoningConfig, run
+
+    setup_logging(log_level, out / "experiment.log")
+    torch.set_num_threads(threads or 2)
+    result = run(PoisoningConfig(out=out, steps=steps, seed=seed, attacks=list(attacks or ATTACKS)))
+    for r in result["rows"]:
+        click.echo(f"{r['attack']:<15} guard {'on ' if r['guarded'] else 'off'}  moved {r['distance']:.3f} of the "
+                   f"range  rejected {r['rejected']}  clipped rows {r['rows_clipped']}"
+                   + ("  removed" if r["removed"] else ""))
+    click.echo(f"two honest seeds differ by {result['seed_spread']:.3f}; report: {out / 'report.md'}")
 
 
 @main.group()

@@ -11,6 +11,7 @@ import pathlib
 import torch
 
 from asyndgan.common import serde
+from asyndgan.central_server.session import SessionStats
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.site_agent.datasets import SiteDataset
 from asyndgan.site_agent.worker import SiteWorker
@@ -39,6 +40,8 @@ class LocalSession:
             channels = self.worker.family.channels_for(cfg.model, self.worker.modalities)
         self.channels = channels
         self.ready = self.available = True
+        self.stats = SessionStats()  # the counters a gRPC session keeps (only the guard's are used here)
+        self.left: str | None = None
         self._answer: serde.ImageGradient | None = None
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
@@ -67,7 +70,18 @@ class LocalRegistry:
         self._sessions = sessions
 
     def wait_for_ready(self, n: int, timeout: float) -> list[LocalSession]:
-        return list(self._sessions)
+        return [s for s in self._sessions if s.left is None]
+
+    def remove(self, session: LocalSession, reason: str) -> None:
+        session.left = reason
+        session.ready = session.available = False
+
+    def quorum(self, min_sites: int) -> int:
+        """As the gRPC registry's: train.min_sites less the sites removed from the run, at least one."""
+        return max(1, min_sites - sum(s.left is not None for s in self._sessions))
+
+    def sessions(self) -> list[LocalSession]:
+        return [s for s in self._sessions if s.left is None]
 
     def bytes_moved(self) -> tuple[int, int]:
         return 0, 0

@@ -61,6 +61,9 @@ class SiteLearner:
         self.discriminators = self.family.build_discriminators(cfg.model, modalities).to(self.device)
         self.optimizer = make_optimizer(self.discriminators.parameters(), cfg.d_optim)
         self.gan_loss = GANLoss().to(self.device)
+        # The generator step the discriminators last learnt at: a batch for the same step again is the server
+        # retrying it (a missed quorum), and the discriminators must not get ahead of the generator.
+        self.learnt_at: int | None = None
 
     def load_public(self, weights: dict[str, torch.Tensor]) -> None:
         """Start from public discriminator weights (a state dict over every modality's discriminator): this
@@ -96,7 +99,8 @@ class SiteLearner:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.d_optim.lr * linear_decay(step, self.cfg.schedule)
 
-        for _ in range(self.cfg.d_steps):
+        losses: dict[str, float] = {}
+        for _ in range(self.cfg.d_steps if step != self.learnt_at else 0):
             loss_d = 0.0
             for (name, r), (_, f) in zip(self._channels(real), self._channels(fake.detach())):
                 loss_d = loss_d + 0.5 * (self.gan_loss(self._logits(name, x, r), True)
@@ -104,12 +108,14 @@ class SiteLearner:
             self.optimizer.zero_grad(set_to_none=True)
             loss_d.backward()
             self.optimizer.step()
+            losses["d"] = float(loss_d.detach())
+        self.learnt_at = step
 
         kind = self.cfg.loss.generator
         adv = sum(generator_adversarial_loss(self._logits(name, x, f), kind, self.gan_loss)
                   for name, f in self._channels(fake))
         loss_g = adv
-        losses = {"d": float(loss_d.detach()), "g_adv": float(adv.detach())}
+        losses["g_adv"] = float(adv.detach())
         if self.paired and self.cfg.loss.lambda_l1 > 0:
             l1 = (fake - real).abs().mean()
             loss_g = loss_g + self.cfg.loss.lambda_l1 * l1

@@ -481,11 +481,13 @@ class PrivateSiteLearner(SiteLearner):
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.d_optim.lr * linear_decay(step, self.cfg.schedule)
         losses: dict[str, float] = {}
-        if self.batches % self.privacy.update_every == 0:
-            self.ledger.charge(self.noise_multiplier, self.sample_rate, self.cfg.d_steps)
-            for _ in range(self.cfg.d_steps):
-                losses["d_fake"] = self.dp_update(fake, label_maps)
-        self.batches += 1
+        if step != self.learnt_at:  # not a retried step (SiteLearner.learnt_at): a repeat costs no budget
+            if self.batches % self.privacy.update_every == 0:
+                self.ledger.charge(self.noise_multiplier, self.sample_rate, self.cfg.d_steps)
+                for _ in range(self.cfg.d_steps):
+                    losses["d_fake"] = self.dp_update(fake, label_maps)
+            self.batches += 1
+            self.learnt_at = step
 
         self.model.disable_hooks()
         try:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from asyndgan.central_server.mask_bank import LabelMapUpload, MaskBank
-from asyndgan.central_server.session import INBOX_SIZE, SiteSession
+from asyndgan.central_server.session import INBOX_SIZE, SessionStats, SiteSession
 from asyndgan.common import pki, serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.conditions import Augmentation
@@ -249,6 +249,7 @@ class _RejoiningSite:
     def __init__(self, bank: MaskBank, keys_before: int):
         self.site_id, self.channels, self.num_samples = "a", None, keys_before
         self.statistics: dict = {}  # released intensity statistics: none
+        self.left, self.stats = None, SessionStats()
         self.ready = self.available = True
         self.bank = bank
 
@@ -263,12 +264,13 @@ class _RejoiningSite:
 def test_a_site_replacing_its_maps_mid_step_cannot_crash_the_step(tmp_path):
     from asyndgan.central_server.trainer import Trainer
     from asyndgan.common.config import ServerConfig, load_config
+    from asyndgan.experiments.local_sites import LocalRegistry
 
     cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "train.batch_size": 4, "run_dir": str(tmp_path)})
     bank = MaskBank()
     bank.put("a", 50, torch.randint(0, 5, (50, 16, 16), dtype=torch.uint8))
     site = _RejoiningSite(bank, 50)
-    trainer = Trainer(cfg, registry=None, bank=bank, run_dir=tmp_path)
+    trainer = Trainer(cfg, registry=LocalRegistry([site]), bank=bank, run_dir=tmp_path)
     torch.manual_seed(0)
     for _ in range(5):  # keys drawn from 0..49; the maps now hold one: a re-read would raise IndexError
         report = trainer.train_step([site])

@@ -1,0 +1,170 @@
+"""How far can one hostile site move the generator? Attacks on the server's step, with and without its guard.
+
+Three sites of the toy data train a small image generator in this process (the trainer and site workers of a
+real run, without the network); one of them answers every batch with a gradient of its choosing:
+
+    targeted        100 x (fake - target), the target being the fake with a bright square painted inside the
+                    brain: descending it paints the square into every synthetic image
+    targeted_quiet  the same direction, scaled to 3.9 x the RMS of the site's own honest answer: the largest push
+                    that passes a guard with clip_factor 4 unclipped, by an attacker who knows the setting
+    flipped         its honest gradient, sign-flipped and x 10
+    huge            its honest gradient x 1e6
+    huge30          its honest gradient x 1e30
+
+Measured after `steps` steps, on fixed label maps of the honest sites: the square's contrast (mean inside the
+square minus mean over the rest of the brain, all channels) against an honest run with the same seeds, as a
+fraction of the value range (2), and whether the generator is finite. For scale: the same distance between two
+honest runs that differ only in their seed. Every attack runs with the guard (the default settings) and without
+(clip and reject off, shares uncapped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import threading
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from asyndgan.central_server.trainer import Trainer
+from asyndgan.common import serde
+from asyndgan.common.conditions import brain_region, one_hot
+from asyndgan.common.config import GuardConfig, ServerConfig
+from asyndgan.demo_data.toy import write_toy_sites
+from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.experiments.runner import write_json
+from asyndgan.site_agent.datasets import open_dataset
+
+log = logging.getLogger(__name__)
+ATTACKS = ("targeted", "targeted_quiet", "flipped", "huge", "huge30")
+OFF = GuardConfig(clip_factor=0, reject_factor=0, max_share=1.0)
+
+
+class PoisoningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out: pathlib.Path
+    steps: int = Field(150, ge=1)
+    image_size: int = 32
+    samples_per_site: int = 40
+    batch_per_site: int = 4
+    seed: int = 0
+    attacks: list[str] = Field(default_factory=lambda: list(ATTACKS))
+
+
+def square(size: int) -> tuple[slice, slice]:
+    """The attacker's square: a quarter of the side, at the centre (inside the toy brains)."""
+    lo = size * 3 // 8
+    return slice(lo, lo + size // 4), slice(lo, lo + size // 4)
+
+
+class HostileSession(LocalSession):
+    """A site that computes its honest answer, then sends what its attack says instead."""
+
+    def __init__(self, attack: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attack = attack
+
+    def send_batch(self, batch: serde.SyntheticBatch) -> None:
+        super().send_batch(batch)
+        honest = self._answer.gradient
+        ys, xs = square(batch.fake.shape[-1])
+        if self.attack.startswith("targeted"):
+            target = batch.fake.clone()
+            target[..., ys, xs] = 1.0
+            if batch.region is not None:  # only the brain crosses the wire: so does the attack
+                target = torch.where(batch.region[:, None], target, batch.fake)
+            evil = 100.0 * (batch.fake - target)
+            if self.attack == "targeted_quiet":
+                rms = lambda g: g.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (g.dim() - 1)))  # noqa: E731
+                evil = evil / rms(evil).clamp_min(1e-30) * 3.9 * rms(honest)
+        elif self.attack == "flipped":
+            evil = -10.0 * honest
+        elif self.attack == "huge":
+            evil = 1e6 * honest
+        elif self.attack == "huge30":
+            evil = 1e30 * honest
+        else:
+            raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
+        self._answer = serde.ImageGradient(self._answer.step, self._answer.round, evil, self._answer.losses)
+
+
+def _server_config(cfg: PoisoningConfig, run_dir: pathlib.Path, guard: GuardConfig, seed: int) -> ServerConfig:
+    return ServerConfig.model_validate({
+        "run_dir": str(run_dir), "tensorboard": False, "checkpoint_every": 10**6, "sample_every": 10**6,
+        "train": {"batch_size": cfg.batch_per_site, "min_sites": 3, "seed": seed, "guard": guard.model_dump()},
+        "site": {"model": {"image2d": {"image_size": cfg.image_size, "load_size": cfg.image_size, "ngf": 8,
+                                       "n_blocks": 2, "ndf": 8, "d_layers": 2}},
+                 "schedule": {"steps": cfg.steps}, "seed": seed}})
+
+
+def run_once(cfg: PoisoningConfig, sites: list[pathlib.Path], attack: str | None, guarded: bool, seed: int
+             ) -> dict:
+    """One training run; its generator's square contrast on the evaluation maps, finiteness and guard counts."""
+    scfg = _server_config(cfg, cfg.out / "runs" / f"{attack or 'honest'}-{'guard' if guarded else 'open'}-{seed}",
+                          GuardConfig() if guarded else OFF, seed)
+    torch.manual_seed(seed)
+    sessions = [LocalSession(f"site{i + 1}", open_dataset(p, scfg.site), scfg.site) for i, p in enumerate(sites[:2])]
+    third = open_dataset(sites[2], scfg.site)
+    sessions.append(HostileSession(attack, "site3", third, scfg.site) if attack else
+                    LocalSession("site3", third, scfg.site))
+    trainer = Trainer(scfg, LocalRegistry(sessions), CountingBank(sessions), scfg.run_dir)
+    trainer.run(threading.Event())
+    maps = torch.cat([s.worker.label_maps[:16] for s in sessions[:2]])
+    with torch.no_grad():
+        fake = trainer.generator.eval()(one_hot(maps, scfg.site.model.image2d.num_classes))
+    brain = brain_region(maps)[:, None].expand_as(fake)
+    in_square = torch.zeros_like(brain)
+    ys, xs = square(cfg.image_size)
+    in_square[..., ys, xs] = True
+    finite = bool(torch.isfinite(fake).all())
+    contrast = float(fake[brain & in_square].mean() - fake[brain & ~in_square].mean()) if finite else float("nan")
+    hostile = sessions[2]
+    return {"attack": attack, "guarded": guarded, "seed": seed, "steps": trainer.step, "finite": finite,
+            "square_contrast": contrast, "rejected": hostile.stats.gradients_rejected,
+            "rows_clipped": hostile.stats.rows_clipped, "removed": hostile.left is not None,
+            "honest_rows_clipped": sum(s.stats.rows_clipped for s in sessions[:2]),
+            "rows": trainer.step * cfg.batch_per_site * len(sessions)}
+
+
+def run(cfg: PoisoningConfig) -> dict:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    sites = write_toy_sites(cfg.out / "data", sites=3, per_site=[cfg.samples_per_site] * 3, size=cfg.image_size,
+                            seed=cfg.seed)
+    honest = {g: run_once(cfg, sites, None, g, cfg.seed) for g in (True, False)}
+    spread = run_once(cfg, sites, None, True, cfg.seed + 1)
+    rows = []
+    for attack in cfg.attacks:
+        for guarded in (True, False):
+            r = run_once(cfg, sites, attack, guarded, cfg.seed)
+            base = honest[guarded]["square_contrast"]
+            r["distance"] = abs(r["square_contrast"] - base) / 2 if r["finite"] else float("inf")
+            rows.append(r)
+            log.info("%s, guard %s: square contrast moved by %.3f of the range; rejected %d, clipped rows %d%s",
+                     attack, "on" if guarded else "off", r["distance"], r["rejected"], r["rows_clipped"],
+                     ", removed" if r["removed"] else "")
+    result = {"settings": json.loads(cfg.model_dump_json()), "honest": honest, "rows": rows,
+              "seed_spread": abs(spread["square_contrast"] - honest[True]["square_contrast"]) / 2}
+    write_json(cfg.out / "results.json", result)
+    (cfg.out / "report.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    clipped = result["honest"][True]["honest_rows_clipped"] + result["honest"][True]["rows_clipped"]
+    lines = ["# One hostile site of three: how far it moves the generator", "",
+             f"Command: `asyndgan bench poisoning --out OUT` ({s['steps']} steps, {s['image_size']} px, toy data, "
+             f"{s['batch_per_site']} images per site per step, seed {s['seed']}). Distance: the bright square's "
+             "contrast in the generator's images against an honest run with the same seeds, as a fraction of the "
+             f"value range. Two honest runs with different seeds differ by **{result['seed_spread']:.3f}**. In the "
+             f"honest run with the guard, {clipped} of {result['honest'][True]['rows']} honest rows were clipped.",
+             "",
+             "| attack | guard | distance | finite | answers rejected | rows clipped | removed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['attack']} | {'on' if r['guarded'] else 'off'} | {r['distance']:.3f} | "
+                     f"{'yes' if r['finite'] else '**no**'} | {r['rejected']} | {r['rows_clipped']} | "
+                     f"{'yes' if r['removed'] else 'no'} |")
+    return "\n".join(lines) + "\n"
