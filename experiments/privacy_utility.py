@@ -54,7 +54,7 @@ from asyndgan.central_server import checkpoint as ckpt
 from asyndgan.central_server.pretrain import pretrain
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common import public_start
-from asyndgan.common.config import (DataPrepConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
+from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
                                     PrivacyConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES, phantom_config
@@ -198,7 +198,9 @@ def server_config(cfg: PrivacyUtilityConfig, run_dir: pathlib.Path, steps: int, 
     return ServerConfig(
         host="127.0.0.1", port=0, run_dir=run_dir, device=cfg.device, checkpoint_every=max(1, steps // 2),
         sample_every=max(1, steps // 4), g_optim=opt, tensorboard=False,
-        train=TrainConfig(batch_size=batch, sampling="balance", step_deadline_s=600, seed=cfg.seed),
+        # every site is the experiment's own: the papers' n_j / N weighting, no guard against hostile sites
+        train=TrainConfig(batch_size=batch, sampling="balance", step_deadline_s=600, seed=cfg.seed,
+                          guard=GuardConfig(clip_factor=0, reject_factor=0, max_share=1.0)),
         site=SiteFacingConfig(
             model=ModelConfig(family="image2d", image2d=Image2DConfig(
                 image_size=g.image_size, ngf=g.ngf, n_blocks=g.n_blocks, ndf=g.ndf, d_layers=g.d_layers)),
