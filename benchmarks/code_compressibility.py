@@ -17,7 +17,7 @@ import torch
 from asyndgan.common import tensor_codec as tc
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.experiments.local_sites import LocalSession, LocalRegistry, CountingBank
+from asyndgan.simulation.local_sites import LocalSession, LocalRegistry, CountingBank
 from asyndgan.site_agent.datasets import open_dataset
 
 run = pathlib.Path(sys.argv[1])

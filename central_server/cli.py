@@ -98,7 +98,7 @@ def start(config_file, host, port, run_dir, family, steps, batch_size, min_sites
 @friendly_errors
 def pretrain(data, out, config_file, steps, batch_size, cache_dir, threads, device, overrides, log_level):
     """Train the generator and a reference discriminator on public data, for runs to start from (--init)."""
-    from asyndgan.central_server.pretrain import pretrain as run_pretrain
+    from asyndgan.simulation.pretrain import pretrain as run_pretrain
     from asyndgan.common.config import DataPrepConfig
 
     values = {"run_dir": str(out), "site.schedule.steps": steps, "train.batch_size": batch_size,
@@ -116,7 +116,7 @@ def pretrain(data, out, config_file, steps, batch_size, cache_dir, threads, devi
 
 
 def _has_checkpoint(run_dir: pathlib.Path) -> bool:
-    from asyndgan.central_server.checkpoint import list_checkpoints
+    from asyndgan.common.checkpoint import list_checkpoints
 
     return bool(list_checkpoints(run_dir / "checkpoints"))
 

@@ -23,9 +23,9 @@ from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.config import ModelConfig, ServerConfig, describe_validation_error
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.common.grpc_options import OPTIONS
-from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.identity import Authorizer
-from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.common.mask_bank import MaskBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.servicer import AsynDGANServicer
 from asyndgan.central_server.status import build_status

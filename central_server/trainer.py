@@ -33,10 +33,10 @@ from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
 from asyndgan.common.intensity_statistics import check_received, statistics_loss
 from asyndgan.common.intensity_statistics import names as statistics_names
-from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient, channel_weights, combine, site_weights
-from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.common.mask_bank import MaskBank
 from asyndgan.central_server.monitoring import TrainingLog
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.samples import save_histogram, save_image_grid

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.relay import DOWN, UP, Relay, Traffic
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (

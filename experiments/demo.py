@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.common import checkpoint as ckpt
 from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.common.errors import DataError
 from asyndgan.common.devices import resolve_device

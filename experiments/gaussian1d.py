@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import (
     LossConfig, MLP1DConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig,
 )
 from asyndgan.common.families import get_family
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
 from asyndgan.experiments.runner import Cluster, write_json
 from asyndgan.site_agent.datasets import Samples1DDataset

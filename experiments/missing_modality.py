@@ -17,7 +17,7 @@ dropped files, per modality and method. Every finished piece is kept in OUT and 
 runs again; another preset or seed in the same OUT is refused.
 
 GANs run as real processes (a server and one site process per site, mutual TLS) with `gan.distributed`, else
-with the same site code in this process (experiments/local_sites.py, what the Syn-All row of synthetic learning
+with the same site code in this process (simulation/local_sites.py, what the Syn-All row of synthetic learning
 uses): on a 2-core machine four processes take 2.4x as long per step for the same arithmetic, and the
 equivalence of both paths is tested (tests/test_distributed_equivalence.py).
 """
@@ -40,7 +40,7 @@ from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import write_phantom
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.experiments.synthetic_learning import (
     GANSection, PhantomPreset, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, prepare_compute,
@@ -214,10 +214,10 @@ def fidelity(cfg: MissingModalityConfig, full_sites: list[pathlib.Path]) -> dict
         for site in full_sites:
             for m in cfg.missing.get(site.name, []):
                 for case in sorted(p for p in site.iterdir() if p.is_dir()):
-                    raw = _read(case / f"{case.name}_{m}.nii.gz")  # the dropped file: the truth
+                    raw = brats.read_volume(case / f"{case.name}_{m}.nii.gz")  # the dropped file: the truth
                     truth, brain = brats.normalise(raw, 0.5, 99.5), raw > 0
                     done = cfg.out / "completed" / method / site.name / case.name / f"{case.name}_{m}.nii.gz"
-                    made = brats.normalise(_read(done), 0.5, 99.5)
+                    made = brats.normalise(brats.read_volume(done), 0.5, 99.5)
                     ssim, psnr = [], []
                     for z in range(brain.shape[2]):
                         if brain[..., z].sum() >= 50:
@@ -233,12 +233,6 @@ def fidelity(cfg: MissingModalityConfig, full_sites: list[pathlib.Path]) -> dict
     result = {"summary": summary, "per_case": out}
     write_json(path, result)
     return result
-
-
-def _read(path: pathlib.Path) -> np.ndarray:
-    import nibabel as nib
-
-    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
 
 
 def _mean_sd(values: list[float]) -> dict:

@@ -58,7 +58,6 @@ def plot_completions(path_for, cfg, full_sites: list[pathlib.Path]) -> dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from asyndgan.experiments.missing_modality import _read
     from asyndgan.site_agent import brats
 
     paths = {}
@@ -69,13 +68,13 @@ def plot_completions(path_for, cfg, full_sites: list[pathlib.Path]) -> dict[str,
             cols = [f"{held} (held)", f"{m} real (dropped)", f"{m} labels", f"{m} translate"]
             fig, axes = plt.subplots(len(cases), 4, figsize=(10, 2.7 * len(cases)), squeeze=False)
             for r, case in enumerate(cases):
-                seg = _read(case / f"{case.name}_seg.nii.gz")
+                seg = brats.read_volume(case / f"{case.name}_seg.nii.gz")
                 z = int(np.argmax((seg > 0).sum(axis=(0, 1))))
                 files = [case / f"{case.name}_{held}.nii.gz", case / f"{case.name}_{m}.nii.gz",
                          *[cfg.out / "completed" / meth / site.name / case.name / f"{case.name}_{m}.nii.gz"
                            for meth in ("labels", "translate")]]
                 for c, f in enumerate(files):
-                    img = brats.normalise(_read(f), 0.5, 99.5)[..., z].T
+                    img = brats.normalise(brats.read_volume(f), 0.5, 99.5)[..., z].T
                     ax = axes[r, c]
                     ax.imshow(img, cmap="gray", vmin=-1, vmax=1)
                     ax.set_xticks([])

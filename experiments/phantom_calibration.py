@@ -19,11 +19,9 @@ same OUT are refused.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import logging
-import math
 import os
 import pathlib
 import shutil
@@ -39,6 +37,8 @@ from asyndgan.demo_data.phantom import PhantomConfig, SiteProfile, write_phantom
 from asyndgan.demo_data.phantom.config import LESION_TYPES
 from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.demo_data.phantom.writer import read_partition
+from asyndgan.experiments import phantom_calibration_report as report
+from asyndgan.experiments.phantom_calibration_report import RowResult
 from asyndgan.experiments.runner import claim_file, piece_timer
 from asyndgan.experiments.synthetic_learning import check_settings
 from asyndgan.segmentation import (
@@ -94,50 +94,6 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Calibrati
 
 def _loss_only(recipe: SegmentationRecipe) -> SegmentationRecipe:
     return recipe.model_copy(update={"preprocessing": recipe.preprocessing.model_copy(update={"crop": "none"})})
-
-
-# ---- typed results ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class RowResult:
-    """One training set under one recipe: Dice per seed, per patient (mean over seeds) and per group."""
-
-    row: str
-    recipe: str  # "after" (the current recipe), "before" (the earlier one) or "loss_only" (the fix's loss alone)
-    description: str
-    training_cases: int
-    seeds: list[int]
-    dice_per_seed: list[float]  # mean over test patients, one per seed
-    patient_dice: dict[str, float]  # case -> Dice averaged over seeds
-    collapsed_seeds: int  # models that predicted nothing on their own training slices
-    by_lesion: dict[str, float] = dataclasses.field(default_factory=dict)  # test lesion type -> mean Dice
-    by_profile: dict[str, float] = dataclasses.field(default_factory=dict)  # test scanner/population -> mean Dice
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.dice_per_seed))
-
-    @property
-    def sd(self) -> float:
-        return float(np.std(self.dice_per_seed, ddof=1)) if len(self.dice_per_seed) > 1 else 0.0
-
-
-@dataclasses.dataclass
-class PairedGap:
-    """Real-All minus a row, per test patient (each patient's Dice averaged over seeds first)."""
-
-    row: str
-    mean: float
-    low: float  # 95% interval (t over patients)
-    high: float
-    patients: int
-
-
-@dataclasses.dataclass
-class Target:
-    name: str
-    value: float
-    needed: str
-    met: bool
 
 
 # ---- pieces ---------------------------------------------------------------------------------------------------
@@ -291,36 +247,7 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def paired_gap(reference: RowResult, other: RowResult) -> PairedGap:
-    from scipy import stats
-
-    cases = sorted(reference.patient_dice)
-    diff = np.array([reference.patient_dice[c] - other.patient_dice[c] for c in cases])
-    half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 \
-        else float("nan")
-    return PairedGap(other.row, float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half), len(diff))
-
-
-def check_targets(after: dict[str, RowResult], gaps: dict[str, PairedGap]) -> list[Target]:
-    out = []
-    for row, gap in gaps.items():
-        if row.startswith("real_site") or row == "public":
-            out.append(Target(f"Real-All - {row}", gap.mean, ">= 0.10", gap.mean >= 0.10))
-    for lt in LESION_TYPES:
-        value = after["real_all"].by_lesion.get(lt)
-        if value is not None:
-            out.append(Target(f"Real-All Dice on {lt} patients (no collapse)", value, ">= 0.5", value >= 0.5))
-    for row in ("small_lesions", "low_grade"):
-        if row in after:
-            r = after[row]
-            out.append(Target(f"{row}: models that collapsed", float(r.collapsed_seeds), "0 of "
-                              f"{len(r.seeds)}", r.collapsed_seeds == 0))
-    return out
-
-
 def run(cfg: CalibrationConfig) -> dict:
-    from asyndgan.experiments import phantom_calibration_report as report
-
     torch.set_num_threads(cfg.threads)
     check_settings(cfg)
     timings, timed = piece_timer(cfg.out / "timings.json")

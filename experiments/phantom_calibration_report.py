@@ -12,16 +12,81 @@ import numpy as np
 
 from asyndgan.demo_data.phantom.config import LESION_TYPES
 from asyndgan.experiments.runner import write_json
+from asyndgan.experiments.statistics import paired
 from asyndgan.segmentation import EMPTY_RULE, PROTOCOL
 
 LESION_NAMES = {"glioma": "high-grade glioma", "low_grade_glioma": "low-grade glioma", "metastases": "metastases",
                 "meningioma": "meningioma"}
 
 
+# ---- typed results ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RowResult:
+    """One training set under one recipe: Dice per seed, per patient (mean over seeds) and per group."""
+
+    row: str
+    recipe: str  # "after" (the current recipe), "before" (the earlier one) or "loss_only" (the fix's loss alone)
+    description: str
+    training_cases: int
+    seeds: list[int]
+    dice_per_seed: list[float]  # mean over test patients, one per seed
+    patient_dice: dict[str, float]  # case -> Dice averaged over seeds
+    collapsed_seeds: int  # models that predicted nothing on their own training slices
+    by_lesion: dict[str, float] = dataclasses.field(default_factory=dict)  # test lesion type -> mean Dice
+    by_profile: dict[str, float] = dataclasses.field(default_factory=dict)  # test scanner/population -> mean Dice
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.dice_per_seed))
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.dice_per_seed, ddof=1)) if len(self.dice_per_seed) > 1 else 0.0
+
+
+@dataclasses.dataclass
+class PairedGap:
+    """Real-All minus a row, per test patient (each patient's Dice averaged over seeds first)."""
+
+    row: str
+    mean: float
+    low: float  # 95% interval (t over patients)
+    high: float
+    patients: int
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    value: float
+    needed: str
+    met: bool
+
+
+def paired_gap(reference: RowResult, other: RowResult) -> PairedGap:
+    d = paired(reference.patient_dice, {c: other.patient_dice[c] for c in reference.patient_dice})
+    return PairedGap(other.row, d["mean"], d["low"], d["high"], d["patients"])
+
+
+def check_targets(after: dict[str, RowResult], gaps: dict[str, PairedGap]) -> list[Target]:
+    out = []
+    for row, gap in gaps.items():
+        if row.startswith("real_site") or row == "public":
+            out.append(Target(f"Real-All - {row}", gap.mean, ">= 0.10", gap.mean >= 0.10))
+    for lt in LESION_TYPES:
+        value = after["real_all"].by_lesion.get(lt)
+        if value is not None:
+            out.append(Target(f"Real-All Dice on {lt} patients (no collapse)", value, ">= 0.5", value >= 0.5))
+    for row in ("small_lesions", "low_grade"):
+        if row in after:
+            r = after[row]
+            out.append(Target(f"{row}: models that collapsed", float(r.collapsed_seeds), "0 of "
+                              f"{len(r.seeds)}", r.collapsed_seeds == 0))
+    return out
+
+
 def write_all(cfg, results, phantoms: dict[str, pathlib.Path], partition: dict, profile_names: dict[str, str],
               timings: dict) -> dict:
-    from asyndgan.experiments.phantom_calibration import check_targets, paired_gap
-
     figures = cfg.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     after = {r.row: r for r in results if r.recipe == "after"}

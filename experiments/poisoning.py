@@ -33,7 +33,7 @@ from asyndgan.common import serde
 from asyndgan.common.conditions import brain_region, one_hot
 from asyndgan.common.config import GuardConfig, ServerConfig
 from asyndgan.demo_data.toy import write_toy_sites
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import write_json
 from asyndgan.site_agent.datasets import open_dataset
 

@@ -10,7 +10,7 @@ synthetic data set from the training cases' label maps, then the same segmentati
                  (site_agent/privacy.py)
     dp-<s>-ndf<k>  the same with k discriminator filters (fewer parameters: less DP noise in all)
 
-The privacy GANs run their three sites in this process (experiments/local_sites.py: the same SiteWorker code as a
+The privacy GANs run their three sites in this process (simulation/local_sites.py: the same SiteWorker code as a
 site process, no transport), which is the same arithmetic as the distributed run. Each site's epsilon is read
 from its own ledger. Results go to RUN/privacy/: report.md, results.json, and per-setting folders.
 """
@@ -27,7 +27,7 @@ import time
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, PrivacyConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import write_json
 from asyndgan.experiments.synthetic_learning_report import _pm
 from asyndgan.experiments.synthetic_learning import (

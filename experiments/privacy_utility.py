@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import pathlib
 import shutil
 import threading
@@ -50,8 +49,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.central_server import checkpoint as ckpt
-from asyndgan.central_server.pretrain import pretrain
+from asyndgan.common import checkpoint as ckpt
+from asyndgan.simulation.pretrain import pretrain
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common import public_start
 from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
@@ -59,9 +58,10 @@ from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, 
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES, phantom_config
 from asyndgan.experiments import dp_audit, memorization
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.phantom_calibration import _claim, _load_eval, _wait_for
 from asyndgan.experiments.runner import claim_file, piece_timer, write_json
+
 from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, evaluate_model,
                                    load_test_cases, load_training_slices, pool_slices, train_model, write_results)
 from asyndgan.site_agent.datasets import open_dataset
@@ -372,17 +372,6 @@ def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test
                                         "hd95": json.loads((folder / "eval" / "summary.json").read_text())
                                         ["hd95_mm"]["mean"]})
     return out
-
-
-def paired(a: dict[str, float], b: dict[str, float]) -> dict:
-    """Mean of a - b over the patients both have, with a 95% t-interval."""
-    from scipy import stats
-
-    cases = sorted(set(a) & set(b))
-    d = np.array([a[c] - b[c] for c in cases])
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half),
-            "patients": len(d)}
 
 
 def summarise_rows(evals: dict[str, list[dict]]) -> dict[str, dict]:

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 
 from asyndgan.experiments.runner import write_json
+from asyndgan.experiments.statistics import paired
 
 ORDER_NOTE = {
     "real_all": "private sites' real cases pooled (ceiling)",
@@ -64,8 +65,6 @@ def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[
 
 
 def write_all(cfg, rows: dict, gans: dict, canaries: dict, members: dict, timings: dict) -> dict:
-    from asyndgan.experiments.privacy_utility import paired
-
     gaps = {}
     if "real_public" in rows:
         gaps["real_all - real_public"] = paired(rows["real_all"]["patients"], rows["real_public"]["patients"])

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import (
     DataPrepConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig,
@@ -37,7 +37,7 @@ from asyndgan.common.config import (
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import phantom_config
-from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster, piece_timer, write_json
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,

@@ -117,7 +117,8 @@ def held_modalities(root: pathlib.Path, prep: DataPrepConfig) -> list[str]:
     raise DataError(f"{root} holds no BraTS case with an image")
 
 
-def _load(path: pathlib.Path, dtype=np.float32) -> np.ndarray:
+def read_volume(path: pathlib.Path, dtype=np.float32) -> np.ndarray:
+    """A NIfTI volume's voxels; DataError naming the file when it cannot be read."""
     try:
         return np.asarray(nib.load(str(path)).dataobj, dtype=dtype)
     except Exception as exc:  # nibabel raises many kinds (ImageFileError, EOFError, zlib.error, ValueError)
@@ -126,7 +127,7 @@ def _load(path: pathlib.Path, dtype=np.float32) -> np.ndarray:
 
 def read_seg(case: Case) -> np.ndarray:
     """Our labels (uint8, 0/2/3/4) from the case's seg file; unexpected values are an error naming it."""
-    raw = _load(case.files["seg"], np.float32)
+    raw = read_volume(case.files["seg"], np.float32)
     if raw.ndim != 3:
         raise DataError(f"{case.files['seg']} is {raw.ndim}-D; expected a 3-D volume")
     values = set(np.unique(raw).tolist())
@@ -142,7 +143,7 @@ def read_seg(case: Case) -> np.ndarray:
 
 def read_image(case: Case, modality: str, shape: tuple[int, ...]) -> np.ndarray:
     """One modality of the case (float32, raw intensities), checked to have the seg's `shape` and finite values."""
-    v = _load(case.files[modality])
+    v = read_volume(case.files[modality])
     if v.shape != shape:
         raise DataError(f"{case.files[modality]} has shape {v.shape} but {case.files['seg'].name} has {shape}")
     if not np.isfinite(v).all():

@@ -6,7 +6,7 @@ their optimiser (the SiteLearner), and the one method that turns a decoded Synth
     check the fakes' shape -> real samples for the batch's keys, with the batch's crop and flips
     -> discriminator step(s) and dL_G/dfake (site_agent/gradients.py) -> ImageGradient
 
-The gRPC agent (site_agent/agent.py) and the in-process sites (experiments/local_sites.py) both answer through
+The gRPC agent (site_agent/agent.py) and the in-process sites (simulation/local_sites.py) both answer through
 this class, so the checks and the math cannot drift apart. Nothing here imports grpc or server code.
 """
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asyndgan.central_server.checkpoint import load_checkpoint
+from asyndgan.common.checkpoint import load_checkpoint
 from asyndgan.central_server.sampling import plan_batches
 from asyndgan.common.conditions import augment, draw_augmentation, one_hot
 from asyndgan.common.config import ServerConfig, load_config

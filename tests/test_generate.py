@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from asyndgan.central_server import cli as server_cli
-from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.common.mask_bank import MaskBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig, load_config

@@ -8,7 +8,7 @@ import torch
 
 from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient
-from asyndgan.central_server.mask_bank import MaskBank
+from asyndgan.common.mask_bank import MaskBank
 from asyndgan.central_server.registry import JoinRefused, SiteRegistry
 from asyndgan.common import serde
 from asyndgan.common.config import GuardConfig, ServerConfig, SiteFacingConfig, load_config

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from asyndgan.central_server.mask_bank import LabelMapUpload, MaskBank
+from asyndgan.common.mask_bank import LabelMapUpload, MaskBank
 from asyndgan.central_server.session import INBOX_SIZE, SessionStats, SiteSession
 from asyndgan.common import pki, serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
@@ -264,7 +264,7 @@ class _RejoiningSite:
 def test_a_site_replacing_its_maps_mid_step_cannot_crash_the_step(tmp_path):
     from asyndgan.central_server.trainer import Trainer
     from asyndgan.common.config import ServerConfig, load_config
-    from asyndgan.experiments.local_sites import LocalRegistry
+    from asyndgan.simulation.local_sites import LocalRegistry
 
     cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "train.batch_size": 4, "run_dir": str(tmp_path)})
     bank = MaskBank()

@@ -11,7 +11,7 @@ import pytest
 
 from procs import one_line_error, run_cli
 
-from asyndgan.experiments import phantom_calibration as pc
+from asyndgan.experiments import phantom_calibration_report as pc_report
 
 ROWS = ["real_all", "real_site1", "real_site2", "real_site3", "real_site4", "public", "small_lesions", "low_grade"]
 
@@ -75,17 +75,17 @@ def test_phantom_command_presets_config_and_errors(tmp_path):
 
 
 def _row(name, patients, seeds=(0.5,)):
-    return pc.RowResult(row=name, recipe="after", description="", training_cases=1, seeds=list(range(len(seeds))),
+    return pc_report.RowResult(row=name, recipe="after", description="", training_cases=1, seeds=list(range(len(seeds))),
                         dice_per_seed=list(seeds), patient_dice=patients, collapsed_seeds=0)
 
 
 def test_paired_gap_is_the_mean_per_patient_difference_with_a_t_interval():
     ref = _row("real_all", {"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6})
     other = _row("real_site1", {"a": 0.7, "b": 0.7, "c": 0.4, "d": 0.5})
-    gap = pc.paired_gap(ref, other)
+    gap = pc_report.paired_gap(ref, other)
     assert gap.mean == pytest.approx(0.175) and gap.patients == 4
     assert gap.low < 0.175 < gap.high and gap.low > 0  # the differences 0.2, 0.1, 0.3, 0.1 are all positive
-    same = pc.paired_gap(ref, ref)
+    same = pc_report.paired_gap(ref, ref)
     assert same.mean == 0 and same.low == 0 == same.high
     assert math.isfinite(gap.high)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from asyndgan.experiments.memorization import auc_and_tpr
-from asyndgan.experiments.privacy_utility import gan_settings, paired, preset_config, run
+from asyndgan.experiments.privacy_utility import gan_settings, preset_config, run
+from asyndgan.experiments.statistics import paired
 
 
 def test_auc_and_tpr_at_fpr():

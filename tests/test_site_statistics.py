@@ -159,7 +159,7 @@ def test_the_statistics_term_pulls_images_towards_the_released_numbers():
 def test_the_trainer_steers_with_the_released_statistics_of_private_sites(site, tmp_path):
     from asyndgan.central_server.trainer import Trainer
     from asyndgan.common.config import ServerConfig
-    from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+    from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 
     cfg = ServerConfig.model_validate({"run_dir": str(tmp_path / "run"), "tensorboard": False,
                                        "train": {"batch_size": 2}, "site": _cfg().model_dump()})

@@ -22,7 +22,7 @@ import time
 
 from asyndgan.common import public_start
 from asyndgan.common.config import DataPrepConfig, ServerConfig
-from asyndgan.central_server import checkpoint as ckpt
+from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.errors import AsynDGANError
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def pretrain(cfg: ServerConfig, data: pathlib.Path, prep: DataPrepConfig | None = None) -> pathlib.Path:
     """Train on `data` into cfg.run_dir and write the public-start files there; returns the folder. A folder that
     already holds a finished pretraining is kept as it is; a cut one starts again."""
-    from asyndgan.experiments.local_sites import CountingBank, LocalRegistry, LocalSession
+    from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
     from asyndgan.site_agent.datasets import open_dataset
 
     out = cfg.run_dir
