@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class Authorizer:
-    def __init__(self, certs: pathlib.Path | None, allowed_sites: list[str] | None, operators: list[str] = ()):
+    def __init__(self, certs: pathlib.Path | None, allowed_sites: list[str] | None, operators: list[str] | tuple[str, ...] = ()):
         self.certs = certs  # None: --insecure, nobody is authenticated
         self.allowed = set(allowed_sites) if allowed_sites else None
         self.operators = set(operators)
@@ -56,6 +56,7 @@ class Authorizer:
             raise JoinRefused("forbidden", "no client certificate was presented")
         name = tls.common_name(cert)
         # Read at every call, so that revoking takes effect without restarting the server.
+        assert self.certs is not None  # a peer certificate exists only with TLS, i.e. with a certs folder
         if cert.serial_number in tls.load_revoked(self.certs / "revoked.txt"):
             raise JoinRefused("forbidden", f"the certificate of {name!r} (serial {cert.serial_number:x}) "
                                            "has been revoked")

@@ -128,9 +128,9 @@ class SiteRegistry:
 
     def _retire(self, session: SiteSession) -> None:
         """Keep a departed session's byte counts in the totals (each session is retired once)."""
-        if getattr(session, "_retired", False):
+        if session.retired:
             return
-        session._retired = True
+        session.retired = True
         self.departed_bytes_sent += session.stats.bytes_sent
         self.departed_bytes_received += session.stats.bytes_received
 

@@ -94,7 +94,7 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
     if found is None and start is not None:
         trainer.generator.load_state_dict(ckpt.load_checkpoint(start)["generator"])
         log.info("generator starts from the public pretraining in %s (%s); sites start from its discriminator "
-                 "(SHA-256 %s...)", cfg.init, start.name, cfg.site.public_start[:16])
+                 "(SHA-256 %s...)", cfg.init, start.name, (cfg.site.public_start or "")[:16])
     if found is None and cfg.resume == "always":
         raise ConfigError(f"--resume: no usable checkpoint in {cfg.run_dir / 'checkpoints'} (--resume-if-possible "
                           "starts a new run in that case)")
@@ -123,7 +123,7 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
+    out: dict = {}
     for k, v in tree.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out

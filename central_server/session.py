@@ -62,6 +62,7 @@ class SiteSession:
     ):
         self.site_id = hello.site_id
         self.num_samples = 0  # known at Ready
+        self.retired = False  # its byte counts moved into the registry's totals (registry._retire)
         self.statistics: dict[str, tuple[float, float]] = {}  # a private site's released statistics (at Ready)
         self.modalities = hello.modalities
         self.channels = channels
@@ -76,7 +77,7 @@ class SiteSession:
         # nobody asked for are counted and dropped in handle(), so a peer cannot fill the server's memory.
         self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
         self.last_activity = time.monotonic()  # last message from the site (the reaper ends stalled uploads)
-        self._upload = upload
+        self._upload: LabelMapUpload | None = upload  # None once Ready has taken it
         self._on_ready = on_ready
         self._max_gradient_bytes = max_gradient_bytes
         self._region: tuple[int, torch.Tensor | None] = (-1, None)  # (round, region) of the last batch sent
@@ -92,20 +93,21 @@ class SiteSession:
         self.stats.bytes_received += msg.ByteSize()
         self.last_activity = time.monotonic()
         kind = msg.WhichOneof("kind")
-        if kind == "conditions" and self.state is State.UPLOADING:
+        upload = self._upload  # present exactly while UPLOADING
+        if kind == "conditions" and self.state is State.UPLOADING and upload is not None:
             # Decoded with a ceiling (compressed chunks), checked and streamed to the bank's folder by the upload.
-            self._upload.add(serde.label_map_chunk_from_proto(msg.conditions, size=self._upload.size,
-                                                              max_bytes=self._upload.max_chunk_bytes))
-        elif kind == "ready" and self.state is State.UPLOADING:
+            upload.add(serde.label_map_chunk_from_proto(msg.conditions, size=upload.size,
+                                                        max_bytes=upload.max_chunk_bytes))
+        elif kind == "ready" and self.state is State.UPLOADING and upload is not None:
             ready = serde.ready_from_proto(msg.ready)
             n, chunks = ready.num_samples, ready.num_chunks
             reuse = self._known_samples is not None and chunks == 0
             if reuse and n != self._known_samples:
                 raise ProtocolError(f"site now declares {n} samples; the maps it uploaded before hold "
                                     f"{self._known_samples}")
-            maps = None if reuse else self._upload.finish(chunks, n)  # a refused upload leaves no file behind
+            maps = None if reuse else upload.finish(chunks, n)  # a refused upload leaves no file behind
             if reuse:
-                self._upload.discard()
+                upload.discard()
             self.num_samples = n
             self.statistics = ready.statistics  # checked against what G makes when the trainer uses them
             self._upload = None

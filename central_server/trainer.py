@@ -36,12 +36,10 @@ from asyndgan.common.intensity_statistics import names as statistics_names
 from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient, channel_weights, combine, site_weights
-from asyndgan.common.mask_bank import MaskBank
 from asyndgan.central_server.monitoring import TrainingLog
-from asyndgan.central_server.registry import SiteRegistry
+from asyndgan.central_server.ports import LabelMapStore, SiteLink, SitePool
 from asyndgan.central_server.samples import save_histogram, save_image_grid
 from asyndgan.central_server.sampling import plan_batches
-from asyndgan.central_server.session import SiteSession
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,7 @@ class StepReport:
 class _Planned:
     """One site's part of a step: its keys, augmentation, rows of the joint batch and (once read) label maps."""
 
-    session: SiteSession
+    session: SiteLink
     keys: torch.Tensor  # int64 [b]
     aug: Augmentation
     rows: slice
@@ -77,7 +75,7 @@ class _Planned:
 
 
 class Trainer:
-    def __init__(self, cfg: ServerConfig, registry: SiteRegistry, bank: MaskBank, run_dir: pathlib.Path):
+    def __init__(self, cfg: ServerConfig, registry: SitePool, bank: LabelMapStore, run_dir: pathlib.Path):
         self.cfg = cfg
         self.registry = registry
         self.bank = bank
@@ -99,7 +97,7 @@ class Trainer:
         self.rejections = guard.RejectionLog(cfg.train.guard)
 
     # ---- one step, stage by stage ------------------------------------------------------------------------
-    def _plan(self, sessions: list[SiteSession]) -> list[_Planned]:
+    def _plan(self, sessions: list[SiteLink]) -> list[_Planned]:
         by_id = {s.site_id: s for s in sessions}
         keys = plan_batches({s: self.bank.size(s) for s in by_id}, self.cfg.train.batch_size,
                             self.cfg.train.sampling, self.rng)
@@ -140,9 +138,10 @@ class Trainer:
 
     def _regions(self, planned: list[_Planned], fake: torch.Tensor) -> list[torch.Tensor] | None:
         """Each site's brain regions [b, H, W] when only the brain goes on the wire (image families), else None."""
-        if self.cfg.train.region_for(self.model_cfg) != "brain" or fake.dim() != 4 or any(p.maps is None for p in planned):
+        maps = [p.maps for p in planned]
+        if self.cfg.train.region_for(self.model_cfg) != "brain" or fake.dim() != 4 or any(m is None for m in maps):
             return None
-        return [brain_region(p.maps) for p in planned]
+        return [brain_region(m) for m in maps if m is not None]
 
     def _collect(self, planned: list[_Planned], report: StepReport) -> dict[str, SiteGradient]:
         """Each site's checked gradient, waiting until the step deadline; the misses go into the report."""
@@ -207,10 +206,11 @@ class Trainer:
                 report: StepReport) -> bool:
         """The generator's step from the accepted answers; False (nothing changed) when the combined gradient is
         not finite."""
-        weights = guard.cap_shares(site_weights(results, self.cfg.train.sampling), self.cfg.train.guard.max_share)
+        shares = guard.cap_shares(site_weights(results, self.cfg.train.sampling), self.cfg.train.guard.max_share)
+        weights: dict[str, float | torch.Tensor] = dict(shares)
         if fake.dim() >= 2 and any(r.channels is not None for r in results.values()):
             # Sites holding different modalities: each channel's weights over the sites that hold it.
-            weights = channel_weights(results, weights, fake.shape[1])
+            weights = dict(channel_weights(results, shares, fake.shape[1]))
         gradient = combine(results, weights, fake)
         steer = self._statistics_term([p for p in planned if p.session.site_id in results], fake)
         if steer is not None:
@@ -226,7 +226,7 @@ class Trainer:
         self.optimizer.step()
         return True
 
-    def train_step(self, sessions: list[SiteSession]) -> StepReport | None:
+    def train_step(self, sessions: list[SiteLink]) -> StepReport | None:
         """One generator step with these sites. None when fewer than the quorum answered (no update)."""
         started = time.monotonic()
         planned = self._plan(sessions)

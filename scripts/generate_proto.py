@@ -26,14 +26,15 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     protos = sorted(PROTO_DIR.glob("*.proto"))
     include = pathlib.Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}"]
+    args = ["protoc", f"-I{PROTO_DIR}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}",
+            f"--pyi_out={out}"]  # the message types, for the type check (tests/test_types.py)
     args += [str(p) for p in protos]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     written = []
     for proto in protos:
         stem = proto.stem
-        for path in (out / f"{stem}_pb2.py", out / f"{stem}_pb2_grpc.py"):
+        for path in (out / f"{stem}_pb2.py", out / f"{stem}_pb2_grpc.py", out / f"{stem}_pb2.pyi"):
             text = path.read_text()
             text = text.replace(f"import {stem}_pb2 as", f"from . import {stem}_pb2 as")
             path.write_text(HEADER + text)

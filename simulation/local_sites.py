@@ -97,7 +97,10 @@ class CountingBank:
         return self._by_id[site].num_samples
 
     def maps(self, site: str, keys: torch.Tensor) -> torch.Tensor:
-        return self._by_id[site].worker.label_maps[keys]
+        maps = self._by_id[site].worker.label_maps
+        if maps is None:
+            raise ValueError(f"site {site} holds no label maps (its family uploads none)")
+        return maps[keys]
 
     def state(self) -> str:
         return "{}"  # local sites hold their own data; nothing to restore

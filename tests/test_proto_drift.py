@@ -14,8 +14,8 @@ def test_generated_code_matches_proto(tmp_path):
     spec.loader.exec_module(module)
     module.generate(tmp_path)
     committed = ROOT / "common" / "_generated"
-    fresh = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".py")
-    assert fresh == sorted(p.name for p in committed.iterdir() if p.suffix == ".py")
+    fresh = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".py", ".pyi"))
+    assert fresh == sorted(p.name for p in committed.iterdir() if p.suffix in (".py", ".pyi"))
     for name in fresh:
         assert (tmp_path / name).read_text() == (committed / name).read_text(), (
             f"common/_generated/{name} is stale: run python scripts/generate_proto.py")
