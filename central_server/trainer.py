@@ -32,6 +32,7 @@ from asyndgan.common.conditions import Augmentation, augment, brain_region
 from asyndgan.common.config import ServerConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
 from asyndgan.common.intensity_statistics import check_received, statistics_loss
+from asyndgan.common.seeding import seeded
 from asyndgan.common.intensity_statistics import names as statistics_names
 from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server import guard
@@ -83,8 +84,8 @@ class Trainer:
         self.model_cfg = cfg.site.model
         self.family = get_family(self.model_cfg.family)
         self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.train.seed)
-        self.generator = self.family.build_generator(self.model_cfg).to(self.device)
+        with seeded(cfg.train.seed):  # the same weights for the same seed (common/seeding.py)
+            self.generator = self.family.build_generator(self.model_cfg).to(self.device)
         self.optimizer = make_optimizer(self.generator.parameters(), cfg.g_optim)
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asyndgan.common.seeding import seeded
 from asyndgan.common.config import SiteFacingConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
 
@@ -57,8 +58,8 @@ class SiteLearner:
         self.device = torch.device(device)
         self.family = get_family(cfg.model.family)
         self.paired = self.family.paired
-        torch.manual_seed(cfg.seed)  # same init for the same seed, so one-process references can rebuild it
-        self.discriminators = self.family.build_discriminators(cfg.model, modalities).to(self.device)
+        with seeded(cfg.seed):  # the same weights for the same seed (common/seeding.py)
+            self.discriminators = self.family.build_discriminators(cfg.model, modalities).to(self.device)
         self.optimizer = make_optimizer(self.discriminators.parameters(), cfg.d_optim)
         self.gan_loss = GANLoss().to(self.device)
         # The generator step the discriminators last learnt at: a batch for the same step again is the server

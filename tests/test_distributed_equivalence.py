@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from asyndgan.common.checkpoint import load_checkpoint
+from asyndgan.central_server.guard import cap_shares
 from asyndgan.central_server.sampling import plan_batches
 from asyndgan.common.conditions import augment, draw_augmentation, one_hot
 from asyndgan.common.config import ServerConfig, load_config
@@ -33,7 +34,11 @@ def _overrides(mode: str) -> dict:
             "g_optim.name": "sgd", "g_optim.lr": 1.0, "site.d_optim.lr": 0.01,
             "site.model.image2d.load_size": 20,  # random 16x16 crops of 20x20 maps, and flips
             # the exact wire (float32, every pixel): this compares the algorithm, not the encoding
-            "train.wire_dtype": "float32", "train.wire_region": "full"}
+            "train.wire_dtype": "float32", "train.wire_region": "full",
+            # 'balance' runs with the guard's default share cap (site1 holds 7 of 13 maps: capped at 0.5);
+            # 'uniform' without it, the papers' weighting exactly (its plan here holds two sites, which the cap
+            # would make equal, so that a wrong weighting could not be told apart)
+            "train.guard.max_share": 0.5 if mode == "balance" else 1.0}
 
 
 def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: bool = False) -> dict:
@@ -56,6 +61,10 @@ def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: 
     fake = g(x)
     total_n = sum(len(labels[s]) for s, _, _ in batches)
     total_b = sum(len(m) for _, m, _ in batches)
+    # the paper's weights, then the server guard's cap on any one site's share (train.guard.max_share)
+    paper = {s: (len(labels[s]) / total_n if cfg.train.sampling == "balance" else len(m) / total_b)
+             for s, m, _ in batches}
+    capped = cap_shares(paper, cfg.train.guard.max_share)
     loss, start = 0.0, 0
     for s, maps, real in batches:
         b = len(maps)
@@ -80,10 +89,7 @@ def _reference(cfg: ServerConfig, data: dict[str, pathlib.Path], equal_weights: 
         loss_g = sum(bce(lg, torch.ones_like(lg)) for lg in
                      (logits(m, c, fake_s) for c, m in enumerate(model.image2d.modalities)))
         loss_g = loss_g + LAMBDA_L1 * (fake_s - real).abs().mean()
-        if equal_weights:
-            w = 1.0 / len(batches)
-        else:
-            w = len(labels[s]) / total_n if cfg.train.sampling == "balance" else b / total_b
+        w = 1.0 / len(batches) if equal_weights else capped[s]
         loss = loss + w * loss_g
     opt.zero_grad()
     loss.backward()

@@ -59,3 +59,27 @@ def test_unknown_family_fails_loudly():
     for build in (build_generator, lambda c: build_discriminators(c, ["t1"])):
         with pytest.raises(ConfigError, match="unknown model family 'vae'; known families: image2d, mlp1d"):
             build(cfg)
+
+
+def test_networks_are_built_from_the_seed_without_touching_the_global_random_state(tmp_path):
+    from asyndgan.central_server.trainer import Trainer
+    from asyndgan.common.config import ServerConfig, SiteFacingConfig
+    from asyndgan.simulation.local_sites import CountingBank, LocalRegistry
+    from asyndgan.site_agent.gradients import SiteLearner
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    small = {"image2d": {"image_size": 16, "ngf": 4, "n_blocks": 1, "ndf": 4, "d_layers": 1}}
+    cfg = ServerConfig.model_validate({"run_dir": str(tmp_path), "site": {"model": small}, "train": {"seed": 7}})
+    a = Trainer(cfg, LocalRegistry([]), CountingBank([]), tmp_path)
+    b = Trainer(cfg, LocalRegistry([]), CountingBank([]), tmp_path)
+    other = Trainer(cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 8})}), LocalRegistry([]),
+                    CountingBank([]), tmp_path)
+    site_cfg = SiteFacingConfig.model_validate({"model": small, "seed": 3})
+    d1, d2 = SiteLearner(site_cfg, ["t1"]), SiteLearner(site_cfg, ["t1"])
+    assert torch.equal(torch.get_rng_state(), before)  # constructors leave the global source alone
+    for x, y in ((a.generator, b.generator), (d1.discriminators, d2.discriminators)):
+        assert all(torch.equal(p, q) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.generator.parameters(), other.generator.parameters()))
+    norms = [m for m in a.generator.modules() if isinstance(m, torch.nn.InstanceNorm2d) and m.affine]
+    assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in norms)
