@@ -136,6 +136,12 @@ class GuardConfig(_Section):
     max_rejections: int = Field(5, ge=1, description="a site rejected this often within `window` steps is removed "
                                 "from the run (it cannot rejoin until the server restarts)")
 
+    @classmethod
+    def off(cls) -> "GuardConfig":
+        """No bounds: the papers' algorithm exactly (n_j / N weights), for runs whose sites are all trusted, such
+        as the experiments that reproduce the committed reports."""
+        return cls(clip_factor=0, reject_factor=0, max_share=1.0)
+
 
 class TrainConfig(_Section):
     batch_size: int = Field(1, ge=1, le=4096, description="samples per site per step ('balance') or in all ('uniform')")

@@ -22,9 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common.config import (
-    LossConfig, MLP1DConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig,
-)
+from asyndgan.common.config import (GuardConfig, LossConfig, MLP1DConfig, ModelConfig, OptimizerConfig,
+    ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
 from asyndgan.common.families import get_family
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
@@ -66,7 +65,7 @@ def server_config(cfg: Gaussian1DConfig, run_dir: pathlib.Path, min_sites: int) 
         host="127.0.0.1", port=0, run_dir=run_dir, checkpoint_every=max(1, cfg.steps // 2), sample_every=cfg.steps,
         g_optim=OptimizerConfig(lr=cfg.g_lr, **opt),
         train=TrainConfig(batch_size=cfg.batch_size, sampling="balance", min_sites=min_sites, step_deadline_s=60,
-                          wire_dtype=cfg.wire_dtype, flip=False, seed=cfg.seed),
+                          wire_dtype=cfg.wire_dtype, flip=False, seed=cfg.seed, guard=GuardConfig.off()),
         site=SiteFacingConfig(
             model=ModelConfig(family="mlp1d", mlp1d=MLP1DConfig(noise_dim=cfg.noise_dim, hidden=cfg.hidden,
                                                                 depth=cfg.depth)),

@@ -39,7 +39,7 @@ from asyndgan.site_agent.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 ATTACKS = ("targeted", "targeted_quiet", "flipped", "huge", "huge30")
-OFF = GuardConfig(clip_factor=0, reject_factor=0, max_share=1.0)
+OFF = GuardConfig.off()
 
 
 class PoisoningConfig(BaseModel):

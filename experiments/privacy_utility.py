@@ -200,7 +200,7 @@ def server_config(cfg: PrivacyUtilityConfig, run_dir: pathlib.Path, steps: int, 
         sample_every=max(1, steps // 4), g_optim=opt, tensorboard=False,
         # every site is the experiment's own: the papers' n_j / N weighting, no guard against hostile sites
         train=TrainConfig(batch_size=batch, sampling="balance", step_deadline_s=600, seed=cfg.seed,
-                          guard=GuardConfig(clip_factor=0, reject_factor=0, max_share=1.0)),
+                          guard=GuardConfig.off()),
         site=SiteFacingConfig(
             model=ModelConfig(family="image2d", image2d=Image2DConfig(
                 image_size=g.image_size, ngf=g.ngf, n_blocks=g.n_blocks, ndf=g.ndf, d_layers=g.d_layers)),

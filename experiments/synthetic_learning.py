@@ -30,10 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common.config import (
-    DataPrepConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig, ScheduleConfig, ServerConfig,
-    SiteFacingConfig, TrainConfig,
-)
+from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig,
+    OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import phantom_config
@@ -212,8 +210,9 @@ def server_config(cfg: SyntheticLearningConfig, run_dir: pathlib.Path, min_sites
     return ServerConfig(
         host="127.0.0.1", port=0, run_dir=run_dir, device=cfg.device, checkpoint_every=max(1, g.steps // 4),
         sample_every=max(1, g.steps // 8), g_optim=opt,
+        # the experiment's own sites: the papers' weighting, no guard (as when the committed reports were made)
         train=TrainConfig(batch_size=batch, sampling="balance", min_sites=min_sites, step_deadline_s=300,
-                          seed=cfg.seed),
+                          seed=cfg.seed, guard=GuardConfig.off()),
         site=SiteFacingConfig(
             model=ModelConfig(family="image2d", image2d=Image2DConfig(
                 image_size=g.image_size, ngf=g.ngf, n_blocks=g.n_blocks, ndf=g.ndf, d_layers=g.d_layers)),
