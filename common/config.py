@@ -283,17 +283,27 @@ class PrivacyConfig(_Section):
     update_every: int = Field(1, ge=1, le=64, description="take a DP discriminator step every this many batches; "
                               "the batches between are answered by the discriminators as they are (post-processing "
                               "of a private model: no budget spent)")
-    trainable: str = Field("auto", pattern=r"^(auto|all|last:[1-9][0-9]?)$", description="which discriminator "
+    trainable: str = Field("auto", pattern=r"^(auto|all|none|last:[1-9][0-9]?)$", description="which discriminator "
                            "parameters learn under DP: 'all', 'last:K' (the last K layers with parameters of each "
                            "discriminator; the rest stays as initialised, e.g. from public weights; fewer noisy "
-                           "parameters, less noise in all), or 'auto' (default): last:1 when the run starts from "
-                           "public weights, all otherwise")
+                           "parameters, less noise in all), 'none' (the public discriminators stay as they are: "
+                           "the answers depend on no private data and cost nothing; only a statistics release "
+                           "spends privacy; needs a public start), or 'auto' (default): last:1 when the run starts "
+                           "from public weights, all otherwise")
     planned_spare: float = Field(0.05, ge=0, le=1, description="extra fraction of the planned steps the computed "
                                  "noise allows for (steps the server retries after a missed quorum)")
-    statistics_share: float = Field(0.0, ge=0, lt=1, description="share of epsilon spent on a one-shot release of "
+    statistics_share: float = Field(0.0, ge=0, le=1, description="share of epsilon spent on a one-shot release of "
                                     "per-modality intensity statistics of the brain and the tumour, which the server "
-                                    "steers the generator towards (0: none); DP-SGD gets the rest")
+                                    "steers the generator towards (0: none); DP-SGD gets the rest (1: all of it, "
+                                    "only with trainable=none)")
     statistics_clip: float = Field(2.0, gt=0, description="clipping bound of one patient's statistics vector")
+
+    @model_validator(mode="after")
+    def _budget_left_for_dp_sgd(self) -> "PrivacyConfig":
+        if self.statistics_share >= 1 and self.trainable != "none":
+            raise ValueError("privacy.statistics_share=1 leaves nothing for DP-SGD: set privacy.trainable=none (the "
+                             "public discriminators stay frozen) or a smaller share")
+        return self
 
 class SiteConfig(_Section):
     site_id: str = Field(..., min_length=1, max_length=64, pattern=SITE_ID_PATTERN)

@@ -18,6 +18,10 @@ Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the s
                        the planned steps)
     dp_eps<e>_stats    the same, plus the one-shot DP release of intensity statistics (statistics_share of epsilon)
                        that the server pulls the generator towards; DP-SGD gets the rest of the budget
+    stats_only_eps<e>  the sites' discriminators stay the public ones (trainable none: their answers cost nothing);
+                       the whole budget goes to the statistics release, which the server pulls the generator to
+    public_frozen      the same without any release (no private data at all beyond the label maps): separates what
+                       300 more steps against the public discriminators do from what the statistics add
     dp_scratch_eps<e>  patient-level DP without the public start (generator and discriminators from scratch)
     slice_default      the earlier default: slice-level DP (rate 0.01, noise 1), from scratch
 Synthetic rows are made from the private sites' training label maps (public: they are uploaded at join), one
@@ -119,6 +123,9 @@ class PrivacyUtilityConfig(BaseModel):
     statistics_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0],
                                              description="epsilons of the rows with the statistics release")
     statistics_share: float = Field(0.25, gt=0, lt=1, description="share of epsilon those rows spend on it")
+    stats_only_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
+                                             description="epsilons of the rows with frozen public discriminators and "
+                                                         "the whole budget on the statistics release")
     canaries: int = Field(256, ge=10)
     segmentation: SegmentationRecipe
     seeds: int = Field(3, ge=1)
@@ -230,6 +237,10 @@ def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
         out[f"dp_eps{eps:g}"] = GANRow(True, cfg.dp.privacy(eps), g.finetune_steps)
     for eps in cfg.statistics_epsilons:
         out[f"dp_eps{eps:g}_stats"] = GANRow(True, cfg.dp.privacy(eps, cfg.statistics_share), g.finetune_steps)
+    frozen = cfg.dp.model_copy(update={"trainable": "none"})
+    for eps in cfg.stats_only_epsilons:
+        out[f"stats_only_eps{eps:g}"] = GANRow(True, frozen.privacy(eps, 1.0), g.finetune_steps)
+    out["public_frozen"] = GANRow(True, frozen.privacy(1.0, 0.0), g.finetune_steps)
     out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = GANRow(False, cfg.dp.privacy(cfg.scratch_epsilon),
                                                            g.scratch_steps)
     out["slice_default"] = GANRow(False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta,
@@ -435,7 +446,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     from asyndgan.experiments.synthetic_learning import check_settings
 
     torch.set_num_threads(cfg.threads)
-    check_settings(cfg, added=("statistics_epsilons", "statistics_share"))
+    check_settings(cfg, added=("statistics_epsilons", "statistics_share", "stats_only_epsilons"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)
@@ -454,7 +465,9 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     # the rows people look at first go first (a cut run reports them): non-private, then the largest epsilon
     dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
                 key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
-    names = ["public_only", "nonprivate", *dp, *(n for n in gan_settings(cfg) if n not in dp and n != "nonprivate")]
+    frozen = [n for n in gan_settings(cfg) if n.startswith("stats_only") or n == "public_frozen"]
+    names = ["public_only", "nonprivate", *dp[:2], *frozen,
+             *(n for n in gan_settings(cfg) if n not in dp[:2] + frozen and n != "nonprivate")]
     log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))
     results: dict = {}
 
@@ -465,7 +478,8 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
         else:
             gan = timed(f"gan_{name}", train_gan, cfg, name, sites, pre)
         checkpoint = pathlib.Path(gan["checkpoint"])
-        canaries = None if gan["privacy"] is None else timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre)
+        dp_sgd = gan["privacy"] is not None and gan["privacy"]["trainable"] != "none"
+        canaries = timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre) if dp_sgd else None
         member = timed(f"membership_{name}", membership, cfg, name, checkpoint, sites, test_dir)
         synthetic = timed(f"synthesis_{name}", synthesise, cfg, name, checkpoint, maps)
         seg = timed(f"segmentation_{name}", segment, cfg, {name: [synthetic]}, test_dir)[name]

@@ -253,6 +253,13 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, datase
             spent.append((release, 1.0, 1))
             head += (f"; the statistics release at join costs {p.statistics_share:g} of epsilon (noise "
                      f"{release:.3g})")
+    if p.trainable == "none":
+        public = site_config is not None and site_config.public_start is not None
+        level = "ok" if public or site_config is None else "problem"
+        out.append(CheckResult("privacy", level, f"{head}; the discriminators stay the public ones "
+                               "(trainable=none): answers cost no privacy" + ("" if level == "ok" else
+                               "; but the server's run has no public start to take them from")))
+        return
     if p.noise_multiplier is None:
         if site_config is None:
             out.append(CheckResult("privacy", "ok", f"{head}; the noise is computed at join from the server's "

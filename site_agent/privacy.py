@@ -297,6 +297,34 @@ def freeze_except(discriminators: nn.ModuleDict, trainable: str) -> list[nn.Para
     return kept
 
 
+class FrozenPublicLearner(SiteLearner):
+    """privacy.trainable = 'none': the site's discriminators are the public ones and never learn. An answer is the
+    gradient of L_G through them at the server's fakes and the (public) label maps: it depends on no private
+    data, so it costs no privacy; what the site contributes privately is its statistics release alone
+    (site_statistics.py)."""
+
+    trainable = "none"
+
+    def __init__(self, cfg: SiteFacingConfig, modalities: list[str], initial: dict | None, device: str = "cpu"):
+        if initial is None:
+            raise ConfigError("privacy.trainable=none keeps the public discriminators as they are, but the server "
+                              "sent none (start the run from a public pretraining: asyndgan-server start --init)")
+        super().__init__(cfg, modalities, device)
+        self.load_public(initial)
+        for p in self.discriminators.parameters():
+            p.requires_grad_(False)
+
+    def step(self, step, label_maps, real, fake):
+        del real  # never read: the answer is a function of public weights and the server's inputs only
+        fake = fake.to(self.device).detach().requires_grad_(True)
+        x = self.family.discriminator_condition(self.cfg.model, label_maps)
+        x = None if x is None else x.to(self.device)
+        adv = sum(generator_adversarial_loss(self._logits(name, x, f), self.cfg.loss.generator, self.gan_loss)
+                  for name, f in self._channels(fake))
+        (grad,) = torch.autograd.grad(adv, fake)
+        return grad.detach().cpu(), {"g_adv": float(adv.detach())}
+
+
 class PrivateSiteLearner(SiteLearner):
     """SiteLearner whose discriminators learn with DP-SGD on patients the site draws itself (module docstring)."""
 

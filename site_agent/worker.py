@@ -26,7 +26,7 @@ from asyndgan.common.intensity_statistics import names as released_names
 from asyndgan.site_agent import site_statistics, state
 from asyndgan.site_agent.datasets import Patients, SiteDataset
 from asyndgan.site_agent.gradients import SiteLearner
-from asyndgan.site_agent.privacy import PrivacyLedger, PrivateSiteLearner, noise_for_budget
+from asyndgan.site_agent.privacy import FrozenPublicLearner, PrivacyLedger, PrivateSiteLearner, noise_for_budget
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class SiteWorker:
                 # before DP-SGD's noise is computed: that noise is for what the release leaves of the budget
                 self.statistics = self._release_statistics(
                     privacy, site_statistics.statistics_path(ledger_path.parent, site_id))
-            self.learner = PrivateSiteLearner(cfg, dataset.modalities, dataset, self.label_maps, privacy,
-                                              self.ledger, device, start_step=start_step, initial=initial)
+            if privacy.trainable == "none":
+                self.learner: SiteLearner = FrozenPublicLearner(cfg, dataset.modalities, initial, device)
+            else:
+                self.learner = PrivateSiteLearner(cfg, dataset.modalities, dataset, self.label_maps, privacy,
+                                                  self.ledger, device, start_step=start_step, initial=initial)
         else:
             self.learner = SiteLearner(cfg, dataset.modalities, device)
             if initial is not None:

@@ -16,8 +16,10 @@ from asyndgan.site_agent import site_statistics
 from asyndgan.site_agent.datasets import open_dataset
 from asyndgan.site_agent.privacy import noise_for_budget, rdp_epsilon
 from asyndgan.site_agent.worker import SiteWorker
+from conftest import TOY_PATIENTS, TOY_SLICES
 
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
+PATIENTS, SLICES = TOY_PATIENTS, TOY_SLICES
 
 
 def _cfg(steps: int = 40) -> SiteFacingConfig:
@@ -178,3 +180,34 @@ def test_the_trainer_steers_with_the_released_statistics_of_private_sites(site, 
     off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"statistics_weight": 0.0})})
     trainer = Trainer(off, LocalRegistry([private]), CountingBank([private]), tmp_path / "run")
     assert "server" not in trainer.train_step([private]).losses
+
+
+def test_frozen_public_discriminators_spend_only_the_release(site, tmp_path):
+    """trainable=none: the public discriminators never change, the real images are never used, the ledger holds
+    the one release and nothing else however many batches are answered; without a public start it is refused."""
+    from asyndgan.common.conditions import draw_augmentation
+    from asyndgan.common.errors import ConfigError
+
+    cfg = _cfg()
+    privacy = PrivacyConfig(delta=1e-3, epsilon=4.0, statistics_share=1.0, trainable="none")
+    public = {k: v.clone() for k, v in SiteWorker(cfg, open_dataset(site, cfg)).learner.discriminators.state_dict()
+              .items()}
+    worker = SiteWorker(cfg, open_dataset(site, cfg), privacy=privacy, ledger_path=tmp_path / "s.ledger.json",
+                        site_id="s", initial=public)
+    assert worker.ledger.epsilon_spent == pytest.approx(4.0, rel=0.01) and len(worker.ledger.history) == 1
+    worker.dataset.real = lambda keys: torch.full((len(keys), 4, 20, 20), float("nan"))  # used: NaN answers
+    rng = torch.Generator().manual_seed(0)
+    answers = []
+    for step in range(3):
+        keys = torch.randint(PATIENTS * SLICES, (2,), generator=rng)
+        fake = torch.rand(2, 4, 16, 16, generator=rng) * 2 - 1
+        batch = serde.SyntheticBatch(step, step, keys, fake, draw_augmentation(2, False, 20, 16, rng))
+        answers.append(worker.answer(batch))
+    assert all(torch.isfinite(a.gradient).all() and float(a.gradient.abs().sum()) > 0 for a in answers)
+    assert len(worker.ledger.history) == 1 and set(answers[-1].losses) == {"g_adv"}
+    now = worker.learner.discriminators.state_dict()
+    assert all(torch.equal(now[k], public[k]) for k in public)
+    with pytest.raises(ConfigError, match="public pretraining"):
+        SiteWorker(cfg, open_dataset(site, cfg), privacy=privacy, ledger_path=tmp_path / "t.ledger.json", site_id="t")
+    with pytest.raises(ValueError, match="leaves nothing for DP-SGD"):
+        PrivacyConfig(statistics_share=1.0)
