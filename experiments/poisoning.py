@@ -51,6 +51,7 @@ class PoisoningConfig(BaseModel):
     batch_per_site: int = 4
     seed: int = 0
     attacks: list[str] = Field(default_factory=lambda: list(ATTACKS))
+    seed_spread: bool = Field(True, description="also train an honest run with the next seed, for scale")
 
 
 def square(size: int) -> tuple[slice, slice]:
@@ -133,7 +134,7 @@ def run(cfg: PoisoningConfig) -> dict:
     sites = write_toy_sites(cfg.out / "data", sites=3, per_site=[cfg.samples_per_site] * 3, size=cfg.image_size,
                             seed=cfg.seed)
     honest = {g: run_once(cfg, sites, None, g, cfg.seed) for g in (True, False)}
-    spread = run_once(cfg, sites, None, True, cfg.seed + 1)
+    spread = run_once(cfg, sites, None, True, cfg.seed + 1) if cfg.seed_spread else None
     rows = []
     for attack in cfg.attacks:
         for guarded in (True, False):
@@ -145,10 +146,14 @@ def run(cfg: PoisoningConfig) -> dict:
                      attack, "on" if guarded else "off", r["distance"], r["rejected"], r["rows_clipped"],
                      ", removed" if r["removed"] else "")
     result = {"settings": json.loads(cfg.model_dump_json()), "honest": honest, "rows": rows,
-              "seed_spread": abs(spread["square_contrast"] - honest[True]["square_contrast"]) / 2}
+              "seed_spread": abs(spread["square_contrast"] - honest[True]["square_contrast"]) / 2 if spread else None}
     write_json(cfg.out / "results.json", result)
     (cfg.out / "report.md").write_text(markdown(result))
     return result
+
+
+def _f(x: float | None) -> str:
+    return "not measured" if x is None else f"{x:.3f}"
 
 
 def markdown(result: dict) -> str:
@@ -158,7 +163,7 @@ def markdown(result: dict) -> str:
              f"Command: `asyndgan bench poisoning --out OUT` ({s['steps']} steps, {s['image_size']} px, toy data, "
              f"{s['batch_per_site']} images per site per step, seed {s['seed']}). Distance: the bright square's "
              "contrast in the generator's images against an honest run with the same seeds, as a fraction of the "
-             f"value range. Two honest runs with different seeds differ by **{result['seed_spread']:.3f}**. In the "
+             f"value range. Two honest runs with different seeds differ by **{_f(result['seed_spread'])}**. In the "
              f"honest run with the guard, {clipped} of {result['honest'][True]['rows']} honest rows were clipped.",
              "",
              "| attack | guard | distance | finite | answers rejected | rows clipped | removed |",

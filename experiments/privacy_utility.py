@@ -140,7 +140,8 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
             preset=preset, out=out, seed=seed, shape=(64, 64, 40), public_cases=2, site_cases=[3, 2, 2],
             test_cases=3, gan=GANSettings(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, batch_per_site=2,
                                           pretrain_steps=8, finetune_steps=4, scratch_steps=4),
-            dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], canaries=40,
+            dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], statistics_epsilons=[10.0], stats_only_epsilons=[10.0],
+            canaries=40,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
                                             network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
                                             training=TrainingConfig(steps=4, batch_size=8)), seeds=1)

@@ -98,10 +98,11 @@ def test_a_hostile_site_painting_a_square_is_removed_and_the_generator_stays_nea
     the site is rejected, removed after max_rejections answers, and the run finishes with the two others."""
     from asyndgan.experiments.poisoning import PoisoningConfig, run
 
-    result = run(PoisoningConfig(out=tmp_path, steps=20, image_size=16, samples_per_site=12, attacks=["targeted"]))
+    result = run(PoisoningConfig(out=tmp_path, steps=12, image_size=16, samples_per_site=8, attacks=["targeted"],
+                                 seed_spread=False))
     on, off = result["rows"]
     assert on["guarded"] and not off["guarded"]
-    assert on["removed"] and on["rejected"] == 5 and on["steps"] == 20 and on["finite"]
+    assert on["removed"] and on["rejected"] == 5 and on["steps"] == 12 and on["finite"]
     assert not off["removed"] and off["rejected"] == 0
     assert on["distance"] < 0.5 * off["distance"], result
     assert "| targeted | on |" in (tmp_path / "report.md").read_text()
