@@ -12,7 +12,7 @@ from typing import Callable, IO
 _TEST_HOLD_S = float(os.environ.get("ASYNDGAN_TEST_HOLD_WRITES_S", "0"))
 
 
-def atomic_write(path: pathlib.Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: pathlib.Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through `write(file)` into a temporary file beside `path`, fsync it, rename it over `path`, and
     fsync the folder so that the rename itself survives a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ def list_checkpoints(directory: pathlib.Path) -> list[pathlib.Path]:
     """Checkpoints in `directory`, newest step first."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
+    steps = {p: int(m.group(1)) for p in directory.iterdir() if (m := _NAME.match(p.name))}
+    return sorted(steps, key=steps.__getitem__, reverse=True)
 
 
 def load_latest(directory: pathlib.Path) -> tuple[pathlib.Path, dict] | None:

@@ -43,7 +43,7 @@ class Augmentation:
 
 def augment(t: torch.Tensor, aug: Augmentation) -> torch.Tensor:
     """Crop (if any), then flip, sample i of t [n, ..., H, W]."""
-    if aug.crop_size:
+    if aug.crop_size and aug.crop_y is not None and aug.crop_x is not None:
         s = aug.crop_size
         t = torch.stack([t[i, ..., y : y + s, x : x + s] for i, (y, x) in
                          enumerate(zip(aug.crop_y.tolist(), aug.crop_x.tolist()))])

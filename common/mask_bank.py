@@ -22,6 +22,7 @@ import pathlib
 import re
 import threading
 import uuid
+from typing import BinaryIO
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +78,7 @@ class LabelMapUpload:
         self.chunks = 0
         self.received = 0
         self.tmp_path: pathlib.Path | None = None
-        self._file = None
+        self._file: BinaryIO | None = None
         # The stream's reader thread adds chunks while another thread (the stream ending, a reaper) may discard:
         # the lock makes discard final, so no write can recreate a temporary file after it.
         self._lock = threading.Lock()
@@ -87,9 +88,9 @@ class LabelMapUpload:
 
     def add(self, chunk: LabelMapChunk) -> None:
         """Check one decoded chunk (serde.label_map_chunk_from_proto checked its dtype, shape and size) and store it."""
-        if self.size is None:
+        if self.size is None or self.num_classes is None or self._digest is None:
             raise ProtocolError("this family takes no label-map upload")
-        maps = chunk.maps
+        maps, num_classes, digest = chunk.maps, self.num_classes, self._digest
         if chunk.index != self.chunks or chunk.first_key != self.received:
             raise ProtocolError(f"label-map chunk {chunk.index} (first key {chunk.first_key}) out of order; "
                                 f"expected chunk {self.chunks} at key {self.received}")
@@ -98,13 +99,13 @@ class LabelMapUpload:
                                 f"expected [n, {self.size}, {self.size}]")
         if self.received + maps.shape[0] > self.max_samples:
             raise ProtocolError(f"site uploads more than {self.max_samples} label maps")
-        if int(maps.max()) >= self.num_classes:
+        if int(maps.max()) >= num_classes:
             raise ProtocolError(f"label-map chunk {chunk.index} holds label {int(maps.max())}; "
-                                f"allowed 0..{self.num_classes - 1}")
+                                f"allowed 0..{num_classes - 1}")
         with self._lock:
             if self._discarded:
                 raise ProtocolError("label-map chunk after the upload was abandoned")
-            self._digest.update(maps)
+            digest.update(maps)
             if self.folder is None:
                 self._parts.append(maps)
             else:
@@ -113,14 +114,16 @@ class LabelMapUpload:
             self.received += maps.shape[0]
 
     def _write(self, maps: torch.Tensor) -> None:
-        if self._file is None:
+        assert self.folder is not None and self.size is not None  # add() writes only to a bank folder
+        f = self._file
+        if f is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             # Named by a random token, never by the site id; the header is a placeholder until finish().
             self.tmp_path = self.folder / f"{_UPLOAD_PREFIX}{uuid.uuid4().hex}.tmp"
-            self._file = open(self.tmp_path, "wb")
-            self._file.write(_npy_header((0, self.size, self.size)))
+            self._file = f = open(self.tmp_path, "wb")
+            f.write(_npy_header((0, self.size, self.size)))
         try:
-            self._file.write(maps.contiguous().numpy().data)
+            f.write(maps.contiguous().numpy().data)
         except OSError:  # the server's disk, not the site, is at fault: no ProtocolError, but no temp file left
             self._drop()
             raise
@@ -142,6 +145,7 @@ class LabelMapUpload:
                 return None
             if self.received != num_samples:
                 raise ProtocolError(f"site declared {num_samples} samples but uploaded {self.received} label maps")
+            assert self._digest is not None  # made with the size
             digest = self._digest.hexdigest()
             if self.folder is None:
                 return UploadedMaps(digest, num_samples, maps=torch.cat(self._parts))
@@ -153,6 +157,7 @@ class LabelMapUpload:
     def _commit(self, digest: str) -> pathlib.Path:
         """Give the temporary file its real header, make it durable, and rename it to <digest>.npy."""
         f, self._file = self._file, None
+        assert f is not None and self.folder is not None and self.tmp_path is not None and self.size is not None
         f.seek(0)
         f.write(_npy_header((self.received, self.size, self.size)))
         f.flush()
@@ -248,6 +253,7 @@ class MaskBank:
     def _path(self, digest: str) -> pathlib.Path:
         if not _DIGEST.fullmatch(digest):
             raise ValueError(f"{digest[:80]!r} is not a label-map digest (64 lowercase hex digits)")
+        assert self.folder is not None  # only a bank with a folder stores files
         return self.folder / f"{digest}.npy"
 
     def _open(self, digest: str) -> np.ndarray:

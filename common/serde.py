@@ -54,7 +54,8 @@ def privacy_from_proto(m: pb.Privacy) -> PrivacyStatus:
     values = [float(m.epsilon_budget), float(m.epsilon_spent), float(m.delta)]
     if not all(np.isfinite(v) and v >= 0 for v in values):
         raise ProtocolError(f"privacy report with values out of range: {values}")
-    return PrivacyStatus(bool(m.enabled), *values, exhausted=bool(m.exhausted))
+    budget, spent, delta = values
+    return PrivacyStatus(bool(m.enabled), budget, spent, delta, exhausted=bool(m.exhausted))
 
 
 @dataclass
@@ -210,7 +211,7 @@ class MapsDigest:
         arr = _uint8_rows(maps)
         if arr.shape[1:] != self.map_shape:
             raise ValueError(f"maps of shape {arr.shape[1:]} in a digest of {self.map_shape} maps")
-        self._h.update(arr)
+        self._h.update(arr.data)
         self.count += arr.shape[0]
 
     def hexdigest(self) -> str:
@@ -232,7 +233,7 @@ def label_map_chunk_to_proto(c: LabelMapChunk, encoding: str = "zlib") -> pb.Sit
     """Encode one chunk; `zlib` compresses the raw bytes (the only copy made: the maps may be memory-mapped)."""
     arr = _uint8_rows(c.maps)
     if encoding == "zlib":
-        data = zlib.compress(arr, ZLIB_LEVEL)
+        data = zlib.compress(arr.data, ZLIB_LEVEL)
     elif encoding == "raw":
         data = arr.tobytes()
     else:
@@ -332,7 +333,7 @@ def batch_to_proto(b: SyntheticBatch, wire_dtype: str) -> pb.ServerMessage:
 
 def _aug_to_proto(a: Augmentation) -> pb.Augmentation:
     msg = pb.Augmentation(flip_h=a.flip_h.tolist(), flip_v=a.flip_v.tolist(), crop_size=a.crop_size)
-    if a.crop_size:
+    if a.crop_size and a.crop_y is not None and a.crop_x is not None:
         msg.crop_y.extend(a.crop_y.tolist())
         msg.crop_x.extend(a.crop_x.tolist())
     return msg

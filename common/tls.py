@@ -67,7 +67,8 @@ def check_own_certificate(cert_path: pathlib.Path, key_path: pathlib.Path, ca_pa
     """Fail early, with the reason, on what the TLS handshake would otherwise reject without one."""
     cert, ca = load_cert(cert_path), load_cert(ca_path)
     key = load_key(key_path)
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(der, spki) != cert.public_key().public_bytes(der, spki):
         raise ConfigError(f"{key_path} is not the private key of {cert_path}")
     try:
         cert.verify_directly_issued_by(ca)

@@ -28,7 +28,7 @@ from asyndgan.common import public_start, serde, tls
 from asyndgan.common.atomic import atomic_write
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
-from asyndgan.common.config import SiteConfig
+from asyndgan.common.config import SiteConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError, PrivacyBudgetExhausted, ProtocolError
 from asyndgan.site_agent import privacy, state
 from asyndgan.site_agent.datasets import SiteDataset, describe_dataset, open_dataset
@@ -110,7 +110,7 @@ class SiteAgent:
         self.dataset: SiteDataset | None = None
         self._label_maps: torch.Tensor | None = None
         self._maps_digest = ""
-        self._site_config = None
+        self._site_config: SiteFacingConfig | None = None
         self._last_step = 0
         self._joined_once = False
         self._outbox: queue.Queue = queue.Queue()
@@ -179,7 +179,7 @@ class SiteAgent:
 
     def _connect_once(self, summary) -> None:
         """One connection: returns when the server ends the run; raises _Retry or AsynDGANError otherwise."""
-        self._outbox = outbox = queue.Queue()
+        self._outbox = outbox = queue.Queue[pb.SiteMessage | None]()
         self._joined_recently = False
         self._pending = None  # public-weight pieces of a lost connection are not continued on a new one
         channel = self._channel_factory()
@@ -246,6 +246,8 @@ class SiteAgent:
 
     def _public_weights(self, sha: str | None) -> dict | None:
         """The public discriminator weights with digest `sha`, from this site's copy (None: none kept yet)."""
+        if sha is None:
+            return None
         path = self._public_file(sha)
         if not path.is_file():
             return None
@@ -269,6 +271,8 @@ class SiteAgent:
         if len(pieces) < msg.count:
             return
         sha = welcome.site_config.public_start
+        if sha is None:
+            raise ProtocolError("the server sent public weights without announcing their digest in Welcome")
         data = b"".join(pieces)
         public_start.weights_from_bytes(data, sha)  # checks the digest before the file is kept
         atomic_write(self._public_file(sha), lambda f: f.write(data))
@@ -301,18 +305,20 @@ class SiteAgent:
             self._maps_digest = self.worker.maps_digest
             self._site_config = welcome.site_config
             self.worker.restore_state(self._state_file)
+        worker, held = self.worker, self.dataset
+        assert worker is not None and held is not None  # made at the first Welcome, kept for later ones
         chunks = 0
         if self._label_maps is not None and not welcome.have_maps:
             chunk_bytes = int(self.cfg.upload_chunk_mb * 1024 * 1024)
             chunks = label_map_chunk_count(self._label_maps, chunk_bytes)
             self._send(label_map_chunks(self._label_maps, chunk_bytes))  # lazy: made as the stream pulls
-        released = self.worker.statistics
+        released = worker.statistics
         stats = {} if released is None else released.as_pairs()
-        self._send(serde.ready_to_proto(serde.Ready(num_chunks=chunks, num_samples=len(self.dataset),
+        self._send(serde.ready_to_proto(serde.Ready(num_chunks=chunks, num_samples=len(held),
                                                     statistics=stats)))
         log.info("joined run %s at step %d (wire %s, %s) with %d samples; %s", welcome.run_id, welcome.step,
                  welcome.wire_dtype, "brain region only" if welcome.wire_region == "brain" else "every pixel",
-                 len(self.dataset),
+                 len(held),
                  "the server already holds our label maps" if welcome.have_maps and self._label_maps is not None
                  else f"uploading {chunks} label-map chunk(s)")
 

@@ -120,7 +120,7 @@ def held_modalities(root: pathlib.Path, prep: DataPrepConfig) -> list[str]:
 def read_volume(path: pathlib.Path, dtype=np.float32) -> np.ndarray:
     """A NIfTI volume's voxels; DataError naming the file when it cannot be read."""
     try:
-        return np.asarray(nib.load(str(path)).dataobj, dtype=dtype)
+        return np.asarray(nib.load(str(path)).dataobj, dtype=dtype)  # type: ignore[attr-defined]
     except Exception as exc:  # nibabel raises many kinds (ImageFileError, EOFError, zlib.error, ValueError)
         raise DataError(f"cannot read {path}: {exc}") from None
 
@@ -171,10 +171,10 @@ def normalise(volume: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
 
 def label_maps(seg_slices: np.ndarray, brain_slices: np.ndarray, size: int) -> np.ndarray:
     """uint8 [k, size, size]: brain outline (1) plus tumour labels, at the target size."""
-    seg = torch.from_numpy(seg_slices[:, None].astype(np.float32))
-    brain = torch.from_numpy(brain_slices[:, None].astype(np.float32))
-    seg = F.interpolate(seg, size=(size, size), mode="nearest-exact")[:, 0].numpy().astype(np.uint8)
-    brain = F.interpolate(brain, size=(size, size), mode="nearest-exact")[:, 0].numpy() > 0.5
+    seg_t = torch.from_numpy(seg_slices[:, None].astype(np.float32))
+    brain_t = torch.from_numpy(brain_slices[:, None].astype(np.float32))
+    seg = F.interpolate(seg_t, size=(size, size), mode="nearest-exact")[:, 0].numpy().astype(np.uint8)
+    brain = F.interpolate(brain_t, size=(size, size), mode="nearest-exact")[:, 0].numpy() > 0.5
     out = np.zeros_like(seg)
     for i in range(len(out)):
         filled = ndi.binary_fill_holes(brain[i])
@@ -195,9 +195,9 @@ def prepare_case(case: Case, modalities: list[str], prep: DataPrepConfig, size: 
         return np.zeros((0, len(modalities), size, size), np.float16), np.zeros((0, size, size), np.uint8)
     normed = np.stack([normalise(v, *prep.clip_percentiles)[..., idx] for v in vols])  # [C, X, Y, k]
     # Axial slice k as an image: rows run along Y (front to back), columns along X.
-    images = torch.from_numpy(np.ascontiguousarray(normed.transpose(3, 0, 2, 1)))  # [k, C, Y, X]
-    images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    images = images.clamp_(-1, 1).numpy().astype(np.float16)
+    slices = torch.from_numpy(np.ascontiguousarray(normed.transpose(3, 0, 2, 1)))  # [k, C, Y, X]
+    slices = F.interpolate(slices, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    images = slices.clamp_(-1, 1).numpy().astype(np.float16)
     return images, slice_label_maps(seg, vols, idx, size)
 
 

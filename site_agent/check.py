@@ -255,7 +255,7 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, datase
                      f"{release:.3g})")
     if p.trainable == "none":
         public = site_config is not None and site_config.public_start is not None
-        level = "ok" if public or site_config is None else "problem"
+        level: Level = "ok" if public or site_config is None else "problem"
         out.append(CheckResult("privacy", level, f"{head}; the discriminators stay the public ones "
                                "(trainable=none): answers cost no privacy" + ("" if level == "ok" else
                                "; but the server's run has no public start to take them from")))
@@ -271,7 +271,7 @@ def _check_privacy(cfg: SiteConfig, site_config: SiteFacingConfig | None, datase
         except AsynDGANError as exc:
             out.append(CheckResult("privacy", "problem", str(exc)))
             return
-        level = "warning" if sigma / max(rate * units, 1e-9) > 0.5 else "ok"
+        level = "warning" if sigma / max(rate * units, 1e-9) > 0.5 else "ok"  # type: ignore[assignment]
         detail = (f"{head}; the server's run plans {planned} DP steps, for which this site adds noise {sigma:.3g} "
                   f"({sigma / max(rate * units, 1e-9):.2f} per expected {unit}"
                   f"{'; above 0.5 the noise drowns the signal' if level == 'warning' else ''})")

@@ -35,7 +35,7 @@ class GANLoss(nn.Module):
         self.bce = nn.BCEWithLogitsLoss()
 
     def forward(self, logits: torch.Tensor, target_is_real: bool) -> torch.Tensor:
-        target = self.real_label if target_is_real else self.fake_label
+        target = self.get_buffer("real_label" if target_is_real else "fake_label")
         return self.bce(logits, target.expand_as(logits))
 
 
@@ -102,7 +102,7 @@ class SiteLearner:
 
         losses: dict[str, float] = {}
         for _ in range(self.cfg.d_steps if step != self.learnt_at else 0):
-            loss_d = 0.0
+            loss_d = torch.zeros((), device=self.device)
             for (name, r), (_, f) in zip(self._channels(real), self._channels(fake.detach())):
                 loss_d = loss_d + 0.5 * (self.gan_loss(self._logits(name, x, r), True)
                                          + self.gan_loss(self._logits(name, x, f), False))
@@ -113,8 +113,8 @@ class SiteLearner:
         self.learnt_at = step
 
         kind = self.cfg.loss.generator
-        adv = sum(generator_adversarial_loss(self._logits(name, x, f), kind, self.gan_loss)
-                  for name, f in self._channels(fake))
+        adv = torch.stack([generator_adversarial_loss(self._logits(name, x, f), kind, self.gan_loss)
+                           for name, f in self._channels(fake)]).sum()
         loss_g = adv
         losses["g_adv"] = float(adv.detach())
         if self.paired and self.cfg.loss.lambda_l1 > 0:

@@ -152,7 +152,7 @@ def prepare(root: pathlib.Path, prep: DataPrepConfig, size: int, num_classes: in
                     raise
                 log.warning("skipping an image: %s", exc)
                 keep[i] = False
-        meta = {"kind": "images", "source": str(root)}
+        meta: dict[str, object] = {"kind": "images", "source": str(root)}
         if patients is not None:
             meta["patients"] = [pid for pid, kept in zip(patients, keep) if kept]
         return writer.commit(modalities, meta, keep)

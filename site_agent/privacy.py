@@ -44,6 +44,7 @@ import math
 import pathlib
 import secrets
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ RDP_ORDERS = [1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9, 10, 
               40, 48, 56, 64, 80, 96, 128, 192, 256, 384, 512, 768, 1024]
 
 
-def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+def rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at `delta` of the composition of subsampled Gaussian steps [(noise multiplier, rate, steps)]."""
     if not history:
         return 0.0
@@ -102,7 +103,7 @@ def _fixed_noise(privacy: PrivacyConfig) -> float:
     return privacy.noise_multiplier if privacy.noise_multiplier is not None else 1.0
 
 
-def affordable_steps(privacy: PrivacyConfig, sample_rate: float, spent: list[tuple[float, float, int]] = (),
+def affordable_steps(privacy: PrivacyConfig, sample_rate: float, spent: Sequence[tuple[float, float, int]] = (),
                      noise_multiplier: float | None = None) -> int:
     """How many more discriminator steps fit in the budget after `spent` (binary search on the accountant)."""
     sigma = noise_multiplier if noise_multiplier is not None else _fixed_noise(privacy)
@@ -125,7 +126,7 @@ MAX_NOISE = 500.0
 
 
 def noise_for_budget(epsilon: float, delta: float, sample_rate: float, steps: int,
-                     spent: list[tuple[float, float, int]] = ()) -> float:
+                     spent: Sequence[tuple[float, float, int]] = ()) -> float:
     """The smallest noise multiplier (to 0.1%) with which `steps` more subsampled Gaussian steps at `sample_rate`
     keep the composition with `spent` within `epsilon` at `delta`; PrivacyBudgetExhausted when none up to
     MAX_NOISE does."""
@@ -246,7 +247,7 @@ class _AllDiscriminators(nn.Module):
         self.discriminators = learner.discriminators
         for module in self.discriminators.modules():  # Opacus' hooks cannot see through in-place activations
             if hasattr(module, "inplace"):
-                module.inplace = False
+                setattr(module, "inplace", False)
         self._split = learner._channels
 
     def forward(self, condition: torch.Tensor | None, samples: torch.Tensor) -> torch.Tensor:
@@ -456,8 +457,9 @@ class PrivateSiteLearner(SiteLearner):
                 1.0 / sizes[start_unit:end_unit].to(self.device, torch.float32)[local]
             per_unit = []
             for p in self.trained:
-                per_unit.append(mean_of @ p.grad_sample.reshape(p.grad_sample.shape[0], -1))
-                p.grad_sample = None
+                row_grads = getattr(p, "grad_sample")  # set by Opacus' hooks: [rows, *p.shape]
+                per_unit.append(mean_of @ row_grads.reshape(row_grads.shape[0], -1))
+                setattr(p, "grad_sample", None)
             clipped, norm = self.clip_and_sum(per_unit)
             for total, c in zip(sums, clipped):
                 total += c

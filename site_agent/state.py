@@ -24,7 +24,7 @@ def settings_digest(cfg: SiteFacingConfig, modalities: list[str], private: str |
     "slice", with ":last:K" when only part of it learnt); state trained without DP, or under a weaker unit, is
     never loaded into a private site (its weights would carry the images unprotected, or protected per slice
     only)."""
-    shape = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
+    shape: dict[str, object] = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
     if private == "slice":
         shape["dp_sgd"] = True  # as digests were before the patient unit existed
     elif private:

@@ -97,6 +97,7 @@ class SiteWorker:
         when it is not the whole (its optimiser state covers only that part)."""
         if self.ledger is None or privacy is None:
             return None
+        assert isinstance(self.learner, (PrivateSiteLearner, FrozenPublicLearner))  # a ledger means a private learner
         trainable = self.learner.trainable
         return privacy.unit if trainable == "all" else f"{privacy.unit}:{trainable}"
 
