@@ -223,9 +223,28 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.g_optim.lr * linear_decay(self.step, self.cfg.site.schedule)
         self.optimizer.zero_grad(set_to_none=True)
-        fake.backward(gradient=gradient)
+        if self.cfg.train.guard.robust == "median" and len(results) >= 3:
+            self._median_backward(fake, results, None if steer is None else steer[0])
+        else:
+            fake.backward(gradient=gradient)
         self.optimizer.step()
         return True
+
+    def _median_backward(self, fake: torch.Tensor, results: dict[str, SiteGradient],
+                         steer: torch.Tensor | None) -> None:
+        """G's parameter gradients as the coordinate-wise median over the sites of each site's own gradient
+        (its rows of the fakes, unweighted), plus the statistics term's (train.guard.robust = 'median')."""
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        proposals = [torch.autograd.grad(fake, params, grad_outputs=combine({s: r}, {s: 1.0}, fake),
+                                         retain_graph=True, allow_unused=True)
+                     for s, r in results.items()]
+        own = None if steer is None else torch.autograd.grad(fake, params, grad_outputs=steer, allow_unused=True)
+        for i, p in enumerate(params):
+            site_grads = [torch.zeros_like(p) if g[i] is None else g[i] for g in proposals]
+            median = torch.stack(site_grads).median(dim=0).values
+            if own is not None and own[i] is not None:
+                median = median + own[i]
+            p.grad = median
 
     def train_step(self, sessions: list[SiteLink]) -> StepReport | None:
         """One generator step with these sites. None when fewer than the quorum answered (no update)."""

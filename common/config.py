@@ -132,6 +132,11 @@ class GuardConfig(_Section):
                                  "reference is left out of the step and counted as rejected; 0: never")
     max_share: float = Field(0.5, gt=0, le=1, description="the largest weight one site can have in the combination "
                              "when others answered (uploading more label maps buys no more)")
+    robust: Literal["none", "median"] = Field("none", description="'median': with three or more sites answering, "
+                                              "G's step takes the coordinate-wise median of the sites' own gradients "
+                                              "with respect to G's parameters (one backward pass per site), so one "
+                                              "site cannot steer a parameter the others do not also push; 'none' "
+                                              "(default): the weighted sum")
     window: int = Field(20, ge=1, description="steps over which rejections are counted")
     max_rejections: int = Field(5, ge=1, description="a site rejected this often within `window` steps is removed "
                                 "from the run (it cannot rejoin until the server restarts)")

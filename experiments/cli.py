@@ -446,11 +446,14 @@ def bandwidth(preset, out, seed, threads, phantom_preset, log_level):
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
 @click.option("--attack", "attacks", multiple=True, type=click.Choice(["targeted", "targeted_quiet", "flipped",
               "huge", "huge30"]), help="Attacks to run (repeatable) [all].")
+@click.option("--guard", "guards", multiple=True, type=click.Choice(["on", "off", "median"]),
+              help="Guard modes to compare (repeatable) [on, off]; median: on plus the coordinate-wise median of the "
+                   "sites' parameter gradients.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads of this process [2].")
 @log_level_option
 @friendly_errors
-def poisoning(out, steps, attacks, seed, threads, log_level):
+def poisoning(out, steps, attacks, guards, seed, threads, log_level):
     """One site of three answers with gradients of its choosing (a painted square, sign-flipped, huge); how far
     the generator moves from an honest run, with the server's guard and without. About a minute per attack on
     2 cores."""
@@ -460,9 +463,10 @@ def poisoning(out, steps, attacks, seed, threads, log_level):
 
     setup_logging(log_level, out / "experiment.log")
     torch.set_num_threads(threads or 2)
-    result = run(PoisoningConfig(out=out, steps=steps, seed=seed, attacks=list(attacks or ATTACKS)))
+    result = run(PoisoningConfig(out=out, steps=steps, seed=seed, attacks=list(attacks or ATTACKS),
+                                 guards=list(guards or ["on", "off"])))
     for r in result["rows"]:
-        click.echo(f"{r['attack']:<15} guard {'on ' if r['guarded'] else 'off'}  moved {r['distance']:.3f} of the "
+        click.echo(f"{r['attack']:<15} guard {r['guard']:<6}  moved {r['distance']:.3f} of the "
                    f"range  rejected {r['rejected']}  clipped rows {r['rows_clipped']}"
                    + ("  removed" if r["removed"] else ""))
     click.echo(f"two honest seeds differ by {result['seed_spread']:.3f}; report: {out / 'report.md'}")

@@ -14,8 +14,9 @@ real run, without the network); one of them answers every batch with a gradient 
 Measured after `steps` steps, on fixed label maps of the honest sites: the square's contrast (mean inside the
 square minus mean over the rest of the brain, all channels) against an honest run with the same seeds, as a
 fraction of the value range (2), and whether the generator is finite. For scale: the same distance between two
-honest runs that differ only in their seed. Every attack runs with the guard (the default settings) and without
-(clip and reject off, shares uncapped).
+honest runs that differ only in their seed. Every attack runs with the guard (the default settings: `on`),
+without it (clip and reject off, shares uncapped: `off`), and, with `--guard median`, with the default settings
+plus the coordinate-wise median of the sites' parameter gradients (`train.guard.robust`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from asyndgan.site_agent.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 ATTACKS = ("targeted", "targeted_quiet", "flipped", "huge", "huge30")
-OFF = GuardConfig.off()
+GUARDS = {"on": GuardConfig(), "off": GuardConfig.off(), "median": GuardConfig(robust="median")}
 
 
 class PoisoningConfig(BaseModel):
@@ -52,6 +53,7 @@ class PoisoningConfig(BaseModel):
     seed: int = 0
     attacks: list[str] = Field(default_factory=lambda: list(ATTACKS))
     seed_spread: bool = Field(True, description="also train an honest run with the next seed, for scale")
+    guards: list[str] = Field(default_factory=lambda: ["on", "off"], description="guard modes: on, off, median")
 
 
 def square(size: int) -> tuple[slice, slice]:
@@ -100,11 +102,9 @@ def _server_config(cfg: PoisoningConfig, run_dir: pathlib.Path, guard: GuardConf
                  "schedule": {"steps": cfg.steps}, "seed": seed}})
 
 
-def run_once(cfg: PoisoningConfig, sites: list[pathlib.Path], attack: str | None, guarded: bool, seed: int
-             ) -> dict:
+def run_once(cfg: PoisoningConfig, sites: list[pathlib.Path], attack: str | None, guard: str, seed: int) -> dict:
     """One training run; its generator's square contrast on the evaluation maps, finiteness and guard counts."""
-    scfg = _server_config(cfg, cfg.out / "runs" / f"{attack or 'honest'}-{'guard' if guarded else 'open'}-{seed}",
-                          GuardConfig() if guarded else OFF, seed)
+    scfg = _server_config(cfg, cfg.out / "runs" / f"{attack or 'honest'}-{guard}-{seed}", GUARDS[guard], seed)
     torch.manual_seed(seed)
     sessions = [LocalSession(f"site{i + 1}", open_dataset(p, scfg.site), scfg.site) for i, p in enumerate(sites[:2])]
     third = open_dataset(sites[2], scfg.site)
@@ -122,7 +122,7 @@ def run_once(cfg: PoisoningConfig, sites: list[pathlib.Path], attack: str | None
     finite = bool(torch.isfinite(fake).all())
     contrast = float(fake[brain & in_square].mean() - fake[brain & ~in_square].mean()) if finite else float("nan")
     hostile = sessions[2]
-    return {"attack": attack, "guarded": guarded, "seed": seed, "steps": trainer.step, "finite": finite,
+    return {"attack": attack, "guard": guard, "seed": seed, "steps": trainer.step, "finite": finite,
             "square_contrast": contrast, "rejected": hostile.stats.gradients_rejected,
             "rows_clipped": hostile.stats.rows_clipped, "removed": hostile.left is not None,
             "honest_rows_clipped": sum(s.stats.rows_clipped for s in sessions[:2]),
@@ -133,20 +133,21 @@ def run(cfg: PoisoningConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     sites = write_toy_sites(cfg.out / "data", sites=3, per_site=[cfg.samples_per_site] * 3, size=cfg.image_size,
                             seed=cfg.seed)
-    honest = {g: run_once(cfg, sites, None, g, cfg.seed) for g in (True, False)}
-    spread = run_once(cfg, sites, None, True, cfg.seed + 1) if cfg.seed_spread else None
+    honest = {g: run_once(cfg, sites, None, g, cfg.seed) for g in cfg.guards}
+    spread = run_once(cfg, sites, None, cfg.guards[0], cfg.seed + 1) if cfg.seed_spread else None
     rows = []
     for attack in cfg.attacks:
-        for guarded in (True, False):
-            r = run_once(cfg, sites, attack, guarded, cfg.seed)
-            base = honest[guarded]["square_contrast"]
+        for guard in cfg.guards:
+            r = run_once(cfg, sites, attack, guard, cfg.seed)
+            base = honest[guard]["square_contrast"]
             r["distance"] = abs(r["square_contrast"] - base) / 2 if r["finite"] else float("inf")
             rows.append(r)
             log.info("%s, guard %s: square contrast moved by %.3f of the range; rejected %d, clipped rows %d%s",
-                     attack, "on" if guarded else "off", r["distance"], r["rejected"], r["rows_clipped"],
+                     attack, guard, r["distance"], r["rejected"], r["rows_clipped"],
                      ", removed" if r["removed"] else "")
+    first = honest[cfg.guards[0]]
     result = {"settings": json.loads(cfg.model_dump_json()), "honest": honest, "rows": rows,
-              "seed_spread": abs(spread["square_contrast"] - honest[True]["square_contrast"]) / 2 if spread else None}
+              "seed_spread": abs(spread["square_contrast"] - first["square_contrast"]) / 2 if spread else None}
     write_json(cfg.out / "results.json", result)
     (cfg.out / "report.md").write_text(markdown(result))
     return result
@@ -158,18 +159,19 @@ def _f(x: float | None) -> str:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    clipped = result["honest"][True]["honest_rows_clipped"] + result["honest"][True]["rows_clipped"]
+    first = result["honest"][s["guards"][0]]
+    clipped = first["honest_rows_clipped"] + first["rows_clipped"]
     lines = ["# One hostile site of three: how far it moves the generator", "",
              f"Command: `asyndgan bench poisoning --out OUT` ({s['steps']} steps, {s['image_size']} px, toy data, "
              f"{s['batch_per_site']} images per site per step, seed {s['seed']}). Distance: the bright square's "
              "contrast in the generator's images against an honest run with the same seeds, as a fraction of the "
              f"value range. Two honest runs with different seeds differ by **{_f(result['seed_spread'])}**. In the "
-             f"honest run with the guard, {clipped} of {result['honest'][True]['rows']} honest rows were clipped.",
+             f"honest run with the guard `{s['guards'][0]}`, {clipped} of {first['rows']} honest rows were clipped.",
              "",
              "| attack | guard | distance | finite | answers rejected | rows clipped | removed |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['attack']} | {'on' if r['guarded'] else 'off'} | {r['distance']:.3f} | "
+        lines.append(f"| {r['attack']} | {r['guard']} | {r['distance']:.3f} | "
                      f"{'yes' if r['finite'] else '**no**'} | {r['rejected']} | {r['rows_clipped']} | "
                      f"{'yes' if r['removed'] else 'no'} |")
     return "\n".join(lines) + "\n"

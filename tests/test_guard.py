@@ -101,8 +101,21 @@ def test_a_hostile_site_painting_a_square_is_removed_and_the_generator_stays_nea
     result = run(PoisoningConfig(out=tmp_path, steps=12, image_size=16, samples_per_site=8, attacks=["targeted"],
                                  seed_spread=False))
     on, off = result["rows"]
-    assert on["guarded"] and not off["guarded"]
+    assert (on["guard"], off["guard"]) == ("on", "off")
     assert on["removed"] and on["rejected"] == 5 and on["steps"] == 12 and on["finite"]
     assert not off["removed"] and off["rejected"] == 0
     assert on["distance"] < 0.5 * off["distance"], result
     assert "| targeted | on |" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_the_median_of_parameter_gradients_limits_a_quiet_attacker(tmp_path):
+    """A site that pushes within the size bound, always towards the same picture, passes the size guard; the
+    coordinate-wise median over three sites' parameter gradients (train.guard.robust) holds most of it back."""
+    from asyndgan.experiments.poisoning import PoisoningConfig, run
+
+    result = run(PoisoningConfig(out=tmp_path, steps=20, image_size=16, samples_per_site=8,
+                                 attacks=["targeted_quiet"], guards=["on", "median"], seed_spread=False))
+    on, median = result["rows"]
+    assert (on["guard"], median["guard"]) == ("on", "median") and not on["removed"] and not median["removed"]
+    assert median["finite"] and median["distance"] < 0.6 * on["distance"], result
