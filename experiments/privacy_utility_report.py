@@ -162,10 +162,9 @@ def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
              "it, with the public discriminators frozen): per modality, mean and std of the brain and of the tumour, "
              "clipped per patient at 2, pulled towards with weight 1 and floor 0.05 (the configuration defaults, "
              "set before any run). The `stats_only_*` and `public_frozen` rows were added after `dp_eps10` was "
-             "measured: its generator had turned into checkerboard patterns within 75 steps (its sample grids), "
-             "so the noisy discriminators' gradients, not the data, drove it; these rows keep the public "
-             "discriminators and spend the budget on the release alone. Nothing in them was tuned on test "
-             "patients.",
+             "measured: its generator had turned into checkerboard patterns within 75 steps (its sample grids); "
+             "these rows keep the public discriminators (no DP-SGD, no noise on them) and spend the budget on the "
+             "release alone. Nothing in them was tuned on test patients.",
              f"- Segmentation: the shared recipe ({cfg.segmentation.preprocessing.image_size} px, "
              f"{cfg.segmentation.training.steps} steps), {cfg.seeds} seeds per row, one GAN seed ({cfg.seed}); "
              "Dice and HD95 of the whole tumour in 3-D per test patient. Paired differences: per patient, Dice "
