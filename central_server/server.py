@@ -90,9 +90,17 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
     bank = MaskBank(cfg.run_dir / "bank")
     registry = SiteRegistry(cfg, bank)
     trainer = Trainer(cfg, registry, bank, cfg.run_dir)
+    if cfg.train.anchor_weight > 0 and start is None:
+        raise ConfigError(f"train.anchor_weight = {cfg.train.anchor_weight:g} anchors the generator to a public "
+                          "start: give one with --init (or set train.anchor_weight = 0)")
+    public_generator = None if start is None else ckpt.load_checkpoint(start)["generator"]
+    if public_generator is not None and cfg.train.anchor_weight > 0:
+        trainer.anchor_to(public_generator)  # on a resumed run as well: the anchor is the public start, not step 0
+        log.info("the generator is anchored to the public start's output (train.anchor_weight %g; no site data)",
+                 cfg.train.anchor_weight)
     found = ckpt.load_latest(cfg.run_dir / "checkpoints") if cfg.resume != "never" else None
-    if found is None and start is not None:
-        trainer.generator.load_state_dict(ckpt.load_checkpoint(start)["generator"])
+    if found is None and start is not None and public_generator is not None:
+        trainer.generator.load_state_dict(public_generator)
         log.info("generator starts from the public pretraining in %s (%s); sites start from its discriminator "
                  "(SHA-256 %s...)", cfg.init, start.name, (cfg.site.public_start or "")[:16])
     if found is None and cfg.resume == "always":

@@ -6,9 +6,9 @@ One step (the dataflow drawn in the README's "One training step"), in named stag
     dispatch    fake <- G(cat_j x_j), one forward for all sites; send fake_j (only the channels j holds)
     collect     wait for each g_j until the step deadline                 (session.py)
     guard       bound each site's gradient against the others' (guard.py); a site rejected too often is removed
-    update      g <- combine(w_j * g_j) (aggregation.py), plus the gradient of the statistics term when private
-                sites released intensity statistics (common/intensity_statistics.py); fake.backward(gradient=g);
-                optimiser step
+    update      g <- combine(w_j * g_j) (aggregation.py), plus the server's own terms: the statistics term when
+                private sites released intensity statistics (common/intensity_statistics.py) and the anchor to the
+                public start's generator (train.anchor_weight); fake.backward(gradient=g); optimiser step
 The random generator is drawn in a fixed order (plan, then each site's augmentation in site-id order, then noise
 in the same order), so a one-process reference can replay a step exactly. Each stage takes and returns plain
 values; the step's preview (label maps and fakes for the sample grid) comes back in its StepReport.
@@ -96,6 +96,15 @@ class Trainer:
         self.last_report: StepReport | None = None
         self.monitor: TrainingLog | None = None
         self.rejections = guard.RejectionLog(cfg.train.guard)
+        self.anchor: torch.nn.Module | None = None  # the public start's generator, frozen (anchor_to)
+
+    def anchor_to(self, weights: dict) -> None:
+        """Keep a frozen generator with these weights (the public start) for the anchor term: each step then adds
+        train.anchor_weight x mean |G(x) - G_public(x)| over the pixels that cross the wire. It reads no site
+        data: the sites' privacy budgets pay nothing for it."""
+        anchor = self.family.build_generator(self.model_cfg).to(self.device)
+        anchor.load_state_dict(weights)
+        self.anchor = anchor.eval().requires_grad_(False)
 
     # ---- one step, stage by stage ------------------------------------------------------------------------
     def _plan(self, sessions: list[SiteLink]) -> list[_Planned]:
@@ -203,8 +212,24 @@ class Trainer:
                 self.registry.remove(session, reason)
         return verdict.accepted
 
+    def _anchor_term(self, planned: list[_Planned], x: torch.Tensor, fake: torch.Tensor
+                     ) -> tuple[torch.Tensor, float] | None:
+        """(d/d fake, value) of anchor_weight x mean |fake - G_public(x)| (outside the brain region both are the
+        background when only the brain crosses the wire); None without an anchor."""
+        if self.anchor is None or self.cfg.train.anchor_weight == 0:
+            return None
+        with torch.no_grad():
+            target = self.anchor(x.to(self.device))
+            regions = self._regions(planned, target)
+            if regions is not None:
+                inside = torch.cat(regions).to(self.device).unsqueeze(1)
+                target = torch.where(inside, target, torch.full_like(target, serde.BACKGROUND))
+        loss = self.cfg.train.anchor_weight * (fake - target).abs().mean()
+        (grad,) = torch.autograd.grad(loss, fake, retain_graph=True)
+        return grad, float(loss.detach())
+
     def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient], planned: list[_Planned],
-                report: StepReport) -> bool:
+                report: StepReport, anchor: tuple[torch.Tensor, float] | None = None) -> bool:
         """The generator's step from the accepted answers; False (nothing changed) when the combined gradient is
         not finite."""
         shares = guard.cap_shares(site_weights(results, self.cfg.train.sampling), self.cfg.train.guard.max_share)
@@ -213,10 +238,14 @@ class Trainer:
             # Sites holding different modalities: each channel's weights over the sites that hold it.
             weights = dict(channel_weights(results, shares, fake.shape[1]))
         gradient = combine(results, weights, fake)
-        steer = self._statistics_term([p for p in planned if p.session.site_id in results], fake)
-        if steer is not None:
-            gradient = gradient + steer[0]
-            report.losses["server"] = {"statistics": steer[1]}
+        own: torch.Tensor | None = None  # the server's own terms' gradient (no site data beyond what was released)
+        for name, term in (("statistics", self._statistics_term([p for p in planned if p.session.site_id in results],
+                                                               fake)), ("anchor", anchor)):
+            if term is not None:
+                own = term[0] if own is None else own + term[0]
+                report.losses.setdefault("server", {})[name] = term[1]
+        if own is not None:
+            gradient = gradient + own
         if not bool(torch.isfinite(gradient).all()):
             log.warning("step %d: the combined gradient is not finite; the step is not taken", self.step)
             return False
@@ -224,7 +253,7 @@ class Trainer:
             group["lr"] = self.cfg.g_optim.lr * linear_decay(self.step, self.cfg.site.schedule)
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.train.guard.robust == "median" and len(results) >= 3:
-            self._median_backward(fake, results, None if steer is None else steer[0])
+            self._median_backward(fake, results, own)
         else:
             fake.backward(gradient=gradient)
         self.optimizer.step()
@@ -233,7 +262,7 @@ class Trainer:
     def _median_backward(self, fake: torch.Tensor, results: dict[str, SiteGradient],
                          steer: torch.Tensor | None) -> None:
         """G's parameter gradients as the coordinate-wise median over the sites of each site's own gradient
-        (its rows of the fakes, unweighted), plus the statistics term's (train.guard.robust = 'median')."""
+        (its rows of the fakes, unweighted), plus the server's own terms' (train.guard.robust = 'median')."""
         params = [p for p in self.generator.parameters() if p.requires_grad]
         proposals = [torch.autograd.grad(fake, params, grad_outputs=combine({s: r}, {s: 1.0}, fake),
                                          retain_graph=True, allow_unused=True)
@@ -253,6 +282,7 @@ class Trainer:
         x = self._conditions(planned)
         fake = self._dispatch(planned, x)
         report = StepReport(self.step, 0, 0.0, [])
+        anchor = self._anchor_term(planned, x, fake)  # before waiting: it overlaps with the sites' work
         results = self._guard(planned, self._collect(planned, report), report)
         # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
         quorum = min(self._quorum(), len(planned))
@@ -260,7 +290,7 @@ class Trainer:
             log.warning("step %d: %d of %d sites answered within bounds, quorum is %d; retrying the step",
                         self.step, len(results), len(planned), quorum)
             return None
-        if not self._update(fake, results, planned, report):
+        if not self._update(fake, results, planned, report, anchor):
             return None
         self.step += 1
         report.answered = sorted(results)

@@ -176,6 +176,10 @@ class TrainConfig(_Section):
                                      "statistics_floor^2)")
     statistics_floor: float = Field(0.05, gt=0, description="the smallest standard deviation a released statistic "
                                     "is trusted to (so exact, noise-free numbers cannot dominate the loss)")
+    anchor_weight: float = Field(0.0, ge=0, description="with a public start (--init): weight of a server-side term "
+                                 "anchor_weight x mean |G(x) - G_public(x)| inside the brain, which keeps the "
+                                 "generator near the public generator's output on the same label maps (it uses no "
+                                 "site data, so it costs no privacy budget); 0 turns it off")
     seed: int = 0
 
 

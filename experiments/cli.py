@@ -370,6 +370,30 @@ def privacy_utility(preset, out, seed, threads, log_level):
     click.echo(f"report: {out / 'report.md'}  figure: {out / 'dice_vs_epsilon.png'}")
 
 
+@experiment.command("anchor-tuning")
+@click.option("--preset", type=click.Choice(["smoke", "cpu", "gpu"]), default="smoke", show_default=True,
+              help="The privacy-utility preset the weight is chosen for.")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
+              help="Output folder (resumable: finished pieces are kept).")
+@click.option("--pretraining", type=click.Path(path_type=pathlib.Path), required=True,
+              help="The privacy-utility run's public pretraining folder (OUT/gan/public_pretrain).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads [2].")
+@log_level_option
+@friendly_errors
+def anchor_tuning(preset, out, pretraining, seed, threads, log_level):
+    """Choose the anchor weight of the private fine-tunes on public data only (a differently seeded stand-in
+    cohort): Dice on its test patients per candidate weight."""
+    from asyndgan.experiments.anchor_tuning import run, summary_line, tuning_config
+
+    setup_logging(log_level, out / "experiment.log")
+    cfg = tuning_config(preset, out, pretraining, seed)
+    if threads:
+        cfg.experiment.threads = threads
+    click.echo(summary_line(run(cfg)))
+    click.echo(f"report: {out / 'report.md'}")
+
+
 @experiment.command("privacy-tradeoff")
 @click.option("--run", "run_folder", type=click.Path(path_type=pathlib.Path), required=True,
               help="A synthetic-learning run folder: its phantom, settings, test cases and rows are reused.")

@@ -22,6 +22,11 @@ Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the s
                        the whole budget goes to the statistics release, which the server pulls the generator to
     public_frozen      the same without any release (no private data at all beyond the label maps): separates what
                        300 more steps against the public discriminators do from what the statistics add
+    anchored_eps<e>    dp_eps<e>_stats plus the server's anchor to the public generator's output (anchor_weight,
+                       chosen on public data by `asyndgan experiment anchor-tuning`): the recipe after the collapse
+    stats_anchored_eps<e>, public_anchored
+                       stats_only / public_frozen with the anchor (what the release adds under the anchor; what the
+                       anchor alone does without any private data)
     dp_scratch_eps<e>  patient-level DP without the public start (generator and discriminators from scratch)
     slice_default      the earlier default: slice-level DP (rate 0.01, noise 1), from scratch
 Synthetic rows are made from the private sites' training label maps (public: they are uploaded at join), one
@@ -126,6 +131,10 @@ class PrivacyUtilityConfig(BaseModel):
     stats_only_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
                                              description="epsilons of the rows with frozen public discriminators and "
                                                          "the whole budget on the statistics release")
+    anchor_weight: float = Field(10.0, ge=0, description="TrainConfig.anchor_weight of the anchored rows, chosen on "
+                                 "public data (`asyndgan experiment anchor-tuning`)")
+    anchor_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
+                                         description="epsilons of the anchored rows (DP-SGD + release + anchor)")
     canaries: int = Field(256, ge=10)
     segmentation: SegmentationRecipe
     seeds: int = Field(3, ge=1)
@@ -141,6 +150,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
             test_cases=3, gan=GANSettings(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, batch_per_site=2,
                                           pretrain_steps=8, finetune_steps=4, scratch_steps=4),
             dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], statistics_epsilons=[10.0], stats_only_epsilons=[10.0],
+            anchor_epsilons=[10.0],
             canaries=40,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
                                             network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
@@ -227,6 +237,7 @@ class GANRow(NamedTuple):
     privacy: PrivacyConfig | None  # None: off
     steps: int
     lambda_l1: float = 0.0
+    anchor_weight: float = 0.0  # the server's pull towards the public generator's output (TrainConfig.anchor_weight)
 
 
 def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
@@ -242,6 +253,13 @@ def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
     for eps in cfg.stats_only_epsilons:
         out[f"stats_only_eps{eps:g}"] = GANRow(True, frozen.privacy(eps, 1.0), g.finetune_steps)
     out["public_frozen"] = GANRow(True, frozen.privacy(1.0, 0.0), g.finetune_steps)
+    a = cfg.anchor_weight
+    for eps in cfg.anchor_epsilons:
+        out[f"anchored_eps{eps:g}"] = GANRow(True, cfg.dp.privacy(eps, cfg.statistics_share), g.finetune_steps, 0.0, a)
+    if cfg.anchor_epsilons:
+        out[f"stats_anchored_eps{max(cfg.anchor_epsilons):g}"] = GANRow(
+            True, frozen.privacy(max(cfg.anchor_epsilons), 1.0), g.finetune_steps, 0.0, a)
+        out["public_anchored"] = GANRow(True, frozen.privacy(1.0, 0.0), g.finetune_steps, 0.0, a)
     out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = GANRow(False, cfg.dp.privacy(cfg.scratch_epsilon),
                                                            g.scratch_steps)
     out["slice_default"] = GANRow(False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta,
@@ -252,13 +270,19 @@ def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
 
 def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], pre: pathlib.Path) -> dict:
     """One GAN with the private sites in this process; {checkpoint, epsilon per site, ...}. Kept when done."""
-    from_public, privacy, steps, lambda_l1 = gan_settings(cfg)[name]
-    folder = cfg.out / "gan" / name
+    return fit_gan(cfg, name, cfg.out / "gan" / name, gan_settings(cfg)[name], sites, pre)
+
+
+def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings: GANRow, sites: list[pathlib.Path],
+            pre: pathlib.Path) -> dict:
+    """train_gan for any settings and folder (the anchor tuning's stand-in site as well)."""
+    from_public, privacy, steps, lambda_l1, anchor_weight = settings
     record = folder / "gan.json"
     if record.is_file():
         return json.loads(record.read_text())
     shutil.rmtree(folder, ignore_errors=True)  # a cut run (with its experiment-only ledgers) starts again
     scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site, lambda_l1)
+    scfg.train.anchor_weight = anchor_weight
     initial = None
     if from_public:
         info, data = public_start.read_folder(pre)
@@ -269,12 +293,16 @@ def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], p
                 for i, path in enumerate(sites)]
     trainer = Trainer(scfg, LocalRegistry(sessions), CountingBank(sessions), folder)
     if from_public:
-        trainer.generator.load_state_dict(ckpt.load_checkpoint(pre / info["checkpoint"])["generator"])
+        public_generator = ckpt.load_checkpoint(pre / info["checkpoint"])["generator"]
+        trainer.generator.load_state_dict(public_generator)
+        if anchor_weight > 0:
+            trainer.anchor_to(public_generator)
     started = time.monotonic()
     trainer.run(threading.Event())
     final = ckpt.checkpoint_path(folder / "checkpoints", steps)
     result = {
-        "row": name, "from_public": from_public, "steps": steps, "lambda_l1": lambda_l1, "checkpoint": str(final),
+        "row": name, "from_public": from_public, "steps": steps, "lambda_l1": lambda_l1,
+        "anchor_weight": anchor_weight, "checkpoint": str(final),
         "seconds": round(time.monotonic() - started, 1),
         "privacy": None if privacy is None else json.loads(privacy.model_dump_json()),
         "sites": {s.site_id: {"samples": s.num_samples, "patients": s.worker.dataset.patients().count,
@@ -297,7 +325,7 @@ def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path]
     from asyndgan.site_agent.worker import SiteWorker
     from asyndgan.synthesis.generator_file import load_from_checkpoint
 
-    from_public, privacy, steps, _ = gan_settings(cfg)[name]
+    from_public, privacy, steps, _, _ = gan_settings(cfg)[name]
     folder = cfg.out / "audit" / name
     record = folder / "canaries.json"
     if record.is_file():
@@ -447,7 +475,8 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     from asyndgan.experiments.synthetic_learning import check_settings
 
     torch.set_num_threads(cfg.threads)
-    check_settings(cfg, added=("statistics_epsilons", "statistics_share", "stats_only_epsilons"))
+    check_settings(cfg, added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
+                                "anchor_epsilons"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)
@@ -467,8 +496,9 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
                 key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
     frozen = [n for n in gan_settings(cfg) if n.startswith("stats_only") or n == "public_frozen"]
-    names = ["public_only", "nonprivate", *dp[:2], *frozen,
-             *(n for n in gan_settings(cfg) if n not in dp[:2] + frozen and n != "nonprivate")]
+    anchored = [n for n in gan_settings(cfg) if "anchored" in n]  # the recipe after the collapse: next in line
+    first = ["public_only", "nonprivate", *dp[:2], *anchored, *frozen]
+    names = [*first, *(n for n in gan_settings(cfg) if n not in first)]
     log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))
     results: dict = {}
 

@@ -18,7 +18,9 @@ ORDER_NOTE = {
     "nonprivate_adv": "the same without the L1 term (the private rows' recipe, privacy off)",
     "slice_default": "earlier default: slice-level DP (rate 0.01, noise 1), from scratch",
     "public_frozen": "public start, public discriminators frozen, no release (no private data beyond label maps)",
+    "public_anchored": "public_frozen with the anchor to the public generator (no private data beyond label maps)",
 }
+PRIVATE = ("dp_", "stats_only", "anchored_", "stats_anchored")  # rows whose sites hold a DP budget
 
 
 def describe(row: str) -> str:
@@ -29,6 +31,12 @@ def describe(row: str) -> str:
     if row.startswith("stats_only_eps"):
         return (f"public discriminators frozen, the whole epsilon {row[len('stats_only_eps'):]} on the statistics "
                 "release")
+    if row.startswith("anchored_eps"):
+        return (f"patient-level DP at epsilon {row[len('anchored_eps'):]} + statistics release + the server's "
+                "anchor to the public generator")
+    if row.startswith("stats_anchored_eps"):
+        return (f"frozen public discriminators, epsilon {row[len('stats_anchored_eps'):]} on the release, + the "
+                "anchor")
     if row.startswith("dp_eps") and row.endswith("_stats"):
         return f"the same at epsilon {row[len('dp_eps'):-len('_stats')]}, with the DP statistics release"
     if row.startswith("dp_eps"):
@@ -45,7 +53,9 @@ def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[
     spread = max((rows[r]["dice_sd"] for r in ("public_only",) if r in rows), default=0.0)
     candidates = [(e, f"dp_eps{e:g}") for e in cfg.epsilons] + \
         [(e, f"dp_eps{e:g}_stats") for e in cfg.statistics_epsilons] + \
-        [(e, f"stats_only_eps{e:g}") for e in cfg.stats_only_epsilons]
+        [(e, f"stats_only_eps{e:g}") for e in cfg.stats_only_epsilons] + \
+        [(e, f"anchored_eps{e:g}") for e in getattr(cfg, "anchor_epsilons", [])] + \
+        [(e, f"stats_anchored_eps{e:g}") for e in getattr(cfg, "anchor_epsilons", [])[:1]]
     for eps, row in candidates:
         if row not in rows or eps > 10:
             continue
@@ -60,7 +70,7 @@ def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[
             out.append({"name": f"{row}: above public-only by > 2 x seed spread", "value": above["mean"],
                         "needed": f"> {need:.3f}", "met": above["mean"] > need})
     for row, m in members.items():
-        if row in rows and (row.startswith(("dp_", "stats_only")) or row == "slice_default"):
+        if row in rows and (row.startswith(PRIVATE) or row == "slice_default"):
             out.append({"name": f"{row}: membership AUC", "value": m["auc"], "needed": "<= 0.6",
                         "met": m["auc"] <= 0.6})
     for row, c in canaries.items():
@@ -74,7 +84,7 @@ def write_all(cfg, rows: dict, gans: dict, canaries: dict, members: dict, timing
     if "real_public" in rows:
         gaps["real_all - real_public"] = paired(rows["real_all"]["patients"], rows["real_public"]["patients"])
     for row in rows:
-        if row.startswith(("dp_", "stats_only")) or row == "slice_default":
+        if row.startswith(PRIVATE) or row == "slice_default":
             for reference in ("nonprivate", "nonprivate_adv"):
                 if reference in rows:
                     gaps[f"{reference} - {row}"] = paired(rows[reference]["patients"], rows[row]["patients"])
@@ -111,13 +121,19 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
         ys = [rows[f"stats_only_eps{e:g}"] for e in eps]
         ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="D", capsize=3,
                     label="frozen public discriminators + DP statistics release")
+    eps = [e for e in getattr(cfg, "anchor_epsilons", []) if f"anchored_eps{e:g}" in rows]
+    if eps:
+        ys = [rows[f"anchored_eps{e:g}"] for e in eps]
+        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="*", markersize=9,
+                    capsize=3, label="DP + release + anchor to the public generator")
     scratch = f"dp_scratch_eps{cfg.scratch_epsilon:g}"
     if scratch in rows:
         ax.errorbar([cfg.scratch_epsilon], [rows[scratch]["dice"]], yerr=[rows[scratch]["dice_sd"]], marker="s",
                     capsize=3, linestyle="none", label="patient-level DP, from scratch")
     styles = {"nonprivate": ("tab:green", "non-private, public start, L1"),
               "nonprivate_adv": ("tab:olive", "non-private, public start, no L1"),
-              "public_frozen": ("tab:purple", "public start + frozen public D, no private data"), "public_only": ("tab:red", "public-only "
+              "public_frozen": ("tab:purple", "public start + frozen public D, no private data"),
+              "public_anchored": ("tab:pink", "the same + anchor, no private data"), "public_only": ("tab:red", "public-only "
               "generator"), "real_all": ("black", "Real-All"), "real_public": ("tab:grey", "Real-Public")}
     for row, (colour, label) in styles.items():
         if row in rows:
@@ -165,6 +181,10 @@ def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
              "measured: its generator had turned into checkerboard patterns within 75 steps (its sample grids); "
              "these rows keep the public discriminators (no DP-SGD, no noise on them) and spend the budget on the "
              "release alone. Nothing in them was tuned on test patients.",
+             f"- Anchored rows (`anchored_*`, `stats_anchored_*`, `public_anchored`): the server adds "
+             f"{getattr(cfg, 'anchor_weight', 0):g} x mean |G(x) - G_public(x)| inside the brain (no site data, no "
+             "budget); the weight was chosen on a differently seeded stand-in cohort (`asyndgan experiment "
+             "anchor-tuning`, its report beside this one), not on these sites or test patients.",
              f"- Segmentation: the shared recipe ({cfg.segmentation.preprocessing.image_size} px, "
              f"{cfg.segmentation.training.steps} steps), {cfg.seeds} seeds per row, one GAN seed ({cfg.seed}); "
              "Dice and HD95 of the whole tumour in 3-D per test patient. Paired differences: per patient, Dice "

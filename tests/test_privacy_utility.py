@@ -38,10 +38,11 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     for row, settings in gan_settings(cfg).items():
         sites, privacy = results["gans"][row]["sites"], settings.privacy
         assert results["gans"][row]["lambda_l1"] == (100.0 if row == "nonprivate" else 0.0)
+        assert results["gans"][row]["anchor_weight"] == (cfg.anchor_weight if "anchored" in row else 0.0)
         if privacy is None:
             assert all(s["epsilon"] is None for s in sites.values())
             continue
-        if row == "public_frozen":  # nothing private is used: nothing is spent
+        if row in ("public_frozen", "public_anchored"):  # nothing private is used: nothing is spent
             assert all(s["epsilon"] == 0 for s in sites.values()) and row not in results["canaries"]
             continue
         assert all(0 < s["epsilon"] <= privacy.epsilon for s in sites.values())
@@ -56,3 +57,11 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     again = run(cfg)  # resumed: every piece kept
     assert again["rows"] == results["rows"]
     assert json.loads((cfg.out / "timings.json").read_text())["pretrain"] < timings["pretrain"] + 2
+
+    # the anchor weight is chosen on a stand-in cohort from the same public pretraining
+    from asyndgan.experiments.anchor_tuning import run as tune, tuning_config
+
+    tuned = tune(tuning_config("smoke", tmp_path / "tune", cfg.out / "gan" / "public_pretrain"))
+    assert set(tuned["rows"]) == {"public_only", "anchor0", "anchor10"} and tuned["chosen"] in (0.0, 10.0)
+    assert all(0 <= r["dice"] <= 1 for r in tuned["rows"].values())
+    assert "Chosen: anchor weight" in (tmp_path / "tune" / "report.md").read_text()

@@ -32,8 +32,8 @@ def test_a_run_starts_from_public_weights_and_a_private_site_adapts_them(tmp_pat
     record, data = public_start.read_folder(pre)
     assert record["steps"] == 6 and record["patients"] == 24  # arrays without a patient map: one image each
 
-    server = Server(tmp_path / "run", {**model, "site.schedule.steps": 12, "train.batch_size": 2},
-                    extra=["--init", str(pre)])
+    server = Server(tmp_path / "run", {**model, "site.schedule.steps": 12, "train.batch_size": 2,
+                                       "train.anchor_weight": 10.0}, extra=["--init", str(pre)])
     site = start_site(private, server.address, "h1", tmp_path / "h1.log", private=True,
                       extra=["--set", "privacy.delta=1e-3", "--set", "privacy.trainable=last:1",
                              "--set", "privacy.epsilon=5"])
@@ -46,6 +46,7 @@ def test_a_run_starts_from_public_weights_and_a_private_site_adapts_them(tmp_pat
     log = (tmp_path / "h1.log").read_text()
     assert "received the public discriminator weights" in log and "verified" in log
     assert "generator starts from the public pretraining" in server.output()
+    assert "anchored to the public start's output (train.anchor_weight 10" in server.output()
     kept = tmp_path / "state" / "public" / f"{record['discriminator_sha256']}.safetensors"
     assert kept.read_bytes() == data
     ledger = json.loads((tmp_path / "state" / "h1.privacy-ledger.json").read_text())
@@ -61,6 +62,9 @@ def test_a_run_starts_from_public_weights_and_a_private_site_adapts_them(tmp_pat
     r = run_cli(["asyndgan.central_server.cli", "start", "--init", str(tmp_path / "nothing"), "--insecure",
                  "--port", "0", "--run-dir", str(tmp_path / "run3")])
     assert r.returncode != 0 and "not a pretraining folder" in (r.stdout + r.stderr)
+    r = run_cli(["asyndgan.central_server.cli", "start", "--insecure", "--port", "0", "--run-dir",
+                 str(tmp_path / "run4"), "--set", "train.anchor_weight=10"])
+    assert r.returncode != 0 and "give one with --init" in (r.stdout + r.stderr)
 
 
 def test_a_site_refuses_public_weight_pieces_out_of_order_or_with_another_digest(tmp_path):

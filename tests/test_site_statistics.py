@@ -211,3 +211,35 @@ def test_frozen_public_discriminators_spend_only_the_release(site, tmp_path):
         SiteWorker(cfg, open_dataset(site, cfg), privacy=privacy, ledger_path=tmp_path / "t.ledger.json", site_id="t")
     with pytest.raises(ValueError, match="leaves nothing for DP-SGD"):
         PrivacyConfig(statistics_share=1.0)
+
+
+def test_the_anchor_keeps_the_generator_near_the_public_start(site, tmp_path):
+    """train.anchor_weight: the server's L1 pull towards the public generator's output (no site data) keeps the
+    generator's images about four times closer to the start than the same steps without it."""
+    from asyndgan.central_server.trainer import Trainer
+    from asyndgan.common.config import ServerConfig
+    from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
+
+    drift = {}
+    for weight in (0.0, 100.0):
+        cfg = ServerConfig.model_validate({"run_dir": str(tmp_path / f"run{weight:g}"), "tensorboard": False,
+                                           "g_optim": {"lr": 0.002}, "site": _cfg().model_dump(),
+                                           "train": {"batch_size": 4, "anchor_weight": weight}})
+        session = LocalSession("q", open_dataset(site, cfg.site), cfg.site)
+        trainer = Trainer(cfg, LocalRegistry([session]), CountingBank([session]), cfg.run_dir)
+        start = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+        if weight:
+            trainer.anchor_to(start)
+        reports = [trainer.train_step([session]) for _ in range(20)]
+        assert ("anchor" in reports[0].losses.get("server", {})) == bool(weight)
+        if weight:
+            assert reports[0].losses["server"]["anchor"] == 0.0  # G is its anchor at the start
+            assert reports[-1].losses["server"]["anchor"] > 0.0
+        trainer.anchor_to(start)  # to measure how far the images moved
+        planned = trainer._plan([session])
+        x = trainer._conditions(planned)
+        inside = torch.cat(trainer._regions(planned, x)).unsqueeze(1)  # what crosses the wire (the rest is -1)
+        with torch.no_grad():
+            drift[weight] = float((trainer.generator(x) - trainer.anchor(x)).abs()[inside.expand(-1, 4, -1, -1)]
+                                  .mean())
+    assert drift[0.0] > 0.05 and drift[100.0] < drift[0.0] / 2.5, drift
