@@ -1,6 +1,6 @@
 """The server's training loop: the one place to read how a step happens. No gRPC here.
 
-One step (the dataflow drawn in the README's "One training step"), in named stages:
+One step (the dataflow drawn in docs/architecture.md), in named stages:
     plan        keys_j and augmentation for every available site j      (sampling.py, the family's draw)
     conditions  x_j <- the family's condition (label maps read once, augmented; or noise)
     dispatch    fake <- G(cat_j x_j), one forward for all sites; send fake_j (only the channels j holds)

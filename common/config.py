@@ -92,7 +92,7 @@ class LossConfig(_Section):
         "(f-GAN forward KL, -exp(logit); see site_agent/gradients.py)")
     lambda_l1: float = Field(0.0, ge=0, description="weight of |fake - real| in L_G (paired families only). The "
                              "papers use 100, but its gradient gives each real pixel away and private sites "
-                             "(privacy.enabled, their default) refuse it: see README, 'What leaves a hospital'")
+                             "(privacy.enabled, their default) refuse it: see docs/privacy.md, 'What the gradients reveal'")
 
 
 class OptimizerConfig(_Section):

@@ -44,7 +44,7 @@ class DemoConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when torch sees a GPU")
     private: bool = Field(False, description="sites keep their default differential privacy (lambda_L1 0); off: "
                           "the papers' algorithm (lambda_L1 100), fine on the public phantom, whose small sites "
-                          "DP would drown in noise (README, 'What it costs')")
+                          "DP would drown in noise (docs/privacy.md, 'What privacy costs')")
 
 
 def site_folders(cfg: DemoConfig) -> list[pathlib.Path]:
@@ -76,7 +76,7 @@ def run(cfg: DemoConfig) -> dict:
     })
     if not cfg.private:
         log.info("demo on the public phantom: the papers' algorithm, sites' privacy off (`asyndgan demo --private` "
-                 "keeps it on; real deployments keep it on: README, 'What leaves a hospital')")
+                 "keeps it on; real deployments keep it on: docs/privacy.md, 'What the gradients reveal')")
     started = time.monotonic()
     cluster = Cluster(server_cfg)
     try:  # whatever goes wrong here (a child failing, Ctrl-C), no process is left behind

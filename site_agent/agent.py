@@ -122,7 +122,7 @@ class SiteAgent:
             self._privacy_status()  # a damaged ledger stops the site here, before any network
         else:
             log.warning("privacy is OFF for site %s: the gradients it returns are not protected and let the server "
-                        "reconstruct its images (README, 'What leaves a hospital')", cfg.site_id)
+                        "reconstruct its images (docs/privacy.md, 'What the gradients reveal')", cfg.site_id)
         if cfg.insecure:
             log.warning("connecting WITHOUT TLS (--insecure): for local tests only")
             kit = None

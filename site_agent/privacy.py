@@ -391,7 +391,7 @@ class PrivateSiteLearner(SiteLearner):
         if self.noise_multiplier / max(self.expected_units, 1e-9) > 0.5:
             log.warning("privacy: noise %.3g against %.1f expected %ss per step: the noise drowns the "
                         "discriminators' signal; more patients, a higher sample_rate, fewer planned steps or "
-                        "a larger budget help (README, 'What it costs')", self.noise_multiplier,
+                        "a larger budget help (docs/privacy.md, 'What privacy costs')", self.noise_multiplier,
                         self.expected_units, UNIT_NAMES[privacy.unit])
         if left < cfg.d_steps:
             ledger.charge(self.noise_multiplier, self.sample_rate, cfg.d_steps)  # raises with the message
