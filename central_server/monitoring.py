@@ -20,7 +20,7 @@ class TrainingLog:
         self.folder = folder
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; a trimmed install still trains
+        except ImportError:  # tensorboard comes with the server and research extras; a lean install still trains
             log.warning("tensorboard is not installed: no training curves in %s", folder)
             self._writer = None
             return

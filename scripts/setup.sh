@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install "torch>=2.2" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$PIP install -e ".[dev]"
+$PIP install -e ".[all,dev]"
 # Flower, in its own environment, for the bandwidth benchmark's baselines (and its test)
 ./scripts/setup-flower.sh
 # Docker engine, compose and debootstrap for the container test (installed only as root on Debian, when missing)
