@@ -25,7 +25,7 @@ from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.common.grpc_options import OPTIONS
 from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.identity import Authorizer
-from asyndgan.common.mask_bank import MaskBank
+from asyndgan.common.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.servicer import AsynDGANServicer
 from asyndgan.central_server.status import build_status
@@ -87,7 +87,7 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
         record, public_weights = public_start.read_folder(cfg.init)
         start = _check_init(cfg, record)
         cfg.site.public_start = record["discriminator_sha256"]
-    bank = MaskBank(cfg.run_dir / "bank")
+    bank = LabelMapBank(cfg.run_dir / "bank")
     registry = SiteRegistry(cfg, bank)
     trainer = Trainer(cfg, registry, bank, cfg.run_dir)
     if cfg.train.anchor_weight > 0 and start is None:

@@ -496,7 +496,10 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
                 key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
     frozen = [n for n in gan_settings(cfg) if n.startswith("stats_only") or n == "public_frozen"]
-    anchored = [n for n in gan_settings(cfg) if "anchored" in n]  # the recipe after the collapse: next in line
+    # the recipe after the collapse goes next: its largest epsilon, its controls, then the smaller epsilons
+    eps = sorted(cfg.anchor_epsilons, reverse=True)
+    anchored = [f"anchored_eps{eps[0]:g}", f"stats_anchored_eps{eps[0]:g}", "public_anchored",
+                *(f"anchored_eps{e:g}" for e in eps[1:])] if eps else []
     first = ["public_only", "nonprivate", *dp[:2], *anchored, *frozen]
     names = [*first, *(n for n in gan_settings(cfg) if n not in first)]
     log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))

@@ -3,7 +3,7 @@
 Three sources:
 - the run's own bank (no `--label-maps`): the maps every site uploaded, pooled; `count` maps drawn uniformly
   from the pool without replacement (so each site contributes in proportion to its size), or every map once.
-  Files are verified against the checkpoint's digests (common/mask_bank.py `restore`).
+  Files are verified against the checkpoint's digests (common/label_map_bank.py `restore`).
 - a BraTS tree (`_seg` / `-seg` case folders): 3-D cases. Every axial slice gets a label map from
   site_agent/brats.py `slice_label_maps` (tumour labels + brain outline, resized to the run's stored size).
   The brain outline needs a brain mask, taken as the site takes it: wherever any of the case's images is above
@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from asyndgan.common.mask_bank import MaskBank
+from asyndgan.common.label_map_bank import LabelMapBank
 from asyndgan.common.errors import DataError
 from asyndgan.site_agent import brats, image_folders
 
@@ -136,7 +136,7 @@ class BankSource:
                             "folder); pass --label-maps with a BraTS tree or mask files")
         if not bank_dir.is_dir():
             raise DataError(f"the run's label-map bank {bank_dir} is missing; pass --label-maps instead")
-        self.bank = MaskBank(bank_dir)
+        self.bank = LabelMapBank(bank_dir)
         problems = self.bank.restore(state)
         if problems:
             raise DataError(problems[0])

@@ -8,7 +8,7 @@ import logging
 import torch
 
 from asyndgan.common import checkpoint as ckpt
-from asyndgan.common.mask_bank import MaskBank
+from asyndgan.common.label_map_bank import LabelMapBank
 from asyndgan.common.serde import maps_digest
 
 
@@ -35,7 +35,7 @@ def test_checkpoints_refuse_arbitrary_objects(tmp_path):
 
 
 def test_bank_restores_verified_maps_and_reports_altered_ones(tmp_path):
-    bank = MaskBank(tmp_path / "bank")
+    bank = LabelMapBank(tmp_path / "bank")
     a, b = torch.randint(0, 5, (4, 8, 8), dtype=torch.uint8), torch.randint(0, 5, (2, 8, 8), dtype=torch.uint8)
     bank.put("a", 4, a, maps_digest(a))
     bank.put("b", 2, b, maps_digest(b))
@@ -45,7 +45,7 @@ def test_bank_restores_verified_maps_and_reports_altered_ones(tmp_path):
     import numpy as np
 
     np.save(altered, np.zeros((2, 8, 8), np.uint8))
-    fresh = MaskBank(tmp_path / "bank")
+    fresh = LabelMapBank(tmp_path / "bank")
     problems = fresh.restore(state)
     assert fresh.has("a", maps_digest(a)) and torch.equal(fresh.maps("a", torch.arange(4)), a)
     assert not fresh.has("b", maps_digest(b)) and len(problems) == 1 and "site b" in problems[0]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from asyndgan.central_server import cli as server_cli
-from asyndgan.common.mask_bank import MaskBank
+from asyndgan.common.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig, load_config
@@ -51,7 +51,7 @@ def write_tree(root: pathlib.Path, cases: int, seg_only: bool = False, bad_label
 def make_run(run_dir: pathlib.Path, overrides: dict, maps: torch.Tensor | None, samples: int = 0) -> pathlib.Path:
     """A run folder with one checkpoint (step 7) and, for image2d, a bank holding `maps` for one site."""
     cfg = load_config(ServerConfig, None, {**overrides, "run_dir": str(run_dir)})
-    bank = MaskBank(run_dir / "bank")
+    bank = LabelMapBank(run_dir / "bank")
     bank.put("site1", samples if maps is None else len(maps), maps)
     trainer = Trainer(cfg, SiteRegistry(cfg, bank), bank, run_dir)
     with torch.no_grad():  # weights unlike a fresh initialisation, so that a mix-up of files would show

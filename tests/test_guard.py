@@ -8,7 +8,7 @@ import torch
 
 from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient
-from asyndgan.common.mask_bank import MaskBank
+from asyndgan.common.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import JoinRefused, SiteRegistry
 from asyndgan.common import serde
 from asyndgan.common.config import GuardConfig, ServerConfig, SiteFacingConfig, load_config
@@ -82,7 +82,7 @@ def test_a_retried_step_does_not_move_the_discriminators_again(tmp_path):
 
 def test_a_removed_site_cannot_rejoin(tmp_path):
     cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "run_dir": str(tmp_path)})
-    registry = SiteRegistry(cfg, MaskBank(tmp_path / "bank"))
+    registry = SiteRegistry(cfg, LabelMapBank(tmp_path / "bank"))
     session, _ = registry.join(serde.Hello("a", "image2d", ["t1"]))
     registry.remove(session, "removed from the run: out of bounds")
     assert [s.site_id for s in registry.departed()] == ["a"] and not registry.sessions()

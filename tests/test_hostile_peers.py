@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from asyndgan.common.mask_bank import LabelMapUpload, MaskBank
+from asyndgan.common.label_map_bank import LabelMapUpload, LabelMapBank
 from asyndgan.central_server.session import INBOX_SIZE, SessionStats, SiteSession
 from asyndgan.common import pki, serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
@@ -246,7 +246,7 @@ def test_server_refuses_a_discriminator_too_deep_for_the_image_size(tmp_path):
 class _RejoiningSite:
     """Duck-types SiteSession: while the trainer waits for its gradient, its label maps are replaced by fewer."""
 
-    def __init__(self, bank: MaskBank, keys_before: int):
+    def __init__(self, bank: LabelMapBank, keys_before: int):
         self.site_id, self.channels, self.num_samples = "a", None, keys_before
         self.statistics: dict = {}  # released intensity statistics: none
         self.left, self.stats = None, SessionStats()
@@ -267,7 +267,7 @@ def test_a_site_replacing_its_maps_mid_step_cannot_crash_the_step(tmp_path):
     from asyndgan.simulation.local_sites import LocalRegistry
 
     cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "train.batch_size": 4, "run_dir": str(tmp_path)})
-    bank = MaskBank()
+    bank = LabelMapBank()
     bank.put("a", 50, torch.randint(0, 5, (50, 16, 16), dtype=torch.uint8))
     site = _RejoiningSite(bank, 50)
     trainer = Trainer(cfg, registry=LocalRegistry([site]), bank=bank, run_dir=tmp_path)
@@ -285,7 +285,7 @@ def test_a_site_cannot_upload_more_label_maps_than_the_server_allows(tmp_path):
     from asyndgan.common.config import ServerConfig, load_config
 
     cfg = load_config(ServerConfig, None, {**TINY_IMAGE2D, "limits.max_label_maps": 2, "run_dir": str(tmp_path)})
-    registry = SiteRegistry(cfg, MaskBank(tmp_path / "bank"))
+    registry = SiteRegistry(cfg, LabelMapBank(tmp_path / "bank"))
     session, _ = registry.join(serde.Hello("a", "image2d", ["t1"]))
     maps = torch.zeros(3, 16, 16, dtype=torch.uint8)
     chunk = pb.SiteMessage(conditions=pb.ConditionChunk(index=0, first_key=0, maps=tensor_codec.encode(maps)))

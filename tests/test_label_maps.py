@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyndgan.common.mask_bank import LabelMapUpload, MaskBank
+from asyndgan.common.label_map_bank import LabelMapUpload, LabelMapBank
 from asyndgan.central_server.session import SiteSession
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
@@ -169,7 +169,7 @@ def test_digest_of_a_memory_mapped_array_matches_in_memory_and_incremental(tmp_p
 
 
 # ---- server side: the bank ------------------------------------------------------------------------------------
-def _upload_to(bank: MaskBank, maps: torch.Tensor, chunk_bytes: int = 4096):
+def _upload_to(bank: LabelMapBank, maps: torch.Tensor, chunk_bytes: int = 4096):
     up = bank.upload(size=maps.shape[-1], num_classes=5, max_chunk_bytes=1 << 20)
     n = 0
     for msg in label_map_chunks(maps, chunk_bytes):
@@ -185,7 +185,7 @@ def _files(root):
 @pytest.mark.parametrize("site", ["../../x", "a/b", "..", "/tmp/abs", "x\0y"])
 def test_no_site_id_steers_a_bank_path(tmp_path, site):
     folder = tmp_path / "run" / "bank"
-    bank = MaskBank(folder)
+    bank = LabelMapBank(folder)
     a, b = brain_like_maps(6, 32, seed=1), brain_like_maps(4, 32, seed=2)
     bank.put(site, 6, a)
     bank.add_upload(site + "2", 4, _upload_to(bank, b))
@@ -196,7 +196,7 @@ def test_no_site_id_steers_a_bank_path(tmp_path, site):
 
 
 def test_upload_is_stored_as_a_memory_mapped_npy_named_by_digest(tmp_path):
-    bank = MaskBank(tmp_path / "bank")
+    bank = LabelMapBank(tmp_path / "bank")
     maps = brain_like_maps(25, 32)
     done = _upload_to(bank, maps)
     assert done.path == tmp_path / "bank" / f"{serde.maps_digest(maps)}.npy" and done.maps is None
@@ -213,26 +213,26 @@ def test_upload_is_stored_as_a_memory_mapped_npy_named_by_digest(tmp_path):
 
 
 def test_restore_from_checkpoint_state(tmp_path):
-    bank = MaskBank(tmp_path / "bank")
+    bank = LabelMapBank(tmp_path / "bank")
     a, b = brain_like_maps(8, 32, seed=3), brain_like_maps(3, 32, seed=4)
     bank.add_upload("a", 8, _upload_to(bank, a))
     bank.put("b", 3, b)
     bank.add_upload("g", 100, None)
     state = bank.state()
-    fresh = MaskBank(tmp_path / "bank")
+    fresh = LabelMapBank(tmp_path / "bank")
     assert fresh.restore(state) == []
     assert fresh.sites() == ["a", "b", "g"] and fresh.size("g") == 100
     assert fresh.has("a", serde.maps_digest(a)) and torch.equal(fresh.maps("a", torch.arange(8)), a)
     assert torch.equal(fresh.maps("b", torch.tensor([2, 0])), b[[2, 0]])
     # A tampered checkpoint cannot point the bank at other files: the digest must be 64 hex digits.
-    tampered = MaskBank(tmp_path / "bank")
+    tampered = LabelMapBank(tmp_path / "bank")
     problems = tampered.restore('{"x": {"num_samples": 3, "digest": "../../etc/passwd"}}')
     assert len(problems) == 1 and "not a label-map digest" in problems[0] and tampered.sites() == []
 
 
 def test_an_aborted_upload_leaves_no_temporary_file(tmp_path):
     folder = tmp_path / "bank"
-    bank = MaskBank(folder)
+    bank = LabelMapBank(folder)
     upload = bank.upload(32, 5, 1 << 20)
     session = SiteSession(serde.Hello("s", "image2d", ["t1"]), [0], upload, "float32",
                           on_ready=lambda s, maps, reuse: s.mark_ready(), max_gradient_bytes=1 << 20)
@@ -250,19 +250,19 @@ def test_an_aborted_upload_leaves_no_temporary_file(tmp_path):
 
 def test_a_refused_upload_leaves_no_temporary_file_and_stale_ones_are_swept(tmp_path):
     folder = tmp_path / "bank"
-    bank = MaskBank(folder)
+    bank = LabelMapBank(folder)
     up = bank.upload(32, 5, 1 << 20)
     up.add(_decode(next(label_map_chunks(brain_like_maps(4, 32), 1 << 20)).conditions, size=32))
     with pytest.raises(ProtocolError, match="declared 5 samples"):
         up.finish(1, 5)
     assert _files(tmp_path) == []
     (folder / ".upload-0123.tmp").write_bytes(b"left by a killed server")
-    MaskBank(folder)
+    LabelMapBank(folder)
     assert _files(tmp_path) == []
 
 
 def test_maps_during_a_concurrent_re_upload_are_old_or_new_never_broken(tmp_path):
-    bank = MaskBank(tmp_path / "bank")
+    bank = LabelMapBank(tmp_path / "bank")
     old, new = torch.zeros(50, 16, 16, dtype=torch.uint8), torch.ones(50, 16, 16, dtype=torch.uint8)
     bank.add_upload("s", 50, _upload_to(bank, old))
     uploads = [_upload_to(bank, m) for m in (new, old)]

@@ -195,7 +195,7 @@ class LabelMapUpload:
         self._parts = []
 
 
-class MaskBank:
+class LabelMapBank:
     """Label maps (or just counts) per site: memory-mapped digest-named files with a folder, RAM without."""
 
     def __init__(self, folder: pathlib.Path | None = None):
