@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from asyndgan.experiments.cli import main
+from asyndgan.cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -76,7 +76,7 @@ def test_a_second_site_with_the_same_id_is_refused_and_the_wrong_family_too(tmp_
         first.kill()
 
 
-@pytest.mark.parametrize("module", ["asyndgan.experiments.cli", "asyndgan.central_server.cli",
+@pytest.mark.parametrize("module", ["asyndgan.cli.main", "asyndgan.central_server.cli",
                                     "asyndgan.site_agent.cli"])
 def test_every_command_tells_its_version(module):
     from importlib.metadata import version
@@ -94,7 +94,7 @@ def test_site_help_suggests_site_settings_not_server_ones():
 
 
 def test_demo_refuses_an_unknown_device():
-    r = run_cli(["asyndgan.experiments.cli", "demo", "--device", "tpu"])
+    r = run_cli(["asyndgan.cli.main", "demo", "--device", "tpu"])
     assert r.returncode == 2 and "tpu" in r.stderr
 
 
@@ -103,14 +103,14 @@ def test_demo_on_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = run_cli(["asyndgan.experiments.cli", "demo", "--device", "cuda", "--data", str(tmp_path / "data"),
+    r = run_cli(["asyndgan.cli.main", "demo", "--device", "cuda", "--data", str(tmp_path / "data"),
                  "--out", str(tmp_path / "run")])
     one_line_error(r, "--device cuda", "no CUDA GPU")
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
 def test_phantom_lives_under_data(tmp_path):
-    r = run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path), "--cases-per-site", "1,x"])
+    r = run_cli(["asyndgan.cli.main", "data", "phantom", "--out", str(tmp_path), "--cases-per-site", "1,x"])
     one_line_error(r, "invalid phantom settings")
-    r = run_cli(["asyndgan.experiments.cli", "phantom", "--out", str(tmp_path)])
+    r = run_cli(["asyndgan.cli.main", "phantom", "--out", str(tmp_path)])
     assert r.returncode == 2 and "No such command 'phantom'" in r.stderr

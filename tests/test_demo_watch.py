@@ -87,7 +87,7 @@ def test_demo_exits_2_naming_the_site_whose_data_breaks_after_joining(tmp_path):
     (broken / "meta.json").write_text(json.dumps({"kind": "arrays", "modalities": ["t1", "t1ce", "t2", "flair"]}))
     out = tmp_path / "run"
     started = time.monotonic()
-    r = run_cli(["asyndgan.experiments.cli", "demo", "--out", str(out), "--data", str(data), "--steps", "3",
+    r = run_cli(["asyndgan.cli.main", "demo", "--out", str(out), "--data", str(data), "--steps", "3",
                  "--sites", "2", "--device", "cpu"], timeout=180)
     assert r.returncode == 2, r.stderr
     assert time.monotonic() - started < 120

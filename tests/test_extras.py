@@ -56,7 +56,7 @@ def test_a_site_runs_without_the_optional_extras(toy_patient_site, tmp_path):
 def test_a_command_that_needs_an_extra_names_it(tmp_path):
     r = _run("""
         import sys
-        from asyndgan.experiments.cli import main
+        from asyndgan.cli.main import main
         sys.argv = ["asyndgan", "data", "phantom", "--out", "ph", "--sites", "1", "--train-cases", "1", "--test-cases", "0"]
         main()
     """, tmp_path)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_asyndgan_recovers_the_mixture_that_subset_gans_miss(tmp_path):
-    r = run_cli(["asyndgan.experiments.cli", "experiment", "gaussian1d", "--out", str(tmp_path), "--seed", "0"],
+    r = run_cli(["asyndgan.cli.main", "experiment", "gaussian1d", "--out", str(tmp_path), "--seed", "0"],
                 timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())

@@ -203,7 +203,7 @@ def test_zero_fill_reads_cases_without_a_modality_that_skip_leaves_out(site):
 @pytest.mark.integration
 def test_smoke_preset_end_to_end(tmp_path):
     out = tmp_path / "mm"
-    r = run_cli(["asyndgan.experiments.cli", "experiment", "missing-modality", "--preset", "smoke", "--out",
+    r = run_cli(["asyndgan.cli.main", "experiment", "missing-modality", "--preset", "smoke", "--out",
                  str(out)], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -235,7 +235,7 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 5_000
     assert "Hetero-AsynDGAN" in (out / "report.md").read_text()
     # a second run keeps every piece
-    again = run_cli(["asyndgan.experiments.cli", "experiment", "missing-modality", "--preset", "smoke", "--out",
+    again = run_cli(["asyndgan.cli.main", "experiment", "missing-modality", "--preset", "smoke", "--out",
                      str(out)], timeout=300)
     assert again.returncode == 0 and json.loads((out / "results.json").read_text())["rows"] == res["rows"]
     shutil.rmtree(out / "cache", ignore_errors=True)

@@ -19,7 +19,7 @@ ROWS = ["real_all", "real_site1", "real_site2", "real_site3", "real_site4", "pub
 @pytest.mark.integration
 def test_smoke_preset_end_to_end_resumes_and_refuses_other_settings(tmp_path):
     out = tmp_path / "cal"
-    args = ["asyndgan.experiments.cli", "experiment", "phantom-calibration", "--preset", "smoke", "--out", str(out)]
+    args = ["asyndgan.cli.main", "experiment", "phantom-calibration", "--preset", "smoke", "--out", str(out)]
     r = run_cli(args, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -58,7 +58,7 @@ def test_smoke_preset_end_to_end_resumes_and_refuses_other_settings(tmp_path):
 
 
 def test_phantom_command_presets_config_and_errors(tmp_path):
-    r = run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path / "p"), "--preset",
+    r = run_cli(["asyndgan.cli.main", "data", "phantom", "--out", str(tmp_path / "p"), "--preset",
                  "heterogeneous", "--shape", "48,48,32", "--cases-per-site", "1,1,1,1", "--test-cases", "4"],
                 timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -66,11 +66,11 @@ def test_phantom_command_presets_config_and_errors(tmp_path):
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["cohort"] == "heterogeneous" and len(cfg["profiles"]) == 4 and cfg["shape"] == [48, 48, 32]
     (tmp_path / "bad.toml").write_text("sites = 2\n[[profiles]]\nlesions = { glioma = -1.0 }\n[[profiles]]\n")
-    one_line_error(run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path / "q"),
+    one_line_error(run_cli(["asyndgan.cli.main", "data", "phantom", "--out", str(tmp_path / "q"),
                             "--config", str(tmp_path / "bad.toml")]), "invalid phantom settings", "lesions")
-    one_line_error(run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path / "q"),
+    one_line_error(run_cli(["asyndgan.cli.main", "data", "phantom", "--out", str(tmp_path / "q"),
                             "--config", str(tmp_path / "nope.toml")]), "nope.toml", "does not exist")
-    one_line_error(run_cli(["asyndgan.experiments.cli", "data", "phantom", "--out", str(tmp_path / "q"),
+    one_line_error(run_cli(["asyndgan.cli.main", "data", "phantom", "--out", str(tmp_path / "q"),
                             "--shape", "48,48"]), "invalid phantom settings")
 
 

@@ -165,7 +165,7 @@ def test_a_spent_budget_ends_the_attack_early_and_is_reported(site):
 @pytest.mark.integration
 def test_cli_smoke_preset_writes_report_results_and_figure(tmp_path):
     out = tmp_path / "audit"
-    r = run_cli(["asyndgan.experiments.cli", "audit", "privacy", "--out", str(out), "--preset", "smoke"], timeout=240)
+    r = run_cli(["asyndgan.cli.main", "audit", "privacy", "--out", str(out), "--preset", "smoke"], timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     base = res["baseline"]["psnr"]

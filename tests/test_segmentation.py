@@ -175,7 +175,7 @@ def test_training_masks_follow_the_region(trees):
 @pytest.fixture(scope="module")
 def trained(trees, tmp_path_factory):
     model = tmp_path_factory.mktemp("seg") / "model"
-    r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(trees / "train2018"),
+    r = run_cli(["asyndgan.cli.main", "segment", "train", "--data", str(trees / "train2018"),
                  str(trees / "train2023"), "--out", str(model), *TINY], timeout=120)
     assert r.returncode == 0, r.stderr
     return model, r
@@ -191,7 +191,7 @@ def test_train_then_eval_through_the_cli(trees, trained):
     assert math.isfinite(training["final_loss"])
 
     out = model.parent / "results"
-    r = run_cli(["asyndgan.experiments.cli", "segment", "eval", "--model", str(model), "--data",
+    r = run_cli(["asyndgan.cli.main", "segment", "eval", "--model", str(model), "--data",
                  str(trees / "test"), "--out", str(out), "--threads", "1", "--no-progress"], timeout=120)
     assert r.returncode == 0, r.stderr
     assert "whole tumour, 4 patients: Dice" in r.stdout
@@ -243,22 +243,22 @@ def test_library_evaluation_matches_the_recipe_and_refuses_other_preprocessing(t
 
 def test_bad_paths_give_one_line_and_exit_2(trees, trained, tmp_path):
     model, _ = trained
-    r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(trees / "train2018"),
+    r = run_cli(["asyndgan.cli.main", "segment", "train", "--data", str(trees / "train2018"),
                  str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
     one_line_error(r, "nowhere", "does not exist")
     assert not (tmp_path / "m").exists()  # nothing written for a run that never started
-    r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(tmp_path), "--out",
+    r = run_cli(["asyndgan.cli.main", "segment", "train", "--data", str(tmp_path), "--out",
                  str(tmp_path / "m")])
     one_line_error(r, "holds no BraTS case")
     if not torch.cuda.is_available():
-        r = run_cli(["asyndgan.experiments.cli", "segment", "train", "--data", str(trees / "train2018"), "--out",
+        r = run_cli(["asyndgan.cli.main", "segment", "train", "--data", str(trees / "train2018"), "--out",
                      str(tmp_path / "m"), "--device", "cuda"])
         one_line_error(r, "no CUDA GPU")
         assert not (tmp_path / "m").exists()
-    r = run_cli(["asyndgan.experiments.cli", "segment", "eval", "--model", str(trees / "test"), "--data",
+    r = run_cli(["asyndgan.cli.main", "segment", "eval", "--model", str(trees / "test"), "--data",
                  str(trees / "test")])
     one_line_error(r, "is not a segmentation model")
-    r = run_cli(["asyndgan.experiments.cli", "segment", "eval", "--model", str(model), "--data",
+    r = run_cli(["asyndgan.cli.main", "segment", "eval", "--model", str(model), "--data",
                  str(tmp_path / "nowhere")])
     one_line_error(r, "nowhere", "does not exist")
 

@@ -25,7 +25,7 @@ ROWS = {"real_all", "real_site1", "real_site2", "real_site3", "syn_all", "asyndg
 @pytest.mark.integration
 def test_smoke_preset_end_to_end_and_resumes(tmp_path):
     out = tmp_path / "sl"
-    args = ["asyndgan.experiments.cli", "experiment", "synthetic-learning", "--preset", "smoke", "--out", str(out)]
+    args = ["asyndgan.cli.main", "experiment", "synthetic-learning", "--preset", "smoke", "--out", str(out)]
     t0 = time.monotonic()
     r = run_cli(args, timeout=300)
     first = time.monotonic() - t0
@@ -75,7 +75,7 @@ def test_smoke_preset_end_to_end_and_resumes(tmp_path):
     assert r.returncode == 2 and "other settings" in r.stderr and "Traceback" not in r.stderr
 
     # The privacy trade-off on the same run: the AsynDGAN row again without L1 and with the sites' DP-SGD.
-    r = run_cli(["asyndgan.experiments.cli", "experiment", "privacy-tradeoff", "--run", str(out),
+    r = run_cli(["asyndgan.cli.main", "experiment", "privacy-tradeoff", "--run", str(out),
                  "--settings", "l1-off,dp-1.0"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     trade = json.loads((out / "privacy" / "results.json").read_text())
@@ -179,7 +179,7 @@ def test_fid_kid_near_zero_for_the_same_images_and_larger_for_noise(inception):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
 def test_gpu_preset_without_a_gpu_is_one_line_before_any_work(tmp_path):
-    r = run_cli(["asyndgan.experiments.cli", "experiment", "synthetic-learning", "--preset", "gpu", "--out",
+    r = run_cli(["asyndgan.cli.main", "experiment", "synthetic-learning", "--preset", "gpu", "--out",
                  str(tmp_path / "g")], timeout=120)
     assert r.returncode == 2 and "--preset gpu" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "g" / "settings.json").exists() and not (tmp_path / "g" / "phantom").exists()

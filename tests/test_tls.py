@@ -25,7 +25,7 @@ SITE = ["asyndgan.site_agent.cli", "join"]
 def consortium(tmp_path):
     certs = tmp_path / "certs"
     for args in (["init"], ["issue", "--server", "localhost", "--server", "127.0.0.1", "--site", "a", "--site", "b"]):
-        r = run_cli(["asyndgan.experiments.cli", "certs", *args, "--dir", str(certs)])
+        r = run_cli(["asyndgan.cli.main", "certs", *args, "--dir", str(certs)])
         assert r.returncode == 0, r.stderr
     return certs
 
@@ -39,16 +39,16 @@ def test_certs_command_writes_owner_only_keys_and_names(consortium):
     assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     kit = consortium / "sites" / "b"
     assert tls.common_name(tls.check_own_certificate(kit / "site.crt", kit / "site.key", kit / "ca.crt", "b")) == "b"
-    r = run_cli(["asyndgan.experiments.cli", "certs", "init", "--dir", str(consortium)])
+    r = run_cli(["asyndgan.cli.main", "certs", "init", "--dir", str(consortium)])
     assert r.returncode == 2 and "refusing to replace" in r.stderr
 
 
 @pytest.mark.parametrize("bad", ["../../x", "a/b", "..", "bad id"])
 def test_certs_issue_refuses_a_bad_site_id_and_writes_nothing(tmp_path, bad):
     certs = tmp_path / "deep" / "certs"
-    assert run_cli(["asyndgan.experiments.cli", "certs", "init", "--dir", str(certs)]).returncode == 0
+    assert run_cli(["asyndgan.cli.main", "certs", "init", "--dir", str(certs)]).returncode == 0
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    r = run_cli(["asyndgan.experiments.cli", "certs", "issue", "--dir", str(certs), "--server", "localhost",
+    r = run_cli(["asyndgan.cli.main", "certs", "issue", "--dir", str(certs), "--server", "localhost",
                  "--site", "good", "--site", bad])
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
@@ -136,7 +136,7 @@ def test_mutual_tls_training_and_every_refusal(consortium, tmp_path):
         code, details = _raw_join(addr, _kit(stranger), "c")
         assert code == "PERMISSION_DENIED" and "not one of this consortium's allowed sites" in details
         # 6. revoked
-        r = run_cli(["asyndgan.experiments.cli", "certs", "revoke", "--site", "b", "--dir", str(consortium)])
+        r = run_cli(["asyndgan.cli.main", "certs", "revoke", "--site", "b", "--dir", str(consortium)])
         assert r.returncode == 0, r.stderr
         r = run_cli(SITE + ["--certs", str(consortium / "sites" / "b"), "--data", str(data), "--server", addr,
                             "--site-id", "b"])

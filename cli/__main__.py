@@ -1,0 +1,3 @@
+from asyndgan.cli.main import main
+
+main()
