@@ -33,8 +33,9 @@ from asyndgan.common import public_start
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES
 from asyndgan.experiments import privacy_utility as pu
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.experiments.statistics import paired
+from asyndgan.experiments.pieces import write_json
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,9 @@ from asyndgan.common.config import DataPrepConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.relay import DOWN, UP, Relay, Traffic
-from asyndgan.experiments.runner import Cluster, piece_timer, write_json
+from asyndgan.experiments.runner import Cluster
 from asyndgan.experiments.synthetic_learning import (
-    _kept_or_reset, _require_checkpoint, check_settings, make_phantom, pooled_tree,
-    prepare_compute, segment_rows, synthesise,
+    make_phantom, pooled_tree, prepare_compute, segment_rows, synthesise,
 )
 from asyndgan.segmentation import (
     load_test_cases,
@@ -54,6 +53,7 @@ from asyndgan.experiments.bandwidth_config import (  # noqa: F401  (preset_confi
 )
 from asyndgan.experiments.bandwidth_baselines import flower_data, flower_methods, flower_runs, score_rounds, ensemble
 from asyndgan.experiments.bandwidth_links import LinkSet
+from asyndgan.experiments.pieces import write_json, piece_timer, check_settings, kept_or_reset, require_checkpoint
 
 
 # ---- AsynDGAN bytes on real sockets ---------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def train_gan(cfg: BandwidthConfig, encoding: str, sites: list[pathlib.Path]) ->
     """The GAN trained to the end with the encoding's encode/decode on every batch and answer (in process)."""
     run_dir = cfg.out / "gan" / _slug(encoding)
     info_path = run_dir / "payload.json"
-    if (done := _kept_or_reset(run_dir, cfg.gan.steps)) and info_path.is_file():
+    if (done := kept_or_reset(run_dir, cfg.gan.steps)) and info_path.is_file():
         return done, json.loads(info_path.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     dtype, _ = _split(encoding)
@@ -156,7 +156,7 @@ def train_gan(cfg: BandwidthConfig, encoding: str, sites: list[pathlib.Path]) ->
             "slices": {s.site_id: s.num_samples for s in sessions}}
     write_json(info_path, info)
     log.info("GAN %s: %d steps in %.0f s", encoding, cfg.gan.steps, info["seconds"])
-    return _require_checkpoint(run_dir, cfg.gan.steps), info
+    return require_checkpoint(run_dir, cfg.gan.steps), info
 
 
 # ---- emulated links ---------------------------------------------------------------------------------------

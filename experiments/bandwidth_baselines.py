@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from asyndgan.experiments.relay import DOWN, UP
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.segmentation import (
     SegmentationRecipe, build_network, evaluate_model,
     load_training_slices, train_model,
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 from asyndgan.experiments.bandwidth_config import BandwidthConfig, quantiles
 from asyndgan.experiments.bandwidth_links import LinkSet
+from asyndgan.experiments.pieces import write_json
 
 
 # ---- Flower baselines -----------------------------------------------------------------------------------------

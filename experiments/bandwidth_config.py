@@ -13,6 +13,8 @@ from asyndgan.common.errors import ConfigError
 from asyndgan.experiments.synthetic_learning import GANSection, PhantomPreset, PhantomSection, server_config
 from asyndgan.segmentation import NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig
 
+from asyndgan.experiments.pieces import ExperimentConfig
+
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
 
@@ -45,12 +47,7 @@ class FlowerSection(BaseModel):
     timeout_s: float = 3600
 
 
-class BandwidthConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset
-    out: pathlib.Path
-    seed: int = Field(0, ge=0)
+class BandwidthConfig(ExperimentConfig):
     phantom: PhantomSection
     gan: GANSection
     encodings: list[str] = Field(default_factory=lambda: list(ENCODINGS))

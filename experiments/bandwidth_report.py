@@ -13,7 +13,8 @@ import pathlib
 import numpy as np
 
 from asyndgan.common.atomic import atomic_write_text
-from asyndgan.experiments.runner import write_json
+from asyndgan.experiments.pieces import write_json
+
 
 MIB = 1 << 20
 # Parameter counts for the crossover's other model sizes: MONAI's UNet(32..512) for 4 -> 2 channels, and the

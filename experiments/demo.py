@@ -20,9 +20,10 @@ from asyndgan.common import checkpoint as ckpt
 from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.common.errors import DataError
 from asyndgan.common.devices import resolve_device
-from asyndgan.experiments.runner import Cluster, write_json
+from asyndgan.experiments.runner import Cluster
 from asyndgan.site_agent.datasets import describe_dataset
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
+from asyndgan.experiments.pieces import write_json
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from asyndgan.common.config import (GuardConfig, LossConfig, MLP1DConfig, ModelC
 from asyndgan.common.families import get_family
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
-from asyndgan.experiments.runner import Cluster, write_json
+from asyndgan.experiments.runner import Cluster
 from asyndgan.site_agent.datasets import Samples1DDataset
 from asyndgan.demo_data.toy import GAUSSIAN_SUBSETS, write_gaussian_sites
+from asyndgan.experiments.pieces import write_json
 
 log = logging.getLogger(__name__)
 METHODS = ("syn_all", "syn_subset_1", "syn_subset_2", "syn_subset_3", "asyndgan")

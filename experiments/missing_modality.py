@@ -34,22 +34,24 @@ import time
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import write_phantom
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.runner import Cluster, piece_timer, write_json
+from asyndgan.experiments.runner import Cluster
 from asyndgan.experiments.synthetic_learning import (
-    GANSection, PhantomPreset, PhantomSection, _kept_or_reset, _require_checkpoint, check_settings, pooled_tree, prepare_compute,
-    segment_rows, server_config, synthesise,
+    GANSection, PhantomPreset, PhantomSection, pooled_tree, prepare_compute, segment_rows, server_config, synthesise,
 )
 from asyndgan.segmentation import NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig
 from asyndgan.site_agent import brats
 from asyndgan.site_agent.datasets import open_dataset
 from asyndgan.synthesis.translation import TranslateConfig
+from asyndgan.experiments.pieces import (
+    ExperimentConfig, write_json, piece_timer, check_settings, kept_or_reset, require_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
@@ -58,12 +60,7 @@ METHODS = ("labels", "translate")
 ROWS = ("real_all", "hetero_real", "hetero_asyndgan", "completed_labels", "completed_translate", "homo_asyndgan")
 
 
-class MissingModalityConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset
-    out: pathlib.Path
-    seed: int = Field(0, ge=0)
+class MissingModalityConfig(ExperimentConfig):
     phantom: PhantomSection
     missing: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DSL_MISSING.items()})
     gan: GANSection
@@ -152,7 +149,7 @@ def hetero_view(site: pathlib.Path, drop: list[str], folder: pathlib.Path) -> pa
 def train_gan(cfg: MissingModalityConfig, name: str, sites: list[pathlib.Path]) -> pathlib.Path:
     """AsynDGAN against these sites (each holding what its files hold); the last checkpoint."""
     run_dir = cfg.out / "gan" / name
-    if done := _kept_or_reset(run_dir, cfg.gan.steps):
+    if done := kept_or_reset(run_dir, cfg.gan.steps):
         return done
     scfg = server_config(cfg, run_dir, len(sites), cfg.gan.batch_per_site)
     started = time.monotonic()
@@ -175,7 +172,7 @@ def train_gan(cfg: MissingModalityConfig, name: str, sites: list[pathlib.Path]) 
             log.info("%s: %s holds %s (%d slices)", name, s.site_id, ", ".join(s.worker.modalities), s.num_samples)
         Trainer(scfg, LocalRegistry(sessions), CountingBank(sessions), run_dir).run(threading.Event())
     log.info("%s: %d steps in %.0f s", name, cfg.gan.steps, time.monotonic() - started)
-    return _require_checkpoint(run_dir, cfg.gan.steps)
+    return require_checkpoint(run_dir, cfg.gan.steps)
 
 
 # ---- completion ---------------------------------------------------------------------------------------------

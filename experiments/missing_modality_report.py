@@ -8,8 +8,9 @@ import pathlib
 
 import numpy as np
 
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.experiments.synthetic_learning_report import _pm, plot_dice, summarise_rows, write_patient_csvs
+from asyndgan.experiments.pieces import write_json
 
 LABELS = {
     "real_all": "Real-All (all modalities)",

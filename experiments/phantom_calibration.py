@@ -20,43 +20,37 @@ same OUT are refused.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
-import os
 import pathlib
 import shutil
-import time
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, SiteProfile, write_phantom
 from asyndgan.demo_data.phantom.config import LESION_TYPES
 from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.demo_data.phantom.writer import read_partition
 from asyndgan.experiments import phantom_calibration_report as report
 from asyndgan.experiments.phantom_calibration_report import RowResult
-from asyndgan.experiments.runner import claim_file, piece_timer
-from asyndgan.experiments.synthetic_learning import check_settings
+
+
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
     load_training_slices, pool_slices, train_model, write_results,
 )
 from asyndgan.segmentation.config import earlier_recipe
+from asyndgan.experiments.pieces import (
+    ExperimentConfig, piece_timer, check_settings, CLAIM, claim_folder, wait_for_eval, load_eval,
+)
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu"]
 
 
-class CalibrationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset
-    out: pathlib.Path
-    seed: int = Field(0, ge=0, description="phantoms and the first segmentation seed")
+class CalibrationConfig(ExperimentConfig):
     shape: tuple[int, int, int] = (160, 160, 100)
     cases_per_site: list[int] = Field(default_factory=lambda: [10, 10, 10, 10])
     test_cases: int = Field(40, ge=4)
@@ -162,7 +156,7 @@ def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], t
         folder = cfg.out / "segmentation" / recipe_name / row / f"seed{s}"
         if (folder / "eval" / "summary.json").is_file():
             continue
-        if not _claim(folder):
+        if not claim_folder(folder):
             claimed.append(folder)  # another process of this command is on it
             continue
         log.info("segmentation (%s recipe): %s, seed %d", recipe_name, row, s)
@@ -178,44 +172,15 @@ def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], t
         write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
         (folder / CLAIM).unlink(missing_ok=True)
     for folder in claimed:
-        _wait_for(folder)
+        wait_for_eval(folder)
     for row, s in pieces:
-        out.setdefault(row, []).append(_load_eval(cfg.out / "segmentation" / recipe_name / row / f"seed{s}"))
+        out.setdefault(row, []).append(load_eval(cfg.out / "segmentation" / recipe_name / row / f"seed{s}"))
     return out
 
 
 # Two processes running the same command on the same OUT share the work (two single-threaded trainings use 2 cores
 # better than one with two threads): each piece is claimed by a file holding the claimant's PID; a claim whose
 # process is gone is taken over.
-CLAIM = ".claimed-by"
-
-
-def _claim(folder: pathlib.Path) -> bool:
-    return claim_file(folder / CLAIM)
-
-
-def _wait_for(folder: pathlib.Path) -> None:
-    while not (folder / "eval" / "summary.json").is_file():
-        if not (folder / CLAIM).is_file():
-            raise ConfigError(f"{folder} was claimed by another process that stopped before finishing it; run the "
-                              "command again")
-        try:
-            os.kill(int((folder / CLAIM).read_text() or 0), 0)
-        except (ValueError, ProcessLookupError):
-            raise ConfigError(f"the process working on {folder} has gone; run the command again") from None
-        time.sleep(5)
-
-
-def _load_eval(folder: pathlib.Path) -> dict:
-    import csv
-
-    with open(folder / "eval" / "per_patient.csv", newline="") as f:
-        patients = {r["case"]: float(r["dice"]) for r in csv.DictReader(f)}
-    training = json.loads((folder / "model" / "training.json").read_text())
-    return {"summary": json.loads((folder / "eval" / "summary.json").read_text()), "patients": patients,
-            "collapsed": bool(training.get("collapsed", False)), "seed": folder.name}
-
-
 # ---- summaries ------------------------------------------------------------------------------------------------
 def summarise(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], evals: dict[str, dict[str, list[dict]]],
               partition: dict[str, dict[str, str]], profile_names: dict[str, str]) -> list[RowResult]:

@@ -11,9 +11,10 @@ import shutil
 import numpy as np
 
 from asyndgan.demo_data.phantom.config import LESION_TYPES
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.experiments.statistics import paired
 from asyndgan.segmentation import EMPTY_RULE, PROTOCOL
+from asyndgan.experiments.pieces import write_json
 
 LESION_NAMES = {"glioma": "high-grade glioma", "low_grade_glioma": "low-grade glioma", "metastases": "metastases",
                 "meningioma": "meningioma"}

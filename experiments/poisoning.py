@@ -35,8 +35,9 @@ from asyndgan.common.conditions import brain_region, one_hot
 from asyndgan.common.config import GuardConfig, ServerConfig
 from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.experiments.pieces import write_json
 
 log = logging.getLogger(__name__)
 ATTACKS = ("targeted", "targeted_quiet", "flipped", "huge", "huge30")

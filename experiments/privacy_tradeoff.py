@@ -28,12 +28,13 @@ from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, PrivacyConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.experiments.synthetic_learning_report import _pm
 from asyndgan.experiments.synthetic_learning import (
-    SyntheticLearningConfig, finished_checkpoint, make_phantom, segment_rows, server_config, synthesise,
+    SyntheticLearningConfig, make_phantom, segment_rows, server_config, synthesise,
 )
 from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.experiments.pieces import write_json, finished_checkpoint
 
 log = logging.getLogger(__name__)
 DEFAULT_SETTINGS = ("l1-off", "dp-1.0", "dp-0.6")

@@ -68,12 +68,16 @@ from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES, phantom_config
 from asyndgan.experiments import dp_audit, memorization
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.phantom_calibration import _claim, _load_eval, _wait_for
-from asyndgan.experiments.runner import claim_file, piece_timer, write_json
+
+
 
 from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, evaluate_model,
                                    load_test_cases, load_training_slices, pool_slices, train_model, write_results)
 from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.experiments.pieces import (
+    ExperimentConfig, write_json, piece_timer, claim_folder, wait_for_eval, load_eval, shared_pieces,
+    json_if_file,
+)
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
@@ -111,11 +115,7 @@ class DPSettings(BaseModel):
         return PrivacyConfig(epsilon=epsilon, statistics_share=statistics_share, **self.model_dump())
 
 
-class PrivacyUtilityConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    preset: Preset
-    out: pathlib.Path
-    seed: int = Field(0, ge=0)
+class PrivacyUtilityConfig(ExperimentConfig):
     shape: tuple[int, int, int] = (160, 160, 100)
     public_cases: int = Field(40, ge=1)
     site_cases: list[int] = Field(default_factory=lambda: [60, 30, 15])
@@ -387,7 +387,7 @@ def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test
         folder = cfg.out / "segmentation" / row / f"seed{s}"
         if (folder / "eval" / "summary.json").is_file():
             continue
-        if not _claim(folder):
+        if not claim_folder(folder):
             claimed.append(folder)
             continue
         log.info("segmentation: %s, seed %d", row, s)
@@ -404,11 +404,11 @@ def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test
         write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
         (folder / ".claimed-by").unlink(missing_ok=True)
     for folder in claimed:
-        _wait_for(folder)
+        wait_for_eval(folder)
     out: dict[str, list[dict]] = {}
     for row, s in pieces:
         folder = cfg.out / "segmentation" / row / f"seed{s}"
-        out.setdefault(row, []).append({**_load_eval(folder),
+        out.setdefault(row, []).append({**load_eval(folder),
                                         "hd95": json.loads((folder / "eval" / "summary.json").read_text())
                                         ["hd95_mm"]["mean"]})
     return out
@@ -428,51 +428,9 @@ def summarise_rows(evals: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 # ---- pieces shared between processes ----------------------------------------------------------------------------
-def shared_pieces(cfg: PrivacyUtilityConfig, kind: str, names: list[str], work, done) -> dict:
-    """name -> work(name) for every piece, with any other process of this command on the same OUT taking some:
-    a piece is claimed by a file (OUT/claims/<kind>-<name>) holding the claimant's PID; a piece claimed by a
-    live process is waited for (done(name) returns its result once it is finished, else None), one whose
-    claimant died is taken over. Two single-threaded processes use 2 cores better than one with two threads."""
-    results: dict = {}
-    waiting = []
-    for name in names:
-        if (value := done(name)) is not None:
-            results[name] = value
-        elif _claim_piece(cfg, kind, name):
-            results[name] = work(name)
-            _release(cfg, kind, name)
-        else:
-            waiting.append(name)
-    for name in waiting:
-        while (value := done(name)) is None:
-            if _claim_piece(cfg, kind, name):  # its claimant is gone
-                value = work(name)
-                _release(cfg, kind, name)
-                break
-            time.sleep(5)
-        results[name] = value
-    return {name: results[name] for name in names}
-
-
-def _claim_path(cfg: PrivacyUtilityConfig, kind: str, name: str) -> pathlib.Path:
-    return cfg.out / "claims" / f"{kind}-{name}"
-
-
-def _claim_piece(cfg: PrivacyUtilityConfig, kind: str, name: str) -> bool:
-    return claim_file(_claim_path(cfg, kind, name))
-
-
-def _release(cfg: PrivacyUtilityConfig, kind: str, name: str) -> None:
-    _claim_path(cfg, kind, name).unlink(missing_ok=True)
-
-
-def _json_if(path: pathlib.Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 # ---- the whole experiment ----------------------------------------------------------------------------------------
 def run(cfg: PrivacyUtilityConfig) -> dict:
-    from asyndgan.experiments.synthetic_learning import check_settings
+    from asyndgan.experiments.pieces import check_settings
 
     torch.set_num_threads(cfg.threads)
     check_settings(cfg, added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
@@ -523,7 +481,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
         _report_so_far(cfg, evals, {**_rows_done(cfg), name: out}, timings)
         return out
 
-    done = shared_pieces(cfg, "row", names, row, lambda name: _json_if(cfg.out / "rows" / f"{name}.json"))
+    done = shared_pieces(cfg, "row", names, row, lambda name: json_if_file(cfg.out / "rows" / f"{name}.json"))
     for name, out in done.items():  # rows finished before the membership audit's method changed
         if out["membership"].get("method", 1) != memorization.METHOD:
             out["membership"] = timed(f"membership_{name}", membership, cfg, name, pathlib.Path(out["gan"]["checkpoint"]),

@@ -7,8 +7,9 @@ import pathlib
 
 import numpy as np
 
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.experiments.statistics import paired
+from asyndgan.experiments.pieces import write_json
 
 ORDER_NOTE = {
     "real_all": "private sites' real cases pooled (ceiling)",

@@ -9,7 +9,6 @@ AsynDGANError naming it and its log file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -198,52 +197,3 @@ class Cluster:
                 proc.kill()
 
 
-def write_json(path: pathlib.Path, data) -> None:
-    """Whole or not at all (another process of an experiment may be reading it), its folder made if needed."""
-    from asyndgan.common.atomic import atomic_write_text
-
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def piece_timer(path: pathlib.Path):
-    """(timings, timed) for an experiment made of resumable pieces: `timed(name, fn, *args)` runs fn and adds its
-    seconds to timings[name], saved in `path` (JSON) after every piece, so a resumed run adds what it redid to
-    what was done before. Two processes sharing the pieces merge into the one file (under a lock)."""
-    import fcntl
-
-    timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def timed(name: str, fn, *args):
-        t0 = time.monotonic()
-        value = fn(*args)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = json.loads(path.read_text()) if path.is_file() else {}
-            current[name] = round(current.get(name, 0.0) + time.monotonic() - t0, 1)
-            write_json(path, current)
-        timings.clear()
-        timings.update(current)
-        return value
-
-    return timings, timed
-
-
-def claim_file(path: pathlib.Path) -> bool:
-    """Claim a piece of work shared between processes: True when `path` now holds this process's PID (created
-    now, ours already, or taken over from a claimant that died); False while another live process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "x") as f:
-            f.write(str(os.getpid()))
-        return True
-    except FileExistsError:
-        try:
-            pid = int(path.read_text() or 0)
-            os.kill(pid, 0)
-            return pid == os.getpid()
-        except (ValueError, ProcessLookupError):
-            path.write_text(str(os.getpid()))  # its claimant died: ours now
-            return True
-        except PermissionError:
-            return False

@@ -28,20 +28,22 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig,
     OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
-from asyndgan.common.errors import AsynDGANError, ConfigError
+from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-from asyndgan.experiments.runner import Cluster, piece_timer, write_json
+from asyndgan.experiments.runner import Cluster
 from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
     load_training_slices, pool_slices, train_model, write_results,
 )
 from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.experiments.pieces import (
+    ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
@@ -87,12 +89,7 @@ class GANSection(BaseModel):
     timeout_s: float = 7200
 
 
-class SyntheticLearningConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Preset
-    out: pathlib.Path
-    seed: int = Field(0, ge=0, description="phantom, GANs and the first segmentation seed")
+class SyntheticLearningConfig(ExperimentConfig):
     phantom: PhantomSection
     gan: GANSection
     segmentation: SegmentationRecipe
@@ -157,29 +154,6 @@ def prepare_compute(cfg) -> None:
                           "machine (use --preset cpu)") from None
 
 
-def check_settings(cfg: SyntheticLearningConfig, added: tuple[str, ...] = ()) -> None:
-    """OUT/settings.json holds the settings of the run in OUT; resuming with other settings is refused.
-
-    added: settings this experiment gained after runs were made; a run that lacks them (and matches otherwise)
-    resumes, and the pieces they add run now."""
-    path = cfg.out / "settings.json"
-    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads"}))
-    if path.is_file():
-        theirs = json.loads(path.read_text())
-        new = [k for k in added if k in ours and k not in theirs]
-        if theirs != {k: v for k, v in ours.items() if k not in new}:
-            raise ConfigError(f"{cfg.out} holds a run with other settings ({path}); choose a new --out")
-        if new:
-            log.info("the run in %s predates the settings %s: their pieces run now", cfg.out, ", ".join(new))
-            write_json(path, ours)
-        log.info("resuming the run in %s: finished pieces are kept", cfg.out)
-        return
-    if cfg.out.exists() and any(p.name != "experiment.log" for p in cfg.out.iterdir()):
-        raise ConfigError(f"{cfg.out} is not empty and holds no {cfg.preset} run of this experiment; choose a new --out")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    write_json(path, ours)
-
-
 def make_phantom(cfg: SyntheticLearningConfig) -> tuple[list[pathlib.Path], pathlib.Path]:
     """(site folders, test folder); the phantom is written once (a marker file says it is complete)."""
     root = cfg.out / "phantom"
@@ -221,26 +195,11 @@ def server_config(cfg: SyntheticLearningConfig, run_dir: pathlib.Path, min_sites
     )
 
 
-def finished_checkpoint(run_dir: pathlib.Path, steps: int) -> pathlib.Path | None:
-    path = ckpt.checkpoint_path(run_dir / "checkpoints", steps)
-    return path if path.is_file() else None
-
-
-def _kept_or_reset(run_dir: pathlib.Path, steps: int) -> pathlib.Path | None:
-    """The finished GAN's last checkpoint if this piece was done before; else clear what a cut run left."""
-    done = finished_checkpoint(run_dir, steps)
-    if done:
-        log.info("%s: kept %s", run_dir.name, done)
-        return done
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return None
-
-
 def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: int) -> pathlib.Path:
     """One GAN, one discriminator on every real case pooled, in this process. It draws as many images per
     generator step as AsynDGAN's sites together, so both see the same number of images."""
     run_dir = cfg.out / "gan" / "syn_all"
-    if done := _kept_or_reset(run_dir, cfg.gan.steps):
+    if done := kept_or_reset(run_dir, cfg.gan.steps):
         return done
     scfg = server_config(cfg, run_dir, 1, cfg.gan.batch_per_site * n_sites)
     prep = DataPrepConfig(cache_dir=cfg.out / "cache")
@@ -249,13 +208,13 @@ def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: i
     trainer = Trainer(scfg, LocalRegistry([session]), CountingBank([session]), run_dir)
     trainer.run(threading.Event())
     log.info("syn_all: %d steps in %.0f s", cfg.gan.steps, time.monotonic() - started)
-    return _require_checkpoint(run_dir, cfg.gan.steps)
+    return require_checkpoint(run_dir, cfg.gan.steps)
 
 
 def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> pathlib.Path:
     """The real system: a server process and one site process per site folder, over mutual TLS."""
     run_dir = cfg.out / "gan" / "asyndgan"
-    if done := _kept_or_reset(run_dir, cfg.gan.steps):
+    if done := kept_or_reset(run_dir, cfg.gan.steps):
         return done
     scfg = server_config(cfg, run_dir, len(sites), cfg.gan.batch_per_site)
     started = time.monotonic()
@@ -271,14 +230,7 @@ def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> p
     finally:
         cluster.stop()
     log.info("asyndgan over gRPC with mutual TLS: %d steps in %.0f s", cfg.gan.steps, time.monotonic() - started)
-    return _require_checkpoint(run_dir, cfg.gan.steps)
-
-
-def _require_checkpoint(run_dir: pathlib.Path, steps: int) -> pathlib.Path:
-    path = finished_checkpoint(run_dir, steps)
-    if path is None:
-        raise AsynDGANError(f"the GAN in {run_dir} did not reach step {steps}; see its logs there")
-    return path
+    return require_checkpoint(run_dir, cfg.gan.steps)
 
 
 def synthesise(cfg: SyntheticLearningConfig, checkpoint: pathlib.Path, label_maps: pathlib.Path,
@@ -319,7 +271,7 @@ def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Pat
             summary_path = folder / "eval" / "summary.json"
             done += 1
             if summary_path.is_file():
-                results[row].append(_load_eval(folder / "eval"))
+                results[row].append(load_eval(folder / "eval"))
                 continue
             log.info("segmentation %d/%d: %s, seed %d", done, total, row, s)
             base = (recipes or {}).get(row, recipe)
@@ -333,11 +285,11 @@ def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Pat
                 test = load_test_cases(test_dir, recipe.preprocessing)
             result = evaluate_model(folder / "model", test, cfg.device)
             write_results(result, folder / "eval")
-            results[row].append(_load_eval(folder / "eval"))
+            results[row].append(load_eval(folder / "eval"))
     return results
 
 
-def _load_eval(folder: pathlib.Path) -> dict:
+def load_eval(folder: pathlib.Path) -> dict:
     import csv
 
     with open(folder / "per_patient.csv", newline="") as f:

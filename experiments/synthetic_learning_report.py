@@ -16,9 +16,10 @@ import torch
 
 from asyndgan.common.config import BRATS_MODALITIES
 from asyndgan.experiments.image_quality import fid_kid, paired_ssim_psnr
-from asyndgan.experiments.runner import write_json
+
 from asyndgan.segmentation import EMPTY_RULE, PROTOCOL, Preprocessing
 from asyndgan.segmentation.data import find_cases, read_case
+from asyndgan.experiments.pieces import write_json
 
 log = logging.getLogger(__name__)
 RGB = ("t1ce", "t2", "flair")  # three of the four modalities as the InceptionV3's RGB input

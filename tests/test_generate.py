@@ -21,7 +21,7 @@ from asyndgan.common.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig, load_config
-from asyndgan.experiments import cli as asyndgan_cli
+from asyndgan.cli import main as asyndgan_cli
 from asyndgan.site_agent import brats
 from asyndgan.site_agent.datasets import open_dataset
 from asyndgan.synthesis import label_sources, writers

@@ -25,7 +25,7 @@ from asyndgan.common.config import DataPrepConfig, ServerConfig, load_config
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.config import parse_missing
 from asyndgan.demo_data.toy import write_toy_sites
-from asyndgan.experiments import cli as asyndgan_cli
+from asyndgan.cli import main as asyndgan_cli
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.segmentation import Preprocessing, SegmentationRecipe, TrainingConfig, load_training_slices
 from asyndgan.site_agent.datasets import open_dataset
