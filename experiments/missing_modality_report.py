@@ -9,7 +9,7 @@ import pathlib
 import numpy as np
 
 
-from asyndgan.experiments.synthetic_learning_report import _pm, plot_dice, summarise_rows, write_patient_csvs
+from asyndgan.experiments.synthetic_learning_report import plus_minus, plot_dice, summarise_rows, write_patient_csvs
 from asyndgan.experiments.pieces import write_json
 
 LABELS = {
@@ -137,7 +137,7 @@ def _report(cfg, rows, fid, completion_info, targets, timings, seeds) -> str:
         "|---|---|---|---|---|",
     ]
     for k, r in rows.items():
-        lines.append(f"| {LABELS.get(k, k)} | {_pm(r['dice'])} | {_pm(r['hd95_mm'], 1)} | {r['dice_patient_sd']:.3f} | "
+        lines.append(f"| {LABELS.get(k, k)} | {plus_minus(r['dice'])} | {plus_minus(r['hd95_mm'], 1)} | {r['dice_patient_sd']:.3f} | "
                      f"{PAPER.get(k, '-')} |")
     lines += ["", f"{patients} test patients per seed. Per patient: `per_patient/<row>.csv`; figure "
               "`figures/dice.png`. Hetero-Real pools the heterogeneous sites' real cases in one place with each "
@@ -152,7 +152,7 @@ def _report(cfg, rows, fid, completion_info, targets, timings, seeds) -> str:
     for m in next(iter(fid.values()), {}):
         for method in ("labels", "translate"):
             f = fid[method][m]
-            lines.append(f"| {m} | {method} | {_pm(f['psnr'], 2)} | {_pm(f['ssim'])} | {_pm(f['mae'])} | "
+            lines.append(f"| {m} | {method} | {plus_minus(f['psnr'], 2)} | {plus_minus(f['ssim'])} | {plus_minus(f['mae'])} | "
                          f"{f['cases']} |")
     lines += ["", "Figures: " + ", ".join(f"`figures/completion_{m}.png`" for m in next(iter(fid.values()), {}))
               + " (held modality | real | labels | translate).", ""]

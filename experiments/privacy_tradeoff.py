@@ -29,7 +29,7 @@ from asyndgan.common.config import DataPrepConfig, PrivacyConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 
-from asyndgan.experiments.synthetic_learning_report import _pm
+from asyndgan.experiments.synthetic_learning_report import plus_minus
 from asyndgan.experiments.synthetic_learning import (
     SyntheticLearningConfig, make_phantom, segment_rows, server_config, synthesise,
 )
@@ -169,17 +169,17 @@ def _report(cfg, settings, gans, rows, attacks, smallest) -> str:
         "",
         "| setting | lambda_L1 | noise | D filters | epsilon per site (max) | Dice | vs off | HD95 (mm) |",
         "|---|---|---|---|---|---|---|---|",
-        f"| off (papers') | 100 | - | {cfg.gan.ndf} | unbounded (see the audit) | {_pm(rows['asyndgan']['dice'])} | - | "
-        f"{_pm(rows['asyndgan']['hd95_mm'], 1)} |",
+        f"| off (papers') | 100 | - | {cfg.gan.ndf} | unbounded (see the audit) | {plus_minus(rows['asyndgan']['dice'])} | - | "
+        f"{plus_minus(rows['asyndgan']['hd95_mm'], 1)} |",
     ]
     for name in settings:
         g, r = gans[name], rows[f"privacy_{name}"]
         eps = [v["epsilon"] for v in g["sites"].values() if v["epsilon"] is not None]
         eps_text = f"{max(eps):.2f}" if eps else "unbounded"
         lines.append(f"| {name} | {g['lambda_l1']:g} | {g['noise_multiplier'] or '-'} | {g['ndf']} | {eps_text} | "
-                     f"{_pm(r['dice'])} | {r['dice']['mean'] - off:+.3f} | {_pm(r['hd95_mm'], 1)} |")
-    lines += ["", f"References: real_all {_pm(rows['real_all']['dice'])}, {smallest} (the smallest site) "
-              f"{_pm(rows[smallest]['dice'])}.", ""]
+                     f"{plus_minus(r['dice'])} | {r['dice']['mean'] - off:+.3f} | {plus_minus(r['hd95_mm'], 1)} |")
+    lines += ["", f"References: real_all {plus_minus(rows['real_all']['dice'])}, {smallest} (the smallest site) "
+              f"{plus_minus(rows[smallest]['dice'])}.", ""]
     if attacks is not None:
         lines += ["## Attacks (from `asyndgan audit privacy`)", "",
                   f"See {attacks.get('report', 'the audit folder')}: reconstruction PSNR per setting and attack "

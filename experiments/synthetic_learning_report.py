@@ -196,7 +196,7 @@ def write_patient_csvs(out: pathlib.Path, evals: dict[str, list[dict]], seeds: l
     return paths
 
 
-def _pm(x: dict, digits: int = 3) -> str:
+def plus_minus(x: dict, digits: int = 3) -> str:
     return f"{x['mean']:.{digits}f} ± {x['sd']:.{digits}f}"
 
 
@@ -233,14 +233,14 @@ def _report(cfg, rows, quality, targets, timings, wall, seeds, test_dir) -> str:
         "| method | Dice | HD95 (mm) | Dice, tumour slices only | patient SD |", "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {_pm(r['dice'])} | {_pm(r['hd95_mm'], 1)} | {_pm(r['dice_tumour_slices'])} | "
+        lines.append(f"| {name} | {plus_minus(r['dice'])} | {plus_minus(r['hd95_mm'], 1)} | {plus_minus(r['dice_tumour_slices'])} | "
                      f"{r['dice_patient_sd']:.3f} |")
     lines += ["", "## Image quality per GAN", "", "| GAN | FID | KID | SSIM (brain) | PSNR dB (brain) |",
               "|---|---|---|---|---|"]
     for name in ("syn_all", "asyndgan"):
         q = quality[name]
-        lines.append(f"| {name} | {q['fid']:.1f} | {q['kid_mean']:.4f} ± {q['kid_sd']:.4f} | {_pm(q['ssim'])} | "
-                     f"{_pm(q['psnr_db'], 2)} |")
+        lines.append(f"| {name} | {q['fid']:.1f} | {q['kid_mean']:.4f} ± {q['kid_sd']:.4f} | {plus_minus(q['ssim'])} | "
+                     f"{plus_minus(q['psnr_db'], 2)} |")
     lines += ["", quality["_protocol"] + ".", "", "## The issue's targets", ""]
     for t in targets:
         lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} (difference {t['margin']:+.3f})")
