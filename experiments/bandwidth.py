@@ -244,7 +244,8 @@ def run(cfg: BandwidthConfig) -> dict:
     if cfg.larger_network is not None:
         larger = larger_network_runs(cfg, timed, sites, test_dir, synthetic, test)
     log.info("[7/7] report")
-    results = report.write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings, larger)
+    results = report.write_all(cfg, report.Measured(real, wire, gans, syn, flower, curves, ens, links, params, timings,
+                                                    larger))
     log.info("bandwidth benchmark (%s, seed %d) done; %.0f s of work; report %s", cfg.preset, cfg.seed,
              sum(timings.values()), cfg.out / "report.md")
     return results

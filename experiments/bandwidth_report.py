@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -283,7 +284,27 @@ def _larger_rows(cfg, asyn: dict, larger: dict | None) -> dict | None:
             "fedavg_bytes_spent": spent, "fedavg_bytes_to_target_at_least": lower, "asyndgan_wins": wins}
 
 
-def write_all(cfg, real, wire, gans, syn, flower, curves, ens, links, params, timings, larger=None) -> dict:
+@dataclass
+class Measured:
+    """What the benchmark's pieces measured, as the report reads it (every field: the piece's own JSON record)."""
+
+    real: dict  # row -> [per seed evaluation]: real_all (and the sites' own rows)
+    wire: dict  # encoding -> bytes on real sockets (wire_run)
+    gans: dict  # encoding -> the GAN trained with it (train_gan)
+    syn: dict  # synthetic row -> [per seed evaluation]
+    flower: dict  # method -> Flower run (bytes, rounds, tls)
+    curves: dict  # method -> [{round, dice}]
+    ens: dict  # the ensemble's {dice}
+    links: dict  # {measured, why, profiles}
+    params: int  # the segmentation model's parameter count
+    timings: dict  # piece -> seconds
+    larger: dict | None = None  # the model-size regime (larger_network_runs), when run
+
+
+def write_all(cfg, measured: Measured) -> dict:
+    m = measured
+    real, wire, gans, syn, flower, curves, ens, links, params, timings, larger = (
+        m.real, m.wire, m.gans, m.syn, m.flower, m.curves, m.ens, m.links, m.params, m.timings, m.larger)
     out = cfg.out
     sites = len(cfg.phantom.cases_per_site)
     real_dice = _mean(real["real_all"])

@@ -143,7 +143,7 @@ def test_the_report_takes_an_untrained_float32_row_and_an_empty_flower_curve(tmp
     from types import SimpleNamespace
 
     from asyndgan.experiments.bandwidth import HOSPITAL_LINKS
-    from asyndgan.experiments.bandwidth_report import write_all
+    from asyndgan.experiments.bandwidth_report import Measured, write_all
 
     cfg = SimpleNamespace(out=tmp_path, preset="unit", seed=0, target_fraction=0.9, link_encoding="q8/brain",
                           wire_steps=5, ensemble_steps=10,
@@ -152,10 +152,12 @@ def test_the_report_takes_an_untrained_float32_row_and_an_empty_flower_curve(tmp
                           segmentation=SimpleNamespace(preprocessing=SimpleNamespace(image_size=32)))
     gan = {"seconds": 5.0, "payload_up": 10, "payload_down": 10, "slices": {"a": 20, "b": 20}}
     fedavg = {**_fedavg(100, 3), "largest_message": {"up": 50, "down": 50}}
-    results = write_all(cfg, real={"real_all": _evals(0.8)}, wire={"float32/full": _wire(800), "q8/brain": _wire(100)},
-                        gans={"q8/brain": gan}, syn={"asyndgan_q8-brain": _evals(0.75)},
-                        flower={"fedavg": fedavg, "cyclic": fedavg}, curves={"fedavg": _curve(), "cyclic": []},
-                        ens={"dice": 0.5}, links={}, params=1000, timings={})
+    results = write_all(cfg, Measured(real={"real_all": _evals(0.8)},
+                                      wire={"float32/full": _wire(800), "q8/brain": _wire(100)},
+                                      gans={"q8/brain": gan}, syn={"asyndgan_q8-brain": _evals(0.75)},
+                                      flower={"fedavg": fedavg, "cyclic": fedavg},
+                                      curves={"fedavg": _curve(), "cyclic": []}, ens={"dice": 0.5}, links={},
+                                      params=1000, timings={}))
     assert results["asyndgan"]["float32/full"]["dice"] is None
     assert results["asyndgan"]["q8/brain"]["dice_cost_vs_float32"] is None
     assert results["asyndgan"]["q8/brain"]["fewer_bytes_than_float32"] == pytest.approx(8.0)
