@@ -128,8 +128,9 @@ class Trainer:
             parts.append(self.family.condition(self.model_cfg, p.maps, len(p.keys), self.rng))
         return torch.cat(parts)
 
-    def _dispatch(self, planned: list[_Planned], x: torch.Tensor) -> torch.Tensor:
-        """fake = G(x) [B, C, ...] (with its graph); each site is sent its rows and channels."""
+    def _dispatch(self, planned: list[_Planned], x: torch.Tensor, round_: int) -> torch.Tensor:
+        """fake = G(x) [B, C, ...] (with its graph); each site is sent its rows and channels, tagged with the
+        round (one per batch sent, retries included) its answer must carry."""
         self.generator.train()
         fake = self.generator(x.to(self.device))
         regions = self._regions(planned, fake)
@@ -138,12 +139,11 @@ class Trainer:
             # the site fills in, so the sites' discriminators judge what the server used (and its gradient is 0).
             inside = torch.cat(regions).to(self.device).unsqueeze(1)
             fake = torch.where(inside, fake, torch.full_like(fake, serde.BACKGROUND))
-        self.round += 1
         fake_cpu = fake.detach().cpu()
         for i, p in enumerate(planned):
             part = fake_cpu[p.rows] if p.session.channels is None else fake_cpu[p.rows][:, p.session.channels]
             region = None if regions is None else regions[i]
-            p.session.send_batch(serde.SyntheticBatch(self.step, self.round, p.keys, part, p.aug, region))
+            p.session.send_batch(serde.SyntheticBatch(self.step, round_, p.keys, part, p.aug, region))
         return fake
 
     def _regions(self, planned: list[_Planned], fake: torch.Tensor) -> list[torch.Tensor] | None:
@@ -153,22 +153,26 @@ class Trainer:
             return None
         return [brain_region(m) for m in maps if m is not None]
 
-    def _collect(self, planned: list[_Planned], report: StepReport) -> dict[str, SiteGradient]:
-        """Each site's checked gradient, waiting until the step deadline; the misses go into the report."""
+    def _collect(self, planned: list[_Planned], round_: int
+                 ) -> tuple[dict[str, SiteGradient], dict[str, str], dict[str, dict[str, float]]]:
+        """(each site's checked gradient, why each other site was left out, each answer's losses), waiting until
+        the step deadline."""
         deadline = time.monotonic() + self.cfg.train.step_deadline_s
         results: dict[str, SiteGradient] = {}
+        missed: dict[str, str] = {}
+        losses: dict[str, dict[str, float]] = {}
         for p in planned:
             channels = p.session.channels
             shape = self.family.sample_shape(self.model_cfg, len(p.keys), None if channels is None else len(channels))
-            answer = p.session.await_gradient(self.round, shape, deadline)
+            answer = p.session.await_gradient(round_, shape, deadline)
             if isinstance(answer, str):
-                report.missed[p.session.site_id] = answer
+                missed[p.session.site_id] = answer
                 log.warning("step %d: site %s left out (%s)", self.step, p.session.site_id, answer)
                 continue
             results[p.session.site_id] = SiteGradient(p.rows, channels, answer.gradient, p.session.num_samples,
                                                       len(p.keys))
-            report.losses[p.session.site_id] = answer.losses
-        return results
+            losses[p.session.site_id] = answer.losses
+        return results, missed, losses
 
     def _statistics_term(self, planned: list[_Planned], fake: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """(d/d fake, value) of statistics_weight x the mean over the sites that released statistics of
@@ -280,10 +284,12 @@ class Trainer:
         started = time.monotonic()
         planned = self._plan(sessions)
         x = self._conditions(planned)
-        fake = self._dispatch(planned, x)
-        report = StepReport(self.step, 0, 0.0, [])
+        self.round += 1  # one per batch sent: a late answer to a retried step carries an older round
+        fake = self._dispatch(planned, x, self.round)
         anchor = self._anchor_term(planned, x, fake)  # before waiting: it overlaps with the sites' work
-        results = self._guard(planned, self._collect(planned, report), report)
+        answered, missed, losses = self._collect(planned, self.round)
+        report = StepReport(self.step, 0, 0.0, [], missed=missed, losses=losses)
+        results = self._guard(planned, answered, report)
         # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
         quorum = min(self._quorum(), len(planned))
         if len(results) < quorum:
