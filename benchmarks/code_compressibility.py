@@ -18,7 +18,7 @@ from asyndgan.common import tensor_codec as tc
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.simulation.local_sites import LocalSession, LocalRegistry, CountingBank
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 
 run = pathlib.Path(sys.argv[1])
 ck = sys.argv[2]

@@ -140,7 +140,8 @@ def run_server_role(run_dir: pathlib.Path, size: int, port_file: pathlib.Path, r
 def run_site_role(server: str, maps_file: pathlib.Path, workdir: pathlib.Path, chunk_mb: float,
                   result_file: pathlib.Path) -> None:
     from asyndgan.common.config import SiteConfig
-    from asyndgan.site_agent import agent, cache, datasets
+    from asyndgan.formats import cache, datasets
+    from asyndgan.site_agent import agent
 
     sampler = MemorySampler()
     labels = np.load(maps_file, mmap_mode="c", allow_pickle=False)

@@ -25,7 +25,7 @@ import torch
 from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.demo_data import phantom
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.common.logging_setup import setup_logging
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.demo_data.toy import write_toy_sites
 
 

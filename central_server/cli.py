@@ -116,7 +116,7 @@ def pretrain(data, out, config_file, steps, batch_size, cache_dir, threads, devi
 
 
 def _has_checkpoint(run_dir: pathlib.Path) -> bool:
-    from asyndgan.common.checkpoint import list_checkpoints
+    from asyndgan.formats.checkpoint import list_checkpoints
 
     return bool(list_checkpoints(run_dir / "checkpoints"))
 
@@ -186,7 +186,7 @@ def health(address, certs, timeout):
 def export(run_dir, checkpoint, out, log_level):
     """Write the generator's weights and model settings (no optimiser, no label maps) as safetensors: what a
     consortium publishes. `asyndgan generate --generator FILE` reads it."""
-    from asyndgan.synthesis.generator_file import export_generator
+    from asyndgan.formats.generator_file import export_generator
 
     setup_logging(log_level)
     loaded = export_generator(checkpoint or run_dir, out)

@@ -4,7 +4,7 @@
     SitePool        the sites of the run: who is available, the quorum, removal
     LabelMapStore   the label maps the sites uploaded, by site and key
 
-Two implementations of each: over gRPC (session.SiteSession, registry.SiteRegistry, common/label_map_bank.LabelMapBank)
+Two implementations of each: over gRPC (session.SiteSession, registry.SiteRegistry, formats/label_map_bank.LabelMapBank)
 and in one process (simulation/local_sites.py: LocalSession, LocalRegistry, CountingBank). The trainer uses
 nothing else of them; the type check (tests/test_types.py) shows that both conform.
 """

@@ -15,7 +15,7 @@ from asyndgan.common.config import ServerConfig
 from asyndgan.common.families import get_family
 from asyndgan.common.grpc_options import MAX_MESSAGE_BYTES
 from asyndgan.common.identifiers import site_id_problem
-from asyndgan.common.label_map_bank import LabelMapBank, UploadedMaps
+from asyndgan.formats.label_map_bank import LabelMapBank, UploadedMaps
 from asyndgan.central_server.session import SiteSession, State
 
 log = logging.getLogger(__name__)

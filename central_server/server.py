@@ -17,15 +17,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
-from asyndgan.common import public_start, serde, tls
+from asyndgan.common import serde, tls
+from asyndgan.formats import public_start
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.config import ModelConfig, ServerConfig, describe_validation_error
 from asyndgan.common.errors import AsynDGANError, ConfigError
 from asyndgan.common.grpc_options import OPTIONS
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.central_server.identity import Authorizer
-from asyndgan.common.label_map_bank import LabelMapBank
+from asyndgan.formats.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.servicer import AsynDGANServicer
 from asyndgan.central_server.status import build_status

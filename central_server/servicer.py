@@ -16,7 +16,8 @@ from typing import Callable
 
 import grpc
 
-from asyndgan.common import public_start, serde
+from asyndgan.common import serde
+from asyndgan.formats import public_start
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import LimitsConfig

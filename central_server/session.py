@@ -20,7 +20,7 @@ import torch
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.errors import ProtocolError
-from asyndgan.common.label_map_bank import LabelMapUpload, UploadedMaps
+from asyndgan.formats.label_map_bank import LabelMapUpload, UploadedMaps
 
 log = logging.getLogger(__name__)
 

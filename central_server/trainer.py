@@ -34,7 +34,7 @@ from asyndgan.common.families import get_family
 from asyndgan.common.intensity_statistics import check_received, statistics_loss
 from asyndgan.common.seeding import seeded
 from asyndgan.common.intensity_statistics import names as statistics_names
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient, channel_weights, combine, site_weights
 from asyndgan.central_server.monitoring import TrainingLog

@@ -29,7 +29,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common import public_start
+from asyndgan.formats import public_start
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES
 from asyndgan.experiments import privacy_utility as pu

@@ -44,7 +44,7 @@ from asyndgan.experiments.synthetic_learning import (
 from asyndgan.segmentation import (
     load_test_cases,
 )
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 

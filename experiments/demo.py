@@ -16,12 +16,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.common.config import ServerConfig, load_config
 from asyndgan.common.errors import DataError
 from asyndgan.common.devices import resolve_device
 from asyndgan.experiments.runner import Cluster
-from asyndgan.site_agent.datasets import describe_dataset
+from asyndgan.formats.datasets import describe_dataset
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments.pieces import write_json
 
@@ -132,7 +132,7 @@ def after_training_commands(cfg: DemoConfig, checkpoint: str | None) -> dict:
     synthetic cases), else from the run's own label-map bank."""
     import shlex
 
-    from asyndgan.site_agent import brats
+    from asyndgan.formats import brats
 
     if checkpoint is None:
         return {"generate_command": None, "export_command": None}

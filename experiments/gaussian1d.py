@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import (GuardConfig, LossConfig, MLP1DConfig, ModelConfig, OptimizerConfig,
     ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
@@ -28,7 +28,7 @@ from asyndgan.common.families import get_family
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.metrics import w1_to_gaussian_mixture
 from asyndgan.experiments.runner import Cluster
-from asyndgan.site_agent.datasets import Samples1DDataset
+from asyndgan.formats.datasets import Samples1DDataset
 from asyndgan.demo_data.toy import GAUSSIAN_SUBSETS, write_gaussian_sites
 from asyndgan.experiments.pieces import write_json
 

@@ -30,7 +30,7 @@ from asyndgan.common import serde
 from asyndgan.common.conditions import brain_region
 from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.families import get_family
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 
 log = logging.getLogger(__name__)
 METHOD = 2  # see the module docstring
@@ -95,7 +95,7 @@ def _nearest(queries: torch.Tensor, pool: torch.Tensor, chunk: int = 256) -> tor
 def audit(checkpoint: pathlib.Path, members: list[pathlib.Path], nonmembers: list[pathlib.Path],
           cache_dir: pathlib.Path, nn_slices: int = 300, seed: int = 0) -> MembershipResult:
     """Membership AUC and nearest-neighbour distances of the generator in `checkpoint` (module docstring)."""
-    from asyndgan.synthesis.generator_file import load_from_checkpoint
+    from asyndgan.formats.generator_file import load_from_checkpoint
 
     loaded = load_from_checkpoint(checkpoint)
     model = loaded.model

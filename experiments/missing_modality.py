@@ -46,8 +46,8 @@ from asyndgan.experiments.synthetic_learning import (
     GANSection, PhantomPreset, PhantomSection, pooled_tree, prepare_compute, segment_rows, server_config, synthesise,
 )
 from asyndgan.segmentation import NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig
-from asyndgan.site_agent import brats
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats import brats
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.synthesis.translation import TranslateConfig
 from asyndgan.experiments.pieces import (
     ExperimentConfig, write_json, piece_timer, check_settings, kept_or_reset, require_checkpoint,

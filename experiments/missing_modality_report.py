@@ -59,7 +59,7 @@ def plot_completions(path_for, cfg, full_sites: list[pathlib.Path]) -> dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from asyndgan.site_agent import brats
+    from asyndgan.formats import brats
 
     paths = {}
     for site in full_sites:

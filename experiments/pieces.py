@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.common.errors import AsynDGANError, ConfigError
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from asyndgan.common.config import GuardConfig, ServerConfig
 from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import write_json
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,7 @@ from asyndgan.common.config import (
     make_optimizer,
 )
 from asyndgan.common.families import get_family
-from asyndgan.site_agent.datasets import SiteDataset, open_dataset
+from asyndgan.formats.datasets import SiteDataset, open_dataset
 from asyndgan.site_agent.worker import SiteWorker
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from asyndgan.experiments.synthetic_learning_report import plus_minus
 from asyndgan.experiments.synthetic_learning import (
     SyntheticLearningConfig, make_phantom, segment_rows, server_config, synthesise,
 )
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import write_json, finished_checkpoint
 
 log = logging.getLogger(__name__)

@@ -58,10 +58,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.simulation.pretrain import pretrain
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common import public_start
+from asyndgan.formats import public_start
 from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
                                     PrivacyConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
@@ -73,7 +73,7 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 
 from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, evaluate_model,
                                    load_test_cases, load_training_slices, pool_slices, train_model, write_results)
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import (
     ExperimentConfig, write_json, piece_timer, claim_folder, wait_for_eval, load_eval, shared_pieces,
     json_if_file,
@@ -323,7 +323,7 @@ def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path]
     from asyndgan.common import serde
     from asyndgan.common.conditions import augment, draw_augmentation, one_hot
     from asyndgan.site_agent.worker import SiteWorker
-    from asyndgan.synthesis.generator_file import load_from_checkpoint
+    from asyndgan.formats.generator_file import load_from_checkpoint
 
     from_public, privacy, steps, _, _ = gan_settings(cfg)[name]
     folder = cfg.out / "audit" / name

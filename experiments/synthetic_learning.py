@@ -40,7 +40,7 @@ from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
     load_training_slices, pool_slices, train_model, write_results,
 )
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import (
     ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint,
 )

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from asyndgan.common.config import BRATS_MODALITIES
 
 Region = Literal["whole", "core", "enhancing"]
-# Our label values (site_agent/brats.py: 2 necrotic/non-enhancing core, 3 edema, 4 enhancing) per region, in the
+# Our label values (formats/brats.py: 2 necrotic/non-enhancing core, 3 edema, 4 enhancing) per region, in the
 # BraTS definitions: whole tumour = every tumour label, tumour core = necrotic + enhancing, enhancing = enhancing.
 REGION_LABELS: dict[str, tuple[int, ...]] = {"whole": (2, 3, 4), "core": (2, 4), "enhancing": (4,)}
 REGION_NAMES = {"whole": "whole tumour", "core": "tumour core", "enhancing": "enhancing tumour"}

@@ -1,6 +1,6 @@
 """BraTS volumes as segmentation data: whole cases read with the site's own reader, training slices, test cases.
 
-Reading reuses site_agent/brats.py (case discovery, 2018 vs 2023 names and labels, label checks, percentile
+Reading reuses formats/brats.py (case discovery, 2018 vs 2023 names and labels, label checks, percentile
 normalisation), so a synthetic tree written by `asyndgan generate` and a real one are read the same way. What
 differs from the site's prepared cache: the site keeps tumour slices only, at the generator's size; segmentation
 needs healthy slices too (training) and every slice on the original grid (evaluation).
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from asyndgan.common.errors import DataError
 from asyndgan.segmentation.config import REGION_LABELS, Preprocessing, SegmentationRecipe
-from asyndgan.site_agent import brats
+from asyndgan.formats import brats
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from asyndgan.common import serde
 from asyndgan.central_server.session import SessionStats
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
-from asyndgan.site_agent.datasets import SiteDataset
+from asyndgan.formats.datasets import SiteDataset
 from asyndgan.site_agent.worker import SiteWorker
 
 

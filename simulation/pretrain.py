@@ -2,7 +2,7 @@
 
 No site and no privacy are involved: the data are public (e.g. a public BraTS release), so the server may hold
 them, and the papers' full objective (with the L1 term, when configured) is allowed. The result is a folder
-(common/public_start.py) that a run starts from with `asyndgan-server start --init DIR`: the generator from its
+(formats/public_start.py) that a run starts from with `asyndgan-server start --init DIR`: the generator from its
 weights, every site's discriminators from the reference discriminator. A private site then spends its budget
 adapting what public data cannot teach, instead of learning a brain from noise.
 
@@ -20,9 +20,9 @@ import shutil
 import threading
 import time
 
-from asyndgan.common import public_start
+from asyndgan.formats import public_start
 from asyndgan.common.config import DataPrepConfig, ServerConfig
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.errors import AsynDGANError
 
@@ -33,7 +33,7 @@ def pretrain(cfg: ServerConfig, data: pathlib.Path, prep: DataPrepConfig | None 
     """Train on `data` into cfg.run_dir and write the public-start files there; returns the folder. A folder that
     already holds a finished pretraining is kept as it is; a cut one starts again."""
     from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-    from asyndgan.site_agent.datasets import open_dataset
+    from asyndgan.formats.datasets import open_dataset
 
     out = cfg.run_dir
     if (out / public_start.RECORD).is_file():

@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from asyndgan.common import public_start, serde, tls
+from asyndgan.common import serde, tls
+from asyndgan.formats import public_start
 from asyndgan.common.atomic import atomic_write
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import SiteConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError, PrivacyBudgetExhausted, ProtocolError
 from asyndgan.site_agent import privacy, state
-from asyndgan.site_agent.datasets import SiteDataset, describe_dataset, open_dataset
+from asyndgan.formats.datasets import SiteDataset, describe_dataset, open_dataset
 from asyndgan.site_agent.worker import SiteWorker
 
 log = logging.getLogger(__name__)

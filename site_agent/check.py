@@ -26,7 +26,7 @@ from asyndgan.common import serde, tls
 from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
 from asyndgan.common.config import ModelConfig, SiteConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError
-from asyndgan.site_agent.datasets import DataSummary, SiteDataset, describe_dataset, open_dataset
+from asyndgan.formats.datasets import DataSummary, SiteDataset, describe_dataset, open_dataset
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from asyndgan.common.serde import PrivacyStatus
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig, linear_decay, make_optimizer
 from asyndgan.common.conditions import augment
 from asyndgan.common.errors import AsynDGANError, ConfigError, PrivacyBudgetExhausted
-from asyndgan.site_agent.datasets import Patients
+from asyndgan.formats.datasets import Patients
 from asyndgan.site_agent.gradients import SiteLearner, generator_adversarial_loss
 
 log = logging.getLogger(__name__)

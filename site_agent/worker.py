@@ -24,7 +24,7 @@ from asyndgan.common.errors import DataError, ProtocolError
 from asyndgan.common.families import get_family
 from asyndgan.common.intensity_statistics import names as released_names
 from asyndgan.site_agent import site_statistics, state
-from asyndgan.site_agent.datasets import Patients, SiteDataset
+from asyndgan.formats.datasets import Patients, SiteDataset
 from asyndgan.site_agent.gradients import SiteLearner
 from asyndgan.site_agent.privacy import FrozenPublicLearner, PrivacyLedger, PrivateSiteLearner, noise_for_budget
 

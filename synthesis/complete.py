@@ -33,11 +33,11 @@ from tqdm import tqdm
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.common.devices import resolve_device
 from asyndgan.common.errors import ConfigError, DataError
-from asyndgan.site_agent import brats
+from asyndgan.formats import brats
 from asyndgan.synthesis import label_sources as sources
 from asyndgan.synthesis import writers
 from asyndgan.synthesis.generate import brain_inside, volume_images, write_error
-from asyndgan.synthesis.generator_file import LoadedGenerator, load_exported, load_from_checkpoint
+from asyndgan.formats.generator_file import LoadedGenerator, load_exported, load_from_checkpoint
 from asyndgan.synthesis.translation import (
     TranslateConfig, apply_translator, from_slices, load_translator, save_translator, to_slices, train_translator,
 )

@@ -36,7 +36,7 @@ from asyndgan.common.families import get_family
 from asyndgan.common.devices import resolve_device
 from asyndgan.synthesis import label_sources as sources
 from asyndgan.synthesis import writers
-from asyndgan.synthesis.generator_file import LoadedGenerator, load_exported, load_from_checkpoint
+from asyndgan.formats.generator_file import LoadedGenerator, load_exported, load_from_checkpoint
 
 log = logging.getLogger(__name__)
 Format = Literal["nifti", "png", "arrays"]

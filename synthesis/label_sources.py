@@ -3,14 +3,14 @@
 Three sources:
 - the run's own bank (no `--label-maps`): the maps every site uploaded, pooled; `count` maps drawn uniformly
   from the pool without replacement (so each site contributes in proportion to its size), or every map once.
-  Files are verified against the checkpoint's digests (common/label_map_bank.py `restore`).
+  Files are verified against the checkpoint's digests (formats/label_map_bank.py `restore`).
 - a BraTS tree (`_seg` / `-seg` case folders): 3-D cases. Every axial slice gets a label map from
-  site_agent/brats.py `slice_label_maps` (tumour labels + brain outline, resized to the run's stored size).
+  formats/brats.py `slice_label_maps` (tumour labels + brain outline, resized to the run's stored size).
   The brain outline needs a brain mask, taken as the site takes it: wherever any of the case's images is above
   0. A case folder with a segmentation but no image (t1, t1ce, t2 or flair) is refused with a one-line error:
   guessing the brain's extent from the tumour alone would feed the generator maps unlike any it was trained on.
 - 2-D mask files (PNG or TIFF): `masks/` of an image folder, `<name>_mask.<ext>` files, or a folder of mask
-  files; read and resized as site_agent/image_folders.py does.
+  files; read and resized as formats/image_folders.py does.
 Any label value the generator was not trained for (>= its num_classes) is an error naming the file or site.
 """
 
@@ -24,9 +24,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from asyndgan.common.label_map_bank import LabelMapBank
+from asyndgan.formats.label_map_bank import LabelMapBank
 from asyndgan.common.errors import DataError
-from asyndgan.site_agent import brats, image_folders
+from asyndgan.formats import brats, image_folders
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from asyndgan.common.atomic import atomic_write
 from asyndgan.common.errors import AsynDGANError
 from asyndgan.common.families import get_family
-from asyndgan.synthesis.generator_file import LoadedGenerator
+from asyndgan.formats.generator_file import LoadedGenerator
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import logging
 
 import torch
 
-from asyndgan.common import checkpoint as ckpt
-from asyndgan.common.label_map_bank import LabelMapBank
+from asyndgan.formats import checkpoint as ckpt
+from asyndgan.formats.label_map_bank import LabelMapBank
 from asyndgan.common.serde import maps_digest
 
 
@@ -60,7 +60,7 @@ def test_a_resumed_run_reports_its_throughput_from_its_first_step(tmp_path):
     from asyndgan.common.config import ServerConfig
     from asyndgan.demo_data.toy import write_toy_sites
     from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
-    from asyndgan.site_agent.datasets import open_dataset
+    from asyndgan.formats.datasets import open_dataset
 
     (folder,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[8], size=20, seed=1)
     cfg = ServerConfig.model_validate({

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyndgan.common.label_map_bank import LabelMapUpload
+from asyndgan.formats.label_map_bank import LabelMapUpload
 from asyndgan.common import serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb
 from asyndgan.common.config import ServerConfig, SiteFacingConfig, load_config, parse_override

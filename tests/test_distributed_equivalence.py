@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asyndgan.common.checkpoint import load_checkpoint
+from asyndgan.formats.checkpoint import load_checkpoint
 from asyndgan.central_server.guard import cap_shares
 from asyndgan.central_server.sampling import plan_batches
 from asyndgan.common.conditions import augment, draw_augmentation, one_hot

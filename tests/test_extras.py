@@ -34,7 +34,7 @@ def test_a_site_runs_without_the_optional_extras(toy_patient_site, tmp_path):
         from asyndgan.common import serde
         from asyndgan.common.conditions import draw_augmentation
         from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
-        from asyndgan.site_agent.datasets import open_dataset
+        from asyndgan.formats.datasets import open_dataset
         from asyndgan.site_agent.worker import SiteWorker
         cfg = SiteFacingConfig.model_validate({{"model": {{"image2d": {{"image_size": 16, "load_size": 20, "ndf": 4,
             "d_layers": 1, "modalities": ["t1", "t1ce", "t2", "flair"]}}}}, "schedule": {{"steps": 10}}}})

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from asyndgan.common.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from asyndgan.formats.checkpoint import list_checkpoints, load_checkpoint, load_latest
 from asyndgan.common import pki
 from asyndgan.demo_data.toy import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, free_port, start_site, wait_port_free

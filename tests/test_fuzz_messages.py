@@ -8,7 +8,7 @@ import torch
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from asyndgan.common.label_map_bank import LabelMapUpload
+from asyndgan.formats.label_map_bank import LabelMapUpload
 from asyndgan.central_server.session import SiteSession, State
 from asyndgan.common import serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb

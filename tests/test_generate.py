@@ -17,13 +17,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from asyndgan.central_server import cli as server_cli
-from asyndgan.common.label_map_bank import LabelMapBank
+from asyndgan.formats.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import SiteRegistry
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig, load_config
 from asyndgan.cli import main as asyndgan_cli
-from asyndgan.site_agent import brats
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats import brats
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.synthesis import label_sources, writers
 from procs import TINY_IMAGE2D
 from volumes import brain_with_tumour

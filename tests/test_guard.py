@@ -8,11 +8,11 @@ import torch
 
 from asyndgan.central_server import guard
 from asyndgan.central_server.aggregation import SiteGradient
-from asyndgan.common.label_map_bank import LabelMapBank
+from asyndgan.formats.label_map_bank import LabelMapBank
 from asyndgan.central_server.registry import JoinRefused, SiteRegistry
 from asyndgan.common import serde
 from asyndgan.common.config import GuardConfig, ServerConfig, SiteFacingConfig, load_config
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.site_agent.gradients import SiteLearner
 from procs import TINY_IMAGE2D
 

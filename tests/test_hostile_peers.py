@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from asyndgan.common.label_map_bank import LabelMapUpload, LabelMapBank
+from asyndgan.formats.label_map_bank import LabelMapUpload, LabelMapBank
 from asyndgan.central_server.session import INBOX_SIZE, SessionStats, SiteSession
 from asyndgan.common import pki, serde, tensor_codec
 from asyndgan.common._generated import asyndgan_pb2 as pb

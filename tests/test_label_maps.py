@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from asyndgan.common.label_map_bank import LabelMapUpload, LabelMapBank
+from asyndgan.formats.label_map_bank import LabelMapUpload, LabelMapBank
 from asyndgan.central_server.session import SiteSession
 from asyndgan.common import serde
 from asyndgan.common._generated import asyndgan_pb2 as pb

@@ -1,13 +1,15 @@
 """The packages' allowed import directions, and no import cycle between modules.
 
-    common          the shared definitions and file formats (wire messages, configs, checkpoints, the label-map
-                    bank, intensity statistics): imports no other package of ours
-    site_agent      a hospital's side: common only
-    central_server  the server: common only
-    demo_data       the phantom and toy data: common only
-    segmentation    the downstream models: common, and site_agent's data readers
-    synthesis       generate / export / complete: common, site_agent's readers, segmentation
-    simulation      the system in one process: common, central_server, site_agent
+    common          the shared definitions (wire messages, configs, model families, TLS, intensity statistics):
+                    imports no other package of ours
+    formats         the data layer: every format on disk (site data readers, the prepared cache, data sets, the
+                    label-map bank, checkpoints, the published generator, the public start): common only
+    site_agent      a hospital's side: common, formats
+    central_server  the server: common, formats
+    demo_data       the phantom and toy data: common
+    segmentation    the downstream models: common, formats
+    synthesis       generate / complete: common, formats, segmentation
+    simulation      the system in one process: common, formats, central_server, site_agent
     experiments     everything above
     cli             the `asyndgan` command: everything
 The command-line modules (`cli`, `*.cli`) sit on top and may import any package. Lazy imports (inside
@@ -21,15 +23,17 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ALLOWED = {
     "common": set(),
-    "site_agent": {"common"},
-    "central_server": {"common"},
+    "formats": {"common"},
+    "site_agent": {"common", "formats"},
+    "central_server": {"common", "formats"},
     "demo_data": {"common"},
-    "segmentation": {"common", "site_agent"},
-    "synthesis": {"common", "site_agent", "segmentation"},
-    "simulation": {"common", "central_server", "site_agent"},
-    "experiments": {"common", "site_agent", "central_server", "demo_data", "segmentation", "synthesis", "simulation"},
-    "cli": {"common", "site_agent", "central_server", "demo_data", "segmentation", "synthesis", "simulation",
-            "experiments"},
+    "segmentation": {"common", "formats"},
+    "synthesis": {"common", "formats", "segmentation"},
+    "simulation": {"common", "formats", "central_server", "site_agent"},
+    "experiments": {"common", "formats", "site_agent", "central_server", "demo_data", "segmentation", "synthesis",
+                    "simulation"},
+    "cli": {"common", "formats", "site_agent", "central_server", "demo_data", "segmentation", "synthesis",
+            "simulation", "experiments"},
 }
 
 

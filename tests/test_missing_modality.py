@@ -28,7 +28,7 @@ from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.cli import main as asyndgan_cli
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.segmentation import Preprocessing, SegmentationRecipe, TrainingConfig, load_training_slices
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 
 
 # ---- the generator with sites that hold different modalities ------------------------------------------------
@@ -104,7 +104,7 @@ def test_phantom_sites_can_lack_modalities_and_the_test_cases_keep_all(tmp_path)
     assert names(tmp_path / "test") == ["flair", "seg", "t1", "t1ce", "t2"]
     assert json.loads((tmp_path / "config.json").read_text())["missing"] == {"site1": ["t2"], "site2": ["flair", "t1"]}
     # the site agent sees what is there
-    from asyndgan.site_agent.datasets import describe_dataset
+    from asyndgan.formats.datasets import describe_dataset
 
     assert describe_dataset(tmp_path / "site2").modalities == ["t1ce", "t2"]
 

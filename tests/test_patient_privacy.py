@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from asyndgan.common import public_start
+from asyndgan.formats import public_start
 from asyndgan.common.conditions import draw_augmentation
 from asyndgan.common import serde
 from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError, ProtocolError
 from asyndgan.experiments import dp_audit
-from asyndgan.site_agent.datasets import Patients, open_dataset
-from asyndgan.site_agent.image_folders import read_patient_map
+from asyndgan.formats.datasets import Patients, open_dataset
+from asyndgan.formats.image_folders import read_patient_map
 from asyndgan.site_agent.privacy import (PrivacyLedger, check_no_batch_mixing, noise_for_budget, planned_dp_steps,
                                          rdp_epsilon)
 from asyndgan.site_agent.worker import SiteWorker

@@ -17,7 +17,7 @@ from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ConfigError, PrivacyBudgetExhausted
 from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.site_agent import state
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.site_agent.privacy import PrivacyLedger, affordable_steps, rdp_epsilon
 from asyndgan.site_agent.worker import SiteWorker
 

@@ -13,7 +13,7 @@ from procs import run_cli
 
 from asyndgan.common.config import DataPrepConfig
 from asyndgan.experiments import privacy_audit as pa
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 
 torch.set_num_threads(1)
 

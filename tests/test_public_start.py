@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from asyndgan.common import public_start
+from asyndgan.formats import public_start
 from asyndgan.demo_data.toy import write_toy_sites
 from procs import TINY_IMAGE2D, Server, run_cli, start_site
 

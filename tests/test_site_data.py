@@ -14,8 +14,8 @@ from PIL import Image
 
 from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.errors import DataError
-from asyndgan.site_agent import brats
-from asyndgan.site_agent.datasets import describe_dataset, open_dataset
+from asyndgan.formats import brats
+from asyndgan.formats.datasets import describe_dataset, open_dataset
 from volumes import brain_with_tumour
 
 SHAPE = (40, 40, 12)

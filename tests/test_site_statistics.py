@@ -13,7 +13,7 @@ from asyndgan.common.config import PrivacyConfig, SiteFacingConfig
 from asyndgan.common.errors import AsynDGANError, ProtocolError
 from asyndgan.common.intensity_statistics import check_received, names, region_moments, statistics_loss
 from asyndgan.site_agent import site_statistics
-from asyndgan.site_agent.datasets import open_dataset
+from asyndgan.formats.datasets import open_dataset
 from asyndgan.site_agent.privacy import noise_for_budget, rdp_epsilon
 from asyndgan.site_agent.worker import SiteWorker
 from conftest import TOY_PATIENTS, TOY_SLICES

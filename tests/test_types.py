@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ["common", "central_server", "site_agent", "simulation", "segmentation", "synthesis", "experiments",
+PACKAGES = ["common", "formats", "central_server", "site_agent", "simulation", "segmentation", "synthesis", "experiments",
             "demo_data"]
-CHECKED = ["common", "site_agent", "central_server", "simulation"]
+CHECKED = ["common", "formats", "site_agent", "central_server", "simulation"]
 
 
 def test_the_core_type_checks(tmp_path):

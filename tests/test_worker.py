@@ -18,7 +18,7 @@ from asyndgan.common.errors import ConfigError, ProtocolError
 from asyndgan.common.families import family_names, get_family
 from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.simulation.local_sites import LocalSession
-from asyndgan.site_agent.datasets import Samples1DDataset, open_dataset
+from asyndgan.formats.datasets import Samples1DDataset, open_dataset
 from asyndgan.site_agent.gradients import SiteLearner
 from asyndgan.site_agent.worker import SiteWorker
 

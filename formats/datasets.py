@@ -6,13 +6,13 @@ upload) and, privately, real samples by key. Keys are opaque positions 0..N-1; f
 what it expected.
 
 Layouts understood:
-- brats: one folder per case with BraTS 2018-2021 or 2023+ NIfTI names (site_agent/brats.py);
-- images: 2-D image files beside mask files, PNG or TIFF (site_agent/image_folders.py);
+- brats: one folder per case with BraTS 2018-2021 or 2023+ NIfTI names (formats/brats.py);
+- images: 2-D image files beside mask files, PNG or TIFF (formats/image_folders.py);
 - arrays (`meta.json` kind "arrays"): `images.npy` float32 [N, C, H, W] in [-1, 1], `labels.npy` uint8
   [N, H, W], optionally `"patients": [id per sample]` in meta.json; written by `asyndgan data toy` and usable
   for any pre-processed 2-D data;
 - samples1d (`meta.json` kind "samples1d"): `samples.npy` float32 [N], for the 1-D experiment.
-BraTS and image folders are prepared once at the server's size and cached (site_agent/cache.py).
+BraTS and image folders are prepared once at the server's size and cached (formats/cache.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
 from asyndgan.common.errors import DataError
-from asyndgan.site_agent import brats, cache, image_folders
+from asyndgan.formats import brats, cache, image_folders
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ An export (`asyndgan-server export`) is what a consortium publishes: a `.safeten
 weights and, in its metadata, the model settings (the ModelConfig section that every site was told, as JSON),
 the run id, the step and the digest of the run's configuration. No optimiser, no label maps, no pickle: the
 format holds raw tensors with dtype and shape, so reading one never runs code. Checkpoints are read with
-torch.load(weights_only=True) through common/checkpoint.py.
+torch.load(weights_only=True) through formats/checkpoint.py.
 
 Both loaders check, in order: the file is readable, it is one of ours, it holds an image2d generator (the only
 family generated from label maps), and the weights fit the model settings it names. Each failure is one line
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from asyndgan.common import checkpoint as ckpt
+from asyndgan.formats import checkpoint as ckpt
 from asyndgan.common.atomic import atomic_write
 from asyndgan.common.config import ModelConfig, ServerConfig, validate_json
 from asyndgan.common.errors import AsynDGANError

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
 from asyndgan.common.errors import DataError
-from asyndgan.site_agent import cache
+from asyndgan.formats import cache
 
 log = logging.getLogger(__name__)
 
