@@ -131,7 +131,7 @@ class PrivacyUtilityConfig(ExperimentConfig):
     stats_only_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
                                              description="epsilons of the rows with frozen public discriminators and "
                                                          "the whole budget on the statistics release")
-    anchor_weight: float = Field(10.0, ge=0, description="TrainConfig.anchor_weight of the anchored rows, chosen on "
+    anchor_weight: float = Field(100.0, ge=0, description="TrainConfig.anchor_weight of the anchored rows, chosen on "
                                  "public data (`asyndgan experiment anchor-tuning`)")
     anchor_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
                                          description="epsilons of the anchored rows (DP-SGD + release + anchor)")
