@@ -46,6 +46,11 @@ class Image2DConfig(_Section):
         "per_modality", description="per_modality: one PatchGAN per modality a site holds (the multi-modal "
         "method); joint: one PatchGAN over the label map and every held modality together (a private site then "
         "adds its noise to one network instead of one per modality)")
+    init: Literal["pytorch", "normal"] = Field(
+        "pytorch", description="initial weights of the generator and the discriminators: 'pytorch', each layer's "
+        "own PyTorch default (convolutions Kaiming-uniform with a = sqrt(5), biases uniform in +-1/sqrt(fan_in); "
+        "norm layers weight 1, bias 0), what every committed report used; 'normal', pix2pix's N(0, 0.02) for "
+        "every convolution and linear weight, biases 0. Drawn from the seeded random generator either way")
 
     @model_validator(mode="after")
     def _check(self) -> "Image2DConfig":

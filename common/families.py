@@ -24,7 +24,7 @@ from torch import nn
 from asyndgan.common.conditions import Augmentation, draw_augmentation, one_hot
 from asyndgan.common.config import ModelConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.common.networks import PatchGAN, ResNetGenerator, UNetGenerator, mlp
+from asyndgan.common.networks import PatchGAN, ResNetGenerator, UNetGenerator, initialise, mlp
 
 
 class Family(abc.ABC):
@@ -147,9 +147,9 @@ class Image2D(Family):
         cfg = model.image2d
         in_ch, out_ch = cfg.num_classes, len(cfg.modalities)
         if cfg.generator == "resnet":
-            return ResNetGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks)
+            return initialise(ResNetGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks), cfg.init)
         if cfg.generator == "unet":
-            return UNetGenerator(in_ch, out_ch, cfg.ngf, cfg.unet_depth)
+            return initialise(UNetGenerator(in_ch, out_ch, cfg.ngf, cfg.unet_depth), cfg.init)
         raise ConfigError(f"unknown image2d generator {cfg.generator!r}; choose resnet or unet")
 
     def build_discriminators(self, model, modalities):
@@ -157,8 +157,10 @@ class Image2D(Family):
         # or one "joint" PatchGAN over the map and every held channel.
         cfg = model.image2d
         if cfg.discriminator == "joint":
-            return nn.ModuleDict({JOINT: PatchGAN(cfg.num_classes + len(modalities), cfg.ndf, cfg.d_layers)})
-        return nn.ModuleDict({m: PatchGAN(cfg.num_classes + 1, cfg.ndf, cfg.d_layers) for m in modalities})
+            return initialise(nn.ModuleDict({JOINT: PatchGAN(cfg.num_classes + len(modalities), cfg.ndf,
+                                                             cfg.d_layers)}), cfg.init)
+        return initialise(nn.ModuleDict({m: PatchGAN(cfg.num_classes + 1, cfg.ndf, cfg.d_layers) for m in modalities}),
+                          cfg.init)
 
     def discriminator_inputs(self, names, samples):
         if names == [JOINT]:

@@ -4,6 +4,7 @@ Generators (the server's): pix2pix's ResNet generator (reflection padding, insta
 n residual blocks, tanh output), a U-Net with skip connections, and a small MLP. Discriminators (a site's):
 PatchGAN, and the same MLP. They live in `common` so that a site never imports server code; which family uses
 which, at what size, is decided in common/families.py. Every module maps a tensor to a tensor (no hidden state).
+Initial weights are chosen explicitly by `initialise` (ModelConfig.image2d.init).
 """
 
 from __future__ import annotations
@@ -112,3 +113,20 @@ class PatchGAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def initialise(module: nn.Module, scheme: str) -> nn.Module:
+    """Set `module`'s initial weights by `scheme` and return it. 'pytorch': every layer keeps the default its
+    constructor drew (nothing is redrawn, so a seed gives the weights it always gave); 'normal': pix2pix's N(0, 0.02)
+    for every convolution and linear weight, biases 0 (norm layers keep weight 1, bias 0)."""
+    if scheme == "pytorch":
+        return module
+    if scheme != "normal":
+        raise ValueError(f"unknown initialisation {scheme!r}; choose pytorch or normal")
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.normal_(layer.weight, 0.0, 0.02)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+    return module

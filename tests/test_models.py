@@ -83,3 +83,30 @@ def test_networks_are_built_from_the_seed_without_touching_the_global_random_sta
     assert not all(torch.equal(p, q) for p, q in zip(a.generator.parameters(), other.generator.parameters()))
     norms = [m for m in a.generator.modules() if isinstance(m, torch.nn.InstanceNorm2d) and m.affine]
     assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in norms)
+
+
+@pytest.mark.parametrize("scheme", ["pytorch", "normal"])
+def test_initial_weights_follow_the_stated_scheme(scheme):
+    """image2d.init: 'pytorch' keeps each layer's default (convolution weights inside Kaiming-uniform's bound
+    1/sqrt(fan_in), nonzero biases), 'normal' draws N(0, 0.02) with zero biases; a seed gives the same weights."""
+    from asyndgan.common.seeding import seeded
+
+    model = ModelConfig.model_validate({"image2d": {"image_size": 32, "ngf": 8, "n_blocks": 1, "ndf": 8,
+                                                    "d_layers": 2, "init": scheme}})
+    family = get_family("image2d")
+    with seeded(5):
+        g = family.build_generator(model)
+        d = family.build_discriminators(model, ["t1", "flair"])
+    with seeded(5):
+        g2 = family.build_generator(model)
+    assert all(torch.equal(p, q) for p, q in zip(g.state_dict().values(), g2.state_dict().values()))
+    convs = [m for net in (g, d) for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    weights = torch.cat([m.weight.flatten() for m in convs])
+    biases = torch.cat([m.bias.flatten() for m in convs if m.bias is not None])
+    if scheme == "normal":
+        assert float(weights.std()) == pytest.approx(0.02, rel=0.05) and float(biases.abs().max()) == 0.0
+    else:
+        for m in convs:
+            fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)  # as PyTorch's reset_parameters
+            assert float(m.weight.abs().max()) <= 1 / fan_in ** 0.5 + 1e-6
+        assert float(biases.abs().max()) > 0 and float(weights.std()) != pytest.approx(0.02, rel=0.05)
