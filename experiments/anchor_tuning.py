@@ -95,7 +95,7 @@ def run(cfg: AnchorTuningConfig) -> dict:
     started = time.monotonic()
     reference = cfg.out / "synthetic" / "public_only"
     if not (reference / ".done").is_file():
-        pu.synthesise(e, "public_only", cfg.pretraining / info["checkpoint"], site)
+        pu.synthetic_set(e, "public_only", cfg.pretraining / info["checkpoint"], site)
     rows["public_only"] = {"anchor_weight": None, **_dice(cfg, "public_only", reference, test_dir)}
     for weight in cfg.weights:
         name = f"anchor{weight:g}"
@@ -103,7 +103,7 @@ def run(cfg: AnchorTuningConfig) -> dict:
         gan = pu.fit_gan(e, name, cfg.out / "gan" / name, settings, [site], cfg.pretraining)
         synthetic = cfg.out / "synthetic" / name
         if not (synthetic / ".done").is_file():
-            pu.synthesise(e, name, pathlib.Path(gan["checkpoint"]), site)
+            pu.synthetic_set(e, name, pathlib.Path(gan["checkpoint"]), site)
         rows[name] = {"anchor_weight": weight, **_dice(cfg, name, synthetic, test_dir)}
         log.info("anchor %g: stand-in test Dice %.3f", weight, rows[name]["dice"])
     tuned = [n for n in rows if rows[n]["anchor_weight"] is not None]

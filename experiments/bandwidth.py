@@ -39,7 +39,7 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 from asyndgan.experiments.relay import DOWN, UP, Relay, Traffic
 from asyndgan.experiments.runner import Cluster
 from asyndgan.experiments.synthetic_learning import (
-    make_phantom, pooled_tree, prepare_compute, segment_rows, synthesise,
+    make_phantom, pooled_tree, prepare_compute, segment_rows, synthetic_set,
 )
 from asyndgan.segmentation import (
     load_test_cases,
@@ -228,7 +228,7 @@ def run(cfg: BandwidthConfig) -> dict:
     for e in cfg.dice_encodings or cfg.encodings:
         ckpt, info = timed(f"gan_{_slug(e)}", train_gan, cfg, e, sites)
         gans[e] = info
-        synthetic[e] = timed(f"generate_{_slug(e)}", synthesise, cfg, ckpt, pooled, cfg.out / "synthetic" / _slug(e))
+        synthetic[e] = timed(f"generate_{_slug(e)}", synthetic_set, cfg, ckpt, pooled, cfg.out / "synthetic" / _slug(e))
     syn = timed("segmentation_synthetic", segment_rows, cfg,
                 {f"asyndgan_{_slug(e)}": [synthetic[e]] for e in synthetic}, test_dir)
     log.info("[4/7] Flower: FedAvg, cyclical and single weight transfer")

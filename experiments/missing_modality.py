@@ -43,7 +43,7 @@ from asyndgan.demo_data.phantom import write_phantom
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster
 from asyndgan.experiments.synthetic_learning import (
-    GANSection, PhantomPreset, PhantomSection, pooled_tree, prepare_compute, segment_rows, server_config, synthesise,
+    GANSection, PhantomPreset, PhantomSection, pooled_tree, prepare_compute, segment_rows, server_config, synthetic_set,
 )
 from asyndgan.segmentation import NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig
 from asyndgan.formats import brats
@@ -263,7 +263,7 @@ def run(cfg: MissingModalityConfig) -> dict:
     log.info("[4/7] AsynDGAN with every modality at every site")
     ckpt["homo"] = timed("gan_homo", train_gan, cfg, "homo", full)
     log.info("[5/7] synthetic training sets, and completion of the heterogeneous sites (labels, translate)")
-    synthetic = {g: timed(f"generate_{g}", synthesise, cfg, ckpt[g], pooled, cfg.out / "synthetic" / g)
+    synthetic = {g: timed(f"generate_{g}", synthetic_set, cfg, ckpt[g], pooled, cfg.out / "synthetic" / g)
                  for g in ("hetero", "homo")}
     completed, completion_info = {}, {}
     for method in METHODS:

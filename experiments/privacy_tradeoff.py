@@ -31,7 +31,7 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 
 from asyndgan.experiments.synthetic_learning_report import plus_minus
 from asyndgan.experiments.synthetic_learning import (
-    SyntheticLearningConfig, make_phantom, segment_rows, server_config, synthesise,
+    SyntheticLearningConfig, make_phantom, segment_rows, server_config, synthetic_set,
 )
 from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import write_json, finished_checkpoint
@@ -129,7 +129,7 @@ def run(run_folder: pathlib.Path, settings: list[str], audit: pathlib.Path | Non
         log.info("[%d/%d] %s: GAN, synthetic data, segmentation", i + 1, len(settings), name)
         folder = out / name
         gans[name] = train_private_gan(cfg, sites, name, folder)
-        synthetic = synthesise(cfg, pathlib.Path(gans[name]["checkpoint"]), cfg.out / "pooled",
+        synthetic = synthetic_set(cfg, pathlib.Path(gans[name]["checkpoint"]), cfg.out / "pooled",
                                folder / "synthetic" / "train")
         evals.update(segment_rows(cfg, {f"privacy_{name}": [synthetic]}, test_dir))
     # The reference rows come from the synthetic-learning run itself (computed there if missing).

@@ -357,7 +357,7 @@ def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path]
     return result
 
 
-def synthesise(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, maps: pathlib.Path) -> pathlib.Path:
+def synthetic_set(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, maps: pathlib.Path) -> pathlib.Path:
     from asyndgan.synthesis.generate import GenerateConfig, run
 
     out = cfg.out / "synthetic" / name
@@ -473,7 +473,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
         dp_sgd = gan["privacy"] is not None and gan["privacy"]["trainable"] != "none"
         canaries = timed(f"canaries_{name}", canary_audit, cfg, name, sites, pre) if dp_sgd else None
         member = timed(f"membership_{name}", membership, cfg, name, checkpoint, sites, test_dir)
-        synthetic = timed(f"synthesis_{name}", synthesise, cfg, name, checkpoint, maps)
+        synthetic = timed(f"synthesis_{name}", synthetic_set, cfg, name, checkpoint, maps)
         seg = timed(f"segmentation_{name}", segment, cfg, {name: [synthetic]}, test_dir)[name]
         out = {"gan": gan, "canaries": canaries, "membership": member, "segmentation": seg}
         write_json(cfg.out / "rows" / f"{name}.json", out)

@@ -233,7 +233,7 @@ def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> p
     return require_checkpoint(run_dir, cfg.gan.steps)
 
 
-def synthesise(cfg: SyntheticLearningConfig, checkpoint: pathlib.Path, label_maps: pathlib.Path,
+def synthetic_set(cfg: SyntheticLearningConfig, checkpoint: pathlib.Path, label_maps: pathlib.Path,
                out: pathlib.Path) -> pathlib.Path:
     """Whole synthetic BraTS cases for every case of `label_maps` (synthesis resumes a partial output)."""
     from asyndgan.synthesis.generate import GenerateConfig, run
@@ -321,9 +321,9 @@ def run(cfg: SyntheticLearningConfig) -> dict:
              "quality only)")
     synthetic, synthetic_test = {}, {}
     for gan in GANS:
-        synthetic[gan] = timed(f"generate_{gan}", synthesise, cfg, checkpoints[gan], pooled,
+        synthetic[gan] = timed(f"generate_{gan}", synthetic_set, cfg, checkpoints[gan], pooled,
                                cfg.out / "synthetic" / gan / "train")
-        synthetic_test[gan] = timed(f"generate_{gan}", synthesise, cfg, checkpoints[gan], test_dir,
+        synthetic_test[gan] = timed(f"generate_{gan}", synthetic_set, cfg, checkpoints[gan], test_dir,
                                     cfg.out / "synthetic" / gan / "test")
     log.info("[6/7] image quality (FID/KID, SSIM/PSNR)")
     quality = timed("image_quality", report.image_quality, cfg, test_dir, synthetic_test)
