@@ -91,14 +91,15 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
     bank = LabelMapBank(cfg.run_dir / "bank")
     registry = SiteRegistry(cfg, bank)
     trainer = Trainer(cfg, registry, bank, cfg.run_dir)
-    if cfg.train.anchor_weight > 0 and start is None:
+    if (cfg.train.anchor_weight or 0) > 0 and start is None:
         raise ConfigError(f"train.anchor_weight = {cfg.train.anchor_weight:g} anchors the generator to a public "
-                          "start: give one with --init (or set train.anchor_weight = 0)")
+                          "start: give one with --init (or leave train.anchor_weight unset)")
     public_generator = None if start is None else ckpt.load_checkpoint(start)["generator"]
-    if public_generator is not None and cfg.train.anchor_weight > 0:
-        trainer.anchor_to(public_generator)  # on a resumed run as well: the anchor is the public start, not step 0
+    anchor = cfg.train.anchor_for(public_start=start is not None)
+    if public_generator is not None and anchor > 0:
+        trainer.anchor_to(public_generator, anchor)  # on a resumed run too: the anchor is the public start
         log.info("the generator is anchored to the public start's output (train.anchor_weight %g; no site data)",
-                 cfg.train.anchor_weight)
+                 anchor)
     found = ckpt.load_latest(cfg.run_dir / "checkpoints") if cfg.resume != "never" else None
     if found is None and start is not None and public_generator is not None:
         trainer.generator.load_state_dict(public_generator)

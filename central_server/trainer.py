@@ -97,11 +97,13 @@ class Trainer:
         self.monitor: TrainingLog | None = None
         self.rejections = guard.RejectionLog(cfg.train.guard)
         self.anchor: torch.nn.Module | None = None  # the public start's generator, frozen (anchor_to)
+        self.anchor_weight = 0.0
 
-    def anchor_to(self, weights: dict) -> None:
+    def anchor_to(self, weights: dict, weight: float) -> None:
         """Keep a frozen generator with these weights (the public start) for the anchor term: each step then adds
-        train.anchor_weight x mean |G(x) - G_public(x)| over the pixels that cross the wire. It reads no site
-        data: the sites' privacy budgets pay nothing for it."""
+        weight x mean |G(x) - G_public(x)| over the pixels that cross the wire (train.anchor_weight). It reads no
+        site data: the sites' privacy budgets pay nothing for it."""
+        self.anchor_weight = weight
         anchor = self.family.build_generator(self.model_cfg).to(self.device)
         anchor.load_state_dict(weights)
         self.anchor = anchor.eval().requires_grad_(False)
@@ -220,7 +222,7 @@ class Trainer:
                      ) -> tuple[torch.Tensor, float] | None:
         """(d/d fake, value) of anchor_weight x mean |fake - G_public(x)| (outside the brain region both are the
         background when only the brain crosses the wire); None without an anchor."""
-        if self.anchor is None or self.cfg.train.anchor_weight == 0:
+        if self.anchor is None or self.anchor_weight == 0:
             return None
         with torch.no_grad():
             target = self.anchor(x.to(self.device))
@@ -228,7 +230,7 @@ class Trainer:
             if regions is not None:
                 inside = torch.cat(regions).to(self.device).unsqueeze(1)
                 target = torch.where(inside, target, torch.full_like(target, serde.BACKGROUND))
-        loss = self.cfg.train.anchor_weight * (fake - target).abs().mean()
+        loss = self.anchor_weight * (fake - target).abs().mean()
         (grad,) = torch.autograd.grad(loss, fake, retain_graph=True)
         return grad, float(loss.detach())
 

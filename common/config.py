@@ -153,6 +153,9 @@ class GuardConfig(_Section):
         return cls(clip_factor=0, reject_factor=0, max_share=1.0)
 
 
+ANCHOR_DEFAULT = 100.0  # TrainConfig.anchor_weight with --init when unset
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(1, ge=1, le=4096, description="samples per site per step ('balance') or in all ('uniform')")
     sampling: Literal["balance", "uniform"] = "balance"
@@ -181,10 +184,19 @@ class TrainConfig(_Section):
                                      "statistics_floor^2)")
     statistics_floor: float = Field(0.05, gt=0, description="the smallest standard deviation a released statistic "
                                     "is trusted to (so exact, noise-free numbers cannot dominate the loss)")
-    anchor_weight: float = Field(0.0, ge=0, description="with a public start (--init): weight of a server-side term "
-                                 "anchor_weight x mean |G(x) - G_public(x)| inside the brain, which keeps the "
-                                 "generator near the public generator's output on the same label maps (it uses no "
-                                 "site data, so it costs no privacy budget); 0 turns it off")
+    anchor_weight: float | None = Field(None, ge=0, description="with a public start (--init): weight of a "
+                                        "server-side term anchor_weight x mean |G(x) - G_public(x)| inside the brain, "
+                                        "which keeps the generator near the public generator's output on the same "
+                                        "label maps (it uses no site data, so it costs no privacy budget); 0 turns it "
+                                        "off; unset: ANCHOR_DEFAULT (100) with --init, 0 without (chosen on public "
+                                        "data: `asyndgan experiment anchor-tuning`; without it the private "
+                                        "fine-tunes measured collapsed)")
+
+    def anchor_for(self, public_start: bool) -> float:
+        """The anchor weight a run uses: the set value, else ANCHOR_DEFAULT with a public start and 0 without."""
+        if self.anchor_weight is not None:
+            return self.anchor_weight
+        return ANCHOR_DEFAULT if public_start else 0.0
     seed: int = 0
 
 

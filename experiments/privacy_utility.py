@@ -282,7 +282,6 @@ def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings
         return json.loads(record.read_text())
     shutil.rmtree(folder, ignore_errors=True)  # a cut run (with its experiment-only ledgers) starts again
     scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site, lambda_l1)
-    scfg.train.anchor_weight = anchor_weight
     initial = None
     if from_public:
         info, data = public_start.read_folder(pre)
@@ -296,7 +295,7 @@ def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings
         public_generator = ckpt.load_checkpoint(pre / info["checkpoint"])["generator"]
         trainer.generator.load_state_dict(public_generator)
         if anchor_weight > 0:
-            trainer.anchor_to(public_generator)
+            trainer.anchor_to(public_generator, anchor_weight)
     started = time.monotonic()
     trainer.run(threading.Event())
     final = ckpt.checkpoint_path(folder / "checkpoints", steps)

@@ -224,18 +224,18 @@ def test_the_anchor_keeps_the_generator_near_the_public_start(site, tmp_path):
     for weight in (0.0, 100.0):
         cfg = ServerConfig.model_validate({"run_dir": str(tmp_path / f"run{weight:g}"), "tensorboard": False,
                                            "g_optim": {"lr": 0.002}, "site": _cfg().model_dump(),
-                                           "train": {"batch_size": 4, "anchor_weight": weight}})
+                                           "train": {"batch_size": 4}})
         session = LocalSession("q", open_dataset(site, cfg.site), cfg.site)
         trainer = Trainer(cfg, LocalRegistry([session]), CountingBank([session]), cfg.run_dir)
         start = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
         if weight:
-            trainer.anchor_to(start)
+            trainer.anchor_to(start, weight)
         reports = [trainer.train_step([session]) for _ in range(20)]
         assert ("anchor" in reports[0].losses.get("server", {})) == bool(weight)
         if weight:
             assert reports[0].losses["server"]["anchor"] == 0.0  # G is its anchor at the start
             assert reports[-1].losses["server"]["anchor"] > 0.0
-        trainer.anchor_to(start)  # to measure how far the images moved
+        trainer.anchor_to(start, weight)  # to measure how far the images moved
         planned = trainer._plan([session])
         x = trainer._conditions(planned)
         inside = torch.cat(trainer._regions(planned, x)).unsqueeze(1)  # what crosses the wire (the rest is -1)
@@ -243,3 +243,12 @@ def test_the_anchor_keeps_the_generator_near_the_public_start(site, tmp_path):
             drift[weight] = float((trainer.generator(x) - trainer.anchor(x)).abs()[inside.expand(-1, 4, -1, -1)]
                                   .mean())
     assert drift[0.0] > 0.05 and drift[100.0] < drift[0.0] / 2.5, drift
+
+
+def test_the_anchor_is_on_by_default_only_with_a_public_start():
+    from asyndgan.common.config import ANCHOR_DEFAULT, TrainConfig
+
+    assert TrainConfig().anchor_for(public_start=True) == ANCHOR_DEFAULT == 100.0
+    assert TrainConfig().anchor_for(public_start=False) == 0.0
+    assert TrainConfig(anchor_weight=0).anchor_for(public_start=True) == 0.0
+    assert TrainConfig(anchor_weight=7).anchor_for(public_start=False) == 7.0
