@@ -247,11 +247,13 @@ def bandwidth(preset, out, seed, threads, phantom_preset, log_level):
 @click.option("--guard", "guards", multiple=True, type=click.Choice(["on", "off", "median"]),
               help="Guard modes to compare (repeatable) [on, off]; median: on plus the coordinate-wise median of the "
                    "sites' parameter gradients.")
+@click.option("--honest-only", is_flag=True, help="No attack: only the honest runs, to measure what each guard "
+              "costs an honest consortium.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads of this process [2].")
 @log_level_option
 @friendly_errors
-def poisoning(out, steps, attacks, guards, seed, threads, log_level):
+def poisoning(out, steps, attacks, guards, honest_only, seed, threads, log_level):
     """One site of three answers with gradients of its choosing (a painted square, sign-flipped, huge); how far
     the generator moves from an honest run, with the server's guard and without. About a minute per attack on
     2 cores."""
@@ -261,13 +263,18 @@ def poisoning(out, steps, attacks, guards, seed, threads, log_level):
 
     setup_logging(log_level, out / "experiment.log")
     torch.set_num_threads(threads or 2)
-    result = run(PoisoningConfig(out=out, steps=steps, seed=seed, attacks=list(attacks or ATTACKS),
+    result = run(PoisoningConfig(out=out, steps=steps, seed=seed,
+                                 attacks=[] if honest_only else list(attacks or ATTACKS),
                                  guards=list(guards or ["on", "off"])))
     for r in result["rows"]:
         click.echo(f"{r['attack']:<15} guard {r['guard']:<6}  moved {r['distance']:.3f} of the "
                    f"range  rejected {r['rejected']}  clipped rows {r['rows_clipped']}"
                    + ("  removed" if r["removed"] else ""))
-    click.echo(f"two honest seeds differ by {result['seed_spread']:.3f}; report: {out / 'report.md'}")
+    for guard, d in next(v for k, v in result["honest_cost"].items() if k.startswith("image_distance_to_")).items():
+        click.echo(f"honest run, guard {guard:<6}  images {d:.3f} of the range from the first guard's")
+    images = result["honest_cost"]["seed_spread_image_distance"]
+    click.echo(f"two honest seeds differ by {result['seed_spread']:.3f} (square), {images:.3f} (images); "
+               f"report: {out / 'report.md'}")
 
 
 @click.group()

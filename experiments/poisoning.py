@@ -123,7 +123,7 @@ def run_once(cfg: PoisoningConfig, sites: list[pathlib.Path], attack: str | None
     finite = bool(torch.isfinite(fake).all())
     contrast = float(fake[brain & in_square].mean() - fake[brain & ~in_square].mean()) if finite else float("nan")
     hostile = sessions[2]
-    return {"attack": attack, "guard": guard, "seed": seed, "steps": trainer.step, "finite": finite,
+    return {"_images": torch.where(brain, fake, torch.zeros_like(fake)), "_brain": brain, "attack": attack, "guard": guard, "seed": seed, "steps": trainer.step, "finite": finite,
             "square_contrast": contrast, "rejected": hostile.stats.gradients_rejected,
             "rows_clipped": hostile.stats.rows_clipped, "removed": hostile.left is not None,
             "honest_rows_clipped": sum(s.stats.rows_clipped for s in sessions[:2]),
@@ -147,8 +147,20 @@ def run(cfg: PoisoningConfig) -> dict:
                      attack, guard, r["distance"], r["rejected"], r["rows_clipped"],
                      ", removed" if r["removed"] else "")
     first = honest[cfg.guards[0]]
+
+    def image_distance(a: dict, b: dict) -> float:  # mean |difference| inside the brain, as a fraction of the range
+        return float((a["_images"] - b["_images"]).abs()[a["_brain"]].mean()) / 2
+
+    # What each guard costs an honest run: how far its generator's images are from the first guard's, beside how
+    # far two honest seeds are from each other (same images, same measure).
+    honest_cost = {"image_distance_to_" + cfg.guards[0]: {g: image_distance(honest[g], first) for g in cfg.guards},
+                   "seed_spread_image_distance": image_distance(spread, first) if spread else None}
+    for r in [*honest.values(), *rows, *([spread] if spread else [])]:
+        r.pop("_images", None)
+        r.pop("_brain", None)
     result = {"settings": json.loads(cfg.model_dump_json()), "honest": honest, "rows": rows,
-              "seed_spread": abs(spread["square_contrast"] - first["square_contrast"]) / 2 if spread else None}
+              "seed_spread": abs(spread["square_contrast"] - first["square_contrast"]) / 2 if spread else None,
+              "honest_cost": honest_cost}
     write_json(cfg.out / "results.json", result)
     (cfg.out / "report.md").write_text(markdown(result))
     return result
@@ -175,4 +187,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['attack']} | {r['guard']} | {r['distance']:.3f} | "
                      f"{'yes' if r['finite'] else '**no**'} | {r['rejected']} | {r['rows_clipped']} | "
                      f"{'yes' if r['removed'] else 'no'} |")
+    cost = result.get("honest_cost")
+    if cost and len(s["guards"]) > 1:
+        (key, per_guard), = ((k, v) for k, v in cost.items() if k.startswith("image_distance_to_"))
+        lines += ["", f"What each guard costs an honest run (all three sites honest): mean |difference| of the "
+                  f"generator's images inside the brain against the honest run with guard `{s['guards'][0]}`, as "
+                  "a fraction of the value range; two honest seeds differ by "
+                  f"**{_f(cost['seed_spread_image_distance'])}** in the same measure.", "",
+                  "| guard | image distance to the first guard's honest run |", "|---|---|"]
+        lines += [f"| {g} | {d:.3f} |" for g, d in per_guard.items()]
     return "\n".join(lines) + "\n"

@@ -106,6 +106,9 @@ def test_a_hostile_site_painting_a_square_is_removed_and_the_generator_stays_nea
     assert not off["removed"] and off["rejected"] == 0
     assert on["distance"] < 0.5 * off["distance"], result
     assert "| targeted | on |" in (tmp_path / "report.md").read_text()
+    cost = result["honest_cost"]["image_distance_to_on"]  # what the guard costs honest sites, in image terms
+    assert cost["on"] == 0.0 and 0.0 <= cost["off"] < 1.0 and result["honest_cost"]["seed_spread_image_distance"] is None
+    assert "What each guard costs an honest run" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.integration
