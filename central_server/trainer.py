@@ -6,9 +6,10 @@ One step (the dataflow drawn in docs/architecture.md), in named stages:
     dispatch    fake <- G(cat_j x_j), one forward for all sites; send fake_j (only the channels j holds)
     collect     wait for each g_j until the step deadline                 (session.py)
     guard       bound each site's gradient against the others' (guard.py); a site rejected too often is removed
-    update      g <- combine(w_j * g_j) (aggregation.py), plus the server's own terms: the statistics term when
-                private sites released intensity statistics (common/intensity_statistics.py) and the anchor to the
-                public start's generator (train.anchor_weight); fake.backward(gradient=g); optimiser step
+    update      g <- adversarial_weight x combine(w_j * g_j) (aggregation.py), plus the server's own terms:
+                the statistics term when private sites released intensity statistics
+                (common/intensity_statistics.py) and the anchor to the public start's generator
+                (train.anchor_weight); fake.backward(gradient=g); optimiser step
 The random generator is drawn in a fixed order (plan, then each site's augmentation in site-id order, then noise
 in the same order), so a one-process reference can replay a step exactly. Each stage takes and returns plain
 values; the step's preview (label maps and fakes for the sample grid) comes back in its StepReport.
@@ -243,7 +244,7 @@ class Trainer:
         if fake.dim() >= 2 and any(r.channels is not None for r in results.values()):
             # Sites holding different modalities: each channel's weights over the sites that hold it.
             weights = dict(channel_weights(results, shares, fake.shape[1]))
-        gradient = combine(results, weights, fake)
+        gradient = combine(results, weights, fake) * self.cfg.train.adversarial_weight
         own: torch.Tensor | None = None  # the server's own terms' gradient (no site data beyond what was released)
         for name, term in (("statistics", self._statistics_term([p for p in planned if p.session.site_id in results],
                                                                fake)), ("anchor", anchor)):
@@ -276,7 +277,7 @@ class Trainer:
         own = None if steer is None else torch.autograd.grad(fake, params, grad_outputs=steer, allow_unused=True)
         for i, p in enumerate(params):
             site_grads = [torch.zeros_like(p) if g[i] is None else g[i] for g in proposals]
-            median = torch.stack(site_grads).median(dim=0).values
+            median = torch.stack(site_grads).median(dim=0).values * self.cfg.train.adversarial_weight
             if own is not None and own[i] is not None:
                 median = median + own[i]
             p.grad = median

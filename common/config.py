@@ -184,6 +184,9 @@ class TrainConfig(_Section):
                                      "statistics_floor^2)")
     statistics_floor: float = Field(0.05, gt=0, description="the smallest standard deviation a released statistic "
                                     "is trusted to (so exact, noise-free numbers cannot dominate the loss)")
+    adversarial_weight: float = Field(1.0, ge=0, description="weight of the sites' combined gradient in the "
+                                      "generator's step; 0 keeps only the server's own terms (the statistics pull and "
+                                      "the anchor): the sites then contribute only their released statistics")
     anchor_weight: float | None = Field(None, ge=0, description="with a public start (--init): weight of a "
                                         "server-side term anchor_weight x mean |G(x) - G_public(x)| inside the brain, "
                                         "which keeps the generator near the public generator's output on the same "

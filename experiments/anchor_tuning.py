@@ -46,6 +46,9 @@ class AnchorTuningConfig(BaseModel):
     out: pathlib.Path
     pretraining: pathlib.Path = Field(description="the experiment's public pretraining folder")
     weights: list[float] = Field(default_factory=lambda: [0.0, 10.0, 100.0])
+    steer_weights: list[float] = Field(default_factory=lambda: [10.0, 100.0],
+                                       description="anchor weights of the steered candidates (the sites' gradients "
+                                                   "left out: the release and the anchor only)")
     epsilon: float = Field(10.0, gt=0)
     profile: int = Field(2, ge=0, description="the heterogeneous profile the stand-in site is drawn from")
     cases: int = Field(30, ge=2)
@@ -58,7 +61,7 @@ def tuning_config(preset: pu.Preset, out: pathlib.Path, pretraining: pathlib.Pat
     experiment = pu.preset_config(preset, out / "experiment", seed)
     if preset == "smoke":
         return AnchorTuningConfig(experiment=experiment, out=out, pretraining=pretraining, weights=[0.0, 10.0],
-                                  cases=3, test_cases=2)
+                                  steer_weights=[10.0], cases=3, test_cases=2)
     return AnchorTuningConfig(experiment=experiment, out=out, pretraining=pretraining)
 
 
@@ -97,23 +100,28 @@ def run(cfg: AnchorTuningConfig) -> dict:
     if not (reference / ".done").is_file():
         pu.synthetic_set(e, "public_only", cfg.pretraining / info["checkpoint"], site)
     rows["public_only"] = {"anchor_weight": None, **_dice(cfg, "public_only", reference, test_dir)}
-    for weight in cfg.weights:
-        name = f"anchor{weight:g}"
-        settings = pu.GANRow(True, frozen, e.gan.finetune_steps, 0.0, weight)
+    candidates = [(f"anchor{w:g}", w, 1.0) for w in cfg.weights] + [(f"steer{w:g}", w, 0.0) for w in cfg.steer_weights]
+    for name, weight, adversarial in candidates:
+        settings = pu.GANRow(True, frozen, e.gan.finetune_steps, 0.0, weight, adversarial)
         gan = pu.fit_gan(e, name, cfg.out / "gan" / name, settings, [site], cfg.pretraining)
         synthetic = cfg.out / "synthetic" / name
         if not (synthetic / ".done").is_file():
             pu.synthetic_set(e, name, pathlib.Path(gan["checkpoint"]), site)
-        rows[name] = {"anchor_weight": weight, **_dice(cfg, name, synthetic, test_dir)}
-        log.info("anchor %g: stand-in test Dice %.3f", weight, rows[name]["dice"])
-    tuned = [n for n in rows if rows[n]["anchor_weight"] is not None]
+        rows[name] = {"anchor_weight": weight, "adversarial_weight": adversarial,
+                      **_dice(cfg, name, synthetic, test_dir)}
+        log.info("%s: stand-in test Dice %.3f", name, rows[name]["dice"])
+    tuned = [n for n in rows if n.startswith("anchor")]
     chosen = max(tuned, key=lambda n: rows[n]["dice"])
+    steered = [n for n in rows if n.startswith("steer")]
+    chosen_steer = max(steered, key=lambda n: rows[n]["dice"]) if steered else None
     comparisons = {n: paired(rows[chosen]["patients"], rows[n]["patients"]) for n in rows if n != chosen}
     result = {"protocol": __doc__.split("Protocol: ")[1].split("\n\n")[0].replace("\n", " "),
               "settings": json.loads(cfg.model_dump_json(exclude={"experiment"})),
               "finetune_steps": e.gan.finetune_steps, "seeds": e.seeds,
               "rows": {n: {k: v for k, v in r.items() if k != "patients"} for n, r in rows.items()},
               "chosen": rows[chosen]["anchor_weight"], "chosen_minus": comparisons,
+              "chosen_steer": rows[chosen_steer]["anchor_weight"] if chosen_steer else None,
+              "steer_minus_public": {n: paired(rows[n]["patients"], rows["public_only"]["patients"]) for n in steered},
               "seconds": round(time.monotonic() - started, 1)}
     write_json(cfg.out / "results.json", result)
     _write_report(cfg, result)
@@ -126,16 +134,23 @@ def _write_report(cfg: AnchorTuningConfig, result: dict) -> None:
              f"Fine-tune steps {result['finetune_steps']}, {result['seeds']} segmentation seed(s), stand-in: "
              f"heterogeneous profile {cfg.profile}, {cfg.cases} training cases, {cfg.test_cases} test patients, "
              f"epsilon {cfg.epsilon:g} (all on the statistics release, frozen public discriminators).", "",
-             "| generator | anchor weight | Dice (stand-in test) | chosen minus row (95% CI) |", "|---|---|---|---|"]
+             "Rows `steer*`: the same release and anchor with the sites' gradients left out (adversarial weight 0).",
+             "", "| generator | anchor weight | Dice (stand-in test) | chosen minus row (95% CI) |",
+             "|---|---|---|---|"]
     for name, row in result["rows"].items():
         diff = result["chosen_minus"].get(name)
         ci = "-" if diff is None else f"{diff['mean']:+.3f} ({diff['low']:+.3f} to {diff['high']:+.3f})"
         weight = "public generator" if row["anchor_weight"] is None else f"{row['anchor_weight']:g}"
         lines.append(f"| {name} | {weight} | {row['dice']:.3f} ± {row['dice_sd']:.3f} | {ci} |")
-    lines += ["", f"Chosen: anchor weight {result['chosen']:g} (highest mean Dice among the candidates).",
-              f"Wall time {result['seconds'] / 60:.0f} min."]
+    lines += ["", f"Chosen: anchor weight {result['chosen']:g} (highest mean Dice among the `anchor*` candidates)."]
+    if result.get("chosen_steer") is not None:
+        lines.append(f"Chosen for the steered rows: {result['chosen_steer']:g}. Steered minus the public generator: "
+                     + "; ".join(f"{n} {d['mean']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})"
+                                 for n, d in result["steer_minus_public"].items()) + ".")
+    lines.append(f"Wall time {result['seconds'] / 60:.0f} min.")
     (cfg.out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def summary_line(result: dict) -> str:
-    return ", ".join(f"{n} {r['dice']:.3f}" for n, r in result["rows"].items()) + f"; chosen {result['chosen']:g}"
+    steer = "" if result.get("chosen_steer") is None else f", steered {result['chosen_steer']:g}"
+    return ", ".join(f"{n} {r['dice']:.3f}" for n, r in result["rows"].items()) + f"; chosen {result['chosen']:g}{steer}"

@@ -27,6 +27,8 @@ Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the s
     stats_anchored_eps<e>, public_anchored
                        stats_only / public_frozen with the anchor (what the release adds under the anchor; what the
                        anchor alone does without any private data)
+    steered_eps<e>     the release alone, without the sites' gradients (adversarial weight 0): the public generator
+                       pulled towards each site's released intensity statistics and anchored to its public output
     dp_scratch_eps<e>  patient-level DP without the public start (generator and discriminators from scratch)
     slice_default      the earlier default: slice-level DP (rate 0.01, noise 1), from scratch
 Synthetic rows are made from the private sites' training label maps (public: they are uploaded at join), one
@@ -135,6 +137,12 @@ class PrivacyUtilityConfig(ExperimentConfig):
                                  "public data (`asyndgan experiment anchor-tuning`)")
     anchor_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
                                          description="epsilons of the anchored rows (DP-SGD + release + anchor)")
+    steer_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
+                                        description="epsilons of the steered rows: the whole budget on the statistics "
+                                                    "release, the sites' gradients left out (adversarial weight 0), "
+                                                    "the generator pulled to the numbers and anchored")
+    steer_anchor_weight: float = Field(100.0, ge=0, description="the steered rows' anchor weight (anchor-tuning's "
+                                       "steer candidates)")
     canaries: int = Field(256, ge=10)
     segmentation: SegmentationRecipe
     seeds: int = Field(3, ge=1)
@@ -150,7 +158,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
             test_cases=3, gan=GANSettings(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, batch_per_site=2,
                                           pretrain_steps=8, finetune_steps=4, scratch_steps=4),
             dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], statistics_epsilons=[10.0], stats_only_epsilons=[10.0],
-            anchor_epsilons=[10.0],
+            anchor_epsilons=[10.0], steer_epsilons=[10.0],
             canaries=40,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
                                             network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
@@ -238,6 +246,7 @@ class GANRow(NamedTuple):
     steps: int
     lambda_l1: float = 0.0
     anchor_weight: float = 0.0  # the server's pull towards the public generator's output (TrainConfig.anchor_weight)
+    adversarial_weight: float = 1.0  # 0: the sites' gradients are left out (TrainConfig.adversarial_weight)
 
 
 def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
@@ -260,6 +269,9 @@ def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
         out[f"stats_anchored_eps{max(cfg.anchor_epsilons):g}"] = GANRow(
             True, frozen.privacy(max(cfg.anchor_epsilons), 1.0), g.finetune_steps, 0.0, a)
         out["public_anchored"] = GANRow(True, frozen.privacy(1.0, 0.0), g.finetune_steps, 0.0, a)
+    for eps in cfg.steer_epsilons:
+        out[f"steered_eps{eps:g}"] = GANRow(True, frozen.privacy(eps, 1.0), g.finetune_steps, 0.0,
+                                            cfg.steer_anchor_weight, 0.0)
     out[f"dp_scratch_eps{cfg.scratch_epsilon:g}"] = GANRow(False, cfg.dp.privacy(cfg.scratch_epsilon),
                                                            g.scratch_steps)
     out["slice_default"] = GANRow(False, PrivacyConfig(unit="slice", epsilon=10.0, delta=cfg.dp.delta,
@@ -276,12 +288,13 @@ def train_gan(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path], p
 def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings: GANRow, sites: list[pathlib.Path],
             pre: pathlib.Path) -> dict:
     """train_gan for any settings and folder (the anchor tuning's stand-in site as well)."""
-    from_public, privacy, steps, lambda_l1, anchor_weight = settings
+    from_public, privacy, steps, lambda_l1, anchor_weight, adversarial_weight = settings
     record = folder / "gan.json"
     if record.is_file():
         return json.loads(record.read_text())
     shutil.rmtree(folder, ignore_errors=True)  # a cut run (with its experiment-only ledgers) starts again
     scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site, lambda_l1)
+    scfg.train.adversarial_weight = adversarial_weight
     initial = None
     if from_public:
         info, data = public_start.read_folder(pre)
@@ -301,7 +314,7 @@ def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings
     final = ckpt.checkpoint_path(folder / "checkpoints", steps)
     result = {
         "row": name, "from_public": from_public, "steps": steps, "lambda_l1": lambda_l1,
-        "anchor_weight": anchor_weight, "checkpoint": str(final),
+        "anchor_weight": anchor_weight, "adversarial_weight": adversarial_weight, "checkpoint": str(final),
         "seconds": round(time.monotonic() - started, 1),
         "privacy": None if privacy is None else json.loads(privacy.model_dump_json()),
         "sites": {s.site_id: {"samples": s.num_samples, "patients": s.worker.dataset.patients().count,
@@ -324,7 +337,7 @@ def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path]
     from asyndgan.site_agent.worker import SiteWorker
     from asyndgan.formats.generator_file import load_from_checkpoint
 
-    from_public, privacy, steps, _, _ = gan_settings(cfg)[name]
+    from_public, privacy, steps = gan_settings(cfg)[name][:3]
     folder = cfg.out / "audit" / name
     record = folder / "canaries.json"
     if record.is_file():
@@ -433,7 +446,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
 
     torch.set_num_threads(cfg.threads)
     check_settings(cfg, added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
-                                "anchor_epsilons"))
+                                "anchor_epsilons", "steer_epsilons", "steer_anchor_weight"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)
@@ -455,8 +468,10 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     frozen = [n for n in gan_settings(cfg) if n.startswith("stats_only") or n == "public_frozen"]
     # the recipe after the collapse goes next: its largest epsilon, its controls, then the smaller epsilons
     eps = sorted(cfg.anchor_epsilons, reverse=True)
-    anchored = [f"anchored_eps{eps[0]:g}", f"stats_anchored_eps{eps[0]:g}", "public_anchored",
-                *(f"anchored_eps{e:g}" for e in eps[1:])] if eps else []
+    steer = sorted(cfg.steer_epsilons, reverse=True)
+    anchored = [*([f"anchored_eps{eps[0]:g}", f"stats_anchored_eps{eps[0]:g}", "public_anchored"] if eps else []),
+                *(f"steered_eps{e:g}" for e in steer[:1]), *(f"anchored_eps{e:g}" for e in eps[1:]),
+                *(f"steered_eps{e:g}" for e in steer[1:])]
     first = ["public_only", "nonprivate", *dp[:2], *anchored, *frozen]
     names = [*first, *(n for n in gan_settings(cfg) if n not in first)]
     log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))

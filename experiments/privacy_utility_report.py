@@ -21,7 +21,7 @@ ORDER_NOTE = {
     "public_frozen": "public start, public discriminators frozen, no release (no private data beyond label maps)",
     "public_anchored": "public_frozen with the anchor to the public generator (no private data beyond label maps)",
 }
-PRIVATE = ("dp_", "stats_only", "anchored_", "stats_anchored")  # rows whose sites hold a DP budget
+PRIVATE = ("dp_", "stats_only", "anchored_", "stats_anchored", "steered_")  # rows whose sites hold a DP budget
 
 
 def describe(row: str) -> str:
@@ -35,6 +35,9 @@ def describe(row: str) -> str:
     if row.startswith("anchored_eps"):
         return (f"patient-level DP at epsilon {row[len('anchored_eps'):]} + statistics release + the server's "
                 "anchor to the public generator")
+    if row.startswith("steered_eps"):
+        return (f"the release alone at epsilon {row[len('steered_eps'):]}: no site gradients, the public generator "
+                "pulled to the released statistics and anchored")
     if row.startswith("stats_anchored_eps"):
         return (f"frozen public discriminators, epsilon {row[len('stats_anchored_eps'):]} on the release, + the "
                 "anchor")
@@ -56,7 +59,8 @@ def targets(cfg, rows: dict, gaps: dict, members: dict, canaries: dict) -> list[
         [(e, f"dp_eps{e:g}_stats") for e in cfg.statistics_epsilons] + \
         [(e, f"stats_only_eps{e:g}") for e in cfg.stats_only_epsilons] + \
         [(e, f"anchored_eps{e:g}") for e in getattr(cfg, "anchor_epsilons", [])] + \
-        [(e, f"stats_anchored_eps{e:g}") for e in getattr(cfg, "anchor_epsilons", [])[:1]]
+        [(e, f"stats_anchored_eps{e:g}") for e in getattr(cfg, "anchor_epsilons", [])[:1]] + \
+        [(e, f"steered_eps{e:g}") for e in getattr(cfg, "steer_epsilons", [])]
     for eps, row in candidates:
         if row not in rows or eps > 10:
             continue
@@ -127,6 +131,11 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
         ys = [rows[f"anchored_eps{e:g}"] for e in eps]
         ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="*", markersize=9,
                     capsize=3, label="DP + release + anchor to the public generator")
+    eps = [e for e in getattr(cfg, "steer_epsilons", []) if f"steered_eps{e:g}" in rows]
+    if eps:
+        ys = [rows[f"steered_eps{e:g}"] for e in eps]
+        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="P", capsize=3,
+                    label="DP statistics release only, steered + anchored")
     scratch = f"dp_scratch_eps{cfg.scratch_epsilon:g}"
     if scratch in rows:
         ax.errorbar([cfg.scratch_epsilon], [rows[scratch]["dice"]], yerr=[rows[scratch]["dice_sd"]], marker="s",

@@ -38,7 +38,9 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     for row, settings in gan_settings(cfg).items():
         sites, privacy = results["gans"][row]["sites"], settings.privacy
         assert results["gans"][row]["lambda_l1"] == (100.0 if row == "nonprivate" else 0.0)
-        assert results["gans"][row]["anchor_weight"] == (cfg.anchor_weight if "anchored" in row else 0.0)
+        assert results["gans"][row]["anchor_weight"] == (
+            cfg.anchor_weight if "anchored" in row else cfg.steer_anchor_weight if "steered" in row else 0.0)
+        assert results["gans"][row]["adversarial_weight"] == (0.0 if "steered" in row else 1.0)
         if privacy is None:
             assert all(s["epsilon"] is None for s in sites.values())
             continue
@@ -62,6 +64,7 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     from asyndgan.experiments.anchor_tuning import run as tune, tuning_config
 
     tuned = tune(tuning_config("smoke", tmp_path / "tune", cfg.out / "gan" / "public_pretrain"))
-    assert set(tuned["rows"]) == {"public_only", "anchor0", "anchor10"} and tuned["chosen"] in (0.0, 10.0)
+    assert set(tuned["rows"]) == {"public_only", "anchor0", "anchor10", "steer10"} and tuned["chosen"] in (0.0, 10.0)
+    assert tuned["chosen_steer"] == 10.0 and tuned["rows"]["steer10"]["adversarial_weight"] == 0.0
     assert all(0 <= r["dice"] <= 1 for r in tuned["rows"].values())
     assert "Chosen: anchor weight" in (tmp_path / "tune" / "report.md").read_text()

@@ -252,3 +252,24 @@ def test_the_anchor_is_on_by_default_only_with_a_public_start():
     assert TrainConfig().anchor_for(public_start=False) == 0.0
     assert TrainConfig(anchor_weight=0).anchor_for(public_start=True) == 0.0
     assert TrainConfig(anchor_weight=7).anchor_for(public_start=False) == 7.0
+
+
+def test_without_the_sites_gradients_only_the_released_statistics_move_the_generator(site, tmp_path):
+    """train.adversarial_weight 0: a site that released nothing leaves the generator exactly as it was; a private
+    site's released statistics still pull it."""
+    from asyndgan.central_server.trainer import Trainer
+    from asyndgan.common.config import ServerConfig
+    from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
+
+    cfg = ServerConfig.model_validate({"run_dir": str(tmp_path / "run"), "tensorboard": False,
+                                       "train": {"batch_size": 2, "adversarial_weight": 0.0},
+                                       "site": _cfg().model_dump()})
+    plain = LocalSession("q", open_dataset(site, cfg.site), cfg.site)
+    private = LocalSession("p", open_dataset(site, cfg.site), cfg.site, ledger_path=tmp_path / "p.ledger.json",
+                           privacy=PrivacyConfig(delta=1e-3, epsilon=4.0, statistics_share=0.25, trainable="all"))
+    for sessions, moves in (([plain], False), ([private], True)):
+        trainer = Trainer(cfg, LocalRegistry(sessions), CountingBank(sessions), tmp_path / "run")
+        before = {k: v.clone() for k, v in trainer.generator.state_dict().items()}
+        assert trainer.train_step(sessions) is not None
+        same = all(torch.equal(before[k], v) for k, v in trainer.generator.state_dict().items())
+        assert same != moves
