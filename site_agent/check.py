@@ -188,7 +188,7 @@ def _check_cases(cfg: SiteConfig, summary: DataSummary, site_config: SiteFacingC
         site_config = SiteFacingConfig(model=ModelConfig(family=summary.family))
         where = "at default settings (the server's may differ)"
     collector = _Warnings()
-    loaders = logging.getLogger("asyndgan.site_agent")
+    loaders = logging.getLogger("asyndgan.formats")  # the readers (formats/brats.py, image_folders.py)
     saved = loaders.level, loaders.propagate
     if loaders.getEffectiveLevel() > logging.WARNING:
         # Quiet logging was asked for: the loaders' warnings are still needed, but only as check lines.
