@@ -8,12 +8,11 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-# One compute thread per process: the suite, and every server, site and experiment process it starts, shares two
-# cores with the others (and with the container job); more threads per process only make them wait on each other
-# (the poisoning test: 33 s with torch's default against 10 s with one thread, measured under load).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-import torch  # noqa: E402  (after the environment above)
+# One compute thread in the test process: its in-process trainers work on tiny tensors, and with two cores shared
+# with the server, site and container processes the suite starts, more threads only wait on each other (the
+# poisoning test: 33 s with torch's default against 10 s with one thread, measured under load). The processes it
+# starts keep their own settings (experiments' --threads), which their larger work needs.
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
