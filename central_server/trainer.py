@@ -105,7 +105,8 @@ class Trainer:
         weight x mean |G(x) - G_public(x)| over the pixels that cross the wire (train.anchor_weight). It reads no
         site data: the sites' privacy budgets pay nothing for it."""
         self.anchor_weight = weight
-        anchor = self.family.build_generator(self.model_cfg).to(self.device)
+        with seeded(self.cfg.train.seed):  # its drawn weights are replaced at once; the global source stays alone
+            anchor = self.family.build_generator(self.model_cfg).to(self.device)
         anchor.load_state_dict(weights)
         self.anchor = anchor.eval().requires_grad_(False)
 
