@@ -143,6 +143,13 @@ def _start_output(out: pathlib.Path, header: dict, whole: bool) -> bool:
 def _comparable(h: dict) -> str:
     g = dict(h.get("generator") or {})
     g.pop("file", None)  # the same generator may be read from a checkpoint or from its export
+    if isinstance(g.get("model"), dict):  # a field added since with its default is the same model
+        from asyndgan.common.config import ModelConfig
+
+        try:
+            g["model"] = ModelConfig.model_validate(g["model"]).model_dump(mode="json")
+        except ValueError:
+            pass  # not a model this version reads: compared as written, so it differs
     return json.dumps({**h, "generator": g}, sort_keys=True)
 
 

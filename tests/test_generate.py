@@ -351,3 +351,18 @@ def test_a_full_disk_while_reserving_the_arrays_leaves_nothing(brats_run, tmp_pa
     assert "cannot write the arrays" in line and "No space left on device" in line
     assert not out.exists()
     no_leftovers(out)
+
+
+def test_output_written_before_a_model_field_was_added_still_resumes():
+    """A resumed run must not refuse its own half-written output because this version's model config gained a field
+    (at its default) since: only a different generator, source or setting is another output."""
+    from asyndgan.synthesis.generate import _comparable
+
+    model = {"family": "image2d", "image2d": {"image_size": 64, "modalities": ["t1"], "num_classes": 5}}
+    before = {"generator": {"run_id": "r", "step": 3, "model": model}, "seed": 0}
+    now = {"generator": {"run_id": "r", "step": 3, "model": {**model, "image2d": {**model["image2d"], "init": "pytorch"}}},
+           "seed": 0}
+    assert _comparable(before) == _comparable(now)
+    other = {"generator": {"run_id": "r", "step": 3, "model": {**model, "image2d": {**model["image2d"], "init": "normal"}}},
+             "seed": 0}
+    assert _comparable(before) != _comparable(other)
