@@ -38,13 +38,11 @@ from asyndgan.experiments.phantom_calibration_report import RowResult
 
 
 from asyndgan.segmentation import (
-    NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
-    load_training_slices, pool_slices, train_model, write_results,
+    NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig,
 )
 from asyndgan.segmentation.config import earlier_recipe
-from asyndgan.experiments.pieces import (
-    ExperimentConfig, piece_timer, check_settings, CLAIM, claim_folder, wait_for_eval, load_eval,
-)
+from asyndgan.experiments.pieces import ExperimentConfig, piece_timer, check_settings
+from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu"]
@@ -140,65 +138,36 @@ def training_rows(cfg: CalibrationConfig, phantoms: dict[str, pathlib.Path]) -> 
 
 
 def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], test_dir: pathlib.Path,
-                    recipe_name: str) -> dict[str, list[dict]]:
-    """Row -> per seed {"summary", "patients", "collapsed"}; models and evaluations kept in
-    OUT/segmentation/<recipe>/<row>/seed<s>/."""
+                    recipe_name: str) -> dict[str, list[SeedScore]]:
+    """Row -> one score per segmentation seed; models and evaluations kept in OUT/segmentation/<recipe>/<row>/seed<s>/."""
     recipe = {"after": cfg.recipe, "before": cfg.before, "loss_only": cfg.loss_only}[recipe_name]
     n_seeds = cfg.seeds if recipe_name == "after" else cfg.before_seeds
-    seeds = [cfg.seed + k for k in range(n_seeds)]
-    test = None
-    slices: dict[pathlib.Path, SliceSet] = {}
-    out: dict[str, list[dict]] = {}
     wanted = {"after": list(rows), "before": cfg.before_rows, "loss_only": cfg.loss_only_rows}[recipe_name]
-    pieces = [(row, s) for row in rows for s in seeds if row in wanted]
-    claimed = []
-    for row, s in pieces:
-        folder = cfg.out / "segmentation" / recipe_name / row / f"seed{s}"
-        if (folder / "eval" / "summary.json").is_file():
-            continue
-        if not claim_folder(folder):
-            claimed.append(folder)  # another process of this command is on it
-            continue
-        log.info("segmentation (%s recipe): %s, seed %d", recipe_name, row, s)
-        seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
-        if not (folder / "model" / "training.json").is_file():
-            for t in rows[row][0]:
-                if t not in slices:
-                    slices[t] = load_training_slices([t], seeded, progress=False)
-            train_model(pool_slices([slices[t] for t in rows[row][0]]), seeded, folder / "model", cfg.device,
-                        progress=False)
-        if test is None:
-            test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
-        write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
-        (folder / CLAIM).unlink(missing_ok=True)
-    for folder in claimed:
-        wait_for_eval(folder)
-    for row, s in pieces:
-        out.setdefault(row, []).append(load_eval(cfg.out / "segmentation" / recipe_name / row / f"seed{s}"))
-    return out
+    return score_rows(cfg.out / "segmentation" / recipe_name, {row: rows[row][0] for row in rows if row in wanted},
+                      recipe, [cfg.seed + k for k in range(n_seeds)], test_dir, cfg.device,
+                      label=f"segmentation ({recipe_name} recipe)")
 
 
 # Two processes running the same command on the same OUT share the work (two single-threaded trainings use 2 cores
 # better than one with two threads): each piece is claimed by a file holding the claimant's PID; a claim whose
 # process is gone is taken over.
 # ---- summaries ------------------------------------------------------------------------------------------------
-def summarise(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], evals: dict[str, dict[str, list[dict]]],
+def summarise(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], evals: dict[str, dict[str, list[SeedScore]]],
               partition: dict[str, dict[str, str]], profile_names: dict[str, str]) -> list[RowResult]:
     results = []
     for recipe_name, by_row in evals.items():
         for row, runs in by_row.items():
             if not runs:
                 continue
-            cases = sorted(runs[0]["patients"])
-            patient = {c: float(np.mean([r["patients"][c] for r in runs])) for c in cases}
+            patient = RowScore.of(runs).patients
+            cases = sorted(patient)
             lesion = {lt: _mean([patient[c] for c in cases if partition[c]["lesion"] == lt]) for lt in LESION_TYPES}
             profile = {site: _mean([patient[c] for c in cases if partition[c]["site"] == site])
                        for site in profile_names}
             results.append(RowResult(
                 row=row, recipe=recipe_name, description=rows[row][1],
-                training_cases=_count_cases(rows[row][0]), seeds=[int(r["seed"][4:]) for r in runs],
-                dice_per_seed=[float(r["summary"]["dice"]["mean"]) for r in runs], patient_dice=patient,
-                collapsed_seeds=sum(r["collapsed"] for r in runs),
+                training_cases=_count_cases(rows[row][0]), seeds=[r.seed for r in runs],
+                dice_per_seed=[r.dice for r in runs], patient_dice=patient, collapsed_seeds=sum(r.collapsed for r in runs),
                 by_lesion={k: v for k, v in lesion.items() if v is not None},
                 by_profile={k: v for k, v in profile.items() if v is not None}))
     return results

@@ -6,8 +6,9 @@ the settings a run was made with.
     write_json          whole or not at all
     claim_file          a piece claimed by a file holding the claimant's PID (taken over when it died)
     shared_pieces       name -> work(name) for every piece, the pieces divided between processes
-    claim_folder, wait_for_eval, load_eval
-                        a segmentation model's folder as a piece (claimed, waited for, read back)
+    claim_folder, wait_for_eval
+                        a segmentation model's folder as a piece, claimed and waited for (scoring.py trains and
+                        reads them)
     kept_or_reset, require_checkpoint, finished_checkpoint
                         a GAN run as a piece (its last checkpoint kept, or what a cut run left cleared)
     ExperimentConfig    what every preset experiment's settings start with (preset, OUT, seed)
@@ -156,16 +157,6 @@ def wait_for_eval(folder: pathlib.Path) -> None:
         except (ValueError, ProcessLookupError):
             raise ConfigError(f"the process working on {folder} has gone; run the command again") from None
         time.sleep(5)
-
-
-def load_eval(folder: pathlib.Path) -> dict:
-    import csv
-
-    with open(folder / "eval" / "per_patient.csv", newline="") as f:
-        patients = {r["case"]: float(r["dice"]) for r in csv.DictReader(f)}
-    training = json.loads((folder / "model" / "training.json").read_text())
-    return {"summary": json.loads((folder / "eval" / "summary.json").read_text()), "patients": patients,
-            "collapsed": bool(training.get("collapsed", False)), "seed": folder.name}
 
 
 def shared_pieces(cfg, kind: str, names: list[str], work, done) -> dict:

@@ -73,13 +73,10 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 
 
 
-from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig, evaluate_model,
-                                   load_test_cases, load_training_slices, pool_slices, train_model, write_results)
+from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig)
 from asyndgan.formats.datasets import open_dataset
-from asyndgan.experiments.pieces import (
-    ExperimentConfig, write_json, piece_timer, claim_folder, wait_for_eval, load_eval, shared_pieces,
-    json_if_file,
-)
+from asyndgan.experiments.pieces import ExperimentConfig, write_json, piece_timer, shared_pieces, json_if_file
+from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
@@ -390,53 +387,15 @@ def membership(cfg: PrivacyUtilityConfig, name: str, checkpoint: pathlib.Path, s
 
 
 # ---- segmentation ----------------------------------------------------------------------------------------------
-def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]], test_dir: pathlib.Path) -> dict:
-    """Row -> [per seed {"summary", "patients", "collapsed"}]; models in OUT/segmentation/<row>/seed<s>."""
-    seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    pieces = [(row, s) for row in rows for s in seeds]
-    test, claimed, slices = None, [], {}
-    for row, s in pieces:
-        folder = cfg.out / "segmentation" / row / f"seed{s}"
-        if (folder / "eval" / "summary.json").is_file():
-            continue
-        if not claim_folder(folder):
-            claimed.append(folder)
-            continue
-        log.info("segmentation: %s, seed %d", row, s)
-        recipe = cfg.segmentation.model_copy(update={"training": cfg.segmentation.training.model_copy(
-            update={"seed": s})})
-        if not (folder / "model" / "training.json").is_file():
-            for t in rows[row]:
-                if t not in slices:  # the same slices for every seed (the seed is the training's, not the data's)
-                    slices[t] = load_training_slices([t], recipe, progress=False)
-            train_model(pool_slices([slices[t] for t in rows[row]]), recipe, folder / "model", cfg.device,
-                        progress=False)
-        if test is None:
-            test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
-        write_results(evaluate_model(folder / "model", test, cfg.device, progress=False), folder / "eval")
-        (folder / ".claimed-by").unlink(missing_ok=True)
-    for folder in claimed:
-        wait_for_eval(folder)
-    out: dict[str, list[dict]] = {}
-    for row, s in pieces:
-        folder = cfg.out / "segmentation" / row / f"seed{s}"
-        out.setdefault(row, []).append({**load_eval(folder),
-                                        "hd95": json.loads((folder / "eval" / "summary.json").read_text())
-                                        ["hd95_mm"]["mean"]})
-    return out
+def segment(cfg: PrivacyUtilityConfig, rows: dict[str, list[pathlib.Path]],
+            test_dir: pathlib.Path) -> dict[str, list[SeedScore]]:
+    """Row -> one score per segmentation seed; models in OUT/segmentation/<row>/seed<s>."""
+    return score_rows(cfg.out / "segmentation", rows, cfg.segmentation, [cfg.seed + k for k in range(cfg.seeds)],
+                      test_dir, cfg.device)
 
 
-def summarise_rows(evals: dict[str, list[dict]]) -> dict[str, dict]:
-    out = {}
-    for row, runs in evals.items():
-        cases = sorted(runs[0]["patients"])
-        dice = [float(r["summary"]["dice"]["mean"]) for r in runs]
-        out[row] = {"dice_per_seed": dice, "dice": float(np.mean(dice)),
-                    "dice_sd": float(np.std(dice, ddof=1)) if len(dice) > 1 else 0.0,
-                    "hd95": float(np.mean([r["hd95"] for r in runs])),
-                    "collapsed": sum(r["collapsed"] for r in runs),
-                    "patients": {c: float(np.mean([r["patients"][c] for r in runs])) for c in cases}}
-    return out
+def summarise_rows(evals: dict[str, list[SeedScore]]) -> dict[str, dict]:
+    return {row: RowScore.of(runs).as_json() for row, runs in evals.items()}
 
 
 # ---- pieces shared between processes ----------------------------------------------------------------------------
@@ -489,7 +448,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
         member = timed(f"membership_{name}", membership, cfg, name, checkpoint, sites, test_dir)
         synthetic = timed(f"synthesis_{name}", synthetic_set, cfg, name, checkpoint, maps)
         seg = timed(f"segmentation_{name}", segment, cfg, {name: [synthetic]}, test_dir)[name]
-        out = {"gan": gan, "canaries": canaries, "membership": member, "segmentation": seg}
+        out = {"gan": gan, "canaries": canaries, "membership": member, "segmentation": [r.as_json() for r in seg]}
         write_json(cfg.out / "rows" / f"{name}.json", out)
         results[name] = out
         _report_so_far(cfg, evals, {**_rows_done(cfg), name: out}, timings)
@@ -515,7 +474,7 @@ def _report_so_far(cfg: PrivacyUtilityConfig, real_evals: dict, done: dict, timi
 
     order = ["public_only", *gan_settings(cfg)]
     done = {k: done[k] for k in order if k in done}
-    evals = {**real_evals, **{k: v["segmentation"] for k, v in done.items()}}
+    evals = {**real_evals, **{k: [SeedScore.from_json(r) for r in v["segmentation"]] for k, v in done.items()}}
     return report.write_all(cfg, summarise_rows(evals), {k: v["gan"] for k, v in done.items()},
                             {k: v["canaries"] for k, v in done.items() if v["canaries"] is not None},
                             {k: v["membership"] for k, v in done.items()}, timings)
