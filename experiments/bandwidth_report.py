@@ -15,6 +15,7 @@ import numpy as np
 
 from asyndgan.common.atomic import atomic_write_text
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.scoring import SeedScore
 
 
 MIB = 1 << 20
@@ -23,8 +24,8 @@ MIB = 1 << 20
 OTHER_MODELS = {"MONAI UNet(32..512), 6.5 M": 6.5e6, "DSL U-Net, 31 M": 31.0e6}
 
 
-def _mean(evals: list[dict]) -> float:
-    return float(np.mean([e["summary"]["dice"]["mean"] for e in evals]))
+def _mean(evals: list[SeedScore]) -> float:
+    return float(np.mean([e.dice for e in evals]))
 
 
 def _fmt_bytes(b: float | None) -> str:
@@ -181,13 +182,37 @@ def _crossover(cfg, asyn: dict, fl: dict, params: int) -> dict:
 
 def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: dict, times: dict, cross: dict,
              sites: int) -> list[str]:
+    """The benchmark's pictures in OUT; their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
+
+    def save(fig, ax, name: str, title: str, legend_size: int = 7) -> None:
+        ax.set_title(title)
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        made.append(name)
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    _dice_against_bytes(ax, target, asyn, fl, ens)
+    save(fig, ax, "dice_vs_bytes.png", f"Dice against bytes ({cfg.preset} preset)")
+    for p in cfg.profiles:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _dice_against_time(ax, target, asyn, fl, times[p.name])
+        save(fig, ax, f"time_{p.name}.png", f"{p.name}: {p.up_mbit:g} Mbit/s up, {p.down_mbit:g} down, "
+             f"{p.rtt_ms:g} ms RTT")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _bytes_against_data(ax, cross, sites)
+    save(fig, ax, "crossover.png", "Where each method is cheaper on the wire", legend_size=6)
+    return made
+
+
+def _dice_against_bytes(ax, target: float, asyn: dict, fl: dict, ens: dict) -> None:
     for m, r in fl.items():
         xs = [max(c["bytes"], 1) for c in r["curve"]]
         ax.plot(xs, [c["dice"] for c in r["curve"]], marker=".", label=f"{m} (Flower)")
@@ -199,37 +224,26 @@ def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: d
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes, all sites, both directions (log)")
     ax.set_ylabel("Dice on real test patients")
-    ax.legend(fontsize=7)
-    ax.set_title(f"Dice against bytes ({cfg.preset} preset)")
-    fig.tight_layout()
-    fig.savefig(out / "dice_vs_bytes.png", dpi=120)
-    plt.close(fig)
-    made.append("dice_vs_bytes.png")
 
-    for p in cfg.profiles:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        t = times[p.name]
-        for m, r in fl.items():
-            per = t[m].get("seconds_per_round") or (t[m]["seconds"] / t[m]["units"] if t[m]["seconds"] else None)
-            if per:
-                ax.plot([per * c["round"] / 3600 for c in r["curve"]], [c["dice"] for c in r["curve"]], marker=".",
-                        label=f"{m} ({t[m]['how']})")
-        for e, r in asyn.items():
-            s = t[f"AsynDGAN {e}"]["seconds"]
-            if s and r["dice"] is not None:
-                ax.scatter([s / 3600], [r["dice"]], marker="*", s=120, zorder=3,
-                           label=f"AsynDGAN {e} ({t[f'AsynDGAN {e}']['how']})")
-        ax.axhline(target, color="grey", ls="--", lw=1)
-        ax.set_xlabel("wall time (h)")
-        ax.set_ylabel("Dice on real test patients")
-        ax.set_title(f"{p.name}: {p.up_mbit:g} Mbit/s up, {p.down_mbit:g} down, {p.rtt_ms:g} ms RTT")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"time_{p.name}.png", dpi=120)
-        plt.close(fig)
-        made.append(f"time_{p.name}.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _dice_against_time(ax, target: float, asyn: dict, fl: dict, t: dict) -> None:
+    """One link profile: `t` holds each method's time to the target on it."""
+    for m, r in fl.items():
+        per = t[m].get("seconds_per_round") or (t[m]["seconds"] / t[m]["units"] if t[m]["seconds"] else None)
+        if per:
+            ax.plot([per * c["round"] / 3600 for c in r["curve"]], [c["dice"] for c in r["curve"]], marker=".",
+                    label=f"{m} ({t[m]['how']})")
+    for e, r in asyn.items():
+        s = t[f"AsynDGAN {e}"]["seconds"]
+        if s and r["dice"] is not None:
+            ax.scatter([s / 3600], [r["dice"]], marker="*", s=120, zorder=3,
+                       label=f"AsynDGAN {e} ({t[f'AsynDGAN {e}']['how']})")
+    ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.set_xlabel("wall time (h)")
+    ax.set_ylabel("Dice on real test patients")
+
+
+def _bytes_against_data(ax, cross: dict, sites: int) -> None:
     ns = np.logspace(1, 6, 60)
     for name, ln in cross["asyndgan"].items():
         per_slice = ln["per_slice_one_time"] + ln["per_sample_step_per_site"] * cross["epochs"]
@@ -247,13 +261,6 @@ def _figures(out: pathlib.Path, cfg, target: float, asyn: dict, fl: dict, ens: d
     ax.set_yscale("log")
     ax.set_xlabel(f"training slices at the largest site (AsynDGAN: {cross['epochs']:.1f} epochs)")
     ax.set_ylabel("total bytes, all sites")
-    ax.set_title("Where each method is cheaper on the wire")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "crossover.png", dpi=120)
-    plt.close(fig)
-    made.append("crossover.png")
-    return made
 
 
 def _larger_rows(cfg, asyn: dict, larger: dict | None) -> dict | None:
@@ -288,10 +295,10 @@ def _larger_rows(cfg, asyn: dict, larger: dict | None) -> dict | None:
 class Measured:
     """What the benchmark's pieces measured, as the report reads it (every field: the piece's own JSON record)."""
 
-    real: dict  # row -> [per seed evaluation]: real_all (and the sites' own rows)
+    real: dict[str, list[SeedScore]]  # row -> one score per seed: real_all (and the sites' own rows)
     wire: dict  # encoding -> bytes on real sockets (wire_run)
     gans: dict  # encoding -> the GAN trained with it (train_gan)
-    syn: dict  # synthetic row -> [per seed evaluation]
+    syn: dict[str, list[SeedScore]]  # synthetic row -> one score per seed
     flower: dict  # method -> Flower run (bytes, rounds, tls)
     curves: dict  # method -> [{round, dice}]
     ens: dict  # the ensemble's {dice}
@@ -330,9 +337,17 @@ def write_all(cfg, measured: Measured) -> dict:
 
 
 def _markdown(cfg, r: dict) -> str:
-    a, f = r["asyndgan"], r["flower"]
-    lines = [f"# Bandwidth benchmark ({cfg.preset} preset, seed {cfg.seed})", "",
-             f"{r['sites']} phantom sites ({', '.join(str(c) for c in cfg.phantom.cases_per_site)} cases), "
+    lines = [*_overview(cfg, r), *_encodings(cfg, r["asyndgan"]), *_baselines(cfg, r), *_wall_times(cfg, r),
+             "", "## Targets", "", *_targets(r), *_crossover(r["crossover"]), *_larger_markdown(r.get("larger_network")),
+             "", "## Figures", "", *(f"![{x}]({x})" for x in r["figures"]),
+             "", "## Time spent", "", "| piece | seconds |", "|---|---|",
+             *(f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _overview(cfg, r: dict) -> list[str]:
+    return [f"# Bandwidth benchmark ({cfg.preset} preset, seed {cfg.seed})", "",
+            f"{r['sites']} phantom sites ({', '.join(str(c) for c in cfg.phantom.cases_per_site)} cases), "
              f"{cfg.phantom.test_cases} real test patients; segmentation recipe: "
              f"{cfg.segmentation.preprocessing.image_size} px, U-Net of {r['model_parameters'] / 1e6:.2f} M "
              "parameters. "
@@ -343,8 +358,11 @@ def _markdown(cfg, r: dict) -> str:
              + ("with TLS (the SuperLink's certificate from the run's own CA; SuperNodes are not authenticated)"
                 if r.get("flower_tls") else "insecure (plain HTTP) on loopback")
              + ". Largest message = the largest burst one side sent "
-             "before the other answered.", "",
-             "## AsynDGAN per wire encoding", "",
+             "before the other answered.", ""]
+
+
+def _encodings(cfg, a: dict) -> list[str]:
+    lines = ["## AsynDGAN per wire encoding", "",
              "| encoding | bytes / sample-step | fewer than fp32 | one-time | per step (up / down) | largest message "
              "(down / up) | Dice | Dice cost | total for the run |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -356,8 +374,13 @@ def _markdown(cfg, r: dict) -> str:
                      f"{_num(x['dice_cost_vs_float32'], '+.3f')} | {_fmt_bytes(x['total'])} |")
     lines += ["", f"{cfg.gan.steps} generator steps, {cfg.gan.batch_per_site} images per site per step. Bytes per "
               f"step measured over {cfg.wire_steps}-step runs of real processes; Dice from the same "
-              "encode/decode code in one process, trained to the end (one segmentation seed per row).", "",
-              "## Baselines", "",
+              "encode/decode code in one process, trained to the end (one segmentation seed per row).", ""]
+    return lines
+
+
+def _baselines(cfg, r: dict) -> list[str]:
+    f = r["flower"]
+    lines = ["## Baselines", "",
               "| method | rounds | local steps | bytes up / down | per round | largest message (down / up) | Dice "
               "(last) | rounds to target | bytes to target | compute / waiting (s) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -373,7 +396,12 @@ def _markdown(cfg, r: dict) -> str:
                  f"{e['dice']:.3f} | {'1' if e['reaches_target'] else 'not reached'} | "
                  f"{_fmt_bytes(e['bytes']) if e['reaches_target'] else '-'} | - |")
     lines += ["", "Flower's waiting time is its fixed polling (about 3 s on each side per message) and a new "
-              "ClientApp process per message: not bandwidth.", "", "## Wall time to the target Dice", ""]
+              "ClientApp process per message: not bandwidth.", ""]
+    return lines
+
+
+def _wall_times(cfg, r: dict) -> list[str]:
+    lines = ["## Wall time to the target Dice", ""]
     if not r["links"]:
         lines.append(f"Links were not emulated here ({r['links_note']}): every time below is modelled from "
                      "loopback seconds, measured bytes and the link's rates and round trip.")
@@ -391,9 +419,11 @@ def _markdown(cfg, r: dict) -> str:
                 extra += (f"; {per:.2f} s per {unit} on the link, {x['beyond_loopback_s']:+.2f} s against loopback "
                           "(transfer and latency)")
             lines.append(f"| {m} | {_fmt_s(x['seconds'])} | {x['how']}{extra} |")
-    lines += ["", "## Targets", ""] + _targets(r)
-    c = r["crossover"]
-    lines += ["", "## Where AsynDGAN wins on bandwidth, and where it does not", "",
+    return lines
+
+
+def _crossover(c: dict) -> list[str]:
+    lines = ["", "## Where AsynDGAN wins on bandwidth, and where it does not", "",
               f"AsynDGAN's bytes grow with the data (here {c['epochs']:.1f} epochs over the largest site), FedAvg's "
               f"with the model and the rounds ({c['rounds']} to the target here). Under 'balance' sampling every "
               "site sends a batch each step and an epoch is set by the largest site, so: slices at the largest site "
@@ -405,11 +435,7 @@ def _markdown(cfg, r: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{v:,.0f}" for v in row.values()) + " |")
     lines += ["", f"Measured here: {c['measured']['slices_per_site']:.0f} slices at the largest site "
               f"({c['n_mean']:.0f} per site on average)."]
-    lines += _larger_markdown(r.get("larger_network"))
-    lines += ["", "## Figures", ""] + [f"![{x}]({x})" for x in r["figures"]]
-    lines += ["", "## Time spent", "", "| piece | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _larger_markdown(g: dict | None) -> list[str]:

@@ -127,9 +127,13 @@ def phantom_calibration(preset, out, seed, threads, log_level):
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads [2]. Two processes of this command "
               "on one OUT share the segmentation models.")
+@click.option("--diagnostics/--no-diagnostics", default=None,
+              help="Also the rows that take the private recipe apart (DP-SGD alone, the release alone, the anchor "
+                   "alone, steering, frozen discriminators) [smoke: on; cpu, gpu: off]. Rows already finished in OUT "
+                   "are reported either way.")
 @log_level_option
 @friendly_errors
-def privacy_utility(preset, out, seed, threads, log_level):
+def privacy_utility(preset, out, seed, threads, diagnostics, log_level):
     """Patient-level DP from a public warm start: Dice against epsilon, with the public-only floor, the
     non-private ceiling, canary audits and membership tests."""
     from asyndgan.experiments.privacy_utility import preset_config, run
@@ -138,6 +142,8 @@ def privacy_utility(preset, out, seed, threads, log_level):
     cfg = preset_config(preset, out, seed)
     if threads:
         cfg = cfg.model_copy(update={"threads": threads})
+    if diagnostics is not None:
+        cfg = cfg.model_copy(update={"diagnostics": diagnostics})
     results = run(cfg)
     for t in results["targets"]:
         click.echo(f"{'met ' if t['met'] else 'MISS'}  {t['name']}: {t['value']:.3f} (needed {t['needed']})")

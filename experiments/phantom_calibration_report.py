@@ -124,9 +124,15 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def _report(cfg, after, before, loss_only, gaps, targets, test_lesions, profile_names, timings) -> str:
+    return "\n".join([*_protocol(cfg, after, test_lesions), *_calibration(after, gaps),
+                      *_by_lesion_and_profile(after, profile_names), *_before_and_after(after, before, loss_only),
+                      *_targets_and_figures(targets, timings)])
+
+
+def _protocol(cfg, after, test_lesions) -> list[str]:
     seeds = after["real_all"].seeds
     n_test = len(after["real_all"].patient_dice)
-    lines = [
+    return [
         f"# Phantom calibration ({cfg.preset} preset, seed {cfg.seed})",
         "",
         "Does the heterogeneous phantom make sites that see different parts of the distribution, and does the "
@@ -149,6 +155,11 @@ def _report(cfg, after, before, loss_only, gaps, targets, test_lesions, profile_
         "over patients. Nothing was tuned on the test patients: the phantom's profiles were set from the published "
         "descriptions of each lesion type and protocol before this run.",
         "",
+    ]
+
+
+def _calibration(after, gaps) -> list[str]:
+    lines = [
         "## Calibration (current recipe)",
         "",
         "| training data | cases | Dice (mean ± SD over seeds) | Real-All minus row (95% CI) | collapsed models |",
@@ -159,14 +170,22 @@ def _report(cfg, after, before, loss_only, gaps, targets, test_lesions, profile_
         gap_text = "-" if gap is None else f"{gap.mean:+.3f} ({gap.low:+.3f} to {gap.high:+.3f})"
         lines.append(f"| {row}: {r.description} | {r.training_cases} | {r.mean:.3f} ± {r.sd:.3f} | {gap_text} | "
                      f"{r.collapsed_seeds} of {len(r.seeds)} |")
-    lines += ["", "## Dice per lesion type and per site profile of the test patients (current recipe)", "",
+    return lines
+
+
+def _by_lesion_and_profile(after, profile_names) -> list[str]:
+    lines = ["", "## Dice per lesion type and per site profile of the test patients (current recipe)", "",
               "| training data | " + " | ".join(LESION_NAMES[lt] for lt in LESION_TYPES) + " | " +
               " | ".join(f"{s} profile" for s in profile_names) + " |",
               "|---|" + "---|" * (len(LESION_TYPES) + len(profile_names))]
     for row, r in after.items():
         lines.append(f"| {row} | " + " | ".join(_f(r.by_lesion.get(lt)) for lt in LESION_TYPES) + " | " +
                      " | ".join(_f(r.by_profile.get(s)) for s in profile_names) + " |")
-    lines += ["", "Site profiles: " + "; ".join(f"{s}: {n}" for s, n in profile_names.items()) + ".", ""]
+    return [*lines, "", "Site profiles: " + "; ".join(f"{s}: {n}" for s, n in profile_names.items()) + ".", ""]
+
+
+def _before_and_after(after, before, loss_only) -> list[str]:
+    lines = []
     if before:
         lines += ["## The recipe before and after its fix (Dice per test lesion type; mean over test patients)", "",
                   "| training data | recipe | all | " + " | ".join(LESION_NAMES[lt] for lt in LESION_TYPES) +
@@ -179,7 +198,11 @@ def _report(cfg, after, before, loss_only, gaps, targets, test_lesions, profile_
                         _f(r.by_lesion.get(lt)) for lt in LESION_TYPES) + f" | {r.collapsed_seeds} of "
                         f"{len(r.seeds)} |")
         lines.append("")
-    lines += ["The earlier recipe takes the whole 240 mm field of view and averages the region's Dice with the "
+    return lines
+
+
+def _targets_and_figures(targets, timings) -> list[str]:
+    lines = ["The earlier recipe takes the whole 240 mm field of view and averages the region's Dice with the "
               "background's; `loss only` takes the region's Dice alone; the current recipe also crops each case to "
               "the square around its brain. Rows with one seed differ by seed noise of about 0.02-0.04.", "",
               "## Targets", "", "| target | value | needed | |", "|---|---|---|---|"]
@@ -192,7 +215,7 @@ def _report(cfg, after, before, loss_only, gaps, targets, test_lesions, profile_
               "per site profile, per lesion type, and of the public cohort.", "",
               f"Work: {sum(timings.values()):.0f} s in all (" + ", ".join(f"{k} {v:.0f} s" for k, v in
                                                                        timings.items()) + ").", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _recipe_text(recipe) -> str:

@@ -95,13 +95,13 @@ def claim_file(path: pathlib.Path) -> bool:
             return False
 
 
-def check_settings(cfg, added: tuple[str, ...] = ()) -> None:
+def check_settings(cfg, added: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> None:
     """OUT/settings.json holds the settings of the run in OUT; resuming with other settings is refused.
 
     added: settings this experiment gained after runs were made; a run that lacks them (and matches otherwise)
-    resumes, and the pieces they add run now."""
+    resumes, and the pieces they add run now. exclude: fields that choose what runs, not how (OUT, threads, ...)."""
     path = cfg.out / "settings.json"
-    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads"}))
+    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads", *exclude}))
     if path.is_file():
         theirs = json.loads(path.read_text())
         new = [k for k in added if k in ours and k not in theirs]

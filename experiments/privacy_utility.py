@@ -5,7 +5,10 @@ private sites that hold what it lacks (a metastasis clinic, a community hospital
 5 mm protocol, a meningioma centre with elderly patients), of realistic, uneven sizes. The test patients come
 from the private sites' scanners and populations (the same number from each); no setting is tuned on them.
 
-Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the same test patients):
+Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the same test patients). The measurement
+(`required_rows`): real_all, real_public, public_only, nonprivate, anchored_eps<e> for each epsilon (the private
+recipe), dp_scratch_eps<e> and slice_default; the others take the private recipe apart and run with
+`diagnostics` (`--diagnostics`):
     real_all           the private sites' real cases pooled (the ceiling)
     real_public        the public cohort's real cases (what a consortium has without the sites)
     public_only        synthetic data from the generator pretrained on the public cohort alone, made from the
@@ -141,6 +144,8 @@ class PrivacyUtilityConfig(ExperimentConfig):
     steer_anchor_weight: float = Field(100.0, ge=0, description="the steered rows' anchor weight (anchor-tuning's "
                                        "steer candidates)")
     canaries: int = Field(256, ge=10)
+    diagnostics: bool = Field(False, description="also the rows that take the private recipe apart (row_order); "
+                              "which rows run is not a setting of the measurement: a run may add them later")
     segmentation: SegmentationRecipe
     seeds: int = Field(3, ge=1)
     device: str = "cpu"
@@ -156,7 +161,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
                                           pretrain_steps=8, finetune_steps=4, scratch_steps=4),
             dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], statistics_epsilons=[10.0], stats_only_epsilons=[10.0],
             anchor_epsilons=[10.0], steer_epsilons=[10.0],
-            canaries=40,
+            canaries=40, diagnostics=True,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
                                             network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
                                             training=TrainingConfig(steps=4, batch_size=8)), seeds=1)
@@ -398,13 +403,38 @@ def summarise_rows(evals: dict[str, list[SeedScore]]) -> dict[str, dict]:
     return {row: RowScore.of(runs).as_json() for row, runs in evals.items()}
 
 
+def required_rows(cfg: PrivacyUtilityConfig) -> list[str]:
+    """The generators the measurement needs, in the order they run (a cut run reports the first): the public-only
+    floor, the non-private ceiling, the private recipe from the public start at each epsilon (largest first), DP
+    from scratch and the slice-level default. The two from-scratch GANs, the longest pieces, start before the
+    smallest epsilon so two processes finish together."""
+    recipe = [f"anchored_eps{e:g}" for e in sorted(cfg.anchor_epsilons, reverse=True)]
+    scratch = [f"dp_scratch_eps{cfg.scratch_epsilon:g}", "slice_default"]
+    return ["public_only", "nonprivate", *recipe[:2], scratch[0], *recipe[2:3], scratch[1], *recipe[3:]]
+
+
+def row_order(cfg: PrivacyUtilityConfig) -> list[str]:
+    """required_rows, then (with cfg.diagnostics) the rows that take the private recipe apart: DP-SGD alone and
+    with the release, the release alone, the anchor alone, steering by the release alone, frozen discriminators,
+    the non-private run without L1."""
+    required = required_rows(cfg)
+    if not cfg.diagnostics:
+        return required
+    eps = sorted(cfg.anchor_epsilons, reverse=True)
+    dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
+                key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
+    first = [*dp[:2], *([f"stats_anchored_eps{eps[0]:g}", "public_anchored"] if eps else []),
+             *(f"steered_eps{e:g}" for e in sorted(cfg.steer_epsilons, reverse=True))]
+    return [*required, *first, *(n for n in gan_settings(cfg) if n not in required and n not in first)]
+
+
 # ---- pieces shared between processes ----------------------------------------------------------------------------
 # ---- the whole experiment ----------------------------------------------------------------------------------------
 def run(cfg: PrivacyUtilityConfig) -> dict:
     from asyndgan.experiments.pieces import check_settings
 
     torch.set_num_threads(cfg.threads)
-    check_settings(cfg, added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
+    check_settings(cfg, exclude=("diagnostics",), added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
                                 "anchor_epsilons", "steer_epsilons", "steer_anchor_weight"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
@@ -421,18 +451,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     info, _ = public_start.read_folder(pre)
     public_only = {"row": "public_only", "checkpoint": str(pre / info["checkpoint"]), "steps": info["steps"],
                    "seconds": info["seconds"], "privacy": None, "sites": {}}
-    # the rows people look at first go first (a cut run reports them): non-private, then the largest epsilon
-    dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
-                key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
-    frozen = [n for n in gan_settings(cfg) if n.startswith("stats_only") or n == "public_frozen"]
-    # the recipe after the collapse goes next: its largest epsilon, its controls, then the smaller epsilons
-    eps = sorted(cfg.anchor_epsilons, reverse=True)
-    steer = sorted(cfg.steer_epsilons, reverse=True)
-    anchored = [*([f"anchored_eps{eps[0]:g}", f"stats_anchored_eps{eps[0]:g}", "public_anchored"] if eps else []),
-                *(f"steered_eps{e:g}" for e in steer[:1]), *(f"anchored_eps{e:g}" for e in eps[1:]),
-                *(f"steered_eps{e:g}" for e in steer[1:])]
-    first = ["public_only", "nonprivate", *dp[:2], *anchored, *frozen]
-    names = [*first, *(n for n in gan_settings(cfg) if n not in first)]
+    names = row_order(cfg)
     log.info("[4/4] per generator: GAN, audits, synthetic data, segmentation: %s", ", ".join(names))
     results: dict = {}
 

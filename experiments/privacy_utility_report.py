@@ -111,31 +111,12 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    eps = [e for e in cfg.epsilons if f"dp_eps{e:g}" in rows]
-    if eps:
-        ys = [rows[f"dp_eps{e:g}"] for e in eps]
-        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="o", capsize=3,
-                    label="patient-level DP, public start")
-    eps = [e for e in cfg.statistics_epsilons if f"dp_eps{e:g}_stats" in rows]
-    if eps:
-        ys = [rows[f"dp_eps{e:g}_stats"] for e in eps]
-        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="^", capsize=3,
-                    label="the same + DP statistics release")
-    eps = [e for e in cfg.stats_only_epsilons if f"stats_only_eps{e:g}" in rows]
-    if eps:
-        ys = [rows[f"stats_only_eps{e:g}"] for e in eps]
-        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="D", capsize=3,
-                    label="frozen public discriminators + DP statistics release")
-    eps = [e for e in getattr(cfg, "anchor_epsilons", []) if f"anchored_eps{e:g}" in rows]
-    if eps:
-        ys = [rows[f"anchored_eps{e:g}"] for e in eps]
-        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="*", markersize=9,
-                    capsize=3, label="DP + release + anchor to the public generator")
-    eps = [e for e in getattr(cfg, "steer_epsilons", []) if f"steered_eps{e:g}" in rows]
-    if eps:
-        ys = [rows[f"steered_eps{e:g}"] for e in eps]
-        ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker="P", capsize=3,
-                    label="DP statistics release only, steered + anchored")
+    for epsilons, name, marker, label in _series(cfg):
+        eps = [e for e in epsilons if name.format(e=e) in rows]
+        if eps:
+            ys = [rows[name.format(e=e)] for e in eps]
+            ax.errorbar(eps, [r["dice"] for r in ys], yerr=[r["dice_sd"] for r in ys], marker=marker, capsize=3,
+                        markersize=9 if marker == "*" else 6, label=label)
     scratch = f"dp_scratch_eps{cfg.scratch_epsilon:g}"
     if scratch in rows:
         ax.errorbar([cfg.scratch_epsilon], [rows[scratch]["dice"]], yerr=[rows[scratch]["dice_sd"]], marker="s",
@@ -159,51 +140,73 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
     plt.close(fig)
 
 
+def _series(cfg) -> list[tuple[list[float], str, str, str]]:
+    """The figure's lines against epsilon: (epsilons, row name pattern, marker, label)."""
+    return [
+        (getattr(cfg, "anchor_epsilons", []), "anchored_eps{e:g}", "*", "DP + release + anchor to the public generator"),
+        (cfg.epsilons, "dp_eps{e:g}", "o", "patient-level DP, public start"),
+        (cfg.statistics_epsilons, "dp_eps{e:g}_stats", "^", "the same + DP statistics release"),
+        (cfg.stats_only_epsilons, "stats_only_eps{e:g}", "D", "frozen public discriminators + DP statistics release"),
+        (getattr(cfg, "steer_epsilons", []), "steered_eps{e:g}", "P", "DP statistics release only, steered + anchored"),
+    ]
+
+
 def _f(x, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
 def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
-    lines = [f"# Privacy and utility: patient-level DP from a public warm start ({cfg.preset} preset)", "",
-             "Command: `asyndgan experiment privacy-utility --preset %s --out OUT` (two processes of it on one "
-             "OUT, `--threads 1` each, share the pieces); %.0f min of pieces in all (a piece one process waited "
-             "for counts in both)." % (cfg.preset, sum(timings.values()) / 60), "",
-             "## Protocol", "",
-             f"- Public cohort: {cfg.public_cases} cases (large high-grade gliomas, one 3 T scanner family). Private "
-             f"sites: {', '.join(map(str, cfg.site_cases))} cases (heterogeneous-phantom profiles "
-             f"{cfg.site_profiles}); {cfg.test_cases} test patients from the private sites' scanners and "
-             f"populations in turn. Volumes {cfg.shape}.",
-             f"- GAN: {cfg.gan.image_size} px, ResNet-{cfg.gan.n_blocks} generator ({cfg.gan.ngf} filters), "
-             f"PatchGAN ({cfg.gan.ndf} filters, {cfg.gan.d_layers} layers) per modality, {cfg.gan.batch_per_site} "
-             f"images per site per step; public pretraining {cfg.gan.pretrain_steps} steps (L1 weight "
-             f"{cfg.gan.pretrain_lambda_l1:g}, public data); with the sites {cfg.gan.finetune_steps} steps from the "
-             f"public start or {cfg.gan.scratch_steps} from scratch, no L1 term except in the nonprivate row "
-             f"(weight {cfg.gan.nonprivate_lambda_l1:g}); sites in one process.",
-             f"- DP (every private row): unit patient, delta {cfg.dp.delta:g}, rate {cfg.dp.sample_rate:g}, "
-             f"{cfg.dp.slices_per_patient} slices per drawn patient x {cfg.dp.augmentations} views, clip "
-             f"{cfg.dp.max_grad_norm:g}, trainable `{cfg.dp.trainable}`, a DP step every {cfg.dp.update_every} "
-             "batch(es); each site computes its noise from its budget and the planned steps. These settings were "
-             "chosen before any run, not tuned on test patients.",
-             f"- Statistics release (rows `*_stats`: {cfg.statistics_share:g} of epsilon; rows `stats_only_*`: all of "
-             "it, with the public discriminators frozen): per modality, mean and std of the brain and of the tumour, "
-             "clipped per patient at 2, pulled towards with weight 1 and floor 0.05 (the configuration defaults, "
-             "set before any run). The `stats_only_*` and `public_frozen` rows were added after `dp_eps10` was "
-             "measured: its generator had turned into checkerboard patterns within 75 steps (its sample grids); "
-             "these rows keep the public discriminators (no DP-SGD, no noise on them) and spend the budget on the "
-             "release alone. Nothing in them was tuned on test patients.",
-             f"- Anchored rows (`anchored_*`, `stats_anchored_*`, `public_anchored`): the server adds "
-             f"{getattr(cfg, 'anchor_weight', 0):g} x mean |G(x) - G_public(x)| inside the brain (no site data, no "
-             "budget); the weight was chosen on a differently seeded stand-in cohort (`asyndgan experiment "
-             "anchor-tuning`, its report beside this one), not on these sites or test patients.",
-             f"- Segmentation: the shared recipe ({cfg.segmentation.preprocessing.image_size} px, "
-             f"{cfg.segmentation.training.steps} steps), {cfg.seeds} seeds per row, one GAN seed ({cfg.seed}); "
-             "Dice and HD95 of the whole tumour in 3-D per test patient. Paired differences: per patient, Dice "
-             "averaged over seeds first, 95% t-interval.",
-             "- Canary audit: a separate one-run audit of the smallest site's mechanism at each DP row's settings "
-             f"({cfg.canaries} gradient canaries, each included with probability 1/2; beta 0.05). Membership: the "
-             "sites' training patients against the test patients (same scanners), score = brain MSE of G(label "
-             "map) against the patient's own slices.", "",
-             "## Results", "",
+    return "\n".join([f"# Privacy and utility: patient-level DP from a public warm start ({cfg.preset} preset)", "",
+                      *_protocol(cfg, timings), *_results(rows, gans, canaries, members),
+                      *_gaps_and_targets(gaps, checks), *_membership(members)])
+
+
+def _protocol(cfg, timings) -> list[str]:
+    return ["Command: `asyndgan experiment privacy-utility --preset %s --out OUT` (two processes of it on one "
+            "OUT, `--threads 1` each, share the pieces); %.0f min of pieces in all (a piece one process waited "
+            "for counts in both)." % (cfg.preset, sum(timings.values()) / 60), "",
+            "## Protocol", "",
+            "- Rows: the measurement (public-only, non-private, the private recipe `anchored_*` at each epsilon, DP "
+            "from scratch, the slice-level default) and, where run with `--diagnostics`, the rows that take the "
+            "private recipe apart; every row finished in OUT is reported.",
+            f"- Public cohort: {cfg.public_cases} cases (large high-grade gliomas, one 3 T scanner family). Private "
+            f"sites: {', '.join(map(str, cfg.site_cases))} cases (heterogeneous-phantom profiles "
+            f"{cfg.site_profiles}); {cfg.test_cases} test patients from the private sites' scanners and "
+            f"populations in turn. Volumes {cfg.shape}.",
+            f"- GAN: {cfg.gan.image_size} px, ResNet-{cfg.gan.n_blocks} generator ({cfg.gan.ngf} filters), "
+            f"PatchGAN ({cfg.gan.ndf} filters, {cfg.gan.d_layers} layers) per modality, {cfg.gan.batch_per_site} "
+            f"images per site per step; public pretraining {cfg.gan.pretrain_steps} steps (L1 weight "
+            f"{cfg.gan.pretrain_lambda_l1:g}, public data); with the sites {cfg.gan.finetune_steps} steps from the "
+            f"public start or {cfg.gan.scratch_steps} from scratch, no L1 term except in the nonprivate row "
+            f"(weight {cfg.gan.nonprivate_lambda_l1:g}); sites in one process.",
+            f"- DP (every private row): unit patient, delta {cfg.dp.delta:g}, rate {cfg.dp.sample_rate:g}, "
+            f"{cfg.dp.slices_per_patient} slices per drawn patient x {cfg.dp.augmentations} views, clip "
+            f"{cfg.dp.max_grad_norm:g}, trainable `{cfg.dp.trainable}`, a DP step every {cfg.dp.update_every} "
+            "batch(es); each site computes its noise from its budget and the planned steps. These settings were "
+            "chosen before any run, not tuned on test patients.",
+            f"- Statistics release (rows `*_stats`: {cfg.statistics_share:g} of epsilon; rows `stats_only_*`: all of "
+            "it, with the public discriminators frozen): per modality, mean and std of the brain and of the tumour, "
+            "clipped per patient at 2, pulled towards with weight 1 and floor 0.05 (the configuration defaults, "
+            "set before any run). The `stats_only_*` and `public_frozen` rows were added after `dp_eps10` was "
+            "measured: its generator had turned into checkerboard patterns within 75 steps (its sample grids); "
+            "these rows keep the public discriminators (no DP-SGD, no noise on them) and spend the budget on the "
+            "release alone. Nothing in them was tuned on test patients.",
+            f"- Anchored rows (`anchored_*`, `stats_anchored_*`, `public_anchored`): the server adds "
+            f"{getattr(cfg, 'anchor_weight', 0):g} x mean |G(x) - G_public(x)| inside the brain (no site data, no "
+            "budget); the weight was chosen on a differently seeded stand-in cohort (`asyndgan experiment "
+            "anchor-tuning`, its report beside this one), not on these sites or test patients.",
+            f"- Segmentation: the shared recipe ({cfg.segmentation.preprocessing.image_size} px, "
+            f"{cfg.segmentation.training.steps} steps), {cfg.seeds} seeds per row, one GAN seed ({cfg.seed}); "
+            "Dice and HD95 of the whole tumour in 3-D per test patient. Paired differences: per patient, Dice "
+            "averaged over seeds first, 95% t-interval.",
+            "- Canary audit: a separate one-run audit of the smallest site's mechanism at each DP row's settings "
+            f"({cfg.canaries} gradient canaries, each included with probability 1/2; beta 0.05). Membership: the "
+            "sites' training patients against the test patients (same scanners), score = brain MSE of G(label "
+            "map) against the patient's own slices.", ""]
+
+
+def _results(rows, gans, canaries, members) -> list[str]:
+    lines = ["## Results", "",
              "| row | what | Dice (mean ± sd over seeds) | HD95 mm | epsilon per site | canary bound | "
              "membership AUC |", "|---|---|---|---|---|---|---|"]
     for row, r in rows.items():
@@ -214,18 +217,25 @@ def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
         lines.append(f"| {row} | {describe(row)} | {_f(r['dice'])} ± {_f(r['dice_sd'])} | {_f(r['hd95'], 1)} | "
                      f"{eps} | {_f(canary['epsilon_lower_bound'], 2) if canary else '-'} | "
                      f"{_f(member['auc']) if member else '-'} |")
-    lines += ["", "Noise multipliers the sites computed: " + "; ".join(
+    return [*lines, "", "Noise multipliers the sites computed: " + "; ".join(
         f"{row}: " + ", ".join(_f(v.get("noise_multiplier"), 2) for v in (g.get("sites") or {}).values())
-        for row, g in gans.items() if g.get("privacy")), "", "## Paired differences (Dice)", "",
-        "| comparison | mean | 95% interval | patients |", "|---|---|---|---|"]
+        for row, g in gans.items() if g.get("privacy")), ""]
+
+
+def _gaps_and_targets(gaps, checks) -> list[str]:
+    lines = ["## Paired differences (Dice)", "", "| comparison | mean | 95% interval | patients |", "|---|---|---|---|"]
     for name, g in gaps.items():
         lines.append(f"| {name} | {_f(g['mean'])} | {_f(g['low'])} .. {_f(g['high'])} | {g['patients']} |")
     lines += ["", "## Targets", "", "| target | value | needed | met |", "|---|---|---|---|"]
     for t in checks:
         lines.append(f"| {t['name']} | {_f(t['value'])} | {t['needed']} | {'yes' if t['met'] else '**no**'} |")
-    lines += ["", "## Membership and nearest neighbours", "",
-              "| generator | AUC | TPR at FPR 0.1 | brain MSE members / held out | NN synthetic->train / "
-              "held-out->train | audit method |", "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _membership(members) -> list[str]:
+    lines = ["", "## Membership and nearest neighbours", "",
+             "| generator | AUC | TPR at FPR 0.1 | brain MSE members / held out | NN synthetic->train / "
+             "held-out->train | audit method |", "|---|---|---|---|---|---|"]
     for row, m in members.items():
         lines.append(f"| {row} | {_f(m['auc'])} | {_f(m['tpr_at_fpr_0_1'])} | {_f(m['member_error'], 4)} / "
                      f"{_f(m['nonmember_error'], 4)} | {_f(m['nn_synthetic_to_train'], 4)} / "
@@ -235,4 +245,4 @@ def markdown(cfg, rows, gans, canaries, members, gaps, checks, timings) -> str:
               "tumour pixels and the distances over the whole image, untrained background included: its NN "
               "distances are not comparable. A finished run re-audits every row with method 2.", "",
               "Figure: `dice_vs_epsilon.png`.", ""]
-    return "\n".join(lines)
+    return lines

@@ -34,17 +34,22 @@ class SeedScore:
     patients: dict[str, float]  # case -> 3-D whole-tumour Dice
     collapsed: bool  # the training ended predicting (almost) nothing
     summary: dict = field(repr=False)  # the evaluation's summary.json, whole
+    # The evaluation's per-patient table, every column as written, and its file; read from the piece, not kept in
+    # an experiment's row files.
+    table: tuple[dict, ...] = field(default=(), repr=False, compare=False)
+    csv: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def read(cls, folder: pathlib.Path) -> SeedScore:
         """From a finished piece FOLDER (= .../seed<s>) holding model/training.json and eval/."""
-        with open(folder / "eval" / "per_patient.csv", newline="") as f:
-            patients = {r["case"]: float(r["dice"]) for r in csv.DictReader(f)}
+        path = folder / "eval" / "per_patient.csv"
+        with open(path, newline="") as f:
+            table = tuple(csv.DictReader(f))
         training = json.loads((folder / "model" / "training.json").read_text())
         summary = json.loads((folder / "eval" / "summary.json").read_text())
         return cls(seed=int(folder.name.removeprefix("seed")), dice=float(summary["dice"]["mean"]),
-                   hd95_mm=float(summary["hd95_mm"]["mean"]), patients=patients,
-                   collapsed=bool(training.get("collapsed", False)), summary=summary)
+                   hd95_mm=float(summary["hd95_mm"]["mean"]), patients={r["case"]: float(r["dice"]) for r in table},
+                   collapsed=bool(training.get("collapsed", False)), summary=summary, table=table, csv=str(path))
 
     def as_json(self) -> dict:
         """As kept in an experiment's row files (the keys older runs wrote, so they resume)."""
@@ -92,32 +97,38 @@ class RowScore:
 
 
 def score_rows(folder: pathlib.Path, rows: dict[str, list[pathlib.Path]], recipe, seeds: list[int],
-               test_dir: pathlib.Path, device: str, label: str = "segmentation") -> dict[str, list[SeedScore]]:
+               test_dir: pathlib.Path, device: str, label: str = "segmentation", recipes: dict | None = None,
+               progress: bool = False) -> dict[str, list[SeedScore]]:
     """Row -> one SeedScore per seed, in seed order. `rows`: row -> the training trees it pools (each tree is read
     once, whichever rows pool it; the same slices for every seed, since the seed is the training's, not the
-    data's). `recipe`: a SegmentationRecipe; its training seed is replaced by each of `seeds`."""
+    data's). `recipe`: a SegmentationRecipe; its training seed is replaced by each of `seeds`. `recipes`: a row's
+    own recipe where it reads its training trees differently (e.g. zero-filled missing modalities); the test
+    patients are always read with `recipe`'s preprocessing."""
     from asyndgan.segmentation import (evaluate_model, load_test_cases, load_training_slices, pool_slices,
                                        train_model, write_results)
 
     pieces = [(row, s) for row in rows for s in seeds]
     test, claimed, slices = None, [], {}
-    for row, s in pieces:
+    for done, (row, s) in enumerate(pieces, start=1):
         piece = folder / row / f"seed{s}"
         if (piece / "eval" / "summary.json").is_file():
             continue
         if not claim_folder(piece):
             claimed.append(piece)  # another process of this command is on it
             continue
-        log.info("%s: %s, seed %d", label, row, s)
-        seeded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"seed": s})})
+        log.info("%s %d/%d: %s, seed %d", label, done, len(pieces), row, s)
+        base = (recipes or {}).get(row, recipe)
+        seeded = base.model_copy(update={"training": base.training.model_copy(update={"seed": s})})
         if not (piece / "model" / "training.json").is_file():
-            for t in rows[row]:
-                if t not in slices:
-                    slices[t] = load_training_slices([t], seeded, progress=False)
-            train_model(pool_slices([slices[t] for t in rows[row]]), seeded, piece / "model", device, progress=False)
+            reading = base.model_copy(update={"training": base.training.model_copy(update={"seed": 0})})
+            keys = [(t, reading.model_dump_json()) for t in rows[row]]  # a tree as this recipe reads it
+            for key in keys:
+                if key not in slices:
+                    slices[key] = load_training_slices([key[0]], seeded, progress=progress)
+            train_model(pool_slices([slices[k] for k in keys]), seeded, piece / "model", device, progress=progress)
         if test is None:
-            test = load_test_cases(test_dir, recipe.preprocessing, progress=False)
-        write_results(evaluate_model(piece / "model", test, device, progress=False), piece / "eval")
+            test = load_test_cases(test_dir, recipe.preprocessing, progress=progress)
+        write_results(evaluate_model(piece / "model", test, device, progress=progress), piece / "eval")
         (piece / CLAIM).unlink(missing_ok=True)
     for piece in claimed:
         wait_for_eval(piece)

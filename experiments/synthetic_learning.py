@@ -16,7 +16,6 @@ settings; another preset or seed in the same OUT is refused). Report and figures
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -37,13 +36,13 @@ from asyndgan.demo_data.phantom.presets import phantom_config
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.runner import Cluster
 from asyndgan.segmentation import (
-    NetworkConfig, Preprocessing, SegmentationRecipe, SliceSet, TrainingConfig, evaluate_model, load_test_cases,
-    load_training_slices, pool_slices, train_model, write_results,
+    NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig,
 )
 from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import (
     ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint,
 )
+from asyndgan.experiments.scoring import SeedScore, score_rows
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
@@ -254,48 +253,13 @@ def rows(sites: list[pathlib.Path], synthetic: dict[str, pathlib.Path] | None, s
 
 
 def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Path]],
-                 test_dir: pathlib.Path, recipes: dict[str, SegmentationRecipe] | None = None) -> dict[str, list[dict]]:
-    """Row -> one evaluation (summary + per-patient rows) per segmentation seed; models and evaluations are kept
-    in OUT/segmentation/<row>/seed<s>/ and reused. `recipes`: a row's own recipe where it reads its training
-    trees differently (e.g. zero-filled missing modalities); the test cases are read with cfg.segmentation's."""
-    recipe = cfg.segmentation
-    test = None
-    slices: dict[pathlib.Path, SliceSet] = {}  # each tree is read once, whichever rows pool it
-    results: dict[str, list[dict]] = {}
-    seeds = [cfg.seed + k for k in range(cfg.segmentation_seeds)]
-    total, done = len(table) * len(seeds), 0
-    for row, trees in table.items():
-        results[row] = []
-        for s in seeds:
-            folder = cfg.out / "segmentation" / row / f"seed{s}"
-            summary_path = folder / "eval" / "summary.json"
-            done += 1
-            if summary_path.is_file():
-                results[row].append(load_eval(folder / "eval"))
-                continue
-            log.info("segmentation %d/%d: %s, seed %d", done, total, row, s)
-            base = (recipes or {}).get(row, recipe)
-            seeded = base.model_copy(update={"training": base.training.model_copy(update={"seed": s})})
-            if not (folder / "model" / "training.json").is_file():
-                for t in trees:
-                    if t not in slices:
-                        slices[t] = load_training_slices([t], seeded, progress=True)
-                train_model(pool_slices([slices[t] for t in trees]), seeded, folder / "model", cfg.device)
-            if test is None:
-                test = load_test_cases(test_dir, recipe.preprocessing)
-            result = evaluate_model(folder / "model", test, cfg.device)
-            write_results(result, folder / "eval")
-            results[row].append(load_eval(folder / "eval"))
-    return results
-
-
-def load_eval(folder: pathlib.Path) -> dict:
-    import csv
-
-    with open(folder / "per_patient.csv", newline="") as f:
-        patients = list(csv.DictReader(f))
-    return {"summary": json.loads((folder / "summary.json").read_text()), "patients": patients,
-            "csv": str(folder / "per_patient.csv")}
+                 test_dir: pathlib.Path, recipes: dict[str, SegmentationRecipe] | None = None) -> dict[str, list[SeedScore]]:
+    """Row -> one score per segmentation seed; models and evaluations are kept in OUT/segmentation/<row>/seed<s>/
+    and reused. `recipes`: a row's own recipe where it reads its training trees differently (e.g. zero-filled
+    missing modalities); the test cases are read with cfg.segmentation's."""
+    return score_rows(cfg.out / "segmentation", table, cfg.segmentation,
+                      [cfg.seed + k for k in range(cfg.segmentation_seeds)], test_dir, cfg.device, recipes=recipes,
+                      progress=True)
 
 
 def run(cfg: SyntheticLearningConfig) -> dict:

@@ -20,6 +20,7 @@ from asyndgan.experiments.image_quality import fid_kid, paired_ssim_psnr
 from asyndgan.segmentation import EMPTY_RULE, PROTOCOL, Preprocessing
 from asyndgan.segmentation.data import find_cases, read_case
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.scoring import SeedScore
 
 log = logging.getLogger(__name__)
 RGB = ("t1ce", "t2", "flair")  # three of the four modalities as the InceptionV3's RGB input
@@ -121,15 +122,15 @@ def plot_grid(path: pathlib.Path, grid: list[dict], gans: list[str]) -> None:
     plt.close(fig)
 
 
-def plot_dice(path: pathlib.Path, evals: dict[str, list[dict]]) -> None:
+def plot_dice(path: pathlib.Path, evals: dict[str, list[SeedScore]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(evals)
-    per_patient = [[float(p["dice"]) for e in evals[n] for p in e["patients"]] for n in names]
-    per_seed = [[e["summary"]["dice"]["mean"] for e in evals[n]] for n in names]
+    per_patient = [[d for e in evals[n] for d in e.patients.values()] for n in names]
+    per_seed = [[e.dice for e in evals[n]] for n in names]
     fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 4))
     ax.boxplot(per_patient, showfliers=False)
     rng = np.random.default_rng(0)  # jitter only
@@ -145,17 +146,17 @@ def plot_dice(path: pathlib.Path, evals: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
-def summarise_rows(evals: dict[str, list[dict]]) -> dict[str, dict]:
+def summarise_rows(evals: dict[str, list[SeedScore]]) -> dict[str, dict]:
     out = {}
     for row, runs in evals.items():
         out[row] = {
-            "dice": mean_sd([r["summary"]["dice"]["mean"] for r in runs]),
-            "hd95_mm": mean_sd([r["summary"]["hd95_mm"]["mean"] for r in runs]),
-            "dice_tumour_slices": mean_sd([r["summary"]["dice_tumour_slices"]["mean"] for r in runs]),
-            "dice_patient_sd": float(np.mean([r["summary"]["dice"]["sd"] for r in runs])),
-            "per_seed_dice": [r["summary"]["dice"]["mean"] for r in runs],
-            "patients": runs[0]["summary"]["patients"],
-            "per_patient_csv": [r["csv"] for r in runs],
+            "dice": mean_sd([r.dice for r in runs]),
+            "hd95_mm": mean_sd([r.hd95_mm for r in runs]),
+            "dice_tumour_slices": mean_sd([r.summary["dice_tumour_slices"]["mean"] for r in runs]),
+            "dice_patient_sd": float(np.mean([r.summary["dice"]["sd"] for r in runs])),
+            "per_seed_dice": [r.dice for r in runs],
+            "patients": runs[0].summary["patients"],
+            "per_patient_csv": [r.csv for r in runs],
         }
     return out
 
@@ -178,19 +179,19 @@ def check_targets(rows: dict[str, dict]) -> list[dict]:
     ]
 
 
-def write_patient_csvs(out: pathlib.Path, evals: dict[str, list[dict]], seeds: list[int]) -> dict[str, str]:
+def write_patient_csvs(out: pathlib.Path, evals: dict[str, list[SeedScore]], seeds: list[int]) -> dict[str, str]:
     """OUT/per_patient/<row>.csv: every test patient under every seed, one file per row."""
     folder = out / "per_patient"
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for row, runs in evals.items():
         path = folder / f"{row}.csv"
-        fields = ["seed", *runs[0]["patients"][0].keys()]
+        fields = ["seed", *runs[0].table[0].keys()]
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
             w.writeheader()
             for seed, r in zip(seeds, runs):
-                for p in r["patients"]:
+                for p in r.table:
                     w.writerow({"seed": seed, **p})
         paths[row] = str(path)
     return paths

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from asyndgan.cli.main import main
+from asyndgan.experiments.scoring import SeedScore
 
 pytestmark = pytest.mark.integration
 
@@ -82,8 +83,9 @@ def test_report_figures_and_time_to_target(smoke):
         assert all(x["how"] == "modelled" for x in times.values())
 
 
-def _evals(*dice: float) -> list[dict]:
-    return [{"summary": {"dice": {"mean": d}}} for d in dice]
+def _evals(*dice: float) -> list[SeedScore]:
+    return [SeedScore(seed=k, dice=d, hd95_mm=5.0, patients={"A": d}, collapsed=False, summary={})
+            for k, d in enumerate(dice)]
 
 
 def _fedavg(per_round: int, rounds: int) -> dict:

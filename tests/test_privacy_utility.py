@@ -68,3 +68,21 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     assert tuned["chosen_steer"] == 10.0 and tuned["rows"]["steer10"]["adversarial_weight"] == 0.0
     assert all(0 <= r["dice"] <= 1 for r in tuned["rows"].values())
     assert "Chosen: anchor weight" in (tmp_path / "tune" / "report.md").read_text()
+
+
+def test_the_cpu_preset_runs_the_measurement_and_the_diagnostics_only_when_asked(tmp_path):
+    from asyndgan.experiments.pieces import check_settings
+    from asyndgan.experiments.privacy_utility import row_order
+
+    cfg = preset_config("cpu", tmp_path / "pu")
+    assert not cfg.diagnostics and preset_config("smoke", tmp_path / "s").diagnostics
+    assert row_order(cfg) == ["public_only", "nonprivate", "anchored_eps10", "anchored_eps3", "dp_scratch_eps10",
+                              "anchored_eps1", "slice_default"]
+    everything = row_order(cfg.model_copy(update={"diagnostics": True}))
+    assert everything[:7] == row_order(cfg) and len(everything) == len(set(everything))
+    assert set(everything) == {"public_only", *gan_settings(cfg)}
+    # which rows run is not a setting of the measurement: the same OUT resumes with the diagnostics added
+    check_settings(cfg, exclude=("diagnostics",))
+    check_settings(cfg.model_copy(update={"diagnostics": True}), exclude=("diagnostics",))
+    with pytest.raises(Exception, match="other settings"):
+        check_settings(cfg.model_copy(update={"seeds": 5}), exclude=("diagnostics",))
