@@ -405,12 +405,10 @@ def summarise_rows(evals: dict[str, list[SeedScore]]) -> dict[str, dict]:
 
 def required_rows(cfg: PrivacyUtilityConfig) -> list[str]:
     """The generators the measurement needs, in the order they run (a cut run reports the first): the public-only
-    floor, the non-private ceiling, the private recipe from the public start at each epsilon (largest first), DP
-    from scratch and the slice-level default. The two from-scratch GANs, the longest pieces, start before the
-    smallest epsilon so two processes finish together."""
+    floor, the non-private ceiling, the private recipe from the public start at each epsilon (largest first), the
+    slice-level default, and DP from scratch last (the longest piece: a GAN cut half-way starts again)."""
     recipe = [f"anchored_eps{e:g}" for e in sorted(cfg.anchor_epsilons, reverse=True)]
-    scratch = [f"dp_scratch_eps{cfg.scratch_epsilon:g}", "slice_default"]
-    return ["public_only", "nonprivate", *recipe[:2], scratch[0], *recipe[2:3], scratch[1], *recipe[3:]]
+    return ["public_only", "nonprivate", *recipe, "slice_default", f"dp_scratch_eps{cfg.scratch_epsilon:g}"]
 
 
 def row_order(cfg: PrivacyUtilityConfig) -> list[str]:
