@@ -94,7 +94,7 @@ def build(cfg: ServerConfig) -> tuple[Trainer, SiteRegistry, AsynDGANServicer]:
     if (cfg.train.anchor_weight or 0) > 0 and start is None:
         raise ConfigError(f"train.anchor_weight = {cfg.train.anchor_weight:g} anchors the generator to a public "
                           "start: give one with --init (or leave train.anchor_weight unset)")
-    public_generator = None if start is None else ckpt.load_checkpoint(start)["generator"]
+    public_generator = None if start is None else ckpt.published_generator(ckpt.load_checkpoint(start))
     anchor = cfg.train.anchor_for(public_start=start is not None)
     if public_generator is not None and anchor > 0:
         trainer.anchor_to(public_generator, anchor)  # on a resumed run too: the anchor is the public start

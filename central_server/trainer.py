@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from asyndgan.common import serde
@@ -88,6 +89,10 @@ class Trainer:
         with seeded(cfg.train.seed):  # the same weights for the same seed (common/seeding.py)
             self.generator = self.family.build_generator(self.model_cfg).to(self.device)
         self.optimizer = make_optimizer(self.generator.parameters(), cfg.g_optim)
+        # The moving average of the weights (train.ema_decay): its first update copies the generator as it is then
+        # (a public start loaded after this constructor included), each later one moves it by (1 - decay).
+        self.ema = None if cfg.train.ema_decay is None else AveragedModel(
+            self.generator, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.round = 0
@@ -265,6 +270,8 @@ class Trainer:
         else:
             fake.backward(gradient=gradient)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.generator)
         return True
 
     def _median_backward(self, fake: torch.Tensor, results: dict[str, SiteGradient],
@@ -378,10 +385,17 @@ class Trainer:
             "config_json": self.cfg.model_dump_json(),
             "run_id": self.run_id,
             "bank": self.bank.state(),
+            **({} if self.ema is None else {"generator_ema": self.ema.module.state_dict(),
+                                            "ema_updates": int(self.ema.n_averaged)}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
+        if self.ema is not None and "generator_ema" in state:
+            self.ema.module.load_state_dict(state["generator_ema"])
+            self.ema.n_averaged.fill_(int(state["ema_updates"]))
+        elif self.ema is not None:  # a run that turned the average on when resumed: it starts from here
+            self.ema.n_averaged.zero_()
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.round = int(state["round"])

@@ -200,6 +200,10 @@ class TrainConfig(_Section):
         if self.anchor_weight is not None:
             return self.anchor_weight
         return ANCHOR_DEFAULT if public_start else 0.0
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average of the "
+                                    "generator's weights with this decay per step (e.g. 0.999); checkpoints keep "
+                                    "it, and it is the generator a run publishes (export, generate, samples from a "
+                                    "checkpoint, the public start). Unset: off")
     seed: int = 0
 
 

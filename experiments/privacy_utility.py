@@ -307,7 +307,7 @@ def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings
                 for i, path in enumerate(sites)]
     trainer = Trainer(scfg, LocalRegistry(sessions), CountingBank(sessions), folder)
     if from_public:
-        public_generator = ckpt.load_checkpoint(pre / info["checkpoint"])["generator"]
+        public_generator = ckpt.published_generator(ckpt.load_checkpoint(pre / info["checkpoint"]))
         trainer.generator.load_state_dict(public_generator)
         if anchor_weight > 0:
             trainer.anchor_to(public_generator, anchor_weight)

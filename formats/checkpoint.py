@@ -1,7 +1,9 @@
 """Server checkpoints: written atomically (temporary file, fsync, rename), read with weights_only=True.
 
 A checkpoint is a dict of tensors and plain values (generator and optimiser state, step, round, the sampling
-generator's state and the resolved configuration as JSON), so loading never unpickles arbitrary objects.
+generator's state and the resolved configuration as JSON), so loading never unpickles arbitrary objects. A run
+with train.ema_decay also keeps the moving average of the generator's weights ("generator_ema"): that is the
+generator the run publishes (published_generator).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def save_checkpoint(path: pathlib.Path, state: dict) -> None:
 
 def load_checkpoint(path: pathlib.Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def published_generator(state: dict) -> dict:
+    """The generator weights a checkpoint stands for: the moving average where the run keeps one, else the
+    trained weights themselves."""
+    return state["generator_ema"] if "generator_ema" in state else state["generator"]
 
 
 def list_checkpoints(directory: pathlib.Path) -> list[pathlib.Path]:

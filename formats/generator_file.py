@@ -117,7 +117,7 @@ def load_from_checkpoint(path: pathlib.Path) -> LoadedGenerator:
         cfg = validate_json(ServerConfig, state["config_json"])
     except AsynDGANError as exc:
         raise GeneratorFileError(f"{path}: its configuration does not load ({exc})") from None
-    generator = _build(cfg.site.model, state["generator"], path)
+    generator = _build(cfg.site.model, ckpt.published_generator(state), path)
     bank_dir = path.parent.parent / "bank" if path.parent.name == "checkpoints" else None
     return LoadedGenerator(cfg.site.model, generator, str(state["run_id"]), int(state["step"]),
                            config_digest(state["config_json"]), weights_digest(generator.state_dict()), path,

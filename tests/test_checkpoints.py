@@ -81,3 +81,45 @@ def test_a_resumed_run_reports_its_throughput_from_its_first_step(tmp_path):
     report = resumed.last_report
     assert report.step == 2 and resumed.step == 3
     assert resumed.images_per_second == report.images / report.seconds
+
+
+def test_the_moving_average_of_the_generator_is_kept_resumed_and_published(tmp_path):
+    """train.ema_decay: the average starts at the first step's weights and moves by (1 - decay) per step; the
+    checkpoint keeps it, a resumed trainer continues it, and the published generator (export, generate) is it."""
+    import threading
+
+    from asyndgan.central_server.trainer import Trainer
+    from asyndgan.common.config import ServerConfig
+    from asyndgan.demo_data.toy import write_toy_sites
+    from asyndgan.formats.datasets import open_dataset
+    from asyndgan.formats.generator_file import load_from_checkpoint
+    from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
+
+    (folder,) = write_toy_sites(tmp_path / "data", sites=1, per_site=[8], size=20, seed=1)
+    cfg = ServerConfig.model_validate({
+        "run_dir": str(tmp_path / "run"), "tensorboard": False, "train": {"batch_size": 2, "ema_decay": 0.5},
+        "site": {"model": {"image2d": {"image_size": 16, "load_size": 20, "ngf": 4, "n_blocks": 1, "ndf": 4,
+                                       "d_layers": 1, "modalities": ["t1", "t1ce", "t2", "flair"]}},
+                 "schedule": {"steps": 3}}})
+    sessions = [LocalSession("a", open_dataset(folder, cfg.site), cfg.site)]
+    trainer = Trainer(cfg, LocalRegistry(sessions), CountingBank(sessions), tmp_path / "run")
+    after_each_step: list[dict] = []
+    trainer.optimizer.register_step_post_hook(lambda *_: after_each_step.append(
+        {k: v.detach().clone() for k, v in trainer.generator.state_dict().items()}))
+    trainer.run(threading.Event())
+    assert len(after_each_step) == 3
+    name = next(k for k, v in after_each_step[0].items() if v.is_floating_point() and v.numel() > 10)
+    w1, w2, w3 = (w[name] for w in after_each_step)
+    expected = 0.5 * (0.5 * w1 + 0.5 * w2) + 0.5 * w3
+    ema = trainer.ema.module.state_dict()[name]
+    assert torch.allclose(ema, expected, atol=1e-6) and not torch.allclose(ema, w3, atol=1e-4)
+
+    state = trainer.state_dict()
+    assert state["ema_updates"] == 3 and torch.equal(state["generator_ema"][name], ema)
+    published = load_from_checkpoint(tmp_path / "run").generator.state_dict()[name]
+    assert torch.equal(published, ema)  # export and generate use the average, not the last step's weights
+
+    resumed = Trainer(cfg, LocalRegistry(sessions), CountingBank(sessions), tmp_path / "run2")
+    resumed.load_state_dict(state)
+    assert int(resumed.ema.n_averaged) == 3 and torch.equal(resumed.ema.module.state_dict()[name], ema)
+    assert ckpt.published_generator({"generator": {"w": 1}}) == {"w": 1}  # a run without the average
