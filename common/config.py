@@ -120,11 +120,21 @@ class SiteFacingConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     d_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     d_steps: int = Field(1, ge=1, le=16, description="discriminator updates per received batch")
+    diff_augment: list[Literal["color", "translation", "cutout"]] = Field(
+        default_factory=list, description="differentiable augmentation of everything a site's discriminators see, "
+        "real and synthetic (common/diff_augment.py; image2d): a small site's slices, seen hundreds of times, are "
+        "then not memorised. Empty (default): none")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     seed: int = 0
     public_start: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the public "
                                      "discriminator weights every site starts from (set by the server from "
                                      "--init; the weights follow Welcome, proto PublicWeights)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SiteFacingConfig":
+        if self.diff_augment and self.model.family != "image2d":
+            raise ValueError(f"site.diff_augment transforms images; the {self.model.family} family has none")
+        return self
 
 
 class GuardConfig(_Section):

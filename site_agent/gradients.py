@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asyndgan.common.diff_augment import diff_augment
 from asyndgan.common.seeding import seeded
 from asyndgan.common.config import SiteFacingConfig, linear_decay, make_optimizer
 from asyndgan.common.families import get_family
@@ -62,6 +63,8 @@ class SiteLearner:
             self.discriminators = self.family.build_discriminators(cfg.model, modalities).to(self.device)
         self.optimizer = make_optimizer(self.discriminators.parameters(), cfg.d_optim)
         self.gan_loss = GANLoss().to(self.device)
+        # Draws of the differentiable augmentation (cfg.diff_augment), apart from every other random source.
+        self.augment_rng = torch.Generator().manual_seed(cfg.seed)
         # The generator step the discriminators last learnt at: a batch for the same step again is the server
         # retrying it (a missed quorum), and the discriminators must not get ahead of the generator.
         self.learnt_at: int | None = None
@@ -80,7 +83,15 @@ class SiteLearner:
                               f"{(missing + wrong)[0]})")
         self.discriminators.load_state_dict({k: weights[k].to(own[k].dtype) for k in own})
 
+    def augmented(self, x: torch.Tensor | None, sample: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """What a discriminator is shown: (condition, sample) through cfg.diff_augment's transforms, fresh draws
+        each time (common/diff_augment.py); unchanged without them."""
+        if not self.cfg.diff_augment:
+            return x, sample
+        return diff_augment(x, sample, self.cfg.diff_augment, self.augment_rng)
+
     def _logits(self, name: str, x: torch.Tensor | None, sample: torch.Tensor) -> torch.Tensor:
+        x, sample = self.augmented(x, sample)
         d = self.discriminators[name]
         return d(sample) if x is None else d(torch.cat([x, sample], dim=1))
 

@@ -249,8 +249,10 @@ class _AllDiscriminators(nn.Module):
             if hasattr(module, "inplace"):
                 setattr(module, "inplace", False)
         self._split = learner._channels
+        self._augmented = learner.augmented  # row by row: a row's transform depends on no other row
 
     def forward(self, condition: torch.Tensor | None, samples: torch.Tensor) -> torch.Tensor:
+        condition, samples = self._augmented(condition, samples)
         logits = []
         for name, part in self._split(samples):
             d = self.discriminators[name]
