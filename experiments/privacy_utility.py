@@ -6,9 +6,9 @@ private sites that hold what it lacks (a metastasis clinic, a community hospital
 from the private sites' scanners and populations (the same number from each); no setting is tuned on them.
 
 Rows (every one: the same segmentation recipe, `seeds` segmentation seeds, the same test patients). The measurement
-(`required_rows`): real_all, real_public, public_only, nonprivate, anchored_eps<e> for each epsilon (the private
-recipe), dp_scratch_eps<e> and slice_default; the others take the private recipe apart and run with
-`diagnostics` (`--diagnostics`):
+(`required_rows`): real_all, real_public, public_only, nonprivate, dp_anchored_eps<e> for each epsilon (the
+system's private defaults from a public start), slice_default and dp_scratch_eps<e>; the others take the private
+recipe apart and run with `diagnostics` (`--diagnostics`):
     real_all           the private sites' real cases pooled (the ceiling)
     real_public        the public cohort's real cases (what a consortium has without the sites)
     public_only        synthetic data from the generator pretrained on the public cohort alone, made from the
@@ -25,6 +25,8 @@ recipe), dp_scratch_eps<e> and slice_default; the others take the private recipe
                        the whole budget goes to the statistics release, which the server pulls the generator to
     public_frozen      the same without any release (no private data at all beyond the label maps): separates what
                        300 more steps against the public discriminators do from what the statistics add
+    dp_anchored_eps<e> dp_eps<e> plus the server's anchor to the public generator's output: what a site and a
+                       server run by default from a public start (the release off, the anchor on)
     anchored_eps<e>    dp_eps<e>_stats plus the server's anchor to the public generator's output (anchor_weight,
                        chosen on public data by `asyndgan experiment anchor-tuning`): the recipe after the collapse
     stats_anchored_eps<e>, public_anchored
@@ -137,6 +139,9 @@ class PrivacyUtilityConfig(ExperimentConfig):
                                  "public data (`asyndgan experiment anchor-tuning`)")
     anchor_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
                                          description="epsilons of the anchored rows (DP-SGD + release + anchor)")
+    shipped_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
+                                          description="epsilons of the rows that run the system's defaults from a "
+                                                      "public start: patient-level DP-SGD and the anchor, no release")
     steer_epsilons: list[float] = Field(default_factory=lambda: [10.0, 3.0, 1.0],
                                         description="epsilons of the steered rows: the whole budget on the statistics "
                                                     "release, the sites' gradients left out (adversarial weight 0), "
@@ -160,7 +165,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
             test_cases=3, gan=GANSettings(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, batch_per_site=2,
                                           pretrain_steps=8, finetune_steps=4, scratch_steps=4),
             dp=DPSettings(delta=1e-3), epsilons=[1.0, 10.0], statistics_epsilons=[10.0], stats_only_epsilons=[10.0],
-            anchor_epsilons=[10.0], steer_epsilons=[10.0],
+            anchor_epsilons=[10.0], steer_epsilons=[10.0], shipped_epsilons=[10.0],
             canaries=40, diagnostics=True,
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=32),
                                             network=NetworkConfig(channels=[8, 16, 32], num_res_units=1),
@@ -265,6 +270,8 @@ def gan_settings(cfg: PrivacyUtilityConfig) -> dict[str, GANRow]:
         out[f"stats_only_eps{eps:g}"] = GANRow(True, frozen.privacy(eps, 1.0), g.finetune_steps)
     out["public_frozen"] = GANRow(True, frozen.privacy(1.0, 0.0), g.finetune_steps)
     a = cfg.anchor_weight
+    for eps in cfg.shipped_epsilons:
+        out[f"dp_anchored_eps{eps:g}"] = GANRow(True, cfg.dp.privacy(eps), g.finetune_steps, 0.0, a)
     for eps in cfg.anchor_epsilons:
         out[f"anchored_eps{eps:g}"] = GANRow(True, cfg.dp.privacy(eps, cfg.statistics_share), g.finetune_steps, 0.0, a)
     if cfg.anchor_epsilons:
@@ -405,10 +412,11 @@ def summarise_rows(evals: dict[str, list[SeedScore]]) -> dict[str, dict]:
 
 def required_rows(cfg: PrivacyUtilityConfig) -> list[str]:
     """The generators the measurement needs, in the order they run (a cut run reports the first): the public-only
-    floor, the non-private ceiling, the private recipe from the public start at each epsilon (largest first), the
-    slice-level default, and DP from scratch last (the longest piece: a GAN cut half-way starts again)."""
-    recipe = [f"anchored_eps{e:g}" for e in sorted(cfg.anchor_epsilons, reverse=True)]
-    return ["public_only", "nonprivate", *recipe, "slice_default", f"dp_scratch_eps{cfg.scratch_epsilon:g}"]
+    floor, the non-private ceiling, the system's private defaults from the public start (patient-level DP-SGD and
+    the anchor, no release) at each epsilon (largest first), the slice-level default, and DP from scratch last
+    (the longest piece: a GAN cut half-way starts again)."""
+    shipped = [f"dp_anchored_eps{e:g}" for e in sorted(cfg.shipped_epsilons, reverse=True)]
+    return ["public_only", "nonprivate", *shipped, "slice_default", f"dp_scratch_eps{cfg.scratch_epsilon:g}"]
 
 
 def row_order(cfg: PrivacyUtilityConfig) -> list[str]:
@@ -421,7 +429,8 @@ def row_order(cfg: PrivacyUtilityConfig) -> list[str]:
     eps = sorted(cfg.anchor_epsilons, reverse=True)
     dp = sorted((n for n in gan_settings(cfg) if n.startswith("dp_eps")),
                 key=lambda n: (-float(n[len("dp_eps"):].removesuffix("_stats")), n.endswith("_stats")))
-    first = [*dp[:2], *([f"stats_anchored_eps{eps[0]:g}", "public_anchored"] if eps else []),
+    first = [*dp[:2], *(f"anchored_eps{e:g}" for e in eps),
+             *([f"stats_anchored_eps{eps[0]:g}", "public_anchored"] if eps else []),
              *(f"steered_eps{e:g}" for e in sorted(cfg.steer_epsilons, reverse=True))]
     return [*required, *first, *(n for n in gan_settings(cfg) if n not in required and n not in first)]
 
@@ -433,7 +442,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
 
     torch.set_num_threads(cfg.threads)
     check_settings(cfg, exclude=("diagnostics",), added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
-                                "anchor_epsilons", "steer_epsilons", "steer_anchor_weight"))
+                                "anchor_epsilons", "steer_epsilons", "steer_anchor_weight", "shipped_epsilons"))
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)

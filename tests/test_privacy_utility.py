@@ -76,8 +76,8 @@ def test_the_cpu_preset_runs_the_measurement_and_the_diagnostics_only_when_asked
 
     cfg = preset_config("cpu", tmp_path / "pu")
     assert not cfg.diagnostics and preset_config("smoke", tmp_path / "s").diagnostics
-    assert row_order(cfg) == ["public_only", "nonprivate", "anchored_eps10", "anchored_eps3", "anchored_eps1",
-                              "slice_default", "dp_scratch_eps10"]
+    assert row_order(cfg) == ["public_only", "nonprivate", "dp_anchored_eps10", "dp_anchored_eps3",
+                              "dp_anchored_eps1", "slice_default", "dp_scratch_eps10"]
     everything = row_order(cfg.model_copy(update={"diagnostics": True}))
     assert everything[:7] == row_order(cfg) and len(everything) == len(set(everything))
     assert set(everything) == {"public_only", *gan_settings(cfg)}
