@@ -24,7 +24,7 @@ from torch import nn
 from asyndgan.common.conditions import Augmentation, draw_augmentation, one_hot
 from asyndgan.common.config import ModelConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.common.networks import PatchGAN, ResNetGenerator, UNetGenerator, initialise, mlp
+from asyndgan.common.networks import PatchGAN, ResNetGenerator, SPADEGenerator, UNetGenerator, initialise, mlp
 
 
 class Family(abc.ABC):
@@ -150,7 +150,9 @@ class Image2D(Family):
             return initialise(ResNetGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks), cfg.init)
         if cfg.generator == "unet":
             return initialise(UNetGenerator(in_ch, out_ch, cfg.ngf, cfg.unet_depth), cfg.init)
-        raise ConfigError(f"unknown image2d generator {cfg.generator!r}; choose resnet or unet")
+        if cfg.generator == "spade":
+            return initialise(SPADEGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks), cfg.init)
+        raise ConfigError(f"unknown image2d generator {cfg.generator!r}; choose resnet, spade or unet")
 
     def build_discriminators(self, model, modalities):
         # One PatchGAN per modality held (the multi-modal method): input is the one-hot map plus that channel;

@@ -1,7 +1,8 @@
 """The network layers of the model families, importable by both the server and the sites.
 
 Generators (the server's): pix2pix's ResNet generator (reflection padding, instance norm, 2 down-samplings,
-n residual blocks, tanh output), a U-Net with skip connections, and a small MLP. Discriminators (a site's):
+n residual blocks, tanh output), the same with the label map in every block of its second half (SPADE), a U-Net
+with skip connections, and a small MLP. Discriminators (a site's):
 PatchGAN, and the same MLP. They live in `common` so that a site never imports server code; which family uses
 which, at what size, is decided in common/families.py. Every module maps a tensor to a tensor (no hidden state).
 Initial weights are chosen explicitly by `initialise` (ModelConfig.image2d.init).
@@ -47,6 +48,59 @@ class ResNetGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class _SPADEBlock(nn.Module):
+    """A residual block whose normalisations take their scale and shift from the label map (SPADE)."""
+
+    def __init__(self, ch: int, label_nc: int, hidden: int):
+        from monai.networks.blocks.spade_norm import SPADE
+
+        super().__init__()
+        self.norm1, self.norm2 = SPADE(label_nc, ch, hidden_channels=hidden), SPADE(label_nc, ch, hidden_channels=hidden)
+        self.conv1, self.conv2 = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x, seg)))
+        return x + self.conv2(self.act(self.norm2(h, seg)))
+
+
+class SPADEGenerator(nn.Module):
+    """[n, in_ch, H, W] (the one-hot label map) -> [n, out_ch, H, W] in [-1, 1]; H and W multiples of 4.
+
+    The ResNet generator's encoder, then residual blocks and up-samplings whose normalisations are SPADE (MONAI's
+    block: a parameter-free instance norm, scaled and shifted per pixel by convolutions of the label map resized to
+    the layer): the label map is seen again in every block, so tumour and tissue boundaries are not washed out by
+    the normalisations, as in GauGAN (Park et al., CVPR 2019)."""
+
+    def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9):
+        from monai.networks.blocks.spade_norm import SPADE
+
+        super().__init__()
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+        ch = ngf
+        for _ in range(2):
+            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
+            ch *= 2
+        self.encoder = nn.Sequential(*layers)
+        hidden = min(128, ngf * 2)
+        self.blocks = nn.ModuleList(_SPADEBlock(ch, in_ch, hidden) for _ in range(n_blocks))
+        self.up = nn.ModuleList()
+        self.up_norms = nn.ModuleList()
+        for _ in range(2):
+            self.up.append(nn.ConvTranspose2d(ch, ch // 2, 3, stride=2, padding=1, output_padding=1))
+            self.up_norms.append(SPADE(in_ch, ch // 2, hidden_channels=hidden))
+            ch //= 2
+        self.out = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(ch, out_ch, 7), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        for block in self.blocks:
+            h = block(h, x)
+        for up, norm in zip(self.up, self.up_norms):
+            h = torch.relu(norm(up(h), x))
+        return self.out(h)
 
 
 class UNetGenerator(nn.Module):

@@ -30,7 +30,7 @@ def test_default_image2d_models_match_the_papers_sizes():
     assert abs(_count(d) / 1e6 - 2.77) < 0.05
 
 
-@pytest.mark.parametrize("generator", ["resnet", "unet"])
+@pytest.mark.parametrize("generator", ["resnet", "spade", "unet"])
 def test_image2d_generators_map_label_maps_to_images(generator):
     cfg = ModelConfig.model_validate({"image2d": {"generator": generator, "image_size": 32, "ngf": 4,
                                                   "n_blocks": 1, "unet_depth": 4}})
@@ -38,6 +38,25 @@ def test_image2d_generators_map_label_maps_to_images(generator):
     y = build_generator(cfg)(x)
     assert y.shape == (2, 4, 32, 32)
     assert float(y.detach().abs().max()) <= 1.0
+
+
+def test_the_spade_generator_sees_the_label_map_in_every_block():
+    """Where the encoder's features are the same, a change of the label map still reaches the output through the
+    SPADE normalisations of the residual blocks and up-samplings (the resnet generator, only through its input)."""
+    from asyndgan.common.networks import SPADEGenerator
+
+    torch.manual_seed(0)
+    g = SPADEGenerator(5, 4, ngf=4, n_blocks=2).eval()
+    x = torch.zeros(1, 5, 32, 32)
+    x[:, 0] = 1
+    y = x.clone()
+    y[:, 0, 8:16, 8:16], y[:, 3, 8:16, 8:16] = 0, 1  # a tumour square
+    g.encoder.register_forward_hook(lambda _m, _i, _o: torch.zeros(1, 16, 8, 8))  # features blind to the map
+    with torch.no_grad():
+        assert float((g(x) - g(y)).abs().max()) > 1e-3
+    from monai.networks.blocks.spade_norm import SPADE
+
+    assert sum(isinstance(m, SPADE) for m in g.modules()) == 2 * 2 + 2  # two per residual block, one per up-sampling
 
 
 def test_one_patchgan_per_held_modality():
