@@ -282,6 +282,11 @@ class DataPrepConfig(_Section):
 
     modalities: list[str] | None = Field(None, description="modalities to use (default: every one found)")
     min_tumour_pixels: int = Field(20, ge=0, description="axial slices with fewer tumour pixels are left out")
+    healthy_ratio: float = Field(0.0, ge=0, le=4, description="healthy brain slices (no tumour) added per tumour "
+                                 "slice of each case, evenly spaced among its slices whose brain covers at least "
+                                 "half of its largest brain slice: the generator then also learns the slices a "
+                                 "whole synthetic volume is mostly made of. 0 (default): tumour slices only, as in "
+                                 "the papers")
     clip_percentiles: tuple[float, float] = Field((0.5, 99.5), description="per volume and modality, in the brain")
     on_bad_case: Literal["skip", "error"] = Field("skip", description="skip a bad case with a warning, or stop")
     cache_dir: pathlib.Path = Field(default_factory=_default_cache, description="prepared slices (memory-mapped)")

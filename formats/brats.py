@@ -3,7 +3,8 @@
 Detected automatically, one folder per case:
 - 2018-2021 names `<case>_{t1,t1ce,t2,flair,seg}.nii[.gz]`, labels 0, 1 necrotic core, 2 edema, 4 enhancing;
 - 2023+ names `<case>-{t1n,t1c,t2w,t2f,seg}.nii[.gz]`, enhancing tumour = 3.
-Preparation follows the published method: axial slices that contain tumour (at least `min_tumour_pixels`),
+Preparation follows the published method: axial slices that contain tumour (at least `min_tumour_pixels`; with
+`healthy_ratio` > 0 also that many healthy brain slices per tumour slice),
 per-volume per-modality percentile clipping in the brain and scaling to [-1, 1] (background -1), and a label map
 for the generator made of the tumour labels plus the brain outline, all resized to the server's size. Label
 values are normalised to: 0 background, 1 brain outline, 2 necrotic core, 3 edema, 4 enhancing tumour.
@@ -183,14 +184,35 @@ def label_maps(seg_slices: np.ndarray, brain_slices: np.ndarray, size: int) -> n
     return out
 
 
+def healthy_budget(tumour: int, ratio: float) -> int:
+    """The most healthy slices a case with `tumour` tumour slices adds (DataPrepConfig.healthy_ratio)."""
+    return int(round(ratio * tumour))
+
+
+def healthy_slices(seg: np.ndarray, volumes: list[np.ndarray], count: int) -> np.ndarray:
+    """Up to `count` axial indices without any tumour voxel whose brain (any image above 0) covers at least half
+    of the case's largest brain slice, evenly spaced among them (no random draw: the same slices every time)."""
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    brain = np.any(np.stack([v > 0 for v in volumes]), axis=0).sum(axis=(0, 1))  # brain pixels per slice
+    free = (seg > 0).sum(axis=(0, 1)) == 0
+    candidates = np.flatnonzero(free & (brain >= 0.5 * brain.max()) & (brain > 0))
+    if len(candidates) <= count:
+        return candidates
+    return candidates[np.unique(np.round(np.linspace(0, len(candidates) - 1, count)).astype(int))]
+
+
 def prepare_case(case: Case, modalities: list[str], prep: DataPrepConfig, size: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(images float16 [k, C, size, size], label maps uint8 [k, size, size]) for the case's tumour slices."""
+    """(images float16 [k, C, size, size], label maps uint8 [k, size, size]) for the case's tumour slices and,
+    with prep.healthy_ratio, its healthy ones, in axial order."""
     seg = read_seg(case)
     idx = tumour_slices(seg, prep.min_tumour_pixels)
     vols = []
     for m in modalities:
         vols.append(read_image(case, m, seg.shape))
+    if len(idx) and prep.healthy_ratio > 0:
+        idx = np.sort(np.concatenate([idx, healthy_slices(seg, vols, healthy_budget(len(idx), prep.healthy_ratio))]))
     if len(idx) == 0:
         return np.zeros((0, len(modalities), size, size), np.float16), np.zeros((0, size, size), np.uint8)
     normed = np.stack([normalise(v, *prep.clip_percentiles)[..., idx] for v in vols])  # [C, X, Y, k]
@@ -235,7 +257,8 @@ def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, siz
     if not cases:
         raise DataError(f"{root} holds no complete BraTS case with modalities {modalities}")
     settings = {"size": size, "modalities": modalities, "min_tumour_pixels": prep.min_tumour_pixels,
-                "clip_percentiles": list(prep.clip_percentiles), "on_bad_case": prep.on_bad_case}
+                "clip_percentiles": list(prep.clip_percentiles), "on_bad_case": prep.on_bad_case,
+                **({"healthy_ratio": prep.healthy_ratio} if prep.healthy_ratio else {})}  # caches made before it hold
     files = [f for c in cases for f in c.files.values()]
     name = f"brats-{cache.cache_key('brats', files, settings)}"
     root_dir = cache.cache_root(prep.cache_dir)
@@ -244,14 +267,16 @@ def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, siz
         return hit
 
     log.info("preparing %d cases from %s (first start; cached in %s)", len(cases), root, root_dir)
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # tumour slices per case
     for case in tqdm(cases, desc="scanning labels", unit="case"):
         try:
             counts[case.name] = len(tumour_slices(read_seg(case), prep.min_tumour_pixels))
         except DataError as exc:
             _bad(prep, str(exc))
     good = [c for c in cases if counts.get(c.name)]
-    total = sum(counts[c.name] for c in good)
+    # rows reserved per case: its tumour slices and at most its healthy budget (the rows it leaves unused are dropped)
+    rows = {c.name: counts[c.name] + healthy_budget(counts[c.name], prep.healthy_ratio) for c in good}
+    total = sum(rows.values())
     if total == 0:
         raise DataError(f"{root}: no axial slice has {prep.min_tumour_pixels} or more tumour pixels")
     writer = cache.EntryWriter(root_dir, name, total, len(modalities), size)
@@ -265,16 +290,18 @@ def prepare(root: pathlib.Path, modalities: list[str], prep: DataPrepConfig, siz
         results = (pool.map(_prepare_or_error, good, repeat(modalities), repeat(prep), repeat(size))
                    if pool else map(_prepare_or_error, good, repeat(modalities), repeat(prep), repeat(size)))
         for case, result in tqdm(zip(good, results), total=len(good), desc="preparing slices", unit="case"):
-            n = counts[case.name]
+            n = rows[case.name]
             try:
                 if isinstance(result, str):
                     raise DataError(result)
                 images, maps = result
-                if len(images) != n:
+                k = len(images)
+                if not counts[case.name] <= k <= n:
                     raise DataError(f"{case.files['seg']} changed while it was being read")
-                writer.images[row:row + n] = images
-                writer.labels[row:row + n] = maps
-                slice_cases.append([case.name, n])  # the rows kept, in order: the patients of the slices
+                writer.images[row:row + k] = images
+                writer.labels[row:row + k] = maps
+                keep[row + k:row + n] = False
+                slice_cases.append([case.name, k])  # the rows kept, in order: the patients of the slices
             except DataError as exc:
                 _bad(prep, str(exc))
                 keep[row:row + n] = False

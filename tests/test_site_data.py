@@ -169,3 +169,40 @@ def test_parallel_preparation_gives_the_same_slices(tmp_path):
     keys = torch.arange(len(one))
     assert len(one) == len(two) and torch.equal(one.real(keys), two.real(keys))
     assert torch.equal(one.label_maps(), two.label_maps())
+
+
+def _tree_with_healthy_slices(root: pathlib.Path, cases: int) -> pathlib.Path:
+    """Cases whose tumour keeps to the middle slices, so that brain slices without tumour exist."""
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 24)
+    for c in range(cases):
+        name = f"CASE_{c:03d}"
+        (root / name).mkdir(parents=True)
+        images, seg = brain_with_tumour(shape, rng, 4, tumour_z_scale=3.0)
+        for key, arr in [*images.items(), ("seg", seg)]:
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), str(root / name / f"{name}_{key}.nii.gz"))
+    return root
+
+
+def test_healthy_slices_join_the_tumour_slices_in_the_stated_proportion(tmp_path):
+    """data.healthy_ratio: that many brain slices without tumour per tumour slice (fewer where a case has fewer),
+    from the middle of the brain, each the case's own (the patient grouping holds), in axial order; 0 keeps the
+    papers' tumour slices only."""
+    root = _tree_with_healthy_slices(tmp_path / "site", 2)
+    only = open_dataset(root, _cfg(), DataPrepConfig(cache_dir=tmp_path / "c0", min_tumour_pixels=1))
+    mixed = open_dataset(root, _cfg(), DataPrepConfig(cache_dir=tmp_path / "c1", min_tumour_pixels=1,
+                                                      healthy_ratio=0.5))
+    tumour_per_case = len(only) // 2
+    maps = mixed.label_maps()
+    healthy = (maps >= 2).flatten(1).sum(1) == 0
+    assert int(healthy.sum()) == 2 * round(0.5 * tumour_per_case) and len(mixed) == len(only) + int(healthy.sum())
+    assert bool(((maps[healthy] == 1).flatten(1).sum(1) > 20).all())  # each has a brain outline
+    assert bool((maps[~healthy] >= 2).flatten(1).any(1).all())
+    patients = mixed.patients()
+    assert patients.count == 2 and sorted(np.bincount(patients.index).tolist()) == [len(mixed) // 2] * 2
+    # the prepared tumour slices are the same ones, healthy rows only added
+    assert torch.equal(only.label_maps(), maps[~healthy])
+    # more than the case has: every candidate, no more
+    lots = open_dataset(root, _cfg(), DataPrepConfig(cache_dir=tmp_path / "c2", min_tumour_pixels=1, healthy_ratio=4))
+    brain_only = int(((lots.label_maps() >= 2).flatten(1).sum(1) == 0).sum())
+    assert int(healthy.sum()) < brain_only < 2 * 4 * tumour_per_case
