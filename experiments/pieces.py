@@ -101,9 +101,10 @@ def check_settings(cfg, added: tuple[str, ...] = (), exclude: tuple[str, ...] = 
     added: settings this experiment gained after runs were made; a run that lacks them (and matches otherwise)
     resumes, and the pieces they add run now. exclude: fields that choose what runs, not how (OUT, threads, ...)."""
     path = cfg.out / "settings.json"
-    ours = json.loads(cfg.model_dump_json(exclude={"out", "threads", *exclude}))
+    skip = {"out", "threads", *exclude}
+    ours = json.loads(cfg.model_dump_json(exclude=skip))
     if path.is_file():
-        theirs = json.loads(path.read_text())
+        theirs = _with_defaults(cfg, json.loads(path.read_text()), skip)
         new = [k for k in added if k in ours and k not in theirs]
         if theirs != {k: v for k, v in ours.items() if k not in new}:
             raise ConfigError(f"{cfg.out} holds a run with other settings ({path}); choose a new --out")
@@ -116,6 +117,19 @@ def check_settings(cfg, added: tuple[str, ...] = (), exclude: tuple[str, ...] = 
         raise ConfigError(f"{cfg.out} is not empty and holds no {cfg.preset} run of this experiment; choose a new --out")
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json(path, ours)
+
+
+def _with_defaults(cfg, stored: dict, skip: set[str]) -> dict:
+    """Settings a run wrote, with every field added since (anywhere inside them) at its default, as this version
+    would write them; as written where they no longer validate (then they differ, and the run is refused)."""
+    from pydantic import ValidationError
+
+    try:
+        filled = type(cfg).model_validate({**stored, **{k: getattr(cfg, k) for k in skip if hasattr(cfg, k)}})
+    except ValidationError:
+        return stored
+    dumped = json.loads(filled.model_dump_json(exclude=skip))
+    return {k: v for k, v in dumped.items() if k in stored}  # a top-level field added since stays missing (`added`)
 
 
 def kept_or_reset(run_dir: pathlib.Path, steps: int) -> pathlib.Path | None:

@@ -86,3 +86,22 @@ def test_the_cpu_preset_runs_the_measurement_and_the_diagnostics_only_when_asked
     check_settings(cfg.model_copy(update={"diagnostics": True}), exclude=("diagnostics",))
     with pytest.raises(Exception, match="other settings"):
         check_settings(cfg.model_copy(update={"seeds": 5}), exclude=("diagnostics",))
+
+
+def test_a_run_resumes_after_a_field_was_added_deep_inside_its_settings(tmp_path):
+    """settings.json written before a nested field existed (e.g. a new segmentation training option at its
+    default) is the same run; a changed value anywhere is another run, refused."""
+    from asyndgan.common.errors import ConfigError
+    from asyndgan.experiments.pieces import check_settings
+
+    cfg = preset_config("cpu", tmp_path / "pu")
+    check_settings(cfg)
+    path = cfg.out / "settings.json"
+    stored = json.loads(path.read_text())
+    del stored["segmentation"]["training"]["flip"], stored["dp"]["update_every"]
+    path.write_text(json.dumps(stored))
+    check_settings(cfg)  # resumes
+    stored["segmentation"]["training"]["steps"] = 5
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ConfigError, match="other settings"):
+        check_settings(cfg)
