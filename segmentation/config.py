@@ -77,6 +77,10 @@ class TrainingConfig(_Section):
     healthy_ratio: float = Field(0.5, ge=0, le=100, description="brain slices without tumour kept per tumour "
                                  "slice of a case (drawn once, seeded), so the net also sees healthy anatomy")
     flip: bool = Field(True, description="random left-right flips")
+    appearance: bool = Field(False, description="random appearance changes per training slice, each with "
+                             "probability 0.3 (MONAI): a smooth bias field, a gamma change, Gaussian noise, a "
+                             "Gaussian blur, inside the brain only; so that a model trained on one scanner's or one "
+                             "generator's look holds on another's. Off (default) until measured")
     loss: Literal["foreground_dice_ce", "dice_ce"] = Field(
         "foreground_dice_ce", description="Dice of the region + cross-entropy, or (the earlier recipe, which "
         "collapses on small lesions) Dice averaged with the background's + cross-entropy")

@@ -75,6 +75,29 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
         pending = pending[batch_size:]
 
 
+class AppearanceAugmentation:
+    """TrainingConfig.appearance: per slice, each with probability 0.3, a smooth multiplicative bias field, a gamma
+    change, Gaussian noise and a Gaussian blur (MONAI's transforms, seeded), applied to the intensities above the
+    background; the background (-1, outside the brain) stays as it is."""
+
+    def __init__(self, seed: int):
+        from monai.transforms import (Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise,
+                                      RandGaussianSmooth)
+
+        self.transform = Compose([RandBiasField(coeff_range=(0.0, 0.3), prob=0.3),
+                                  RandAdjustContrast(gamma=(0.7, 1.5), prob=0.3),
+                                  RandGaussianNoise(std=0.05, prob=0.3),
+                                  RandGaussianSmooth(sigma_x=(0.25, 1.0), sigma_y=(0.25, 1.0), prob=0.3)])
+        self.transform.set_random_state(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, s, s] in [-1, 1] -> the same, each slice changed on its own."""
+        brain = x > -1 + 1e-3
+        shifted = (x + 1).cpu()  # intensities from 0: the bias field and gamma act on them, not on the sign
+        out = torch.stack([torch.as_tensor(self.transform(s)) for s in shifted]).to(x.device, x.dtype) - 1
+        return torch.where(brain, out.clamp(-1, 1), x)
+
+
 def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path, device: str | torch.device = "auto",
                 progress: bool = True) -> TrainResult:
     """Train a fresh network on `slices` and write the model folder `out` (weights, recipe, training.json,
@@ -96,6 +119,7 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = build_network(recipe).to(dev)
+    appearance = AppearanceAugmentation(cfg.seed) if cfg.appearance else None
     loss_fn = build_loss(recipe)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Cosine decay to 0 over the run: the last steps refine at a small learning rate whatever `steps` is.
@@ -121,6 +145,8 @@ def train_model(slices: SliceSet, recipe: SegmentationRecipe, out: pathlib.Path,
                 flip = torch.from_numpy(rng.random(len(idx)) < 0.5).to(dev)
                 x = torch.where(flip[:, None, None, None], x.flip(-2), x)
                 y = torch.where(flip[:, None, None, None], y.flip(-2), y)
+            if appearance is not None:
+                x = appearance(x)
             loss = loss_fn(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -92,3 +92,21 @@ def test_a_model_folder_from_before_the_fix_reads_back_with_the_earlier_choices(
     _, loaded = load_model(tmp_path)
     assert loaded.preprocessing.crop == "none" and loaded.training.loss == "dice_ce"
     assert loaded == earlier_recipe(recipe)
+
+
+def test_appearance_augmentation_changes_the_brain_only_and_follows_its_seed(tmp_path):
+    """recipe.training.appearance: bias field, gamma, noise, blur per slice inside the brain; the background stays
+    -1; the same seed gives the same changes; a model trains with it."""
+    from asyndgan.segmentation.train import AppearanceAugmentation
+
+    x = torch.full((16, 4, SIDE, SIDE), -1.0)
+    x[:, :, 8:24, 8:24] = torch.rand(16, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 1.5 - 0.8
+    y = AppearanceAugmentation(3)(x)
+    assert torch.equal(y[x == -1], x[x == -1]) and float(y.min()) >= -1 and float(y.max()) <= 1
+    changed = (y != x).flatten(1).any(1)
+    assert 0 < int(changed.sum()) <= 16  # each change is drawn with probability 0.3: most slices get one
+    assert torch.equal(AppearanceAugmentation(3)(x), y) and not torch.equal(AppearanceAugmentation(4)(x), y)
+    recipe = _recipe(6)
+    recipe = recipe.model_copy(update={"training": recipe.training.model_copy(update={"appearance": True})})
+    result = _train(recipe, 3.0, tmp_path / "model")
+    assert result.steps == 6 and np.isfinite(result.final_loss)
