@@ -369,6 +369,10 @@ class SiteConfig(_Section):
     upload_chunk_mb: float = Field(4.0, gt=0, le=32, description="label-map upload chunk size")
     reconnect_for_s: float = Field(6 * 3600, ge=0, description="after losing a joined server, keep retrying this long")
     backoff_s: tuple[float, float] = Field((1.0, 30.0), description="reconnect delay: first, and the cap it doubles to")
+    busy_backoff_s: tuple[float, float] = Field((0.5, 4.0), description="retry delay when the server is full (its "
+                                                "connections taken, e.g. by idle peers it will cut): first, and the "
+                                                "cap it grows to by half each time; jittered, and short, so a site "
+                                                "gets in soon after a place frees")
     state_dir: pathlib.Path = Field(default_factory=_default_state, description="where the site keeps its "
                                     "discriminator state between runs")
     save_every: int = Field(100, ge=1, description="save the discriminator state every this many batches")

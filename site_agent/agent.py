@@ -74,6 +74,13 @@ class _Left(Exception):
         self.budget = budget
 
 
+def retry_delay(cfg: SiteConfig, attempt: int, busy: bool) -> float:
+    """Seconds before try `attempt` + 1: a lost or unreachable server backs off by doubling (backoff_s), a full one
+    is tried again soon (busy_backoff_s, growing by half); both jittered so that sites do not arrive together."""
+    first, cap = cfg.busy_backoff_s if busy else cfg.backoff_s
+    return min(cap, first * (1.5 if busy else 2.0) ** attempt) * random.uniform(0.5, 1.0)
+
+
 class _Retry(Exception):
     """The connection was lost (or could not be made) in a way that reconnecting may fix. busy: the server is
     up but has no room for another connection right now (worth waiting for even before the first join)."""
@@ -150,7 +157,7 @@ class SiteAgent:
         summary = describe_dataset(self.cfg.data, self.cfg.prep)  # a bad path fails here, before any network
         log.info("site %s: %s data (%s layout) in %s, modalities: %s", self.cfg.site_id, summary.family,
                  summary.layout, self.cfg.data, ", ".join(summary.modalities) or "-")
-        attempt, give_up_at = 0, None
+        attempt, busy, give_up_at = 0, 0, None
         try:
             while True:
                 try:
@@ -166,15 +173,18 @@ class SiteAgent:
                         raise AsynDGANError(str(exc)) from None
                     now = time.monotonic()
                     if give_up_at is None or self._joined_recently:
-                        attempt, give_up_at, self._joined_recently = 0, now + self.cfg.reconnect_for_s, False
+                        attempt, busy, give_up_at = 0, 0, now + self.cfg.reconnect_for_s
+                        self._joined_recently = False
                     if now >= give_up_at:
                         raise AsynDGANError(f"{exc}; gave up reconnecting after "
                                             f"{self.cfg.reconnect_for_s:g} s") from None
-                    first, cap = self.cfg.backoff_s
-                    delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
+                    delay = retry_delay(self.cfg, busy if exc.busy else attempt, exc.busy)
                     log.warning("%s; reconnecting in %.1f s", exc, delay)
                     time.sleep(delay)
-                    attempt += 1
+                    if exc.busy:
+                        busy += 1
+                    else:
+                        attempt, busy = attempt + 1, 0
         finally:
             self._save_state()
 

@@ -205,3 +205,17 @@ def test_site_agent_imports_nothing_from_central_server():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_full_server_is_tried_again_within_seconds_a_lost_one_with_a_growing_delay():
+    """A burst of idle connections filling the server must not keep a real site out for half a minute: its retry
+    stays short (busy_backoff_s), while a lost or unreachable server is backed off from (backoff_s)."""
+    from asyndgan.common.config import SiteConfig
+    from asyndgan.site_agent.agent import retry_delay
+
+    cfg = SiteConfig.model_validate({"data": "/tmp", "site_id": "a"})
+    busy = [retry_delay(cfg, k, busy=True) for k in range(12)]
+    lost = [retry_delay(cfg, k, busy=False) for k in range(12)]
+    assert max(busy) <= 4.0 and min(busy) >= 0.25 and sum(busy) < 40
+    assert max(lost) > 10 and lost[0] <= 1.0
+    assert len({round(d, 6) for d in busy}) > 6  # jittered
