@@ -154,10 +154,15 @@ def demo(out, data, steps, sites, device, private, log_level):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 4096),
               help="Slices through the generator at once.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Draws from the bank.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
+              help="Draws from the bank and of the label-map changes (--samples).")
+@click.option("--samples", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Synthetic cases per BraTS source case: the first from its label maps as they are, each further "
+                   "one (<case>_s<k>) from its segmentation and brain moved in plane (rotation up to 10 degrees, "
+                   "scale 0.9-1.1, left-right flip), with the moved seg.")
 @log_level_option
 @friendly_errors
-def generate(checkpoint, generator_file, out, label_maps, count, fmt, device, batch_size, seed, log_level):
+def generate(checkpoint, generator_file, out, label_maps, count, fmt, device, batch_size, seed, samples, log_level):
     """Synthesise a labelled data set from a trained generator and label maps.
 
     From a BraTS tree, every case is written whole in BraTS layout: every axial slice generated (tumour-free
@@ -177,7 +182,8 @@ def generate(checkpoint, generator_file, out, label_maps, count, fmt, device, ba
     stop_on_sigterm()  # unwinds, so the case being written is removed rather than left half-done
     try:
         cfg = GenerateConfig(checkpoint=checkpoint, generator=generator_file, out=out, label_maps=label_maps,
-                             count=count, format=fmt, device=device, batch_size=batch_size, seed=seed)
+                             count=count, format=fmt, device=device, batch_size=batch_size, seed=seed,
+                             samples=samples)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc).removeprefix("config: Value error, ")) from None
     summary = run(cfg)

@@ -20,9 +20,11 @@ import logging
 import pathlib
 import shutil
 import time
+import zlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -53,13 +55,20 @@ class GenerateConfig(BaseModel):
     format: Format | None = Field(None, description="None: nifti for BraTS, png for 1 or 3 channels, else arrays")
     device: str = "auto"
     batch_size: int = Field(16, ge=1, le=4096, description="slices through the generator at once")
-    seed: int = Field(0, ge=0, description="draws from the bank")
+    seed: int = Field(0, ge=0, description="draws from the bank and of the label-map changes (samples)")
+    samples: int = Field(1, ge=1, le=16, description="synthetic cases per BraTS source case: the first from its "
+                         "label maps as they are, each further one (<case>_s<k>) from its segmentation and brain "
+                         "moved in plane by a random rotation (up to 10 degrees), scale (0.9-1.1) and left-right "
+                         "flip, the same for every slice; its seg is the moved one")
 
     @model_validator(mode="after")
     def _one_generator(self) -> "GenerateConfig":
         if (self.checkpoint is None) == (self.generator is None):
             raise ValueError("give exactly one of --checkpoint and --generator")
         return self
+
+    def sample_names(self, case: str) -> list[str]:
+        return [case, *(f"{case}_s{k}" for k in range(1, self.samples))]
 
 
 def load_generator(cfg: GenerateConfig) -> LoadedGenerator:
@@ -124,8 +133,8 @@ def _start_output(out: pathlib.Path, header: dict, whole: bool) -> bool:
             previous = json.loads(record.read_text())
         except (OSError, json.JSONDecodeError):
             previous = {}
-        keys = ("generator", "label_maps", "format", "count", "seed")
-        ours = {k: header[k] for k in keys}
+        keys = ("generator", "label_maps", "format", "count", "seed", "samples")
+        ours = {k: header.get(k) for k in keys}
         theirs = {k: previous.get(k) for k in keys}
         if _comparable(ours) != _comparable(theirs):
             raise ConfigError(f"{out} holds synthetic data from another generator, source or settings "
@@ -172,6 +181,7 @@ def run(cfg: GenerateConfig) -> dict:
         "generator": loaded.provenance(),
         "label_maps": "bank" if kind == "bank" else str(cfg.label_maps.resolve()),
         "format": fmt, "count": cfg.count, "seed": cfg.seed, "asyndgan_version": _version(), "created": _now(),
+        **({"samples": cfg.samples} if cfg.samples > 1 else {}),  # outputs made before it compare as before
     }
     resumed = _start_output(cfg.out, header, whole=fmt == "arrays")
     if fmt != "arrays":
@@ -203,27 +213,39 @@ def write_error(what: str, out: pathlib.Path, exc: OSError) -> AsynDGANError:
 # ---- 3-D: whole BraTS cases -----------------------------------------------------------------------------------
 def _brats(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, header: dict) -> tuple[int, int]:
     i2d = loaded.model.image2d
+    if cfg.samples > 1 and cfg.format not in (None, "nifti"):
+        raise ConfigError("--samples makes whole BraTS cases (--format nifti)")
     cases = sources.brats_cases(cfg.label_maps)[: cfg.count]
-    todo = [c for c in cases if not (cfg.out / c.name).exists()]
+    todo = [(c, k, name) for c in cases for k, name in enumerate(cfg.sample_names(c.name))
+            if not (cfg.out / name).exists()]
     note = f"asyndgan synthetic run {loaded.run_id} step {loaded.step}"
-    for case in tqdm(todo, desc="generate", unit="case", dynamic_ncols=True):
-        vol = sources.read_volume(case, i2d.stored_size, i2d.num_classes)
+    source: sources.Volume | None = None
+    for case, k, name in tqdm(todo, desc="generate", unit="case", dynamic_ncols=True):
+        if source is None or source.case is not case:
+            source = sources.read_volume(case, i2d.stored_size, i2d.num_classes)
+        move = None if k == 0 else sources.draw_move(np.random.default_rng([cfg.seed, zlib.crc32(case.name.encode()), k]))
+        vol = source if move is None else sources.moved_volume(source, move, i2d.stored_size, i2d.num_classes)
         fake = volume_images(loaded, vol, device, cfg.batch_size)  # [C, X, Y, Z] in [-1, 1]
         inside = brain_inside(vol)
-        record = _sample_record(header, {"case": case.name, "seg": str(case.files["seg"].resolve())})
+        record = _sample_record(header, {"case": case.name, "seg": str(case.files["seg"].resolve()),
+                                         **({} if move is None else {"moved": move.as_dict()})})
         first = next(iter(vol.images.values()))
         try:
-            with writers.CaseFolder(cfg.out, case.name) as tmp:
+            with writers.CaseFolder(cfg.out, name) as tmp:
                 for c, m in enumerate(i2d.modalities):
-                    name = f"{case.name}{case.scheme.sep}{case.scheme.files[m]}.nii.gz"
-                    writers.save_nifti(tmp / name, writers.to_intensity(fake[c], inside), vol.images.get(m, first),
+                    file = f"{name}{case.scheme.sep}{case.scheme.files[m]}.nii.gz"
+                    writers.save_nifti(tmp / file, writers.to_intensity(fake[c], inside), vol.images.get(m, first),
                                        note)
                 seg = case.files["seg"]
-                shutil.copyfile(seg, tmp / seg.name)
+                if move is None:
+                    shutil.copyfile(seg, tmp / seg.name)
+                else:  # the moved segmentation, in the source's own label values and header
+                    writers.save_nifti(tmp / f"{name}{case.scheme.sep}{case.scheme.files['seg']}.nii.gz",
+                                       sources.moved_seg_file(case, move), nib.load(str(seg)), note, np.uint8)
                 writers.write_json(tmp / "provenance.json", record)
         except OSError as exc:
-            raise write_error(f"case {case.name}", cfg.out, exc) from None
-    return len(todo), len(cases) - len(todo)
+            raise write_error(f"case {name}", cfg.out, exc) from None
+    return len(todo), len(cases) * cfg.samples - len(todo)
 
 
 def volume_images(loaded: LoadedGenerator, vol: sources.Volume, device: torch.device, batch_size: int) -> np.ndarray:

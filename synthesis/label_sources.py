@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from asyndgan.formats.label_map_bank import LabelMapBank
 from asyndgan.common.errors import DataError
@@ -103,6 +104,47 @@ def read_volume(case: brats.Case, size: int, num_classes: int) -> Volume:
     check_labels(maps, num_classes, f"{case.files['seg']} (as label maps)")
     brain = np.any(np.stack([v > 0 for v in vols]), axis=0)
     return Volume(case, seg, images, brain, maps)
+
+
+@dataclass(frozen=True)
+class Move:
+    """An in-plane change of a case's label maps (`asyndgan generate --samples`): the same for every axial slice."""
+
+    angle_deg: float
+    scale: float
+    flip: bool  # left-right
+
+    def as_dict(self) -> dict:
+        return {"angle_deg": round(self.angle_deg, 3), "scale": round(self.scale, 4), "flip": self.flip}
+
+    def apply(self, volume: np.ndarray) -> np.ndarray:
+        """volume [X, Y, Z] moved in the X-Y plane about its centre; nearest neighbour (labels and masks stay
+        labels and masks), 0 where the moved plane leaves the source."""
+        theta = np.deg2rad(self.angle_deg)
+        rotate_back = np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
+        flip = np.diag([-1.0 if self.flip else 1.0, 1.0])
+        inverse = np.eye(3)
+        inverse[:2, :2] = flip @ rotate_back / self.scale  # output voxel -> source voxel
+        centre = (np.array(volume.shape, float) - 1) / 2
+        return ndi.affine_transform(volume, inverse, offset=centre - inverse @ centre, order=0, mode="constant",
+                                    cval=0)
+
+
+def draw_move(rng: np.random.Generator) -> Move:
+    return Move(angle_deg=float(rng.uniform(-10, 10)), scale=float(rng.uniform(0.9, 1.1)), flip=bool(rng.random() < 0.5))
+
+
+def moved_volume(vol: Volume, move: Move, size: int, num_classes: int) -> Volume:
+    """The case with its segmentation and brain moved (its images are not: only their header is used)."""
+    seg, brain = move.apply(vol.seg), move.apply(vol.brain.astype(np.uint8)).astype(bool)
+    maps = brats.slice_label_maps(seg, [brain.astype(np.float32)], np.arange(seg.shape[2]), size)
+    check_labels(maps, num_classes, f"{vol.case.files['seg']} (moved, as label maps)")
+    return Volume(vol.case, seg, vol.images, brain, maps)
+
+
+def moved_seg_file(case: brats.Case, move: Move) -> np.ndarray:
+    """The case's segmentation file's own values (its labelling convention), moved."""
+    return move.apply(np.rint(brats.read_volume(case.files["seg"], np.float32)).astype(np.uint8))
 
 
 # ---- 2-D mask files -------------------------------------------------------------------------------------------

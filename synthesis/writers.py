@@ -81,11 +81,12 @@ def to_intensity(x: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return np.where(inside, 1.0 + (np.clip(x, -1, 1) + 1.0) * INTENSITY_SCALE, 0.0).astype(np.float32)
 
 
-def save_nifti(path: pathlib.Path, data: np.ndarray, reference: nib.spatialimages.SpatialImage, note: str) -> None:
-    """`data` with the reference image's affine and header (float32, no scaling, description `note`)."""
+def save_nifti(path: pathlib.Path, data: np.ndarray, reference: nib.spatialimages.SpatialImage, note: str,
+               dtype=np.float32) -> None:
+    """`data` with the reference image's affine and header (`dtype`, no scaling, description `note`)."""
     header = reference.header.copy()
-    img = type(reference)(data, reference.affine, header)
-    img.set_data_dtype(np.float32)
+    img = type(reference)(data.astype(dtype, copy=False), reference.affine, header)
+    img.set_data_dtype(dtype)
     if hasattr(img.header, "set_slope_inter"):
         img.header.set_slope_inter(1.0, 0.0)
     if "descrip" in img.header:

@@ -366,3 +366,32 @@ def test_output_written_before_a_model_field_was_added_still_resumes():
     other = {"generator": {"run_id": "r", "step": 3, "model": {**model, "image2d": {**model["image2d"], "init": "normal"}}},
              "seed": 0}
     assert _comparable(before) != _comparable(other)
+
+
+def test_several_samples_per_case_move_the_label_maps_and_their_seg_together(brats_run, tree, tmp_path):
+    """--samples 3: the case as it is and two more, each from its segmentation and brain moved in plane (rotation,
+    scale, flip) with the moved seg written beside; the images lie inside the moved brain; the command resumes."""
+    from asyndgan.formats import brats as brats_format
+
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(brats_run["checkpoint"]), "--label-maps", str(tree), "--out", str(out), "--samples", "3"]
+    r = generate(args)
+    assert r.exit_code == 0 and "wrote 6 synthetic cases" in r.output, r.output
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert names == ["CASE_000", "CASE_000_s1", "CASE_000_s2", "CASE_001", "CASE_001_s1", "CASE_001_s2"]
+    source = np.asarray(nib.load(str(tree / "CASE_000" / "CASE_000_seg.nii.gz")).dataobj)
+    for k in (1, 2):
+        case = out / f"CASE_000_s{k}"
+        moved = np.asarray(nib.load(str(case / f"CASE_000_s{k}_seg.nii.gz")).dataobj)
+        assert moved.shape == source.shape and not np.array_equal(moved, source)
+        assert set(np.unique(moved)) <= set(np.unique(source))  # the file's own label values, nothing new
+        assert 0.6 < (moved > 0).sum() / (source > 0).sum() < 1.5  # rotation and a scale of at most 10%
+        record = json.loads((case / "provenance.json").read_text())
+        assert abs(record["label_map"]["moved"]["angle_deg"]) <= 10
+        flair = np.asarray(nib.load(str(case / f"CASE_000_s{k}_flair.nii.gz")).dataobj)
+        assert flair[moved > 0].min() > 0  # the tumour is inside the generated brain
+    # the moved cases read back as BraTS cases, seg included
+    found, problems = brats_format.find_cases(out, ["t1", "t1ce", "t2", "flair"])
+    assert len(found) == 6 and not problems
+    again = generate(args)
+    assert again.exit_code == 0 and "wrote 0 synthetic cases (6 already there)" in again.output
