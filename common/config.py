@@ -45,6 +45,9 @@ class Image2DConfig(_Section):
     unet_depth: int = Field(7, ge=2, le=8, description="down-samplings (unet generator)")
     ndf: int = Field(64, ge=1, le=512)
     d_layers: int = Field(3, ge=1, le=6, description="PatchGAN strided layers (3 -> 70x70 receptive field)")
+    d_scales: int = Field(1, ge=1, le=3, description="PatchGANs per discriminator, each at half the resolution of "
+                          "the one before (pix2pixHD's multi-scale discriminator: the coarse ones judge the layout); "
+                          "1 (default): the papers' single PatchGAN")
     discriminator: Literal["per_modality", "joint"] = Field(
         "per_modality", description="per_modality: one PatchGAN per modality a site holds (the multi-modal "
         "method); joint: one PatchGAN over the label map and every held modality together (a private site then "
@@ -67,11 +70,13 @@ class Image2DConfig(_Section):
             raise ValueError(f"image_size {self.image_size} must be a multiple of 2**unet_depth={2**self.unet_depth}")
         # The PatchGAN halves the map d_layers times, then a stride-1 layer with instance norm takes 1 pixel off
         # each side: that map must keep more than one pixel, or every site dies on its first batch.
-        if self.image_size // 2**self.d_layers < 3:
-            deepest = max((n for n in range(1, 7) if self.image_size // 2**n >= 3), default=0)
-            raise ValueError(f"d_layers {self.d_layers} is too deep for image_size {self.image_size}: the "
-                             f"discriminator's last normalised map would be under 2x2 pixels; use image_size >= "
-                             f"{3 * 2**self.d_layers} or d_layers <= {deepest}")
+        if self.image_size // 2 ** (self.d_scales - 1) // 2**self.d_layers < 3:
+            coarsest = self.image_size // 2 ** (self.d_scales - 1)
+            deepest = max((n for n in range(1, 7) if coarsest // 2**n >= 3), default=0)
+            raise ValueError(f"d_layers {self.d_layers} is too deep for image_size {self.image_size}"
+                             f"{f' at d_scales {self.d_scales}' if self.d_scales > 1 else ''}: the discriminator's "
+                             f"last normalised map would be under 2x2 pixels; use image_size >= "
+                             f"{3 * 2**self.d_layers * 2 ** (self.d_scales - 1)} or d_layers <= {deepest}")
         return self
 
     @property

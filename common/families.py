@@ -24,7 +24,8 @@ from torch import nn
 from asyndgan.common.conditions import Augmentation, draw_augmentation, one_hot
 from asyndgan.common.config import ModelConfig
 from asyndgan.common.errors import ConfigError
-from asyndgan.common.networks import PatchGAN, ResNetGenerator, SPADEGenerator, UNetGenerator, initialise, mlp
+from asyndgan.common.networks import (MultiScalePatchGAN, PatchGAN, ResNetGenerator, SPADEGenerator, UNetGenerator,
+                                      initialise, mlp)
 
 
 class Family(abc.ABC):
@@ -158,11 +159,15 @@ class Image2D(Family):
         # One PatchGAN per modality held (the multi-modal method): input is the one-hot map plus that channel;
         # or one "joint" PatchGAN over the map and every held channel.
         cfg = model.image2d
+
+        def patchgan(in_ch: int) -> nn.Module:
+            if cfg.d_scales == 1:
+                return PatchGAN(in_ch, cfg.ndf, cfg.d_layers)
+            return MultiScalePatchGAN(in_ch, cfg.ndf, cfg.d_layers, cfg.d_scales)
+
         if cfg.discriminator == "joint":
-            return initialise(nn.ModuleDict({JOINT: PatchGAN(cfg.num_classes + len(modalities), cfg.ndf,
-                                                             cfg.d_layers)}), cfg.init)
-        return initialise(nn.ModuleDict({m: PatchGAN(cfg.num_classes + 1, cfg.ndf, cfg.d_layers) for m in modalities}),
-                          cfg.init)
+            return initialise(nn.ModuleDict({JOINT: patchgan(cfg.num_classes + len(modalities))}), cfg.init)
+        return initialise(nn.ModuleDict({m: patchgan(cfg.num_classes + 1) for m in modalities}), cfg.init)
 
     def discriminator_inputs(self, names, samples):
         if names == [JOINT]:

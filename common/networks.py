@@ -3,7 +3,7 @@
 Generators (the server's): pix2pix's ResNet generator (reflection padding, instance norm, 2 down-samplings,
 n residual blocks, tanh output), the same with the label map in every block of its second half (SPADE), a U-Net
 with skip connections, and a small MLP. Discriminators (a site's):
-PatchGAN, and the same MLP. They live in `common` so that a site never imports server code; which family uses
+PatchGAN (at one scale or several), and the same MLP. They live in `common` so that a site never imports server code; which family uses
 which, at what size, is decided in common/families.py. Every module maps a tensor to a tensor (no hidden state).
 Initial weights are chosen explicitly by `initialise` (ModelConfig.image2d.init).
 """
@@ -167,6 +167,22 @@ class PatchGAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class MultiScalePatchGAN(nn.Module):
+    """PatchGANs at `scales` resolutions (the full one, then halved by average pooling each time), as in
+    pix2pixHD: the coarse ones judge the global layout, the fine one the texture. [n, in_ch, H, W] -> every patch
+    logit of every scale, [n, P] (the GAN losses average over them)."""
+
+    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3, scales: int = 2):
+        super().__init__()
+        self.scales = nn.ModuleList(PatchGAN(in_ch, ndf, n_layers) for _ in range(scales))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for k, d in enumerate(self.scales):
+            out.append(d(x if k == 0 else nn.functional.avg_pool2d(x, 2**k)).flatten(1))
+        return torch.cat(out, dim=1)
 
 
 def initialise(module: nn.Module, scheme: str) -> nn.Module:

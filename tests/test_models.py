@@ -129,3 +129,25 @@ def test_initial_weights_follow_the_stated_scheme(scheme):
             fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(m.weight)  # as PyTorch's reset_parameters
             assert float(m.weight.abs().max()) <= 1 / fan_in ** 0.5 + 1e-6
         assert float(biases.abs().max()) > 0 and float(weights.std()) != pytest.approx(0.02, rel=0.05)
+
+
+def test_a_multi_scale_discriminator_judges_the_sample_at_each_resolution():
+    """image2d.d_scales: one PatchGAN per scale (full, then halved), every patch logit of each in one row per
+    sample; it keeps rows apart (a private site clips per patient) and is refused where the coarsest scale is too
+    small for d_layers."""
+    from asyndgan.common.networks import MultiScalePatchGAN
+    from asyndgan.site_agent.privacy import check_no_batch_mixing
+
+    cfg = ModelConfig.model_validate({"image2d": {"image_size": 32, "ndf": 4, "d_layers": 2, "d_scales": 2}})
+    d = build_discriminators(cfg, ["t1", "flair"])
+    assert isinstance(d["t1"], MultiScalePatchGAN) and len(d["t1"].scales) == 2
+    x = torch.rand(3, 6, 32, 32)
+    out = d["t1"](x)
+    single = d["t1"].scales[0](x).flatten(1).shape[1]
+    assert out.shape[0] == 3 and out.shape[1] > single  # the coarse scale's patches are added
+    check_no_batch_mixing(d)
+    x2 = x.clone()
+    x2[1:] = torch.rand_like(x2[1:])
+    assert torch.equal(d["t1"](x2)[0], out[0])  # one sample's logits depend on that sample only
+    with pytest.raises(Exception, match="too deep for image_size 32 at d_scales 3"):
+        ModelConfig.model_validate({"image2d": {"image_size": 32, "d_layers": 3, "d_scales": 3}})
