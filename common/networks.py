@@ -26,16 +26,21 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+def _encoder(in_ch: int, ngf: int) -> list[nn.Module]:
+    """pix2pix's ResNet encoder: a 7x7 convolution, then 2 down-samplings; ngf * 4 channels out."""
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+    for ch in (ngf, ngf * 2):
+        layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
+    return layers
+
+
 class ResNetGenerator(nn.Module):
     """[n, in_ch, H, W] -> [n, out_ch, H, W] in [-1, 1]; H and W multiples of 4."""
 
     def __init__(self, in_ch: int, out_ch: int, ngf: int = 64, n_blocks: int = 9):
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
-        ch = ngf
-        for _ in range(2):
-            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
-            ch *= 2
+        layers = _encoder(in_ch, ngf)
+        ch = ngf * 4
         layers += [ResidualBlock(ch) for _ in range(n_blocks)]
         for _ in range(2):
             layers += [
@@ -78,12 +83,8 @@ class SPADEGenerator(nn.Module):
         from monai.networks.blocks.spade_norm import SPADE
 
         super().__init__()
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_ch, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
-        ch = ngf
-        for _ in range(2):
-            layers += [nn.Conv2d(ch, ch * 2, 3, stride=2, padding=1), nn.InstanceNorm2d(ch * 2), nn.ReLU(True)]
-            ch *= 2
-        self.encoder = nn.Sequential(*layers)
+        self.encoder = nn.Sequential(*_encoder(in_ch, ngf))
+        ch = ngf * 4
         hidden = min(128, ngf * 2)
         self.blocks = nn.ModuleList(_SPADEBlock(ch, in_ch, hidden) for _ in range(n_blocks))
         self.up = nn.ModuleList()
