@@ -131,13 +131,21 @@ def phantom_calibration(preset, out, seed, threads, log_level):
               help="Also the rows that take the private recipe apart (DP-SGD alone, the release alone, the anchor "
                    "alone, steering, frozen discriminators) [smoke: on; cpu, gpu: off]. Rows already finished in OUT "
                    "are reported either way.")
+@click.option("--report-only", is_flag=True, help="Write report.md, results.json and the figure from the pieces "
+              "finished in OUT so far, training nothing (a run still going, or cut short).")
 @log_level_option
 @friendly_errors
-def privacy_utility(preset, out, seed, threads, diagnostics, log_level):
+def privacy_utility(preset, out, seed, threads, diagnostics, report_only, log_level):
     """Patient-level DP from a public warm start: Dice against epsilon, with the public-only floor, the
     non-private ceiling, canary audits and membership tests."""
-    from asyndgan.experiments.privacy_utility import preset_config, run
+    from asyndgan.experiments.privacy_utility import preset_config, report_so_far, run
 
+    if report_only:
+        setup_logging(log_level)
+        results = report_so_far(preset_config(preset, out, seed))
+        click.echo(f"{len(results['rows'])} rows so far; report: {out / 'report.md'}  figure: "
+                   f"{out / 'dice_vs_epsilon.png'}")
+        return
     setup_logging(log_level, out / "experiment.log")
     cfg = preset_config(preset, out, seed)
     if threads:

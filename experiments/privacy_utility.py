@@ -81,6 +81,7 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig)
 from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import ExperimentConfig, write_json, piece_timer, shared_pieces, json_if_file
+from asyndgan.common.errors import ConfigError
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 
 log = logging.getLogger(__name__)
@@ -441,8 +442,7 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
     from asyndgan.experiments.pieces import check_settings
 
     torch.set_num_threads(cfg.threads)
-    check_settings(cfg, exclude=("diagnostics",), added=("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight",
-                                "anchor_epsilons", "steer_epsilons", "steer_anchor_weight", "shipped_epsilons"))
+    check_settings(cfg, exclude=("diagnostics",), added=ADDED_SETTINGS)
     timings, timed = piece_timer(cfg.out / "timings.json")
     log.info("[1/4] phantoms: public cohort, three private sites and their test patients")
     phantoms = timed("phantoms", make_phantoms, cfg)
@@ -487,6 +487,34 @@ def run(cfg: PrivacyUtilityConfig) -> dict:
                                       sites, test_dir)
             write_json(cfg.out / "rows" / f"{name}.json", out)
     return _report_so_far(cfg, evals, done, timings)
+
+
+# settings this experiment gained after the first runs: a run without them resumes and their rows run now
+ADDED_SETTINGS = ("statistics_epsilons", "statistics_share", "stats_only_epsilons", "anchor_weight", "anchor_epsilons",
+                  "steer_epsilons", "steer_anchor_weight", "shipped_epsilons")
+
+
+def report_so_far(cfg: PrivacyUtilityConfig) -> dict:
+    """results.json, report.md and the figure from the pieces finished in OUT so far; trains nothing (a run
+    still going, or one cut short, can be looked at)."""
+    from asyndgan.experiments.pieces import check_settings
+
+    if not (cfg.out / "settings.json").is_file():
+        raise ConfigError(f"{cfg.out} holds no run of this experiment (no settings.json)")
+    try:
+        check_settings(cfg, exclude=("diagnostics",), added=ADDED_SETTINGS)
+    except ConfigError:
+        raise ConfigError(f"{cfg.out} holds a run made with other settings than --preset {cfg.preset} --seed "
+                          f"{cfg.seed} ({cfg.out / 'settings.json'}); give the ones it was run with") from None
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    real = {}
+    for row in ("real_all", "real_public"):
+        folders = [cfg.out / "segmentation" / row / f"seed{s}" for s in seeds]
+        if all((f / "eval" / "summary.json").is_file() for f in folders):
+            real[row] = [SeedScore.read(f) for f in folders]
+    timings_path = cfg.out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    return _report_so_far(cfg, real, _rows_done(cfg), timings)
 
 
 def _rows_done(cfg: PrivacyUtilityConfig) -> dict:

@@ -58,6 +58,9 @@ def test_smoke_preset_runs_every_row_and_resumes(tmp_path):
     timings = json.loads((cfg.out / "timings.json").read_text())
     again = run(cfg)  # resumed: every piece kept
     assert again["rows"] == results["rows"]
+    from asyndgan.experiments.privacy_utility import report_so_far
+
+    assert report_so_far(cfg)["rows"] == results["rows"]  # --report-only: the same report, nothing trained
     assert json.loads((cfg.out / "timings.json").read_text())["pretrain"] < timings["pretrain"] + 2
 
     # the anchor weight is chosen on a stand-in cohort from the same public pretraining
