@@ -296,6 +296,37 @@ def bandwidth(preset, out, seed, threads, phantom_preset, log_level):
     click.echo(f"report: {out / 'report.md'}  results: {out / 'results.json'}")
 
 
+@bench.command("scale")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Run folder (overwritten).")
+@click.option("--sites", default="1,4,16,64", show_default=True, help="Comma-separated numbers of sites.")
+@click.option("--steps", default=40, show_default=True, type=click.IntRange(3), help="Generator steps per N.")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(1), help="Steps left out first.")
+@click.option("--plain", is_flag=True, help="Plain text instead of mutual TLS (loopback only).")
+@log_level_option
+@friendly_errors
+def scale(out, sites, steps, warmup, plain, log_level):
+    """How the server's CPU, memory, bytes and wall time per step grow with the number of sites: a real server
+    and N real sites (sharing processes, each with its own channel and certificate)."""
+    from pydantic import ValidationError
+
+    from asyndgan.common.config import describe_validation_error
+    from asyndgan.common.errors import ConfigError
+    from asyndgan.experiments.scale import ScaleConfig, run
+
+    setup_logging(log_level, out / "bench.log")
+    try:
+        counts = [int(x) for x in sites.split(",") if x.strip()]
+        cfg = ScaleConfig(out=out, sites=counts, steps=steps, warmup=warmup, tls=not plain)
+    except ValueError as exc:  # a ValidationError is a ValueError too
+        text = describe_validation_error(exc) if isinstance(exc, ValidationError) else f"--sites {sites!r}: {exc}"
+        raise ConfigError(text) from None
+    for r in run(cfg)["rows"]:
+        click.echo(f"{r['sites']:>4} sites: server CPU {r['server_cpu_ms_per_step']:.1f} ms per step "
+                   f"({r['server_cpu_ms_per_site_step']:.2f} per site), wall {r['wall_ms_per_step']:.0f} ms, "
+                   f"{r['server_rss_mb']:.0f} MB ({r['server_rss_mb_per_site']:.2f} per site)")
+    click.echo(f"report: {out / 'report.md'}")
+
+
 @bench.command("poisoning")
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Run folder (overwritten).")
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1))

@@ -1,0 +1,34 @@
+"""The scale benchmark's plumbing: a real server and real sites sharing processes (each its own certificate),
+measured per number of sites; bad arguments are one line."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from asyndgan.cli.main import main
+
+
+def test_the_server_is_measured_with_one_and_with_three_sites(tmp_path):
+    out = tmp_path / "scale"
+    r = CliRunner().invoke(main, ["bench", "scale", "--out", str(out), "--sites", "1,3", "--steps", "6",
+                                  "--warmup", "2", "--log-level", "WARNING"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [x["sites"] for x in rows] == [1, 3]
+    for x in rows:
+        assert x["server_cpu_ms_per_step"] > 0 and x["wall_ms_per_step"] > 0 and x["bytes_per_step"] > 0
+        assert x["server_rss_mb"] > x["server_rss_mb_alone"] > 50 and x["bank_mb"] > 0
+    assert rows[1]["bytes_per_step"] > 2 * rows[0]["bytes_per_step"]  # three sites' batches cross the wire
+    assert rows[1]["bank_mb"] > 2 * rows[0]["bank_mb"]  # each site uploads its own label maps
+    # every site joined with its own identity, over TLS
+    assert len(list((out / "n3" / "certs" / "sites").iterdir())) >= 3
+    assert "| 3 |" in (out / "report.md").read_text() and (out / "scale.png").stat().st_size > 5_000
+
+
+def test_bad_site_counts_are_one_line():
+    r = CliRunner().invoke(main, ["bench", "scale", "--out", "/tmp/never", "--sites", "1,x"])
+    assert r.exit_code == 2 and "--sites '1,x'" in r.output
+    r = CliRunner().invoke(main, ["bench", "scale", "--out", "/tmp/never", "--steps", "5", "--warmup", "5"])
+    assert r.exit_code == 2 and "warmup" in r.output
