@@ -1,6 +1,7 @@
 """Training curves for TensorBoard: what the server writes to run_dir/tensorboard after every step.
 
-Per step: each site's losses, images per second, step time, sites that answered, and bytes each way per site
+Per step: each site's losses, images per second, step time and its stages (plan, dispatch, wait for the sites,
+guard, update), sites that answered, and bytes each way per site
 and in all; sample grids as images (columns titled with the modalities). View them with
 `tensorboard --logdir RUN_DIR/tensorboard`. Without the tensorboard package the log is skipped with a warning.
 """
@@ -36,6 +37,8 @@ class TrainingLog:
                 w.add_scalar(f"loss/{name}/{site}", value, step)
         w.add_scalar("speed/images_per_second", images_per_second, step)
         w.add_scalar("speed/step_seconds", report.seconds, step)
+        for name, seconds in report.stages.items():
+            w.add_scalar(f"speed/stage_seconds/{name}", seconds, step)
         w.add_scalar("sites/answered", len(report.answered), step)
         w.add_scalar("sites/missed", len(report.missed), step)
         for site, (sent, received) in bytes_by_site.items():

@@ -64,6 +64,11 @@ class StepReport:
     rejected: dict[str, str] = field(default_factory=dict)  # answers the guard left out (guard.py)
     losses: dict[str, dict[str, float]] = field(default_factory=dict)
     preview: tuple[torch.Tensor, torch.Tensor] | None = None  # (label maps uint8 [n, H, W], fakes [n, C, H, W])
+    # seconds per stage of the step (STAGES); "wait" is the time the sites took, the rest is the server's own work
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+STAGES = ("plan", "dispatch", "wait", "guard", "update")
 
 
 @dataclass
@@ -293,14 +298,19 @@ class Trainer:
     def train_step(self, sessions: list[SiteLink]) -> StepReport | None:
         """One generator step with these sites. None when fewer than the quorum answered (no update)."""
         started = time.monotonic()
+        marks = [started]
         planned = self._plan(sessions)
         x = self._conditions(planned)
+        marks.append(time.monotonic())
         self.round += 1  # one per batch sent: a late answer to a retried step carries an older round
         fake = self._dispatch(planned, x, self.round)
         anchor = self._anchor_term(planned, x, fake)  # before waiting: it overlaps with the sites' work
+        marks.append(time.monotonic())
         answered, missed, losses = self._collect(planned, self.round)
+        marks.append(time.monotonic())
         report = StepReport(self.step, 0, 0.0, [], missed=missed, losses=losses)
         results = self._guard(planned, answered, report)
+        marks.append(time.monotonic())
         # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
         quorum = min(self._quorum(), len(planned))
         if len(results) < quorum:
@@ -309,10 +319,12 @@ class Trainer:
             return None
         if not self._update(fake, results, planned, report, anchor):
             return None
+        marks.append(time.monotonic())
         self.step += 1
         report.answered = sorted(results)
         report.images = sum(r.batch_size for r in results.values())
         report.seconds = time.monotonic() - started
+        report.stages = {name: b - a for name, a, b in zip(STAGES, marks, marks[1:])}
         first = planned[0]
         if first.maps is not None:
             report.preview = (first.maps, fake.detach().cpu()[first.rows])
@@ -328,6 +340,8 @@ class Trainer:
             self.monitor = TrainingLog(self.run_dir / "tensorboard")
         bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         last_wait_log, first = 0.0, True
+        stage_totals: dict[str, float] = {}  # seconds per stage over this process's steps (logged at the end)
+        steps_timed = 0
         t0, bytes0 = time.monotonic(), sum(self.registry.bytes_moved())
         try:
             while self.step < total and not stop.is_set():
@@ -344,6 +358,9 @@ class Trainer:
                 if report is None:
                     continue
                 self.last_report = report
+                for name, seconds in report.stages.items():
+                    stage_totals[name] = stage_totals.get(name, 0.0) + seconds
+                steps_timed += 1
                 now = time.monotonic()
                 rate = report.images / max(report.seconds, 1e-9)
                 # the first step of this process (a resumed run starts past step 1) sets the average
@@ -363,6 +380,9 @@ class Trainer:
         finally:
             bar.close()
         self.state = RunState.FINISHED if self.step >= total else RunState.STOPPED
+        if stage_totals:
+            log.info("per step on average (%d steps): %s", steps_timed, ", ".join(
+                f"{name} {1000 * stage_totals[name] / steps_timed:.1f} ms" for name in STAGES))
         if self.step % self.cfg.checkpoint_every:
             self.save_checkpoint()
         if self.step % self.cfg.sample_every:

@@ -132,13 +132,26 @@ def measure(cfg: ScaleConfig, n: int, data: pathlib.Path) -> dict:
         cluster.wait(120)
     finally:
         cluster.stop()
+    stages = server_stages(run_dir / "server.out")
     (t0, c0, b0, s0), (t1, c1, b1, s1) = marks["start"], marks["end"]
     steps = max(1, s1 - s0)
     cpu_ms = 1000 * (c1 - c0) / steps
     return {"sites": n, "steps_measured": steps, "server_cpu_ms_per_step": cpu_ms,
             "server_cpu_ms_per_site_step": cpu_ms / n, "wall_ms_per_step": 1000 * (t1 - t0) / steps,
             "bytes_per_step": (b1 - b0) / steps, "server_rss_mb_alone": rss_alone, "server_rss_mb": rss_peak,
-            "server_rss_mb_per_site": (rss_peak - rss_alone) / n, "bank_mb": _folder_mb(run_dir / "bank")}
+            "server_rss_mb_per_site": (rss_peak - rss_alone) / n, "bank_mb": _folder_mb(run_dir / "bank"),
+            "stages_ms": stages}
+
+
+def server_stages(log_file: pathlib.Path) -> dict[str, float]:
+    """The server's own account of a step, from its last 'per step on average' line: stage -> ms (plan,
+    dispatch, wait for the sites, guard, update)."""
+    import re
+
+    lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if "per step on average" in ln]
+    if not lines:
+        return {}
+    return {name: float(ms) for name, ms in re.findall(r"(\w+) ([0-9.]+) ms", lines[-1].split("):", 1)[-1])}
 
 
 def run(cfg: ScaleConfig) -> dict:
@@ -175,13 +188,14 @@ def markdown(cfg: ScaleConfig, rows: list[dict]) -> str:
              f"per site; measured over steps {cfg.warmup}-{cfg.steps - 1}. The sites share this machine's cores with "
              "the server.", "",
              "| sites | server CPU ms / step | per site | wall ms / step | bytes / step | server MB | MB per site | "
-             "MB per added site | bank MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "MB per added site | bank MB | server's step: plan / dispatch / wait / guard / update ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sites']} | {r['server_cpu_ms_per_step']:.1f} | {r['server_cpu_ms_per_site_step']:.2f} | "
                      f"{r['wall_ms_per_step']:.0f} | {r['bytes_per_step'] / 1e3:.1f} k | {r['server_rss_mb']:.0f} | "
                      f"{r['server_rss_mb_per_site']:.2f} | "
                      f"{'-' if r.get('server_rss_mb_per_added_site') is None else format(r['server_rss_mb_per_added_site'], '.2f')} | "
-                     f"{r['bank_mb']:.2f} |")
+                     f"{r['bank_mb']:.2f} | {' / '.join(f'{v:.1f}' for v in r['stages_ms'].values()) or '-'} |")
     lines += ["", "MB per site: the server's growth over itself before any site joined, divided by N (its first "
               "allocations included); MB per added site: the growth from the previous N, per site added. Figure: "
               "`scale.png`.", ""]

@@ -20,6 +20,7 @@ def test_the_server_is_measured_with_one_and_with_three_sites(tmp_path):
     for x in rows:
         assert x["server_cpu_ms_per_step"] > 0 and x["wall_ms_per_step"] > 0 and x["bytes_per_step"] > 0
         assert x["server_rss_mb"] > x["server_rss_mb_alone"] > 50 and x["bank_mb"] > 0
+        assert set(x["stages_ms"]) == {"plan", "dispatch", "wait", "guard", "update"}  # the server's own account
     assert rows[1]["bytes_per_step"] > 2 * rows[0]["bytes_per_step"]  # three sites' batches cross the wire
     assert rows[1]["bank_mb"] > 2 * rows[0]["bank_mb"]  # each site uploads its own label maps
     # every site joined with its own identity, over TLS
