@@ -338,7 +338,7 @@ def write_all(cfg, measured: Measured) -> dict:
 
 def _markdown(cfg, r: dict) -> str:
     lines = [*_overview(cfg, r), *_encodings(cfg, r["asyndgan"]), *_baselines(cfg, r), *_wall_times(cfg, r),
-             "", "## Targets", "", *_targets(r), *_crossover(r["crossover"]), *_larger_markdown(r.get("larger_network")),
+             "", "## Targets", "", *_targets(r), *_crossover_markdown(r["crossover"]), *_larger_markdown(r.get("larger_network")),
              "", "## Figures", "", *(f"![{x}]({x})" for x in r["figures"]),
              "", "## Time spent", "", "| piece | seconds |", "|---|---|",
              *(f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items())]
@@ -422,7 +422,7 @@ def _wall_times(cfg, r: dict) -> list[str]:
     return lines
 
 
-def _crossover(c: dict) -> list[str]:
+def _crossover_markdown(c: dict) -> list[str]:
     lines = ["", "## Where AsynDGAN wins on bandwidth, and where it does not", "",
               f"AsynDGAN's bytes grow with the data (here {c['epochs']:.1f} epochs over the largest site), FedAvg's "
               f"with the model and the rounds ({c['rounds']} to the target here). Under 'balance' sampling every "
