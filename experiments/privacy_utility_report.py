@@ -114,7 +114,7 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for epsilons, name, marker, label in _series(cfg):
         eps = [e for e in epsilons if name.format(e=e) in rows]
         if eps:
@@ -134,10 +134,13 @@ def plot(path: pathlib.Path, cfg, rows: dict) -> None:
         if row in rows:
             ax.axhline(rows[row]["dice"], color=colour, linestyle="--", linewidth=1, label=label)
     ax.set_xscale("log")
+    ticks = sorted({e for epsilons, *_ in _series(cfg) for e in epsilons} | {cfg.scratch_epsilon})
+    ax.set_xticks(ticks, [f"{e:g}" for e in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("epsilon per site (patient level, delta %g)" % cfg.dp.delta)
     ax.set_ylabel("whole-tumour Dice (mean over seeds)")
     ax.set_title("Synthetic-only segmentation against privacy")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, never over a point
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
