@@ -51,7 +51,7 @@ class GenerateConfig(BaseModel):
     generator: pathlib.Path | None = Field(None, description="a published generator (.safetensors)")
     out: pathlib.Path
     label_maps: pathlib.Path | None = Field(None, description="BraTS tree or 2-D mask files; None: the run's bank")
-    count: int | None = Field(None, ge=1, description="cases (BraTS) or samples (2-D) to write; None: all")
+    count: int | None = Field(None, ge=1, description="source cases (BraTS; each gives `samples` cases) or samples (2-D) to write; None: all")
     format: Format | None = Field(None, description="None: nifti for BraTS, png for 1 or 3 channels, else arrays")
     device: str = "auto"
     batch_size: int = Field(16, ge=1, le=4096, description="slices through the generator at once")
