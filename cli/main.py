@@ -147,7 +147,8 @@ def demo(out, data, steps, sites, device, private, log_level):
 @click.option("--label-maps", type=click.Path(path_type=pathlib.Path),
               help="A BraTS tree (case folders with _seg/-seg and at least one image) or 2-D mask files "
                    "[the run's own bank, with --checkpoint].")
-@click.option("--count", type=click.IntRange(1), help="Source cases (BraTS; each gives --samples cases) or images (2-D) to write [all].")
+@click.option("--count", type=click.IntRange(1),
+              help="Source cases (BraTS; each gives --samples cases) or images (2-D) to write [all].")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "png", "arrays"]),
               help="nifti: BraTS cases; png: image/mask files (1 or 3 channels); arrays: images.npy + labels.npy "
                    "[nifti from a BraTS tree, else png when it fits, else arrays].")

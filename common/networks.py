@@ -2,9 +2,9 @@
 
 Generators (the server's): pix2pix's ResNet generator (reflection padding, instance norm, 2 down-samplings,
 n residual blocks, tanh output), the same with the label map in every block of its second half (SPADE), a U-Net
-with skip connections, and a small MLP. Discriminators (a site's):
-PatchGAN (at one scale or several), and the same MLP. They live in `common` so that a site never imports server code; which family uses
-which, at what size, is decided in common/families.py. Every module maps a tensor to a tensor (no hidden state).
+with skip connections, and a small MLP. Discriminators (a site's): PatchGAN (at one scale or several), and the same
+MLP. They live in `common` so that a site never imports server code; which family uses which, at what size, is
+decided in common/families.py. Every module maps a tensor to a tensor (no hidden state).
 Initial weights are chosen explicitly by `initialise` (ModelConfig.image2d.init).
 """
 

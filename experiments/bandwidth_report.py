@@ -338,7 +338,8 @@ def write_all(cfg, measured: Measured) -> dict:
 
 def _markdown(cfg, r: dict) -> str:
     lines = [*_overview(cfg, r), *_encodings(cfg, r["asyndgan"]), *_baselines(cfg, r), *_wall_times(cfg, r),
-             "", "## Targets", "", *_targets(r), *_crossover_markdown(r["crossover"]), *_larger_markdown(r.get("larger_network")),
+             "", "## Targets", "", *_targets(r), *_crossover_markdown(r["crossover"]),
+             *_larger_markdown(r.get("larger_network")),
              "", "## Figures", "", *(f"![{x}]({x})" for x in r["figures"]),
              "", "## Time spent", "", "| piece | seconds |", "|---|---|",
              *(f"| {k} | {v:.0f} |" for k, v in r["timings_s"].items())]

@@ -122,5 +122,6 @@ def _pooled_maps(cfg, loaded) -> np.ndarray:
     from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
     from asyndgan.formats.datasets import open_dataset
 
-    data = open_dataset(cfg.out / "pooled", SiteFacingConfig(model=loaded.model), DataPrepConfig(cache_dir=cfg.out / "cache"))
+    data = open_dataset(cfg.out / "pooled", SiteFacingConfig(model=loaded.model),
+                        DataPrepConfig(cache_dir=cfg.out / "cache"))
     return data.label_maps().numpy()

@@ -139,7 +139,8 @@ def training_rows(cfg: CalibrationConfig, phantoms: dict[str, pathlib.Path]) -> 
 
 def train_and_score(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], test_dir: pathlib.Path,
                     recipe_name: str) -> dict[str, list[SeedScore]]:
-    """Row -> one score per segmentation seed; models and evaluations kept in OUT/segmentation/<recipe>/<row>/seed<s>/."""
+    """Row -> one score per segmentation seed; models and evaluations kept in
+    OUT/segmentation/<recipe>/<row>/seed<s>/."""
     recipe = {"after": cfg.recipe, "before": cfg.before, "loss_only": cfg.loss_only}[recipe_name]
     n_seeds = cfg.seeds if recipe_name == "after" else cfg.before_seeds
     wanted = {"after": list(rows), "before": cfg.before_rows, "loss_only": cfg.loss_only_rows}[recipe_name]
@@ -167,7 +168,8 @@ def summarise(cfg: CalibrationConfig, rows: dict[str, tuple[list, str]], evals: 
             results.append(RowResult(
                 row=row, recipe=recipe_name, description=rows[row][1],
                 training_cases=_count_cases(rows[row][0]), seeds=[r.seed for r in runs],
-                dice_per_seed=[r.dice for r in runs], patient_dice=patient, collapsed_seeds=sum(r.collapsed for r in runs),
+                dice_per_seed=[r.dice for r in runs], patient_dice=patient,
+                collapsed_seeds=sum(r.collapsed for r in runs),
                 by_lesion={k: v for k, v in lesion.items() if v is not None},
                 by_profile={k: v for k, v in profile.items() if v is not None}))
     return results

@@ -3,8 +3,8 @@
 For each N: one server process (one torch thread) and the N sites spread over a few processes (`site_pool`: each
 site a SiteAgent thread with its own channel and certificate, as `asyndgan-site join` runs it; sharing processes
 lets 64 sites fit in memory). Every site holds a small data set of its own of the same size and the same tiny
-discriminator, so the per-site compute is fixed and the server's growth is the server's. The server waits for every site each step
-(quorum N), as a synchronous run does.
+discriminator, so the per-site compute is fixed and the server's growth is the server's. The server waits for every
+site each step (quorum N), as a synchronous run does.
 
 Measured per N, over the steps after a warm-up (from the server's Status and its /proc entry):
     server CPU time per step, and per step per site       (user + system time of the server process)
@@ -194,12 +194,16 @@ def markdown(cfg: ScaleConfig, rows: list[dict]) -> str:
         lines.append(f"| {r['sites']} | {r['server_cpu_ms_per_step']:.1f} | {r['server_cpu_ms_per_site_step']:.2f} | "
                      f"{r['wall_ms_per_step']:.0f} | {r['bytes_per_step'] / 1e3:.1f} k | {r['server_rss_mb']:.0f} | "
                      f"{r['server_rss_mb_per_site']:.2f} | "
-                     f"{'-' if r.get('server_rss_mb_per_added_site') is None else format(r['server_rss_mb_per_added_site'], '.2f')} | "
+                     f"{_num(r.get('server_rss_mb_per_added_site'))} | "
                      f"{r['bank_mb']:.2f} | {' / '.join(f'{v:.1f}' for v in r['stages_ms'].values()) or '-'} |")
     lines += ["", "MB per site: the server's growth over itself before any site joined, divided by N (its first "
               "allocations included); MB per added site: the growth from the previous N, per site added. Figure: "
               "`scale.png`.", ""]
     return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def plot(path: pathlib.Path, rows: list[dict]) -> None:

@@ -253,7 +253,8 @@ def rows(sites: list[pathlib.Path], synthetic: dict[str, pathlib.Path] | None, s
 
 
 def segment_rows(cfg: SyntheticLearningConfig, table: dict[str, list[pathlib.Path]],
-                 test_dir: pathlib.Path, recipes: dict[str, SegmentationRecipe] | None = None) -> dict[str, list[SeedScore]]:
+                 test_dir: pathlib.Path, recipes: dict[str, SegmentationRecipe] | None = None
+                 ) -> dict[str, list[SeedScore]]:
     """Row -> one score per segmentation seed; models and evaluations are kept in OUT/segmentation/<row>/seed<s>/
     and reused. `recipes`: a row's own recipe where it reads its training trees differently (e.g. zero-filled
     missing modalities); the test cases are read with cfg.segmentation's."""

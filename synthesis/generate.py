@@ -51,7 +51,8 @@ class GenerateConfig(BaseModel):
     generator: pathlib.Path | None = Field(None, description="a published generator (.safetensors)")
     out: pathlib.Path
     label_maps: pathlib.Path | None = Field(None, description="BraTS tree or 2-D mask files; None: the run's bank")
-    count: int | None = Field(None, ge=1, description="source cases (BraTS; each gives `samples` cases) or samples (2-D) to write; None: all")
+    count: int | None = Field(None, ge=1, description="source cases (BraTS; each gives `samples` cases) or samples "
+                              "(2-D) to write; None: all")
     format: Format | None = Field(None, description="None: nifti for BraTS, png for 1 or 3 channels, else arrays")
     device: str = "auto"
     batch_size: int = Field(16, ge=1, le=4096, description="slices through the generator at once")
@@ -223,7 +224,8 @@ def _brats(cfg: GenerateConfig, loaded: LoadedGenerator, device: torch.device, h
     for case, k, name in tqdm(todo, desc="generate", unit="case", dynamic_ncols=True):
         if source is None or source.case is not case:
             source = sources.read_volume(case, i2d.stored_size, i2d.num_classes)
-        move = None if k == 0 else sources.draw_move(np.random.default_rng([cfg.seed, zlib.crc32(case.name.encode()), k]))
+        draws = np.random.default_rng([cfg.seed, zlib.crc32(case.name.encode()), k])  # the same move every run
+        move = None if k == 0 else sources.draw_move(draws)
         vol = source if move is None else sources.moved_volume(source, move, i2d.stored_size, i2d.num_classes)
         fake = volume_images(loaded, vol, device, cfg.batch_size)  # [C, X, Y, Z] in [-1, 1]
         inside = brain_inside(vol)
