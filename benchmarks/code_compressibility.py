@@ -32,7 +32,7 @@ rec = []
 for s in sess:
     orig = s.send_batch
     def sb(batch, orig=orig, s=s):
-        orig(batch); rec.append((batch, s._answer))
+        orig(batch); rec.append((batch, s._answers[batch.round]))
     s.send_batch = sb
 tr = Trainer(scfg, LocalRegistry(sess), CountingBank(sess), work)
 state = torch.load(ck, weights_only=True)

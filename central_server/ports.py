@@ -36,8 +36,18 @@ class SiteLink(Protocol):
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         ...
 
-    def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float) -> serde.ImageGradient | str:
-        """The site's answer for `round_`, or a reason there is none (it missed the deadline, left, ...)."""
+    def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float, keep_late: bool = False
+                       ) -> serde.ImageGradient | str:
+        """The site's answer for `round_`, or a reason there is none (it missed the deadline, left, ...);
+        keep_late: an answer that misses the deadline is kept for take_late."""
+        ...
+
+    def take_late(self, round_: int, shape: tuple[int, ...]) -> serde.ImageGradient | str | None:
+        """A late answer kept for `round_` once it came; None while it has not; a reason when it will not."""
+        ...
+
+    def drop_late(self, round_: int) -> None:
+        """No longer keep the late answer for `round_`."""
         ...
 
 

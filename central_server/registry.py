@@ -73,7 +73,8 @@ class SiteRegistry:
         have = self.bank.has(hello.site_id, hello.maps_digest)
         session = SiteSession(hello, channels, upload, self.cfg.train.wire_dtype, self._on_ready,
                               max_gradient_bytes=MAX_MESSAGE_BYTES,
-                              known_samples=self.bank.size(hello.site_id) if have else None)
+                              known_samples=self.bank.size(hello.site_id) if have else None,
+                              depth=1 + self.cfg.train.pipeline)
         with self._cond:
             old = self._sessions.get(hello.site_id)
             if old is not None and not replace:

@@ -25,7 +25,7 @@ from asyndgan.formats.label_map_bank import LabelMapUpload, UploadedMaps
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_BAD = 3  # gradients failing checks (or not asked for) in a row before a site is disconnected
-INBOX_SIZE = 3  # the answer awaited, a stale one, the close marker
+INBOX_SIZE = 4  # the answers to the (at most two) batches outstanding, a stale one, the close marker
 _CLOSED = object()
 
 
@@ -41,7 +41,9 @@ class SessionStats:
     steps_answered: int = 0
     steps_missed: int = 0
     bad_messages: int = 0
-    late_replies: int = 0
+    late_replies: int = 0        # answers that came after their step stopped waiting
+    late_applied: int = 0        # of those, the ones still applied (train.late_steps)
+    answer_seconds: float = 0.0  # from a batch going out to its answer coming in, averaged over recent steps
     gradients_rejected: int = 0  # answers the server's guard left out (central_server/guard.py)
     rows_clipped: int = 0        # rows of answers it scaled down
     bytes_sent: int = 0
@@ -59,6 +61,7 @@ class SiteSession:
         on_ready: Callable[["SiteSession", UploadedMaps | None, bool], None],
         max_gradient_bytes: int,
         known_samples: int | None = None,
+        depth: int = 1,
     ):
         self.site_id = hello.site_id
         self.num_samples = 0  # known at Ready
@@ -80,11 +83,16 @@ class SiteSession:
         self._upload: LabelMapUpload | None = upload  # None once Ready has taken it
         self._on_ready = on_ready
         self._max_gradient_bytes = max_gradient_bytes
-        self._region: tuple[int, torch.Tensor | None] = (-1, None)  # (round, region) of the last batch sent
+        self._regions: dict[int, torch.Tensor | None] = {}  # round -> region of the batches not yet answered
+        self._sent_at: dict[int, float] = {}  # round -> when it went out
         self._consecutive_bad = 0
         self._known_samples = known_samples  # the server already holds this site's maps (a reconnect)
-        self._outstanding: int | None = None  # round of the batch the site has not answered yet
-        self._awaited: int | None = None  # round the trainer still waits for (None once it gave up)
+        self._depth = depth  # batches the site may hold at once (1 + train.pipeline)
+        self._outstanding: list[int] = []  # rounds of the batches the site has not answered yet, oldest first
+        self._awaited: set[int] = set()  # rounds the trainer still waits for
+        self._late_ok: set[int] = set()  # rounds the trainer gave up on but still takes late (train.late_steps)
+        self._late: dict[int, pb.ImageGradient] = {}  # their answers, once they came
+        self._early: dict[int, pb.ImageGradient] = {}  # answers taken off the inbox before the trainer asked
         self._lock = threading.Lock()
 
     # ---- called from the transport -------------------------------------------------------------------------
@@ -123,18 +131,29 @@ class SiteSession:
             raise ProtocolError(f"unexpected {kind or 'empty'} message while {self.state.value}")
 
     def _take_gradient(self, g: pb.ImageGradient) -> None:
-        """Keep a gradient only if it answers the batch outstanding and the trainer still waits for it."""
+        """Keep a gradient only if it answers a batch outstanding and the trainer still waits for it (or, given
+        up on, still takes it late)."""
         with self._lock:
-            asked = self._outstanding is not None and g.round == self._outstanding
+            asked = g.round in self._outstanding
             if asked:
-                self._outstanding = None  # answered (in time or late): the site may get the next batch
-                wanted = g.round == self._awaited
+                self._outstanding.remove(g.round)  # answered (in time or late): the site may get the next batch
+                sent = self._sent_at.pop(g.round, None)
+                if sent is not None:
+                    took = time.monotonic() - sent
+                    s = self.stats
+                    s.answer_seconds = took if s.answer_seconds == 0 else 0.7 * s.answer_seconds + 0.3 * took
+                wanted = g.round in self._awaited
+                late_ok = g.round in self._late_ok
+                if late_ok:
+                    self._late[g.round] = g
         if not asked:
-            self._bad(f"a gradient for round {g.round}, which is not the batch outstanding")
+            self._bad(f"a gradient for round {g.round}, which is not a batch outstanding")
             return
         if not wanted:
             self.stats.late_replies += 1
-            log.info("site %s: dropped a late reply (step %d, round %d)", self.site_id, g.step, g.round)
+            if not late_ok:
+                self._regions.pop(g.round, None)
+                log.info("site %s: dropped a late reply (step %d, round %d)", self.site_id, g.step, g.round)
             return
         self._deliver(g)
 
@@ -179,51 +198,85 @@ class SiteSession:
     def available(self) -> bool:
         """Ready and not still working on an earlier batch. A straggler gets no new batch until it has answered
         the last one (late), so batches never pile up behind a slow or cut-off site."""
-        return self.state is State.READY and self._outstanding is None
+        return self.state is State.READY and len(self._outstanding) < self._depth
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         with self._lock:
-            self._outstanding = self._awaited = batch.round
-            self._region = (batch.round, batch.region)
+            self._outstanding.append(batch.round)
+            self._awaited.add(batch.round)
+            self._regions[batch.round] = batch.region
+            self._sent_at[batch.round] = time.monotonic()
         self._push(serde.batch_to_proto(batch, self.wire_dtype))
 
-    def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float) -> serde.ImageGradient | str:
-        """The site's checked gradient for `round_`, or a one-line reason why there is none."""
+    def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float, keep_late: bool = False
+                       ) -> serde.ImageGradient | str:
+        """The site's checked gradient for `round_`, or a one-line reason why there is none. keep_late: if the
+        deadline passes, its answer is kept when it comes (take_late) instead of dropped."""
         while True:
-            remaining = deadline - time.monotonic()
-            try:
-                msg = self._inbox.get(timeout=max(0.0, remaining))
-            except queue.Empty:
-                self._give_up(round_)
-                return "no answer before the step deadline"
+            msg = self._early.pop(round_, None)
+            if msg is None:
+                try:
+                    msg = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self._give_up(round_, keep_late)
+                    return "no answer before the step deadline"
             if msg is _CLOSED:
                 self._deliver(_CLOSED)  # stays closed for later calls
-                self._give_up(round_)
+                self._give_up(round_, False)
                 return "disconnected"
+            if msg.round > round_:  # the answer to a later batch (pipelined steps): its step takes it
+                self._early = {r: m for r, m in self._early.items() if r in self._awaited}
+                self._early[msg.round] = msg
+                continue
             if msg.round != round_:
                 self.stats.late_replies += 1
                 log.info("site %s: dropped a late reply (step %d, round %d; now round %d)", self.site_id,
                          msg.step, msg.round, round_)
                 continue
-            try:
-                sent_round, region = self._region
-                grad = serde.gradient_from_proto(msg, wire_dtype=self.wire_dtype, shape=shape,
-                                                 max_bytes=self._max_gradient_bytes,
-                                                 region=region if sent_round == round_ else None)
-            except ProtocolError as exc:
-                self._bad(str(exc))
-                return f"bad gradient: {exc}"
-            self._consecutive_bad = 0
-            self.stats.steps_answered += 1
-            self.stats.losses = grad.losses
-            if grad.privacy is not None:
-                self.privacy = grad.privacy
-            return grad
+            with self._lock:
+                self._awaited.discard(round_)
+            return self._decode(msg, shape)
 
-    def _give_up(self, round_: int) -> None:
+    def take_late(self, round_: int, shape: tuple[int, ...]) -> serde.ImageGradient | str | None:
+        """The late answer for a round given up on with keep_late, once it came (then checked like any answer);
+        None while it has not; a reason when it will not (the site left)."""
         with self._lock:
-            if self._awaited == round_:
-                self._awaited = None  # its answer, should it come, is late
+            msg = self._late.pop(round_, None)
+            if msg is not None:
+                self._late_ok.discard(round_)
+        if msg is not None:
+            return self._decode(msg, shape)
+        return "disconnected" if self.state is State.CLOSED else None
+
+    def drop_late(self, round_: int) -> None:
+        """No longer take the late answer for this round (it would be too late to apply)."""
+        with self._lock:
+            self._late_ok.discard(round_)
+            self._late.pop(round_, None)
+            self._regions.pop(round_, None)
+
+    def _decode(self, msg: pb.ImageGradient, shape: tuple[int, ...]) -> serde.ImageGradient | str:
+        try:
+            grad = serde.gradient_from_proto(msg, wire_dtype=self.wire_dtype, shape=shape,
+                                             max_bytes=self._max_gradient_bytes,
+                                             region=self._regions.pop(msg.round, None))
+        except ProtocolError as exc:
+            self._bad(str(exc))
+            return f"bad gradient: {exc}"
+        self._consecutive_bad = 0
+        self.stats.steps_answered += 1
+        self.stats.losses = grad.losses
+        if grad.privacy is not None:
+            self.privacy = grad.privacy
+        return grad
+
+    def _give_up(self, round_: int, keep_late: bool) -> None:
+        with self._lock:
+            self._awaited.discard(round_)  # its answer, should it come, is late
+            if keep_late and round_ in self._outstanding:
+                self._late_ok.add(round_)
+            elif round_ not in self._outstanding:
+                self._regions.pop(round_, None)
         self.stats.steps_missed += 1
 
     # ---- internals ----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def build_status(trainer: Trainer, registry: SiteRegistry) -> pb.StatusReply:
             late_replies=s.stats.late_replies, bad_messages=s.stats.bad_messages,
             privacy=serde.privacy_to_proto(s.privacy), left=s.left or "", modalities=list(s.modalities),
             gradients_rejected=s.stats.gradients_rejected, rows_clipped=s.stats.rows_clipped,
+            late_applied=s.stats.late_applied,
         ))
     return reply
 
@@ -49,7 +50,8 @@ def format_status(reply: pb.StatusReply) -> str:
         holds = f"holds {'+'.join(s.modalities)}  " if s.modalities else ""
         lines.append(
             f"  {s.site_id:<16} n={s.num_samples:<7} {state:<8} {holds}"
-            f"answered {s.steps_answered}  missed {s.steps_missed}  late {s.late_replies}  "
+            f"answered {s.steps_answered}  missed {s.steps_missed}  late {s.late_replies}"
+            f"{f' (applied {s.late_applied})' if s.late_applied else ''}  "
             f"{f'rejected {s.gradients_rejected}  clipped rows {s.rows_clipped}  ' if s.gradients_rejected or s.rows_clipped else ''}"
             f"{(s.bytes_sent + s.bytes_received) / 1e6:.1f} MB  losses: {losses}"
         )

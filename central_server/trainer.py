@@ -13,6 +13,13 @@ One step (the dataflow drawn in docs/architecture.md), in named stages:
 The random generator is drawn in a fixed order (plan, then each site's augmentation in site-id order, then noise
 in the same order), so a one-process reference can replay a step exactly. Each stage takes and returns plain
 values; the step's preview (label maps and fakes for the sample grid) comes back in its StepReport.
+
+Asynchrony (off by default; docs/architecture.md, "Asynchrony"). A batch out at the sites is a _Flight: its fakes,
+their graph, and the weights that made them. train.pipeline = 1 sends the next flight before collecting the last
+one's answers, so the gradient of step t is applied at step t+1. train.late_steps = k keeps a flight's graph for
+the sites that missed its step, and applies their answers when they come (up to k steps later, weighted by
+1 / (1 + lateness)). In both, a flight is made from a copy of the weights, so that its answers are applied exactly
+through the weights that made its fakes (the optimiser's updates in between do not touch that copy).
 """
 
 from __future__ import annotations
@@ -82,6 +89,21 @@ class _Planned:
     maps: torch.Tensor | None = None  # uint8 [b, H, W], augmented; read from the bank once per step
 
 
+@dataclass
+class _Flight:
+    """One batch of fakes out at the sites, and what their answers are applied through."""
+
+    planned: list[_Planned]
+    x: torch.Tensor
+    fake: torch.Tensor  # with its graph
+    params: list[torch.Tensor] | None  # the copy of the weights that made it; None: the generator's own
+    anchor: tuple[torch.Tensor, float] | None
+    round: int
+    sent_at: float
+    late: set[str] = field(default_factory=set)  # sites given up on whose answers it still takes
+    applied_at: int = -1  # the step its in-time answers were applied in
+
+
 class Trainer:
     def __init__(self, cfg: ServerConfig, registry: SitePool, bank: LabelMapStore, run_dir: pathlib.Path):
         self.cfg = cfg
@@ -109,6 +131,8 @@ class Trainer:
         self.rejections = guard.RejectionLog(cfg.train.guard)
         self.anchor: torch.nn.Module | None = None  # the public start's generator, frozen (anchor_to)
         self.anchor_weight = 0.0
+        self._in_flight: _Flight | None = None  # train.pipeline: the batch sent in the last step, not yet applied
+        self._waiting_late: list[_Flight] = []  # train.late_steps: flights whose late answers are still wanted
 
     def anchor_to(self, weights: dict, weight: float) -> None:
         """Keep a frozen generator with these weights (the public start) for the anchor term: each step then adds
@@ -142,11 +166,21 @@ class Trainer:
             parts.append(self.family.condition(self.model_cfg, p.maps, len(p.keys), self.rng))
         return torch.cat(parts)
 
-    def _dispatch(self, planned: list[_Planned], x: torch.Tensor, round_: int) -> torch.Tensor:
-        """fake = G(x) [B, C, ...] (with its graph); each site is sent its rows and channels, tagged with the
-        round (one per batch sent, retries included) its answer must carry."""
+    def _dispatch(self, planned: list[_Planned], x: torch.Tensor, round_: int
+                  ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(fake = G(x) [B, C, ...] with its graph, the copy of the weights it was made with or None); each site
+        is sent its rows and channels, tagged with the round (one per batch sent, retries included) its answer
+        must carry."""
         self.generator.train()
-        fake = self.generator(x.to(self.device))
+        params = None
+        if self.cfg.train.pipeline or self.cfg.train.late_steps:
+            # Answers applied after the next update go through the weights as they are now, not as they will be.
+            named = {n: p.detach().clone().requires_grad_(p.requires_grad)
+                     for n, p in self.generator.named_parameters()}
+            params = list(named.values())
+            fake = torch.func.functional_call(self.generator, named, (x.to(self.device),))
+        else:
+            fake = self.generator(x.to(self.device))
         regions = self._regions(planned, fake)
         if regions is not None:
             # Only the brain crosses the wire: outside it G's output is replaced by the background, exactly what
@@ -158,7 +192,7 @@ class Trainer:
             part = fake_cpu[p.rows] if p.session.channels is None else fake_cpu[p.rows][:, p.session.channels]
             region = None if regions is None else regions[i]
             p.session.send_batch(serde.SyntheticBatch(self.step, round_, p.keys, part, p.aug, region))
-        return fake
+        return fake, params
 
     def _regions(self, planned: list[_Planned], fake: torch.Tensor) -> list[torch.Tensor] | None:
         """Each site's brain regions [b, H, W] when only the brain goes on the wire (image families), else None."""
@@ -167,26 +201,64 @@ class Trainer:
             return None
         return [brain_region(m) for m in maps if m is not None]
 
-    def _collect(self, planned: list[_Planned], round_: int
+    def _shape(self, p: _Planned) -> tuple[int, ...]:
+        channels = p.session.channels
+        return self.family.sample_shape(self.model_cfg, len(p.keys), None if channels is None else len(channels))
+
+    def _collect(self, flight: _Flight
                  ) -> tuple[dict[str, SiteGradient], dict[str, str], dict[str, dict[str, float]]]:
         """(each site's checked gradient, why each other site was left out, each answer's losses), waiting until
-        the step deadline."""
-        deadline = time.monotonic() + self.cfg.train.step_deadline_s
+        the step deadline; with train.straggler_wait, the fastest sites first and the rest only a while after."""
+        train = self.cfg.train
+        deadline = flight.sent_at + train.step_deadline_s
         results: dict[str, SiteGradient] = {}
         missed: dict[str, str] = {}
         losses: dict[str, dict[str, float]] = {}
-        for p in planned:
-            channels = p.session.channels
-            shape = self.family.sample_shape(self.model_cfg, len(p.keys), None if channels is None else len(channels))
-            answer = p.session.await_gradient(round_, shape, deadline)
+        order = flight.planned
+        if train.straggler_wait is not None:
+            order = sorted(order, key=lambda p: p.session.stats.answer_seconds)
+        late = {"keep_late": True} if train.late_steps else {}
+        for p in order:
+            answer = p.session.await_gradient(flight.round, self._shape(p), deadline, **late)
             if isinstance(answer, str):
                 missed[p.session.site_id] = answer
-                log.warning("step %d: site %s left out (%s)", self.step, p.session.site_id, answer)
+                if train.late_steps and answer.startswith("no answer"):
+                    flight.late.add(p.session.site_id)
+                    log.info("step %d: site %s answers late (taken up to %d steps later)", self.step,
+                             p.session.site_id, train.late_steps)
+                else:
+                    log.warning("step %d: site %s left out (%s)", self.step, p.session.site_id, answer)
                 continue
-            results[p.session.site_id] = SiteGradient(p.rows, channels, answer.gradient, p.session.num_samples,
-                                                      len(p.keys))
+            if not results and train.straggler_wait is not None:
+                now = time.monotonic()
+                deadline = min(deadline, now + train.straggler_wait * (now - flight.sent_at))
+            results[p.session.site_id] = SiteGradient(p.rows, p.session.channels, answer.gradient,
+                                                      p.session.num_samples, len(p.keys))
             losses[p.session.site_id] = answer.losses
         return results, missed, losses
+
+    def _collect_late(self, losses: dict[str, dict[str, float]]) -> list[tuple[_Flight, str, SiteGradient, int]]:
+        """(flight, site, its checked gradient, lateness in steps) for the late answers that came since the last
+        step (train.late_steps); those too late are no longer wanted."""
+        out = []
+        for flight in self._waiting_late:
+            for p in [p for p in flight.planned if p.session.site_id in flight.late]:
+                site, lateness = p.session.site_id, self.step - flight.applied_at
+                answer = p.session.take_late(flight.round, self._shape(p))
+                if answer is None and lateness < self.cfg.train.late_steps:
+                    continue  # may still come
+                flight.late.discard(site)
+                if answer is None or isinstance(answer, str):
+                    p.session.drop_late(flight.round)
+                    log.info("step %d: site %s's late answer to step %d dropped (%s)", self.step, site,
+                             flight.applied_at, answer or f"over {self.cfg.train.late_steps} steps late")
+                    continue
+                p.session.stats.late_applied += 1
+                losses[site] = answer.losses
+                out.append((flight, site, SiteGradient(p.rows, p.session.channels, answer.gradient,
+                                                       p.session.num_samples, len(p.keys)), lateness))
+        self._waiting_late = [f for f in self._waiting_late if f.late]
+        return out
 
     def _statistics_term(self, planned: list[_Planned], fake: torch.Tensor) -> tuple[torch.Tensor, float] | None:
         """(d/d fake, value) of statistics_weight x the mean over the sites that released statistics of
@@ -209,25 +281,28 @@ class Trainer:
         (grad,) = torch.autograd.grad(loss, fake, retain_graph=True)
         return grad, float(loss.detach())
 
-    def _guard(self, planned: list[_Planned], results: dict[str, SiteGradient], report: StepReport
+    def _guard(self, owners: dict[str, SiteLink], results: dict[str, SiteGradient], report: StepReport
                ) -> dict[str, SiteGradient]:
-        """The answers the guard accepts (clipped where needed); rejections counted, repeat offenders removed."""
+        """The answers the guard accepts (clipped where needed); rejections counted, repeat offenders removed.
+        owners: the site of each answer (an answer's key is its site's id, or names a late answer)."""
         verdict = guard.check_step(results, self.cfg.train.guard)
-        by_id = {p.session.site_id: p.session for p in planned}
-        for site in results:
-            session = by_id[site]
-            session.stats.rows_clipped += verdict.clipped_rows.get(site, 0)
-            if site in verdict.rejected:
+        removed: set[str] = set()
+        for key in results:
+            session = owners[key]
+            site = session.site_id
+            session.stats.rows_clipped += verdict.clipped_rows.get(key, 0)
+            if key in verdict.rejected:
                 session.stats.gradients_rejected += 1
-                report.rejected[site] = verdict.rejected[site]
-                log.warning("step %d: site %s's gradient rejected: %s", self.step, site, verdict.rejected[site])
-            if self.rejections.record(site, site in verdict.rejected):
+                report.rejected[key] = verdict.rejected[key]
+                log.warning("step %d: site %s's gradient rejected: %s", self.step, key, verdict.rejected[key])
+            if self.rejections.record(site, key in verdict.rejected) and site not in removed:
                 g = self.cfg.train.guard
                 reason = (f"removed from the run: {g.max_rejections} of its last {g.window} answers were rejected "
-                          f"as out of bounds (last: {verdict.rejected.get(site, '-')})")
+                          f"as out of bounds (last: {verdict.rejected.get(key, '-')})")
                 log.error("site %s %s", site, reason)
                 self.rejections.forget(site)
                 self.registry.remove(session, reason)
+                removed.add(site)
         return verdict.accepted
 
     def _anchor_term(self, planned: list[_Planned], x: torch.Tensor, fake: torch.Tensor
@@ -246,25 +321,43 @@ class Trainer:
         (grad,) = torch.autograd.grad(loss, fake, retain_graph=True)
         return grad, float(loss.detach())
 
-    def _update(self, fake: torch.Tensor, results: dict[str, SiteGradient], planned: list[_Planned],
-                report: StepReport, anchor: tuple[torch.Tensor, float] | None = None) -> bool:
-        """The generator's step from the accepted answers; False (nothing changed) when the combined gradient is
-        not finite."""
-        shares = guard.cap_shares(site_weights(results, self.cfg.train.sampling), self.cfg.train.guard.max_share)
-        weights: dict[str, float | torch.Tensor] = dict(shares)
-        if fake.dim() >= 2 and any(r.channels is not None for r in results.values()):
+    def _weights(self, results: dict[str, SiteGradient], lateness: dict[str, int], channels: int | None
+                 ) -> dict[str, float | torch.Tensor]:
+        """Each answer's weight (aggregation.py): the sampling mode's share, a late answer's divided by 1 + its
+        lateness, renormalised and capped (guard.max_share); per channel when the sites hold different ones."""
+        shares = site_weights(results, self.cfg.train.sampling)
+        if lateness:
+            shares = {k: v / (1 + lateness.get(k, 0)) for k, v in shares.items()}
+            total = sum(shares.values())
+            shares = {k: v / total for k, v in shares.items()} if total > 0 else shares
+        shares = guard.cap_shares(shares, self.cfg.train.guard.max_share)
+        if channels is not None and any(r.channels is not None for r in results.values()):
             # Sites holding different modalities: each channel's weights over the sites that hold it.
-            weights = dict(channel_weights(results, shares, fake.shape[1]))
-        gradient = combine(results, weights, fake) * self.cfg.train.adversarial_weight
+            return dict(channel_weights(results, shares, channels))
+        return dict(shares)
+
+    def _update(self, flight: _Flight, results: dict[str, SiteGradient], report: StepReport,
+                late: list[tuple[_Flight, str, SiteGradient, int]] | None = None) -> bool:
+        """The generator's step from the accepted answers to this flight and the late answers to earlier ones;
+        False (nothing changed) when a combined gradient is not finite."""
+        fake = flight.fake
+        late = late or []
+        late_by_key = {key: (f, r) for f, key, r, _ in late}
+        union = {**results, **{key: r for key, (_, r) in late_by_key.items()}}
+        weights = self._weights(union, {key: n for _, key, _, n in late}, fake.shape[1] if fake.dim() >= 2 else None)
+        adversarial = self.cfg.train.adversarial_weight
+        gradient = combine(results, weights, fake) * adversarial
         own: torch.Tensor | None = None  # the server's own terms' gradient (no site data beyond what was released)
-        for name, term in (("statistics", self._statistics_term([p for p in planned if p.session.site_id in results],
-                                                               fake)), ("anchor", anchor)):
+        answered = [p for p in flight.planned if p.session.site_id in results]
+        for name, term in (("statistics", self._statistics_term(answered, fake)), ("anchor", flight.anchor)):
             if term is not None:
                 own = term[0] if own is None else own + term[0]
                 report.losses.setdefault("server", {})[name] = term[1]
         if own is not None:
             gradient = gradient + own
-        if not bool(torch.isfinite(gradient).all()):
+        backwards = [(flight, gradient)] + [(f, combine({k: r}, weights, f.fake) * adversarial)
+                                            for k, (f, r) in late_by_key.items()]
+        if not all(bool(torch.isfinite(g).all()) for _, g in backwards):
             log.warning("step %d: the combined gradient is not finite; the step is not taken", self.step)
             return False
         for group in self.optimizer.param_groups:
@@ -273,11 +366,23 @@ class Trainer:
         if self.cfg.train.guard.robust == "median" and len(results) >= 3:
             self._median_backward(fake, results, own)
         else:
-            fake.backward(gradient=gradient)
+            for f, g in backwards:
+                # a flight that still waits for late answers keeps its graph for them
+                f.fake.backward(gradient=g, retain_graph=bool(f.late) or any(f is o for o, _ in backwards[1:]))
+                self._take_grads(f)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.generator)
         return True
+
+    def _take_grads(self, flight: _Flight) -> None:
+        """Add the gradients a backward left on a flight's copy of the weights to the generator's own."""
+        if flight.params is None:
+            return
+        for live, used in zip(self.generator.parameters(), flight.params):
+            if used.grad is not None:
+                live.grad = used.grad if live.grad is None else live.grad + used.grad
+                used.grad = None
 
     def _median_backward(self, fake: torch.Tensor, results: dict[str, SiteGradient],
                          steer: torch.Tensor | None) -> None:
@@ -295,40 +400,76 @@ class Trainer:
                 median = median + own[i]
             p.grad = median
 
-    def train_step(self, sessions: list[SiteLink]) -> StepReport | None:
-        """One generator step with these sites. None when fewer than the quorum answered (no update)."""
-        started = time.monotonic()
-        marks = [started]
+    def _send(self, sessions: list[SiteLink]) -> _Flight:
+        """Plan, make and send one batch of fakes (the stages plan and dispatch)."""
         planned = self._plan(sessions)
         x = self._conditions(planned)
-        marks.append(time.monotonic())
         self.round += 1  # one per batch sent: a late answer to a retried step carries an older round
-        fake = self._dispatch(planned, x, self.round)
+        sent_at = time.monotonic()
+        fake, params = self._dispatch(planned, x, self.round)
         anchor = self._anchor_term(planned, x, fake)  # before waiting: it overlaps with the sites' work
-        marks.append(time.monotonic())
-        answered, missed, losses = self._collect(planned, self.round)
+        return _Flight(planned, x, fake, params, anchor, self.round, sent_at)
+
+    def train_step(self, sessions: list[SiteLink]) -> StepReport | None:
+        """One generator step with these sites. None when fewer than the quorum answered (no update), or when
+        the first pipelined batch went out (nothing to apply yet)."""
+        started = time.monotonic()
+        marks = [started]
+        if not self.cfg.train.pipeline:
+            flight = self._send(sessions)
+            marks += [flight.sent_at, time.monotonic()]
+        else:
+            # Send the next batch (unless the one out is the schedule's last), then apply the one sent before it.
+            out = self._in_flight
+            wanted = self.step + (out is not None) < self.cfg.site.schedule.steps
+            self._in_flight = self._send(sessions) if wanted else None
+            marks += [self._in_flight.sent_at if self._in_flight else started, time.monotonic()]
+            if out is None:
+                return None
+            flight = out
+        answered, missed, losses = self._collect(flight)
+        late = self._collect_late(losses) if self.cfg.train.late_steps else []
         marks.append(time.monotonic())
         report = StepReport(self.step, 0, 0.0, [], missed=missed, losses=losses)
-        results = self._guard(planned, answered, report)
+        owners = {p.session.site_id: p.session for p in flight.planned}
+        late_keys = {}
+        for f, site, r, lateness in late:
+            key = f"{site} (late {lateness})"
+            owners[key] = next(p.session for p in f.planned if p.session.site_id == site)
+            late_keys[key] = (f, r, lateness)
+        accepted = self._guard(owners, {**answered, **{k: r for k, (_, r, _) in late_keys.items()}}, report)
+        results = {k: r for k, r in accepted.items() if k in answered}
+        kept = [(f, k, accepted[k], n) for k, (f, _, n) in late_keys.items() if k in accepted]
         marks.append(time.monotonic())
         # In 'uniform' sampling a small site may get no keys in a step; it cannot count against the quorum.
-        quorum = min(self._quorum(), len(planned))
+        quorum = min(self._quorum(), len(flight.planned))
         if len(results) < quorum:
             log.warning("step %d: %d of %d sites answered within bounds, quorum is %d; retrying the step",
-                        self.step, len(results), len(planned), quorum)
-            return None
-        if not self._update(fake, results, planned, report, anchor):
-            return None
+                        self.step, len(results), len(flight.planned), quorum)
+            return self._abandon(flight)
+        if not self._update(flight, results, report, kept):
+            return self._abandon(flight)
+        flight.applied_at = self.step
+        if flight.late:
+            self._waiting_late.append(flight)
         marks.append(time.monotonic())
         self.step += 1
         report.answered = sorted(results)
-        report.images = sum(r.batch_size for r in results.values())
+        report.images = sum(r.batch_size for r in results.values()) + sum(r.batch_size for _, _, r, _ in kept)
         report.seconds = time.monotonic() - started
         report.stages = {name: b - a for name, a, b in zip(STAGES, marks, marks[1:])}
-        first = planned[0]
+        first = flight.planned[0]
         if first.maps is not None:
-            report.preview = (first.maps, fake.detach().cpu()[first.rows])
+            report.preview = (first.maps, flight.fake.detach().cpu()[first.rows])
         return report
+
+    @staticmethod
+    def _abandon(flight: _Flight) -> None:
+        """A flight whose step is not taken: the late answers it waited for are not wanted either."""
+        for p in flight.planned:
+            if p.session.site_id in flight.late:
+                p.session.drop_late(flight.round)
+        flight.late.clear()
 
     def _quorum(self) -> int:
         return self.registry.quorum(self.cfg.train.min_sites)

@@ -222,7 +222,30 @@ class TrainConfig(_Section):
                                     "generator's weights with this decay per step (e.g. 0.999); checkpoints keep "
                                     "it, and it is the generator a run publishes (export, generate, samples from a "
                                     "checkpoint, the public start). Unset: off")
+    pipeline: int = Field(0, ge=0, le=1, description="0 (default): lock-step; each gradient is applied to the "
+                          "weights that made its fakes (exact). 1: the next step's fakes go out while the sites answer "
+                          "the last ones, so a round trip hides behind the server's and the sites' compute; the "
+                          "gradient of step t is applied at step t+1, through the weights that made its fakes "
+                          "(docs/architecture.md, 'Asynchrony')")
+    late_steps: int = Field(0, ge=0, le=8, description="0 (default): an answer that comes after its step stopped "
+                            "waiting is dropped. k: it is still applied up to k steps late, weighted by 1 / (1 + its "
+                            "lateness), through the weights that made its fakes; a slow site then costs the others "
+                            "no time and still contributes")
+    straggler_wait: float | None = Field(None, gt=0, description="with late_steps: once the fastest site answered "
+                                         "(a seconds after the fakes went out), the step waits at most "
+                                         "straggler_wait x a seconds more for the others; the rest answer into a "
+                                         "later step. Unset: wait up to step_deadline_s")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _asynchrony(self) -> "TrainConfig":
+        if self.straggler_wait is not None and self.late_steps == 0:
+            raise ValueError("train.straggler_wait needs train.late_steps > 0 (else a site that misses the wait "
+                             "is dropped from every step it is slower than the others)")
+        if (self.pipeline or self.late_steps) and self.guard.robust == "median":
+            raise ValueError("train.guard.robust = 'median' needs every answer of a step to judge the same fakes: "
+                             "it cannot be combined with train.pipeline or train.late_steps")
+        return self
 
 
 class LimitsConfig(_Section):

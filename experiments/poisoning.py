@@ -72,7 +72,8 @@ class HostileSession(LocalSession):
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         super().send_batch(batch)
-        honest = self._answer.gradient
+        answer = self._answers[batch.round]
+        honest = answer.gradient
         ys, xs = square(batch.fake.shape[-1])
         if self.attack.startswith("targeted"):
             target = batch.fake.clone()
@@ -91,7 +92,7 @@ class HostileSession(LocalSession):
             evil = 1e30 * honest
         else:
             raise ValueError(f"unknown attack {self.attack!r}; choose one of {', '.join(ATTACKS)}")
-        self._answer = serde.ImageGradient(self._answer.step, self._answer.round, evil, self._answer.losses)
+        self._answers[batch.round] = serde.ImageGradient(answer.step, answer.round, evil, answer.losses)
 
 
 def _server_config(cfg: PoisoningConfig, run_dir: pathlib.Path, guard: GuardConfig, seed: int) -> ServerConfig:

@@ -177,7 +177,7 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> PrivacyUt
         return PrivacyUtilityConfig(
             preset=preset, out=out, seed=seed,
             gan=GANSettings(image_size=64, ngf=32, n_blocks=6, ndf=32, pretrain_steps=1500, finetune_steps=300,
-                            scratch_steps=1000),
+                            scratch_steps=300),
             segmentation=recipe)
     return PrivacyUtilityConfig(
         preset=preset, out=out, seed=seed, shape=(240, 240, 155), public_cases=100, site_cases=[120, 60, 30],

@@ -42,12 +42,12 @@ class LocalSession:
         self.ready = self.available = True
         self.stats = SessionStats()  # the counters a gRPC session keeps (only the guard's are used here)
         self.left: str | None = None
-        self._answer: serde.ImageGradient | None = None
+        self._answers: dict[int, serde.ImageGradient] = {}  # round -> answer (computed when the batch is sent)
 
     def send_batch(self, batch: serde.SyntheticBatch) -> None:
         # A wrong shape raises ProtocolError here, as it would in a site process.
         if self.wire is None:
-            self._answer = self.worker.answer(batch)
+            self._answers[batch.round] = self.worker.answer(batch)
             return
         down = serde.batch_to_proto(batch, self.wire)
         received = serde.batch_from_proto(down.batch, self.wire, self.num_samples, self.worker.stored_size)
@@ -55,12 +55,20 @@ class LocalSession:
         up = serde.gradient_to_proto(answer, self.wire, received.region)
         self.payload[0] += up.ByteSize()
         self.payload[1] += down.ByteSize()
-        self._answer = serde.gradient_from_proto(up.gradient, wire_dtype=self.wire,
-                                                 shape=tuple(answer.gradient.shape), region=batch.region)
+        self._answers[batch.round] = serde.gradient_from_proto(up.gradient, wire_dtype=self.wire,
+                                                               shape=tuple(answer.gradient.shape),
+                                                               region=batch.region)
 
-    def await_gradient(self, round_: int, shape, deadline: float):
-        answer, self._answer = self._answer, None
-        return answer if answer is not None and answer.round == round_ else "no answer"
+    def await_gradient(self, round_: int, shape, deadline: float, keep_late: bool = False):
+        answer = self._answers.pop(round_, None)
+        self._answers = {r: a for r, a in self._answers.items() if r > round_}  # older ones are never asked for
+        return answer if answer is not None else "no answer"
+
+    def take_late(self, round_: int, shape):
+        return None  # answers are computed when the batch is sent: never late
+
+    def drop_late(self, round_: int) -> None:
+        return None
 
 
 class LocalRegistry:

@@ -1,6 +1,6 @@
 """A misbehaving site for the fault tests: joins properly, then answers batches with bad gradients.
 
-    python tests/hostile_site.py SERVER SITE_ID MODE      MODE: nan | shape | dtype | huge | oversized | order | late
+    python tests/hostile_site.py SERVER SITE_ID MODE      MODE: nan | shape | dtype | huge | oversized | order | late | slow
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def bad_gradient(batch: pb.SyntheticBatch, mode: str) -> pb.SiteMessage:
         g = pb.Tensor(dtype="float32", shape=[1 << 20, 1 << 20], data=b"\0" * 1024)
     elif mode == "late":  # a correct answer, but only after the step deadline has passed
         time.sleep(1.5)
+        g = tensor_codec.encode(torch.zeros_like(fake))
+    elif mode == "slow":  # a correct answer, a little after a short step deadline (train.late_steps takes it)
+        time.sleep(0.15)
         g = tensor_codec.encode(torch.zeros_like(fake))
     elif mode == "oversized":  # more bytes than any message may carry
         g = pb.Tensor(dtype="uint8", shape=[80 << 20], data=b"\0" * (80 << 20))

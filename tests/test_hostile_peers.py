@@ -109,7 +109,7 @@ def test_a_session_holds_only_the_answer_it_asked_for():
             s.handle(_gradient(i))
             handled += 1
     assert handled == 3 and s._inbox.qsize() <= INBOX_SIZE
-    assert s.stats.bad_messages >= 3 and s.failure and "not the batch outstanding" in s.failure
+    assert s.stats.bad_messages >= 3 and s.failure and "not a batch outstanding" in s.failure
 
 
 def test_late_and_duplicate_answers_are_dropped_and_the_right_one_is_kept():

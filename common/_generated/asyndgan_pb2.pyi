@@ -211,7 +211,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SiteStatus(_message.Message):
-    __slots__ = ("site_id", "num_samples", "ready", "steps_answered", "steps_missed", "bytes_sent", "bytes_received", "losses", "connected_seconds", "late_replies", "bad_messages", "privacy", "left", "modalities", "gradients_rejected", "rows_clipped")
+    __slots__ = ("site_id", "num_samples", "ready", "steps_answered", "steps_missed", "bytes_sent", "bytes_received", "losses", "connected_seconds", "late_replies", "bad_messages", "privacy", "left", "modalities", "gradients_rejected", "rows_clipped", "late_applied")
     class LossesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class SiteStatus(_message.Message):
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     ROWS_CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    LATE_APPLIED_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     num_samples: int
     ready: bool
@@ -251,7 +252,8 @@ class SiteStatus(_message.Message):
     modalities: _containers.RepeatedScalarFieldContainer[str]
     gradients_rejected: int
     rows_clipped: int
-    def __init__(self, site_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., ready: _Optional[bool] = ..., steps_answered: _Optional[int] = ..., steps_missed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., connected_seconds: _Optional[float] = ..., late_replies: _Optional[int] = ..., bad_messages: _Optional[int] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ..., left: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., gradients_rejected: _Optional[int] = ..., rows_clipped: _Optional[int] = ...) -> None: ...
+    late_applied: int
+    def __init__(self, site_id: _Optional[str] = ..., num_samples: _Optional[int] = ..., ready: _Optional[bool] = ..., steps_answered: _Optional[int] = ..., steps_missed: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., connected_seconds: _Optional[float] = ..., late_replies: _Optional[int] = ..., bad_messages: _Optional[int] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ..., left: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., gradients_rejected: _Optional[int] = ..., rows_clipped: _Optional[int] = ..., late_applied: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("step", "total_steps", "family", "state", "sites", "bytes_sent", "bytes_received", "images_per_second", "run_id", "modalities")
