@@ -327,6 +327,40 @@ def scale(out, sites, steps, warmup, plain, log_level):
     click.echo(f"report: {out / 'report.md'}")
 
 
+@bench.command("links")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Run folder (overwritten).")
+@click.option("--rtts", default="0,40,80", show_default=True, help="Comma-separated round trips in ms.")
+@click.option("--modes", default="exact,pipelined,late", show_default=True, help="Comma-separated server modes.")
+@click.option("--sites", default=3, show_default=True, type=click.IntRange(2), help="Sites (one process each).")
+@click.option("--steps", default=60, show_default=True, type=click.IntRange(3), help="Generator steps per run.")
+@click.option("--slow-factor", default=3.0, show_default=True, type=click.FloatRange(1), help="How many times as "
+              "long the slow site's answers take.")
+@click.option("--plain", is_flag=True, help="Plain text instead of mutual TLS (loopback only).")
+@log_level_option
+@friendly_errors
+def links(out, rtts, modes, sites, steps, slow_factor, plain, log_level):
+    """Steps per second over delayed links and with one slow site: lock-step against pipelined steps and late
+    answers (train.pipeline, train.late_steps), with real server and site processes behind delaying relays."""
+    from pydantic import ValidationError
+
+    from asyndgan.common.config import describe_validation_error
+    from asyndgan.common.errors import ConfigError
+    from asyndgan.experiments.links import LinksConfig, run
+
+    setup_logging(log_level, out / "bench.log")
+    try:
+        cfg = LinksConfig(out=out, rtts_ms=[float(x) for x in rtts.split(",") if x.strip()],
+                          modes=[m.strip() for m in modes.split(",") if m.strip()], sites=sites, steps=steps,
+                          warmup=min(10, steps // 3), slow_factor=slow_factor, tls=not plain,
+                          slow_rtt_ms=float([x for x in rtts.split(",") if x.strip()][min(1, rtts.count(","))]))
+    except ValueError as exc:
+        text = describe_validation_error(exc) if isinstance(exc, ValidationError) else f"--rtts {rtts!r}: {exc}"
+        raise ConfigError(text) from None
+    for r in run(cfg)["rows"]:
+        click.echo(f"{r['name']:<24} {r['steps_per_second']:6.2f} steps/s")
+    click.echo(f"report: {out / 'report.md'}")
+
+
 @bench.command("poisoning")
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="Run folder (overwritten).")
 @click.option("--steps", default=150, show_default=True, type=click.IntRange(1))
