@@ -163,3 +163,17 @@ def test_a_pipelined_server_takes_a_slow_sites_late_answers_with_real_processes(
         for p in (good, slow):
             p.kill()
     assert code == 0, server.output()[-2000:]
+
+
+def test_the_asynchrony_experiment_reports_each_mode_against_lock_step(tmp_path):
+    from asyndgan.experiments.asynchrony import AsynchronyConfig, run
+
+    cfg = AsynchronyConfig(out=tmp_path, seeds=[0, 1], steps=12, samples_per_site=200, eval_samples=2000)
+    result = run(cfg)
+    w1 = result["w1"]
+    assert set(w1) == {"exact", "pipelined", "late", "dropped"} and all(len(v) == 2 for v in w1.values())
+    assert result["against_exact"]["exact"]["mean"] == 0.0
+    assert w1["late"] != w1["dropped"] and w1["pipelined"] != w1["exact"]  # each mode changes what is learnt
+    assert "| late |" in (tmp_path / "report.md").read_text()
+    again = run(cfg)  # resumes: nothing is trained again
+    assert again["w1"] == w1
