@@ -217,14 +217,22 @@ def _decode_packed(msg: pb.Tensor, *, dtype, shape, max_bytes, finite, region) -
         step = torch.tensor(list(msg.q_step), dtype=torch.float32)
         if not bool(torch.isfinite(low).all() & torch.isfinite(step).all()) or bool((step < 0).any()):
             raise ProtocolError("q8 tensor with a non-finite or negative scale")
-        codes = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8).float() if count else torch.empty(0)
-        if len(dims) >= 2:
-            row_of = torch.arange(rows).view(rows, *([1] * (len(dims) - 2))).expand(dims[0] * dims[1], *dims[2:])
-            row_of = row_of.reshape(dims)
+        codes = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if count else torch.empty(0, dtype=torch.uint8)
+        # dense codes (0 outside the region), then one scale per row: a few whole-tensor operations
+        dense = torch.zeros(dims, dtype=torch.uint8)
+        if inside is not None:
+            dense[inside] = codes
         else:
-            row_of = torch.zeros(dims, dtype=torch.int64)
-        row_of = row_of[inside] if inside is not None else row_of.reshape(-1)
-        values = low[row_of] + codes * step[row_of]
+            dense = codes.reshape(dims)
+        flat = dense.reshape(rows, math.prod(dims) // rows if rows else 0).float()
+        full = torch.addcmul(low[:, None], flat, step[:, None]).reshape(dims)  # low + code x step
+        if finite and not bool(torch.isfinite(full).all()):
+            raise ProtocolError("tensor contains NaN or infinite values")
+        if inside is None:
+            return full
+        if not math.isfinite(msg.fill):
+            raise ProtocolError("tensor fill value is not finite")
+        return full.masked_fill_(~inside, float(msg.fill))
     else:
         torch_dtype = WIRE_DTYPES[msg.dtype]
         values = torch.frombuffer(bytearray(msg.data), dtype=torch_dtype) if count else torch.empty(0, dtype=torch_dtype)
