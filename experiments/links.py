@@ -71,11 +71,6 @@ def server_config(cfg: LinksConfig, run_dir: pathlib.Path, mode: str):
 
 def measure(cfg: LinksConfig, mode: str, delays_s: list[float], data: pathlib.Path, name: str) -> dict:
     """One run: the server, a relay per site with its delay, the sites; steps per second after the warm-up."""
-    import grpc
-
-    from asyndgan.common._generated import asyndgan_pb2 as pb
-    from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
-    from asyndgan.common.errors import AsynDGANError
     from asyndgan.experiments.relay import Relay
     from asyndgan.experiments.runner import Cluster
 
@@ -98,26 +93,18 @@ def measure(cfg: LinksConfig, mode: str, delays_s: list[float], data: pathlib.Pa
                    *([] if cfg.tls else ["--set", "insecure=true"])]
             cluster._spawn(site, cmd, run_dir / f"{site}.out")
         marks: dict[str, tuple] = {}
-        with cluster.channel() as channel:
-            stub = pb_grpc.AsynDGANStub(channel)
-            deadline = time.monotonic() + 600 + 10 * cfg.steps
-            while "end" not in marks:
-                cluster.check()
-                if time.monotonic() > deadline:
-                    raise AsynDGANError(f"{name}: the run did not reach step {cfg.steps - 1}; logs in {run_dir}")
-                try:
-                    s = stub.Status(pb.StatusRequest(), timeout=5)
-                except grpc.RpcError:
-                    time.sleep(0.2)
-                    continue
-                answered = {x.site_id: x.steps_answered for x in s.sites}
-                if "joined" not in marks and sum(1 for x in s.sites if x.steps_answered > 0) == cfg.sites:
-                    marks["joined"] = (time.monotonic(), s.step, answered)
-                if "joined" in marks and "start" not in marks and s.step >= marks["joined"][1] + cfg.warmup:
-                    marks["start"] = (time.monotonic(), s.step, answered)
-                if "start" in marks and s.step >= marks["start"][1] + cfg.steps - cfg.warmup:
-                    marks["end"] = (time.monotonic(), s.step, answered)
-                time.sleep(0.02)
+
+        def observe(s) -> bool:
+            answered = {x.site_id: x.steps_answered for x in s.sites}
+            if "joined" not in marks and sum(1 for x in s.sites if x.steps_answered > 0) == cfg.sites:
+                marks["joined"] = (time.monotonic(), s.step, answered)
+            if "joined" in marks and "start" not in marks and s.step >= marks["joined"][1] + cfg.warmup:
+                marks["start"] = (time.monotonic(), s.step, answered)
+            if "start" in marks and s.step >= marks["start"][1] + cfg.steps - cfg.warmup:
+                marks["end"] = (time.monotonic(), s.step, answered)
+            return "end" in marks
+
+        cluster.watch(observe, 600 + 10 * cfg.steps, f"{name}: {cfg.steps} steps after every site joined")
     finally:
         cluster.stop()
         for relay in relays:

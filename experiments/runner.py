@@ -172,6 +172,31 @@ class Cluster:
 
         return open_channel(self.address, self.kit("operator"))
 
+    def watch(self, observe, timeout: float, what: str) -> None:
+        """Poll the server's Status until observe(reply) returns True, checking every process on the way (see
+        `check`); raise naming `what` and the run's logs after `timeout` seconds."""
+        import grpc
+
+        from asyndgan.common._generated import asyndgan_pb2 as pb
+        from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
+
+        end = time.monotonic() + timeout
+        with self.channel() as channel:
+            stub = pb_grpc.AsynDGANStub(channel)
+            while True:
+                self.check()
+                if time.monotonic() > end:
+                    raise AsynDGANError(f"timed out after {timeout:g} s waiting for {what}; logs in "
+                                        f"{self.cfg.run_dir}")
+                try:
+                    reply = stub.Status(pb.StatusRequest(), timeout=5)
+                except grpc.RpcError:
+                    time.sleep(0.2)
+                    continue
+                if observe(reply):
+                    return
+                time.sleep(0.02)
+
     def wait(self, timeout: float) -> None:
         """Wait for every process to exit cleanly, watching all of them (see `check`); on a failure or after
         `timeout` seconds, stop them all and raise naming the process and its log."""

@@ -80,11 +80,6 @@ def server_config(cfg: ScaleConfig, run_dir: pathlib.Path, n: int):
 
 def measure(cfg: ScaleConfig, n: int, data: pathlib.Path) -> dict:
     """One N: start the server and the sites, measure, stop; the numbers as a dict."""
-    import grpc
-
-    from asyndgan.common._generated import asyndgan_pb2 as pb
-    from asyndgan.common._generated import asyndgan_pb2_grpc as pb_grpc
-    from asyndgan.common.errors import AsynDGANError
     from asyndgan.experiments.runner import Cluster
 
     run_dir = cfg.out / f"n{n}"
@@ -107,28 +102,19 @@ def measure(cfg: ScaleConfig, n: int, data: pathlib.Path) -> dict:
                    "--set", f"prep.cache_dir={cfg.out / 'cache'}", *([] if cfg.tls else ["--set", "insecure=true"])]
             cluster._spawn(f"pool{k // cfg.sites_per_process}", cmd, run_dir / f"pool{k // cfg.sites_per_process}.out")
         marks: dict[str, tuple] = {}
-        rss_peak = 0.0
-        with cluster.channel() as channel:
-            stub = pb_grpc.AsynDGANStub(channel)
-            deadline = time.monotonic() + 600 + 5 * cfg.steps
-            while "end" not in marks:
-                cluster.check()
-                if time.monotonic() > deadline:
-                    raise AsynDGANError(f"{n} sites: the run did not reach step {cfg.steps - 1}; logs in {run_dir}")
-                try:
-                    s = stub.Status(pb.StatusRequest(), timeout=5)
-                except grpc.RpcError:
-                    time.sleep(0.2)
-                    continue
-                now = (time.monotonic(), _cpu_seconds(pid), s.bytes_sent + s.bytes_received, s.step)
-                if s.step >= cfg.warmup and "start" not in marks:
-                    marks["start"] = now
-                    rss_peak = _rss_mb(pid)
-                if "start" in marks:
-                    rss_peak = max(rss_peak, _rss_mb(pid))
-                if s.step >= cfg.steps - 1 and "start" in marks:
-                    marks["end"] = now
-                time.sleep(0.05)
+        rss_peak = [0.0]
+
+        def observe(s) -> bool:
+            now = (time.monotonic(), _cpu_seconds(pid), s.bytes_sent + s.bytes_received, s.step)
+            if s.step >= cfg.warmup and "start" not in marks:
+                marks["start"] = now
+            if "start" in marks:
+                rss_peak[0] = max(rss_peak[0], _rss_mb(pid))
+            if s.step >= cfg.steps - 1 and "start" in marks:
+                marks["end"] = now
+            return "end" in marks
+
+        cluster.watch(observe, 600 + 5 * cfg.steps, f"{n} sites to reach step {cfg.steps - 1}")
         cluster.wait(120)
     finally:
         cluster.stop()
@@ -138,8 +124,8 @@ def measure(cfg: ScaleConfig, n: int, data: pathlib.Path) -> dict:
     cpu_ms = 1000 * (c1 - c0) / steps
     return {"sites": n, "steps_measured": steps, "server_cpu_ms_per_step": cpu_ms,
             "server_cpu_ms_per_site_step": cpu_ms / n, "wall_ms_per_step": 1000 * (t1 - t0) / steps,
-            "bytes_per_step": (b1 - b0) / steps, "server_rss_mb_alone": rss_alone, "server_rss_mb": rss_peak,
-            "server_rss_mb_per_site": (rss_peak - rss_alone) / n, "bank_mb": _folder_mb(run_dir / "bank"),
+            "bytes_per_step": (b1 - b0) / steps, "server_rss_mb_alone": rss_alone, "server_rss_mb": rss_peak[0],
+            "server_rss_mb_per_site": (rss_peak[0] - rss_alone) / n, "bank_mb": _folder_mb(run_dir / "bank"),
             "stages_ms": stages}
 
 
