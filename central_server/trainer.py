@@ -323,11 +323,13 @@ class Trainer:
 
     def _weights(self, results: dict[str, SiteGradient], lateness: dict[str, int], channels: int | None
                  ) -> dict[str, float | torch.Tensor]:
-        """Each answer's weight (aggregation.py): the sampling mode's share, a late answer's divided by 1 + its
-        lateness, renormalised and capped (guard.max_share); per channel when the sites hold different ones."""
+        """Each answer's weight (aggregation.py): the sampling mode's share, a late answer's divided or multiplied
+        by 1 + its lateness (train.late_weight), renormalised and capped (guard.max_share); per channel when the
+        sites hold different ones."""
         shares = site_weights(results, self.cfg.train.sampling)
         if lateness:
-            shares = {k: v / (1 + lateness.get(k, 0)) for k, v in shares.items()}
+            power = -1 if self.cfg.train.late_weight == "discount" else 1
+            shares = {k: v * (1 + lateness.get(k, 0)) ** power for k, v in shares.items()}
             total = sum(shares.values())
             shares = {k: v / total for k, v in shares.items()} if total > 0 else shares
         shares = guard.cap_shares(shares, self.cfg.train.guard.max_share)

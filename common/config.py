@@ -228,9 +228,14 @@ class TrainConfig(_Section):
                           "gradient of step t is applied at step t+1, through the weights that made its fakes "
                           "(docs/architecture.md, 'Asynchrony')")
     late_steps: int = Field(0, ge=0, le=8, description="0 (default): an answer that comes after its step stopped "
-                            "waiting is dropped. k: it is still applied up to k steps late, weighted by 1 / (1 + its "
-                            "lateness), through the weights that made its fakes; a slow site then costs the others "
-                            "no time and still contributes")
+                            "waiting is dropped. k: it is still applied up to k steps late (weighted as "
+                            "late_weight says), through the weights that made its fakes; a slow site then costs "
+                            "the others no time and still contributes")
+    late_weight: Literal["discount", "catch_up"] = Field("discount", description="a late answer's share, for "
+                                                         "lateness s: 'discount' 1 / (1 + s) of its site's share "
+                                                         "(a stale answer moves G less); 'catch_up' (1 + s) times "
+                                                         "it (the steps its site was absent from, so a slow site "
+                                                         "keeps its share of the objective over time)")
     straggler_wait: float | None = Field(None, gt=0, description="with late_steps: once the fastest site answered "
                                          "(a seconds after the fakes went out), the step waits at most "
                                          "straggler_wait x a seconds more for the others; the rest answer into a "

@@ -6,7 +6,9 @@ that the lateness is exactly the one named, free of this machine's timing):
     exact       lock-step: every answer applied through the weights that made its fakes, in its own step
     pipelined   train.pipeline = 1: each step's answers applied one step later (through the weights that made them)
     late        train.late_steps = lag: site 3 answers `lag` steps late every time, so it is sent a batch in one
-                step of lag + 1, and its answers are weighted by 1 / (1 + lag)
+                step of lag + 1, and its answers are weighted by 1 / (1 + lag) (train.late_weight 'discount')
+    late_catch_up  the same with train.late_weight 'catch_up': its answers weighted by 1 + lag, the steps it was
+                absent from
     dropped     the same slow site without train.late_steps: its late answers are dropped, so its Gaussian is
                 learnt only from the steps it made in time (none): what a server that cannot wait loses
 Reported: W1 per seed and row, and each row's paired difference from exact over the seeds (mean, 95% t-interval).
@@ -25,7 +27,7 @@ from asyndgan.experiments.pieces import write_json
 from asyndgan.simulation.local_sites import LocalSession
 
 log = logging.getLogger(__name__)
-ROWS = ("exact", "pipelined", "late", "dropped")
+ROWS = ("exact", "pipelined", "late", "late_catch_up", "dropped")
 
 
 class LaggingSession(LocalSession):
@@ -106,13 +108,14 @@ def train(cfg: AsynchronyConfig, row: str, seed: int, folders: list[pathlib.Path
     g1 = Gaussian1DConfig(out=cfg.out / f"seed{seed}" / row, seed=seed, steps=cfg.steps,
                           samples_per_site=cfg.samples_per_site, eval_samples=cfg.eval_samples)
     scfg = server_config(g1, g1.out, min_sites=1)
-    mode = {"pipelined": {"pipeline": 1}, "late": {"late_steps": cfg.lag}}.get(row, {})
+    mode = {"pipelined": {"pipeline": 1}, "late": {"late_steps": cfg.lag},
+            "late_catch_up": {"late_steps": cfg.lag, "late_weight": "catch_up"}}.get(row, {})
     scfg = scfg.model_copy(update={"train": type(scfg.train).model_validate({**scfg.train.model_dump(), **mode}),
                                    "tensorboard": False})
     sessions = []
     for i, folder in enumerate(folders):
         args = (f"site{i + 1}", Samples1DDataset(folder), scfg.site)
-        slow = row in ("late", "dropped") and i == len(folders) - 1
+        slow = row in ("late", "late_catch_up", "dropped") and i == len(folders) - 1
         sessions.append(LaggingSession(*args, lag=cfg.lag) if slow else LocalSession(*args))
     trainer = Trainer(scfg, _TickingRegistry(sessions), CountingBank(sessions), g1.out)
     trainer.run(threading.Event())

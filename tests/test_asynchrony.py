@@ -78,8 +78,9 @@ class _Site2LateOnce(LocalSession):
         return kept
 
 
-def test_a_late_answer_is_applied_once_through_its_own_weights_and_discounted(tmp_path):
-    trainer, (fast, slow) = _trainer(tmp_path, sessions_of=_Site2LateOnce, late_steps=2,
+@pytest.mark.parametrize("late_weight,factor", [("discount", 0.5), ("catch_up", 2.0)])
+def test_a_late_answer_is_applied_once_through_its_own_weights_and_weighted(tmp_path, late_weight, factor):
+    trainer, (fast, slow) = _trainer(tmp_path, sessions_of=_Site2LateOnce, late_steps=2, late_weight=late_weight,
                                      **{"guard.max_share": 1.0, "guard.clip_factor": 0, "guard.reject_factor": 0,
                                         "wire_region": "full"})
     flights, grads = [], []
@@ -99,9 +100,10 @@ def test_a_late_answer_is_applied_once_through_its_own_weights_and_discounted(tm
     assert third is not None and slow.stats.late_applied == 1  # applied once
 
     # Step 2's parameter gradient written out: site1's answer through the weights after step 1, site2's late
-    # answer through the weights before step 1 (its fakes' weights), its share divided by 1 + its lateness (1).
-    n_fast, n_slow = fast.num_samples, slow.num_samples
-    w_fast, w_slow = n_fast / (n_fast + n_slow / 2), (n_slow / 2) / (n_fast + n_slow / 2)
+    # answer through the weights before step 1 (its fakes' weights), its share divided ('discount') or multiplied
+    # ('catch_up') by 1 + its lateness (1), then both renormalised.
+    n_fast, n_slow = fast.num_samples, slow.num_samples * factor
+    w_fast, w_slow = n_fast / (n_fast + n_slow), n_slow / (n_fast + n_slow)
     def through(model, flight, session, g, w):
         rows = next(p.rows for p in flight.planned if p.session is session)
         model.zero_grad()
@@ -114,8 +116,10 @@ def test_a_late_answer_is_applied_once_through_its_own_weights_and_discounted(tm
     now = through(after_first, flights[1], fast, fast.answered[2], w_fast)
     then = through(before, flights[0], slow, late, w_slow)
     assert all(torch.allclose(got, a + b, atol=1e-5) for got, a, b in zip(grads[1], now, then))
-    # plausible mistakes would show: the late answer undiscounted, or through the current weights
-    assert not all(torch.allclose(got, a + 2 * b, atol=1e-5) for got, a, b in zip(grads[1], now, then))
+    # plausible mistakes would show: the late answer at its plain share, or through the current weights
+    plain_now = [g * (n_fast + n_slow) / (n_fast + slow.num_samples) for g in now]
+    plain_then = [g * (n_fast + n_slow) / (n_fast + slow.num_samples) / factor for g in then]
+    assert not all(torch.allclose(got, a + b, atol=1e-5) for got, a, b in zip(grads[1], plain_now, plain_then))
     wrong = through(after_first, flights[0], slow, late, w_slow)
     assert not all(torch.allclose(got, a + b, atol=1e-5) for got, a, b in zip(grads[1], now, wrong))
     assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), after_first.parameters()))
@@ -171,7 +175,8 @@ def test_the_asynchrony_experiment_reports_each_mode_against_lock_step(tmp_path)
     cfg = AsynchronyConfig(out=tmp_path, seeds=[0, 1], steps=12, samples_per_site=200, eval_samples=2000)
     result = run(cfg)
     w1 = result["w1"]
-    assert set(w1) == {"exact", "pipelined", "late", "dropped"} and all(len(v) == 2 for v in w1.values())
+    assert set(w1) == {"exact", "pipelined", "late", "late_catch_up", "dropped"}
+    assert all(len(v) == 2 for v in w1.values())
     assert result["against_exact"]["exact"]["mean"] == 0.0
     assert w1["late"] != w1["dropped"] and w1["pipelined"] != w1["exact"]  # each mode changes what is learnt
     assert "| late |" in (tmp_path / "report.md").read_text()
