@@ -156,6 +156,7 @@ def _series(cfg) -> list[tuple[list[float], str, str, str]]:
         (cfg.statistics_epsilons, "dp_eps{e:g}_stats", "^", "the same + DP statistics release"),
         (cfg.stats_only_epsilons, "stats_only_eps{e:g}", "D", "frozen public discriminators + DP statistics release"),
         (getattr(cfg, "steer_epsilons", []), "steered_eps{e:g}", "P", "DP statistics release only, steered + anchored"),
+        ([cfg.scratch_epsilon], "dp_scratch_eps{e:g}", "X", "patient-level DP from scratch (no public start)"),
     ]
 
 
@@ -224,6 +225,8 @@ def _results(rows, gans, canaries, members) -> list[str]:
     for row, r in rows.items():
         sites = (gans.get(row) or {}).get("sites") or {}
         eps = ", ".join(_f(v["epsilon"], 2) for v in sites.values() if v.get("epsilon") is not None) or "-"
+        if ((gans.get(row) or {}).get("privacy") or {}).get("unit") == "slice" and eps != "-":
+            eps += " per slice (a patient's bound is k times that for k slices)"
         canary = canaries.get(row)
         member = members.get(row)
         lines.append(f"| {row} | {describe(row)} | {_f(r['dice'])} ± {_f(r['dice_sd'])} | {_f(r['hd95'], 1)} | "
