@@ -359,10 +359,12 @@ def scale(out, sites, steps, warmup, plain, log_level):
 @click.option("--steps", default=60, show_default=True, type=click.IntRange(3), help="Generator steps per run.")
 @click.option("--slow-factor", default=3.0, show_default=True, type=click.FloatRange(1), help="How many times as "
               "long the slow site's answers take.")
+@click.option("--straggler-wait", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="The late mode's train.straggler_wait.")
 @click.option("--plain", is_flag=True, help="Plain text instead of mutual TLS (loopback only).")
 @log_level_option
 @friendly_errors
-def links(out, rtts, modes, sites, steps, slow_factor, plain, log_level):
+def links(out, rtts, modes, sites, steps, slow_factor, straggler_wait, plain, log_level):
     """Steps per second over delayed links and with one slow site: lock-step against pipelined steps and late
     answers (train.pipeline, train.late_steps), with real server and site processes behind delaying relays."""
     from pydantic import ValidationError
@@ -375,7 +377,8 @@ def links(out, rtts, modes, sites, steps, slow_factor, plain, log_level):
     try:
         cfg = LinksConfig(out=out, rtts_ms=[float(x) for x in rtts.split(",") if x.strip()],
                           modes=[m.strip() for m in modes.split(",") if m.strip()], sites=sites, steps=steps,
-                          warmup=min(10, steps // 3), slow_factor=slow_factor, tls=not plain,
+                          warmup=min(10, steps // 3), slow_factor=slow_factor, straggler_wait=straggler_wait,
+                          tls=not plain,
                           slow_rtt_ms=float([x for x in rtts.split(",") if x.strip()][min(1, rtts.count(","))]))
     except ValueError as exc:
         text = describe_validation_error(exc) if isinstance(exc, ValidationError) else f"--rtts {rtts!r}: {exc}"

@@ -39,6 +39,7 @@ class LinksConfig(BaseModel):
     modes: list[str] = Field(default_factory=lambda: list(MODES))
     slow_rtt_ms: float = Field(40.0, ge=0, description="the round trip of the runs with a slow site")
     slow_factor: float = Field(3.0, ge=1, description="how many times as long the slow site's answers take")
+    straggler_wait: float = Field(1.0, gt=0, description="the late mode's train.straggler_wait")
     steps: int = Field(60, ge=3)
     warmup: int = Field(10, ge=1)
     image_size: int = Field(32, ge=16)
@@ -63,7 +64,8 @@ def server_config(cfg: LinksConfig, run_dir: pathlib.Path, mode: str):
                                     batch_per_site=cfg.batch_per_site, seed=cfg.seed), run_dir, cfg.sites)
     # every mode runs with a quorum of one, so that the late mode can go on without the slow site; the schedule
     # is long (the measurement stops the run once every site has joined and `steps` more have passed)
-    train = base.train.model_copy(update={"min_sites": 1, "step_deadline_s": 60.0, **MODES[mode]})
+    extra = {**MODES[mode], **({"straggler_wait": cfg.straggler_wait} if mode == "late" else {})}
+    train = base.train.model_copy(update={"min_sites": 1, "step_deadline_s": 60.0, **extra})
     site = base.site.model_copy(update={"schedule": base.site.schedule.model_copy(update={"steps": 10**6})})
     return base.model_copy(update={"train": type(base.train).model_validate(train.model_dump()),
                                    "site": site, "checkpoint_every": 10**6, "sample_every": 10**6})
@@ -157,7 +159,8 @@ def markdown(cfg: LinksConfig, rows: list[dict]) -> str:
              f"({'mutual TLS' if cfg.tls else 'plain text'}), each site behind its own delaying relay; "
              f"{cfg.image_size} px, the scale benchmark's tiny generator and discriminator, {cfg.batch_per_site} "
              f"images per site per step; measured over {cfg.steps - cfg.warmup} steps, {cfg.warmup} steps after every site had answered once. Modes: exact (lock-step, "
-             "the default), pipelined (`train.pipeline=1`), late (`train.late_steps=4`, `train.straggler_wait=1`). "
+             f"the default), pipelined (`train.pipeline=1`), late (`train.late_steps=4`, `train.straggler_wait="
+             f"{cfg.straggler_wait:g}`). "
              f"The slow site ({slow_site}) answers {cfg.slow_factor:g}x as slowly as the others (emulated on its "
              "link). All processes share this machine's two cores.", "",
              "| round trip ms | slow site | mode | steps / s | vs exact on loopback | vs the same mode without the "
