@@ -156,7 +156,6 @@ def _series(cfg) -> list[tuple[list[float], str, str, str]]:
         (cfg.statistics_epsilons, "dp_eps{e:g}_stats", "^", "the same + DP statistics release"),
         (cfg.stats_only_epsilons, "stats_only_eps{e:g}", "D", "frozen public discriminators + DP statistics release"),
         (getattr(cfg, "steer_epsilons", []), "steered_eps{e:g}", "P", "DP statistics release only, steered + anchored"),
-        ([cfg.scratch_epsilon], "dp_scratch_eps{e:g}", "X", "patient-level DP from scratch (no public start)"),
     ]
 
 
