@@ -39,6 +39,11 @@ class LaggingSession(LocalSession):
         self.lag = lag
         self._held: dict[int, tuple[object, int]] = {}  # round -> (answer, steps still to wait)
         self.available = True
+        self.batches = self.late_taken = 0  # batches it was sent; answers the trainer took late
+
+    def send_batch(self, batch) -> None:
+        self.batches += 1
+        super().send_batch(batch)
 
     def await_gradient(self, round_: int, shape, deadline: float, keep_late: bool = False):
         answer = self._answers.pop(round_, None)
@@ -58,6 +63,7 @@ class LaggingSession(LocalSession):
             self._held[round_] = (answer, wait - 1)
             return None
         del self._held[round_]
+        self.late_taken += 1
         return answer
 
     def drop_late(self, round_: int) -> None:

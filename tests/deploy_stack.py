@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # run as a script too
@@ -34,6 +35,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROJECT = "asyndgantest"
 IMAGE = "asyndgan:test"
 BASE = "asyndgan-base:bookworm"
+# Free disk the run needs: the engine's data root under /tmp (base, build stage, image, containers, volumes) and
+# the wheels downloaded into deploy/wheelhouse. Measured: 10.3 GB at the peak (`timings["disk used GB"]`, the whole
+# file system's drop while the run went on), so 12 GB with a margin.
+DISK_NEEDED_GB = {"/tmp": 12.0, str(ROOT): 1.5}
 # A small run: tiny networks, short deadlines (a cut-off site must not hold a step for a minute).
 SERVER_TOML = """
 checkpoint_every = 10
@@ -60,6 +65,10 @@ def missing() -> str | None:
     for tool in ("dockerd", "docker-compose", "debootstrap"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (scripts/setup-docker.sh installs docker.io, docker-compose, debootstrap)"
+    for where, need in DISK_NEEDED_GB.items():
+        free = shutil.disk_usage(where).free / 1e9
+        if free < need:
+            return f"building the image needs {need:.1f} GB free under {where}; {free:.1f} GB is free"
     return None
 
 
@@ -162,6 +171,25 @@ def _connected(s: dict) -> set[str]:
     return {x["site_id"] for x in s.get("sites", []) if x.get("ready") and not x.get("left")}
 
 
+class _DiskWatch:
+    """The most disk a run took under one folder's file system (sampled every 2 s), in GB."""
+
+    def __init__(self, where: str):
+        self.where, self.start = where, shutil.disk_usage(where).free
+        self.low, self.done = self.start, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(2.0):
+            self.low = min(self.low, shutil.disk_usage(self.where).free)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return round((self.start - self.low) / 1e9, 2)
+
+
 def _compose_v2(engine: Engine) -> list[str] | None:
     return ["docker", "compose"] if engine.run(["docker", "compose", "version"], check=False).returncode == 0 else None
 
@@ -184,6 +212,7 @@ def run() -> dict[str, float]:
 
     stacks: list[Stack] = []
     config = work / "server.toml"
+    disk = _DiskWatch("/tmp")
     try:
         engine.start()
         lap("engine up")
@@ -231,6 +260,7 @@ def run() -> dict[str, float]:
             stack.compose("down", "-v", "--timeout", "20", check=False, timeout=300)
         timings["down -v"] = round(time.monotonic() - t0, 1)
         engine.stop()
+        timings["disk used GB"] = disk.stop()
         log.info("timings: %s", timings)
     assert not work.exists(), f"{work} is left behind"
     leftover = subprocess.run(["pgrep", "-f", f"dockerd --data-root {work}"], capture_output=True, text=True)

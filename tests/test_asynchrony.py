@@ -182,3 +182,20 @@ def test_the_asynchrony_experiment_reports_each_mode_against_lock_step(tmp_path)
     assert "| late |" in (tmp_path / "report.md").read_text()
     again = run(cfg)  # resumes: nothing is trained again
     assert again["w1"] == w1
+
+
+def test_the_image_experiment_takes_the_slow_sites_answers_late_or_loses_them(tmp_path):
+    from asyndgan.experiments.asynchrony_images import preset_config, run
+
+    cfg = preset_config("smoke", tmp_path).model_copy(update={"rows": ["exact", "late", "dropped"]})
+    rows = run(cfg)
+    late, dropped = rows["late"]["slow_site_answers_applied"][0], rows["dropped"]["slow_site_answers_applied"][0]
+    steps = cfg.gan.steps
+    # lag 1: the slow site is busy every other step, so it gets a batch in half the steps; late takes every answer
+    # that came before the run ended, dropped none of them
+    assert late[1] == dropped[1] == steps // 2 and late[0] >= late[1] - 1 and dropped[0] == 0
+    assert rows["exact"]["slow_site_answers_applied"] == [None]
+    assert rows["late"]["minus_exact"]["patients"] == cfg.phantom.test_cases
+    report = (tmp_path / "report.md").read_text()
+    assert "| late |" in report and f"{late[0]}/{late[1]}" in report
+    assert run(cfg) == rows  # resumes: every piece kept
