@@ -137,7 +137,7 @@ class AsynDGANServicer(pb_grpc.AsynDGANServicer):
         if self.public_weights is not None:
             for index, count, data in public_start.pieces(self.public_weights):
                 yield pb.ServerMessage(weights=pb.PublicWeights(index=index, count=count, data=data))
-        while (msg := session.outbox.get()) is not None:
+        while (msg := session.next_message()) is not None:
             yield msg
         self.registry.leave(session, "stream finished")
         if session.failure:

@@ -1,7 +1,11 @@
 """One connected site as the training loop sees it: send a batch, get its gradient or a failure.
 
 The servicer feeds incoming messages to `handle` (join upload, gradients) from the stream's reader thread and
-drains `outbox` into the stream; the training loop calls `send_batch` and `await_gradient`. No gRPC here.
+streams `next_message()` out; the training loop calls `send_batch` and `await_gradient`. No gRPC here.
+
+The per-site work stays off the training loop's path where it can: a batch is encoded for the wire by the thread
+that streams it (next_message), and an answer is decoded and checked by the thread that reads it, as it arrives,
+while the training loop still waits for the other sites.
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_BAD = 3  # gradients failing checks (or not asked for) in a row before a site is disconnected
 INBOX_SIZE = 4  # the answers to the (at most two) batches outstanding, a stale one, the close marker
 _CLOSED = object()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A site's answer as its reader thread checked it: the decoded gradient, or why it was refused."""
+
+    round: int
+    step: int
+    result: serde.ImageGradient | str
 
 
 class State(enum.Enum):
@@ -75,7 +88,7 @@ class SiteSession:
         self.left: str | None = None  # the site's reason when it left the run for good (Leave)
         self.privacy = hello.privacy  # as the site reports it; updated with every gradient
         self.stats = SessionStats()
-        self.outbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()  # ServerMessage, or a SyntheticBatch encoded as it is streamed
         # Holds at most the answer to the one batch outstanding (plus a stale one and the close marker): gradients
         # nobody asked for are counted and dropped in handle(), so a peer cannot fill the server's memory.
         self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_SIZE)
@@ -84,6 +97,7 @@ class SiteSession:
         self._on_ready = on_ready
         self._max_gradient_bytes = max_gradient_bytes
         self._regions: dict[int, torch.Tensor | None] = {}  # round -> region of the batches not yet answered
+        self._shapes: dict[int, tuple[int, ...]] = {}  # round -> shape of its fakes (and of its answer)
         self._sent_at: dict[int, float] = {}  # round -> when it went out
         self._consecutive_bad = 0
         self._known_samples = known_samples  # the server already holds this site's maps (a reconnect)
@@ -91,8 +105,8 @@ class SiteSession:
         self._outstanding: list[int] = []  # rounds of the batches the site has not answered yet, oldest first
         self._awaited: set[int] = set()  # rounds the trainer still waits for
         self._late_ok: set[int] = set()  # rounds the trainer gave up on but still takes late (train.late_steps)
-        self._late: dict[int, pb.ImageGradient] = {}  # their answers, once they came
-        self._early: dict[int, pb.ImageGradient] = {}  # answers taken off the inbox before the trainer asked
+        self._late: dict[int, _Answer] = {}  # their answers, once they came
+        self._early: dict[int, _Answer] = {}  # answers taken off the inbox before the trainer asked
         self._lock = threading.Lock()
 
     # ---- called from the transport -------------------------------------------------------------------------
@@ -144,18 +158,22 @@ class SiteSession:
                     s.answer_seconds = took if s.answer_seconds == 0 else 0.7 * s.answer_seconds + 0.3 * took
                 wanted = g.round in self._awaited
                 late_ok = g.round in self._late_ok
-                if late_ok:
-                    self._late[g.round] = g
+                region, shape = self._regions.pop(g.round, None), self._shapes.pop(g.round, None)
         if not asked:
             self._bad(f"a gradient for round {g.round}, which is not a batch outstanding")
             return
         if not wanted:
             self.stats.late_replies += 1
             if not late_ok:
-                self._regions.pop(g.round, None)
                 log.info("site %s: dropped a late reply (step %d, round %d)", self.site_id, g.step, g.round)
+                return
+        answer = _Answer(g.round, g.step, self._check(g, shape, region))  # here, not in the training loop
+        if wanted:
+            self._deliver(answer)
             return
-        self._deliver(g)
+        with self._lock:
+            if g.round in self._late_ok:  # still wanted late
+                self._late[g.round] = answer
 
     def _deliver(self, item) -> None:
         try:
@@ -206,7 +224,17 @@ class SiteSession:
             self._awaited.add(batch.round)
             self._regions[batch.round] = batch.region
             self._sent_at[batch.round] = time.monotonic()
-        self._push(serde.batch_to_proto(batch, self.wire_dtype))
+            self._shapes[batch.round] = tuple(batch.fake.shape)
+        self.outbox.put(batch)  # encoded by the thread that streams it (next_message), not by the training loop
+
+    def next_message(self) -> pb.ServerMessage | None:
+        """The next message for the site's stream (blocks); None when the stream is to finish."""
+        item = self.outbox.get()
+        if isinstance(item, serde.SyntheticBatch):
+            item = serde.batch_to_proto(item, self.wire_dtype)
+        if item is not None:
+            self.stats.bytes_sent += item.ByteSize()
+        return item
 
     def await_gradient(self, round_: int, shape: tuple[int, ...], deadline: float, keep_late: bool = False
                        ) -> serde.ImageGradient | str:
@@ -235,7 +263,7 @@ class SiteSession:
                 continue
             with self._lock:
                 self._awaited.discard(round_)
-            return self._decode(msg, shape)
+            return self._accept(msg, shape)
 
     def take_late(self, round_: int, shape: tuple[int, ...]) -> serde.ImageGradient | str | None:
         """The late answer for a round given up on with keep_late, once it came (then checked like any answer);
@@ -245,7 +273,7 @@ class SiteSession:
             if msg is not None:
                 self._late_ok.discard(round_)
         if msg is not None:
-            return self._decode(msg, shape)
+            return self._accept(msg, shape)
         return "disconnected" if self.state is State.CLOSED else None
 
     def drop_late(self, round_: int) -> None:
@@ -254,16 +282,29 @@ class SiteSession:
             self._late_ok.discard(round_)
             self._late.pop(round_, None)
             self._regions.pop(round_, None)
+            self._shapes.pop(round_, None)
 
-    def _decode(self, msg: pb.ImageGradient, shape: tuple[int, ...]) -> serde.ImageGradient | str:
+    def _check(self, msg: pb.ImageGradient, shape: tuple[int, ...] | None, region: torch.Tensor | None
+               ) -> serde.ImageGradient | str:
+        """Decode and check an answer against its batch (from the reader thread, as it arrives)."""
+        if shape is None:
+            return "bad gradient: its batch's shape is not known"
         try:
             grad = serde.gradient_from_proto(msg, wire_dtype=self.wire_dtype, shape=shape,
-                                             max_bytes=self._max_gradient_bytes,
-                                             region=self._regions.pop(msg.round, None))
+                                             max_bytes=self._max_gradient_bytes, region=region)
         except ProtocolError as exc:
             self._bad(str(exc))
             return f"bad gradient: {exc}"
         self._consecutive_bad = 0
+        return grad
+
+    def _accept(self, answer: "_Answer", shape: tuple[int, ...]) -> serde.ImageGradient | str:
+        """The checked answer as the training loop takes it (counted here: answers dropped later are not)."""
+        grad = answer.result
+        if isinstance(grad, str):
+            return grad
+        if tuple(grad.gradient.shape) != tuple(shape):  # the trainer's own record of the batch disagrees
+            return f"bad gradient: shape {tuple(grad.gradient.shape)}, expected {tuple(shape)}"
         self.stats.steps_answered += 1
         self.stats.losses = grad.losses
         if grad.privacy is not None:
@@ -277,12 +318,12 @@ class SiteSession:
                 self._late_ok.add(round_)
             elif round_ not in self._outstanding:
                 self._regions.pop(round_, None)
+                self._shapes.pop(round_, None)
         self.stats.steps_missed += 1
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _push(self, msg: pb.ServerMessage) -> None:
-        self.stats.bytes_sent += msg.ByteSize()
-        self.outbox.put(msg)
+        self.outbox.put(msg)  # counted in bytes_sent as it is streamed (next_message)
 
     def _bad(self, reason: str) -> None:
         """Count a gradient that fails the checks or was not asked for (called from the reader and the trainer)."""
