@@ -42,6 +42,8 @@ def markdown(cfg, levers: dict, timings: dict) -> str:
              f"({cfg.gan.ndf} filters, {cfg.gan.d_layers} layers), {cfg.gan.steps} steps, L1 weight "
              f"{cfg.gan.lambda_l1:g}; each lever changes one thing. {cfg.gan_seeds} GAN seeds x "
              f"{cfg.segmentation_seeds} segmentation seeds per lever.",
+             "- Checkpoint: each GAN's last (its weights' moving average where the lever keeps one), a rule fixed "
+             "before any run; no checkpoint was chosen by a score on the test patients.",
              f"- Segmentation: {cfg.segmentation.preprocessing.image_size} px, {cfg.segmentation.training.steps} "
              "steps; whole-tumour Dice in 3-D per test patient. Minus baseline: per patient, Dice averaged over all "
              "GAN and segmentation seeds, mean difference with a 95% t-interval. GAN spread: the SD of the GAN "
