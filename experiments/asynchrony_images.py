@@ -32,8 +32,8 @@ from pydantic import Field
 
 from asyndgan.experiments import synthetic_learning as sl
 from asyndgan.experiments.asynchrony import LaggingSession, _TickingRegistry
-from asyndgan.experiments.pieces import (ExperimentConfig, check_settings, json_if_file, kept_or_reset,
-                                         piece_timer, require_checkpoint, write_json)
+from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
+                                         require_checkpoint, write_json)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 from asyndgan.experiments.statistics import paired
 
@@ -110,13 +110,9 @@ def run(cfg: AsynchronyImagesConfig) -> dict:
     from asyndgan.synthesis.generate import GenerateConfig
     from asyndgan.synthesis.generate import run as generate
 
-    sl.prepare_compute(cfg)
-    check_settings(cfg)
-    timings, timed = piece_timer(cfg.out / "timings.json")
-    sites, test_dir = timed("phantom", sl.make_phantom, cfg)
-    pooled = sl.pooled_tree(sites, cfg.out / "pooled")
-    gan_seeds = [cfg.seed + k for k in range(cfg.gan_seeds)]
-    seg_seeds = [cfg.seed + k for k in range(cfg.segmentation_seeds)]
+    start = sl.start_pooled(cfg)
+    timings, timed, sites, test_dir, pooled = start.timings, start.timed, start.sites, start.test_dir, start.pooled
+    gan_seeds, seg_seeds = start.gan_seeds, start.segmentation_seeds
     done: dict[str, dict] = {}
     for g in gan_seeds:
         for row in cfg.rows:

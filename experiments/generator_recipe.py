@@ -42,8 +42,8 @@ from pydantic import Field
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.experiments import synthetic_learning as sl
-from asyndgan.experiments.pieces import (ExperimentConfig, check_settings, json_if_file, kept_or_reset,
-                                         piece_timer, require_checkpoint, shared_pieces, write_json)
+from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
+                                         require_checkpoint, shared_pieces, write_json)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 from asyndgan.experiments.statistics import paired
 from asyndgan.formats.datasets import open_dataset
@@ -135,14 +135,10 @@ def synthetic(cfg: GeneratorRecipeConfig, name: str, gan: dict, maps: pathlib.Pa
 
 # ---- the experiment ---------------------------------------------------------------------------------------------
 def run(cfg: GeneratorRecipeConfig) -> dict:
-    sl.prepare_compute(cfg)
-    check_settings(cfg)
-    timings, timed = piece_timer(cfg.out / "timings.json")
-    sites, test_dir = timed("phantom", sl.make_phantom, cfg)
-    pooled = sl.pooled_tree(sites, cfg.out / "pooled")
-    gan_seeds = [cfg.seed + k for k in range(cfg.gan_seeds)]
+    start = sl.start_pooled(cfg)
+    timings, timed, test_dir, pooled = start.timings, start.timed, start.test_dir, start.pooled
+    gan_seeds, seg_seeds = start.gan_seeds, start.segmentation_seeds
     names = [f"{lever}_g{g}" for lever in cfg.levers for g in gan_seeds]
-    seg_seeds = [cfg.seed + k for k in range(cfg.segmentation_seeds)]
 
     def piece(name: str) -> dict:
         lever, g = name.rsplit("_g", 1)

@@ -22,7 +22,8 @@ import pathlib
 import shutil
 import threading
 import time
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -163,6 +164,31 @@ def make_phantom(cfg: SyntheticLearningConfig) -> tuple[list[pathlib.Path], path
         write_phantom(root, layout)
         done.write_text("complete\n")
     return [root / name for name in layout.site_names], root / "test"
+
+
+@dataclass
+class PooledStart:
+    """What an experiment over one GAN per (variant, seed) on this phantom starts with."""
+
+    timings: dict
+    timed: Callable
+    sites: list[pathlib.Path]
+    test_dir: pathlib.Path
+    pooled: pathlib.Path
+    gan_seeds: list[int]
+    segmentation_seeds: list[int]
+
+
+def start_pooled(cfg) -> PooledStart:
+    """Threads and device checked, settings checked against OUT, the phantom written (once), its sites pooled, the
+    GAN and segmentation seeds: cfg.seed, cfg.seed + 1, ..."""
+    prepare_compute(cfg)
+    check_settings(cfg)
+    timings, timed = piece_timer(cfg.out / "timings.json")
+    sites, test_dir = timed("phantom", make_phantom, cfg)
+    return PooledStart(timings, timed, sites, test_dir, pooled_tree(sites, cfg.out / "pooled"),
+                       [cfg.seed + k for k in range(cfg.gan_seeds)],
+                       [cfg.seed + k for k in range(cfg.segmentation_seeds)])
 
 
 def pooled_tree(sites: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path:
