@@ -98,3 +98,22 @@ def test_a_valid_upload_makes_the_session_ready():
     session2.handle(pb.SiteMessage(conditions=pb.ConditionChunk(index=0, first_key=0, maps=tensor_codec.encode(maps))))
     session2.handle(pb.SiteMessage(ready=pb.Ready(num_chunks=1, num_samples=3)))
     assert session2.ready and session2.num_samples == 3
+
+
+def test_answers_are_checked_as_they_arrive_and_batches_encoded_as_they_are_streamed():
+    session = _session()
+    session.state = State.READY
+    batch = serde.SyntheticBatch(0, 1, torch.tensor([0]), torch.zeros(1, 1, 2, 2), Augmentation.none(1))
+    session.send_batch(batch)
+    assert session.stats.bytes_sent == 0  # not encoded by the training loop
+    msg = session.next_message()  # the stream's thread encodes it
+    assert msg.batch.round == 1 and session.stats.bytes_sent == msg.ByteSize() > 16
+    wrong = pb.Tensor(dtype="float32", shape=[1, 1, 2, 3], data=b"\0" * 24)  # not the batch's shape
+    session.handle(pb.SiteMessage(gradient=pb.ImageGradient(step=0, round=1, gradient=wrong)))
+    assert session.stats.bad_messages == 1  # refused on arrival, before the training loop asks
+    answer = session.await_gradient(1, (1, 1, 2, 2), deadline=0)
+    assert isinstance(answer, str) and "bad gradient" in answer and session.stats.steps_answered == 0
+    session.send_batch(serde.SyntheticBatch(1, 2, torch.tensor([0]), torch.zeros(1, 1, 2, 2), Augmentation.none(1)))
+    session.handle(pb.SiteMessage(gradient=pb.ImageGradient(step=1, round=2, gradient=VALID)))
+    answer = session.await_gradient(2, (1, 1, 2, 2), deadline=0)
+    assert isinstance(answer, serde.ImageGradient) and session.stats.steps_answered == 1
