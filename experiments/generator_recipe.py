@@ -68,8 +68,9 @@ class GeneratorRecipeConfig(ExperimentConfig):
 
 def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRecipeConfig:
     """smoke: the plumbing in a few minutes; cpu: the synthetic-learning cpu preset's data and GAN (64 px,
-    ResNet-6, 2000 steps: about 10 minutes a GAN on 2 cores, so the 8 levers x 2 GAN seeds take about 4 hours with
-    their segmentation, resumable); gpu: its gpu preset's."""
+    ResNet-6, 2000 steps: about 34 minutes a GAN on one core, about 45 with its synthesis and 3 segmentation
+    models, so the 8 levers x 2 GAN seeds take about 6 hours with two processes, resumable); gpu: its gpu
+    preset's."""
     base = sl.preset_config(preset, out, seed)  # type: ignore[arg-type]
     return GeneratorRecipeConfig(preset=preset, out=out, seed=seed, phantom=base.phantom, gan=base.gan,  # type: ignore[arg-type]
                                  segmentation=base.segmentation, device=base.device,
