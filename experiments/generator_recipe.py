@@ -136,7 +136,7 @@ def synthetic(cfg: GeneratorRecipeConfig, name: str, gan: dict, maps: pathlib.Pa
 
 # ---- the experiment ---------------------------------------------------------------------------------------------
 def run(cfg: GeneratorRecipeConfig) -> dict:
-    start = sl.start_pooled(cfg)
+    start = sl.start_pooled(cfg, choose=("levers",))
     timings, timed, test_dir, pooled = start.timings, start.timed, start.test_dir, start.pooled
     gan_seeds, seg_seeds = start.gan_seeds, start.segmentation_seeds
     names = [f"{lever}_g{g}" for lever in cfg.levers for g in gan_seeds]

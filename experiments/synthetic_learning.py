@@ -179,11 +179,12 @@ class PooledStart:
     segmentation_seeds: list[int]
 
 
-def start_pooled(cfg) -> PooledStart:
+def start_pooled(cfg, choose: tuple[str, ...] = ()) -> PooledStart:
     """Threads and device checked, settings checked against OUT, the phantom written (once), its sites pooled, the
-    GAN and segmentation seeds: cfg.seed, cfg.seed + 1, ..."""
+    GAN and segmentation seeds: cfg.seed, cfg.seed + 1, ... `choose`: settings that pick which pieces run (a
+    subset, or pieces added later), not how: another choice resumes the same OUT."""
     prepare_compute(cfg)
-    check_settings(cfg)
+    check_settings(cfg, exclude=choose)
     timings, timed = piece_timer(cfg.out / "timings.json")
     sites, test_dir = timed("phantom", make_phantom, cfg)
     return PooledStart(timings, timed, sites, test_dir, pooled_tree(sites, cfg.out / "pooled"),

@@ -199,3 +199,6 @@ def test_the_image_experiment_takes_the_slow_sites_answers_late_or_loses_them(tm
     report = (tmp_path / "report.md").read_text()
     assert "| late |" in report and f"{late[0]}/{late[1]}" in report
     assert run(cfg) == rows  # resumes: every piece kept
+    more = run(cfg.model_copy(update={"rows": ["exact", "late_catch_up"]}))  # another choice of rows, same OUT
+    assert more["exact"] == rows["exact"]  # kept, not trained again
+    assert more["late_catch_up"]["slow_site_answers_applied"][0][1] == steps // 2
