@@ -34,7 +34,6 @@ import logging
 import pathlib
 import threading
 import time
-from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -42,6 +41,7 @@ from pydantic import Field
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.experiments import synthetic_learning as sl
+from asyndgan.experiments.recipe import LEVERS, Lever
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
                                          require_checkpoint, shared_pieces, write_json)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
@@ -51,8 +51,6 @@ from asyndgan.segmentation import SegmentationRecipe
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 
 log = logging.getLogger(__name__)
-Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer"]
-LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer")
 
 
 class GeneratorRecipeConfig(ExperimentConfig):
@@ -80,29 +78,16 @@ def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRec
 # ---- one GAN ----------------------------------------------------------------------------------------------------
 def lever_settings(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, run_dir: pathlib.Path
                    ) -> tuple[ServerConfig, DataPrepConfig, int]:
-    """(server settings, the pooled site's data preparation, synthetic cases per label-map case) of one GAN."""
-    seeded = cfg.model_copy(update={"seed": gan_seed})
+    """(server settings, the pooled site's data preparation, synthetic cases per label-map case) of one GAN: the
+    experiment's recipe (cfg.gan.recipe, the papers' by default) with one lever pulled."""
+    recipe = cfg.gan.recipe.with_lever(lever)
+    seeded = cfg.model_copy(update={"seed": gan_seed, "gan": cfg.gan.model_copy(update={"recipe": recipe})})
     scfg = sl.server_config(seeded, run_dir, 1, cfg.gan.batch_per_site * len(cfg.phantom.cases_per_site))  # type: ignore[arg-type]
-    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
-    samples = 1
-    image2d = scfg.site.model.image2d
-    if lever == "ema":
-        scfg.train.ema_decay = 0.999
-    elif lever == "spade":
-        image2d.generator = "spade"
-    elif lever == "multiscale":
-        image2d.d_scales = 2
-    elif lever == "diffaug":
-        scfg.site.diff_augment = ["translation", "cutout"]
-    elif lever == "healthy":
-        prep.healthy_ratio = 0.5
-    elif lever == "samples3":
-        samples = 3
-    elif lever == "longer":
+    if lever == "longer":
         scfg.site.schedule.steps = 2 * cfg.gan.steps
         scfg.checkpoint_every = max(1, scfg.site.schedule.steps // 4)
     scfg = ServerConfig.model_validate(json.loads(scfg.model_dump_json()))  # the changed settings checked
-    return scfg, prep, samples
+    return scfg, recipe.prep(cfg.out / "cache"), recipe.samples
 
 
 def fit(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, pooled: pathlib.Path) -> dict:

@@ -7,8 +7,13 @@ Rows, every one trained with the same segmentation recipe and scored on the same
     syn_all             synthetic cases from one GAN trained on all real cases pooled, in this process
     asyndgan            synthetic cases from AsynDGAN: a server process and one process per site, mutual TLS
     asyndgan+site<k>    AsynDGAN's synthetic cases plus the smallest site's real ones (the augmentation claim)
+    public_start        synthetic cases from a generator trained on a public cohort only (a differently seeded
+                        phantom stand-in): what private sites start from, and the floor they must lift
+    asyndgan_private    AsynDGAN with private sites: the public start fine-tuned over mutual TLS by site processes
+                        at the sites' privacy defaults (patient-level DP-SGD, epsilon 10), the server's anchor to
+                        its start on (the last two rows: `private` in the settings)
 Both GANs have the same generator, discriminator, steps and images per generator step; only where the data sits
-differs. Image quality per GAN: FID/KID against held-out real slices, SSIM/PSNR for the same label maps.
+differs. The generator recipe (gan.recipe, experiments/recipe.py) is every GAN's. Image quality per GAN: FID/KID against held-out real slices, SSIM/PSNR for the same label maps.
 
 Every finished piece is kept in OUT and skipped when the same command runs again (settings.json records the
 settings; another preset or seed in the same OUT is refused). Report and figures: synthetic_learning_report.py.
@@ -29,7 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig,
+from asyndgan.common.config import (GuardConfig, Image2DConfig, LossConfig, ModelConfig,
     OptimizerConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
 from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
@@ -41,13 +46,15 @@ from asyndgan.segmentation import (
 )
 from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import (
-    ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint,
+    ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint, write_json,
 )
+from asyndgan.experiments.recipe import GANRecipe
 from asyndgan.experiments.scoring import SeedScore, score_rows
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
 GANS = ("syn_all", "asyndgan")
+PRIVATE_GANS = ("public_start", "asyndgan_private")
 
 
 PhantomPreset = Literal["default", "heterogeneous"]
@@ -87,6 +94,20 @@ class GANSection(BaseModel):
     lr: float = 2e-4
     lambda_l1: float = 100.0
     timeout_s: float = 7200
+    recipe: GANRecipe = Field(default_factory=GANRecipe, description="generator, discriminator, averaging, "
+                              "augmentation, healthy slices, samples per label map (default: the papers')")
+
+
+class PrivateSection(BaseModel):
+    """The rows with private sites. Private sites cannot learn from scratch at a useful epsilon; the system's way
+    is a public start: a generator and discriminators pretrained on public data (here a phantom cohort drawn with
+    another seed), which the sites then fine-tune under DP-SGD while the server anchors the generator to its start.
+    Every privacy setting is the site's default, as a site that just joins would run."""
+
+    model_config = ConfigDict(extra="forbid")
+    public_cases: int = Field(ge=1, description="cases of the public cohort")
+    pretrain_steps: int = Field(ge=1, description="generator steps on the public cohort (L1 on: public data)")
+    finetune_steps: int = Field(ge=1, description="generator steps with the private sites")
 
 
 class SyntheticLearningConfig(ExperimentConfig):
@@ -94,6 +115,7 @@ class SyntheticLearningConfig(ExperimentConfig):
     gan: GANSection
     segmentation: SegmentationRecipe
     segmentation_seeds: int = Field(3, ge=1, description="segmentation models per row (seed, seed+1, ...)")
+    private: PrivateSection | None = Field(None, description="also the rows with private sites (None: not run)")
     fid_images: int = Field(ge=2, description="held-out real slices (and as many synthetic ones) for FID/KID")
     device: str = "cpu"
     threads: int = Field(2, ge=1)
@@ -119,7 +141,8 @@ def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Syntheti
                 preprocessing=Preprocessing(image_size=32), network=NetworkConfig(channels=[8, 16, 32],
                                                                                   num_res_units=1),
                 training=TrainingConfig(steps=8, batch_size=8)),
-            segmentation_seeds=2, fid_images=6)
+            segmentation_seeds=2, fid_images=6,
+            private=PrivateSection(public_cases=2, pretrain_steps=6, finetune_steps=4))
     if preset == "cpu":
         return SyntheticLearningConfig(
             preset=preset, out=out, seed=seed,
@@ -129,7 +152,9 @@ def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Syntheti
             # the segmentation package's default net; 1000 steps (~1.5 min a model) so 8 rows x 3 seeds fit
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=64),
                                             training=TrainingConfig(steps=1000, batch_size=16)),
-            segmentation_seeds=3, fid_images=200)
+            segmentation_seeds=3, fid_images=200,
+            # the public start as long as the other GANs; the fine-tune as privacy-utility measured it
+            private=PrivateSection(public_cases=20, pretrain_steps=2000, finetune_steps=300))
     return SyntheticLearningConfig(
         preset=preset, out=out, seed=seed,
         phantom=PhantomSection(cases_per_site=[30, 15, 8], test_cases=42),
@@ -137,7 +162,8 @@ def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Syntheti
         segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=128),
                                         network=NetworkConfig(channels=[32, 64, 128, 256, 512]),
                                         training=TrainingConfig(steps=4000, batch_size=16)),
-        segmentation_seeds=3, fid_images=1000, device="cuda")
+        segmentation_seeds=3, fid_images=1000, device="cuda",
+        private=PrivateSection(public_cases=60, pretrain_steps=20000, finetune_steps=3000))
 
 
 # ---- pieces, each kept in OUT and skipped when done --------------------------------------------------------
@@ -207,7 +233,7 @@ def pooled_tree(sites: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path
 def server_config(cfg: SyntheticLearningConfig, run_dir: pathlib.Path, min_sites: int, batch: int) -> ServerConfig:
     g = cfg.gan
     opt = OptimizerConfig(lr=g.lr)
-    return ServerConfig(
+    scfg = ServerConfig(
         host="127.0.0.1", port=0, run_dir=run_dir, device=cfg.device, checkpoint_every=max(1, g.steps // 4),
         sample_every=max(1, g.steps // 8), g_optim=opt,
         # the experiment's own sites: the papers' weighting, no guard (as when the committed reports were made)
@@ -219,6 +245,8 @@ def server_config(cfg: SyntheticLearningConfig, run_dir: pathlib.Path, min_sites
             d_optim=opt, loss=LossConfig(lambda_l1=g.lambda_l1), schedule=ScheduleConfig(steps=g.steps),
             seed=cfg.seed),
     )
+    g.recipe.apply(scfg)
+    return scfg
 
 
 def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: int) -> pathlib.Path:
@@ -228,7 +256,7 @@ def train_syn_all(cfg: SyntheticLearningConfig, pooled: pathlib.Path, n_sites: i
     if done := kept_or_reset(run_dir, cfg.gan.steps):
         return done
     scfg = server_config(cfg, run_dir, 1, cfg.gan.batch_per_site * n_sites)
-    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    prep = cfg.gan.recipe.prep(cfg.out / "cache")
     session = LocalSession("pooled", open_dataset(pooled, scfg.site, prep), scfg.site, device=cfg.device)
     started = time.monotonic()
     trainer = Trainer(scfg, LocalRegistry([session]), CountingBank([session]), run_dir)
@@ -249,7 +277,7 @@ def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> p
         cluster.start_server()
         for i, folder in enumerate(sites):
             cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
-                                                                "--device", cfg.device],
+                                                                "--device", cfg.device, *cfg.gan.recipe.site_options()],
                                privacy=False)  # the papers' algorithm (lambda_L1 > 0 is refused by private sites)
         cluster.follow(cfg.gan.steps, desc="asyndgan")
         cluster.wait(cfg.gan.timeout_s)
@@ -259,12 +287,82 @@ def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> p
     return require_checkpoint(run_dir, cfg.gan.steps)
 
 
+def make_public(cfg: SyntheticLearningConfig) -> pathlib.Path:
+    """The public cohort's one folder (written once): the `public` phantom preset, its own random streams."""
+    root, done = cfg.out / "phantom_public", cfg.out / "phantom_public.done"
+    layout = phantom_config("public", seed=cfg.seed, shape=cfg.phantom.shape,
+                            cases_per_site=[cfg.private.public_cases])
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        write_phantom(root, layout)
+        done.write_text("complete\n")
+    return root / layout.site_names[0]
+
+
+def train_public_start(cfg: SyntheticLearningConfig, public: pathlib.Path, n_sites: int) -> pathlib.Path:
+    """The public start: the recipe's GAN on the public cohort, in this process, as `asyndgan-server pretrain`
+    makes it (the L1 term on: the data is public). Returns the pretraining folder (kept when finished)."""
+    from asyndgan.simulation.pretrain import pretrain
+
+    steps = cfg.private.pretrain_steps
+    scfg = server_config(cfg.model_copy(update={"gan": cfg.gan.model_copy(update={"steps": steps})}),
+                         cfg.out / "gan" / "public_start", 1, cfg.gan.batch_per_site * n_sites)
+    scfg.tensorboard = False
+    return pretrain(scfg, public, cfg.gan.recipe.prep(cfg.out / "cache"))
+
+
+def train_private(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], start: pathlib.Path) -> pathlib.Path:
+    """AsynDGAN with private sites: `asyndgan-server start --init <public start>` and one `asyndgan-site join`
+    per site with every privacy setting at its default, over mutual TLS. The L1 term is off (it compares with
+    real images; private sites refuse it); the anchor to the public start is the server's default with one."""
+    from asyndgan.common.config import PrivacyConfig
+    from asyndgan.site_agent.privacy import PrivacyLedger, ledger_path
+
+    steps = cfg.private.finetune_steps
+    run_dir = cfg.out / "gan" / "asyndgan_private"
+    record = run_dir / "privacy.json"
+    if (done := kept_or_reset(run_dir, steps)) and record.is_file():
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)  # a cut run's ledgers go with it: the run starts again
+    gan = cfg.gan.model_copy(update={"steps": steps, "lambda_l1": 0.0})
+    scfg = server_config(cfg.model_copy(update={"gan": gan}), run_dir, len(sites), cfg.gan.batch_per_site)
+    scfg.init = start
+    started = time.monotonic()
+    cluster = Cluster(scfg, threads=1, tls=True)
+    try:
+        cluster.start_server()
+        for i, folder in enumerate(sites):
+            cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
+                                                                "--device", cfg.device, *cfg.gan.recipe.site_options()])
+        cluster.follow(steps, desc="asyndgan_private")
+        cluster.wait(cfg.gan.timeout_s)
+    finally:
+        cluster.stop()
+    spent = {}
+    for i in range(len(sites)):
+        site = f"site{i + 1}"
+        ledger = PrivacyLedger(ledger_path(run_dir / "site_state", site), site, PrivacyConfig())  # the defaults
+        spent[site] = {"epsilon": ledger.epsilon_spent, "delta": ledger.privacy.delta, "ledger": str(ledger.path)}
+    write_json(record, {"steps": steps, "seconds": round(time.monotonic() - started, 1), "sites": spent})
+    log.info("asyndgan with private sites over mutual TLS: %d steps in %.0f s", steps, time.monotonic() - started)
+    return require_checkpoint(run_dir, steps)
+
+
+def _public_checkpoint(folder: pathlib.Path) -> pathlib.Path:
+    from asyndgan.formats import public_start
+
+    record, _ = public_start.read_folder(folder)
+    return folder / record["checkpoint"]
+
+
 def synthetic_set(cfg: SyntheticLearningConfig, checkpoint: pathlib.Path, label_maps: pathlib.Path,
-               out: pathlib.Path) -> pathlib.Path:
-    """Whole synthetic BraTS cases for every case of `label_maps` (synthesis resumes a partial output)."""
+                  out: pathlib.Path, samples: int = 1) -> pathlib.Path:
+    """Whole synthetic BraTS cases, `samples` for every case of `label_maps` (synthesis resumes a partial
+    output)."""
     from asyndgan.synthesis.generate import GenerateConfig, run
 
-    run(GenerateConfig(checkpoint=checkpoint, out=out, label_maps=label_maps, device=cfg.device, batch_size=32))
+    run(GenerateConfig(checkpoint=checkpoint, out=out, label_maps=label_maps, device=cfg.device, batch_size=32,
+                       samples=samples))
     return out
 
 
@@ -276,6 +374,7 @@ def rows(sites: list[pathlib.Path], synthetic: dict[str, pathlib.Path] | None, s
     if synthetic is not None:
         out.update({"syn_all": [synthetic["syn_all"]], "asyndgan": [synthetic["asyndgan"]],
                     f"asyndgan+site{smallest + 1}": [synthetic["asyndgan"], sites[smallest]]})
+        out.update({gan: [synthetic[gan]] for gan in PRIVATE_GANS if gan in synthetic})
     return out
 
 
@@ -294,7 +393,7 @@ def run(cfg: SyntheticLearningConfig) -> dict:
     from asyndgan.experiments import synthetic_learning_report as report
 
     prepare_compute(cfg)
-    check_settings(cfg)
+    check_settings(cfg, added=("private",))
     timings, timed = piece_timer(cfg.out / "timings.json")
 
     log.info("[1/7] phantom: %s training cases per site, %d test cases", cfg.phantom.cases_per_site,
@@ -309,12 +408,19 @@ def run(cfg: SyntheticLearningConfig) -> dict:
     checkpoints = {"syn_all": timed("gan_syn_all", train_syn_all, cfg, pooled, len(sites))}
     log.info("[4/7] AsynDGAN: a server and %d site processes over mutual TLS", len(sites))
     checkpoints["asyndgan"] = timed("gan_asyndgan", train_asyndgan, cfg, sites)
+    if cfg.private is not None:
+        log.info("[4/7] private sites: a public start on a public cohort, then %d site processes at their privacy "
+                 "defaults over mutual TLS", len(sites))
+        public = timed("phantom_public", make_public, cfg)
+        start = timed("gan_public_start", train_public_start, cfg, public, len(sites))
+        checkpoints["public_start"] = _public_checkpoint(start)
+        checkpoints["asyndgan_private"] = timed("gan_asyndgan_private", train_private, cfg, sites, start)
     log.info("[5/7] synthetic data sets from the training cases' label maps (and the test cases', for image "
              "quality only)")
     synthetic, synthetic_test = {}, {}
-    for gan in GANS:
+    for gan in checkpoints:
         synthetic[gan] = timed(f"generate_{gan}", synthetic_set, cfg, checkpoints[gan], pooled,
-                               cfg.out / "synthetic" / gan / "train")
+                               cfg.out / "synthetic" / gan / "train", cfg.gan.recipe.samples)
         synthetic_test[gan] = timed(f"generate_{gan}", synthetic_set, cfg, checkpoints[gan], test_dir,
                                     cfg.out / "synthetic" / gan / "test")
     log.info("[6/7] image quality (FID/KID, SSIM/PSNR)")

@@ -162,21 +162,46 @@ def summarise_rows(evals: dict[str, list[SeedScore]]) -> dict[str, dict]:
 
 
 def check_targets(rows: dict[str, dict]) -> list[dict]:
-    """The issue's targets on the measured means (a target, not a test: misses are reported with their size)."""
+    """The targets on the measured means (a target, not a test: misses are reported with their size). Synthetic
+    data that trains within 3% of all real data pooled (the published best is 4% short), above every single
+    site, the same in the distributed system as in one process, and a small site lifted to the pooled data."""
     d = {k: v["dice"]["mean"] for k, v in rows.items()}
     subsets = {k: v for k, v in d.items() if k.startswith("real_site")}
     aug = next(k for k in d if k.startswith("asyndgan+"))
     small = "real_" + aug.split("+")[1]
     best_subset = max(subsets, key=subsets.get)
-    return [
+    out = [
         {"target": f"asyndgan above every Real-Subset (best: {best_subset})", "margin": d["asyndgan"] - subsets[best_subset],
          "met": d["asyndgan"] > subsets[best_subset]},
-        {"target": "asyndgan within 0.05 Dice of real_all", "margin": d["asyndgan"] - d["real_all"],
-         "met": d["real_all"] - d["asyndgan"] <= 0.05},
-        {"target": "syn_all and asyndgan within 0.03 of each other", "margin": d["asyndgan"] - d["syn_all"],
-         "met": abs(d["asyndgan"] - d["syn_all"]) <= 0.03},
+        {"target": "asyndgan >= 0.97 x real_all", "margin": d["asyndgan"] - 0.97 * d["real_all"],
+         "met": d["asyndgan"] >= 0.97 * d["real_all"]},
+        {"target": "asyndgan within 0.02 of syn_all", "margin": d["asyndgan"] - d["syn_all"],
+         "met": abs(d["asyndgan"] - d["syn_all"]) <= 0.02},
+        {"target": f"{aug} >= real_all - 0.01", "margin": d[aug] - (d["real_all"] - 0.01),
+         "met": d[aug] >= d["real_all"] - 0.01},
         {"target": f"{aug} above {small} alone", "margin": d[aug] - d[small], "met": d[aug] > d[small]},
     ]
+    if "asyndgan_private" in d:
+        out.append({"target": "asyndgan_private above public_start (the private sites add to the public start)",
+                    "margin": d["asyndgan_private"] - d["public_start"],
+                    "met": d["asyndgan_private"] > d["public_start"]})
+    return out
+
+
+def comparisons(evals: dict[str, list[SeedScore]]) -> list[dict]:
+    """The paired per-patient differences the targets rest on: {a, b, mean, low, high, patients} (a's Dice per
+    patient averaged over its seeds, minus b's; a 95% t-interval)."""
+    from asyndgan.experiments.scoring import RowScore
+    from asyndgan.experiments.statistics import paired
+
+    patients = {row: RowScore.of(runs).patients for row, runs in evals.items()}
+    aug = next((k for k in evals if k.startswith("asyndgan+")), None)
+    pairs = [("asyndgan", "real_all"), ("asyndgan", "syn_all"), ("syn_all", "real_all"),
+             *([(aug, "real_all"), (aug, "real_" + aug.split("+")[1])] if aug else []),
+             ("asyndgan", max((k for k in evals if k.startswith("real_site")), default="real_all",
+                              key=lambda k: np.mean([r.dice for r in evals[k]]))),
+             ("asyndgan_private", "public_start"), ("asyndgan_private", "asyndgan")]
+    return [{"a": a, "b": b, **paired(patients[a], patients[b])} for a, b in pairs if a in evals and b in evals]
 
 
 def write_patient_csvs(out: pathlib.Path, evals: dict[str, list[SeedScore]], seeds: list[int]) -> dict[str, str]:
@@ -206,21 +231,37 @@ def write_all(cfg, table: dict, evals: dict, quality: dict, timings: dict, wall:
     seeds = [cfg.seed + k for k in range(cfg.segmentation_seeds)]
     rows = summarise_rows(evals)
     targets = check_targets(rows)
+    paired = comparisons(evals)
+    privacy = private_record(cfg)
     csvs = write_patient_csvs(cfg.out, evals, seeds)
     plot_dice(cfg.out / "figures" / "dice.png", evals)
     results = {
         "preset": cfg.preset, "seed": cfg.seed, "segmentation_seeds": seeds, "rows": rows,
         "training_data": {r: [str(t) for t in trees] for r, trees in table.items()},
-        "image_quality": quality, "targets": targets, "per_patient_csv": csvs, "timings_s": timings,
+        "image_quality": quality, "targets": targets, "paired": paired, "private": privacy, "per_patient_csv": csvs, "timings_s": timings,
         "wall_s": wall, "settings": json.loads(cfg.model_dump_json()),
         "protocol": PROTOCOL, "empty_rule": EMPTY_RULE,
     }
     write_json(cfg.out / "results.json", results)
-    (cfg.out / "report.md").write_text(_report(cfg, rows, quality, targets, timings, wall, seeds, test_dir))
+    (cfg.out / "report.md").write_text(_report(cfg, rows, quality, targets, timings, wall, seeds, test_dir,
+                                               paired, privacy))
     return results
 
 
-def _report(cfg, rows, quality, targets, timings, wall, seeds, test_dir) -> str:
+def private_record(cfg) -> dict | None:
+    """The private run's record: steps, seconds, and each site's privacy ledger as the site wrote it (None
+    without the private rows)."""
+    path = cfg.out / "gan" / "asyndgan_private" / "privacy.json"
+    return json.loads(path.read_text()) if cfg.private is not None and path.is_file() else None
+
+
+def _epsilons(privacy: dict | None) -> str:
+    if not privacy:
+        return "-"
+    return ", ".join(f"{site} {v['epsilon']:.2f}" for site, v in privacy["sites"].items())
+
+
+def _report(cfg, rows, quality, targets, timings, wall, seeds, test_dir, paired=(), privacy=None) -> str:
     g, ph = cfg.gan, cfg.phantom
     lines = [
         f"# Synthetic learning on the phantom (preset `{cfg.preset}`, seed {cfg.seed})", "",
@@ -238,25 +279,39 @@ def _report(cfg, rows, quality, targets, timings, wall, seeds, test_dir) -> str:
                      f"{r['dice_patient_sd']:.3f} |")
     lines += ["", "## Image quality per GAN", "", "| GAN | FID | KID | SSIM (brain) | PSNR dB (brain) |",
               "|---|---|---|---|---|"]
-    for name in ("syn_all", "asyndgan"):
+    for name in (k for k in quality if not k.startswith("_")):
         q = quality[name]
         lines.append(f"| {name} | {q['fid']:.1f} | {q['kid_mean']:.4f} ± {q['kid_sd']:.4f} | {plus_minus(q['ssim'])} | "
                      f"{plus_minus(q['psnr_db'], 2)} |")
-    lines += ["", quality["_protocol"] + ".", "", "## The issue's targets", ""]
+    lines += ["", quality["_protocol"] + ".", "", "## Paired differences (per test patient, 95% t-interval)", "",
+              "| a | b | a - b | 95% interval | patients |", "|---|---|---|---|---|"]
+    for c in paired:
+        lines.append(f"| {c['a']} | {c['b']} | {c['mean']:+.3f} | {c['low']:+.3f} to {c['high']:+.3f} | "
+                     f"{c['patients']} |")
+    lines += ["", "## Targets", ""]
     for t in targets:
-        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} (difference {t['margin']:+.3f})")
+        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} (margin {t['margin']:+.3f})")
     lines += [
         "", "## Protocol", "",
         f"- Data: the MNI152 phantom, {len(ph.cases_per_site)} sites with {ph.cases_per_site} training cases "
         f"(they differ by scanner, tumour size and grade, so each site sees a skewed part of the distribution), "
         f"{ph.test_cases} held-out test cases in {test_dir}, volume {ph.shape}. Nothing was tuned on the test cases.",
-        f"- GANs: the same pix2pix-style ResNet generator ({g.image_size} px, ngf {g.ngf}, {g.n_blocks} blocks), "
-        f"PatchGAN discriminators (ndf {g.ndf}, {g.d_layers} layers), {g.steps} generator steps, L1 weight "
-        f"{g.lambda_l1}. AsynDGAN: a server process and one site process per site over gRPC with mutual TLS, "
+        f"- GANs: the same generator ({g.recipe.generator}, {g.image_size} px, ngf {g.ngf}, {g.n_blocks} blocks), "
+        f"PatchGAN discriminators (ndf {g.ndf}, {g.d_layers} layers, {g.recipe.d_scales} scale(s)), {g.steps} "
+        f"generator steps, L1 weight {g.lambda_l1}; the recipe (experiments/recipe.py): "
+        f"`{g.recipe.model_dump_json()}`. AsynDGAN: a server process and one site process per site over gRPC with mutual TLS, "
         f"{g.batch_per_site} images per site per step; Syn-All: one discriminator on all cases pooled, in one "
         f"process, {g.batch_per_site * len(ph.cases_per_site)} images per step (the same images per generator step).",
+        *([f"- Private sites (public_start, asyndgan_private): a public cohort of {cfg.private.public_cases} cases "
+           "(the phantom's `public` preset: large high-grade gliomas from one scanner family, none of the sites' "
+           f"patients), {cfg.private.pretrain_steps} generator steps on it in one process (L1 on: public data); "
+           f"then {cfg.private.finetune_steps} steps of AsynDGAN from that start, a server process and one site "
+           "process per site over mutual TLS, every site at its privacy defaults (patient-level DP-SGD on its "
+           "discriminators' last layer, epsilon 10, delta 1e-5), no L1 term, the server's anchor to the public "
+           f"start on. Epsilon spent per site (each site's own ledger): {_epsilons(privacy)}."]
+          if cfg.private is not None else []),
         "- Synthetic training sets are generated from the training sites' own 3-D segmentations (every case of "
-        "every site, whole volumes, every axial slice). Why these label maps: they are the maps the GANs were "
+        f"every site, whole volumes, every axial slice; {g.recipe.samples} synthetic case(s) per label-map case). Why these label maps: they are the maps the GANs were "
         "trained against (the server already holds their tumour slices in its bank), so the synthetic set and "
         "Real-All differ only in the images, which is what the comparison asks; and only whole 3-D segmentations "
         "give the healthy slices the segmentation recipe trains on, which the server's bank of 2-D tumour "

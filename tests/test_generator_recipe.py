@@ -47,3 +47,28 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     assert json.loads((out / "timings.json").read_text())["gan_spade_g1"] < timings["gan_spade_g1"] + 1
     bad = CliRunner().invoke(main, [*args[:6], "--levers", "zoom", "--log-level", "WARNING"])
     assert bad.exit_code == 2 and "zoom" in bad.output
+
+
+def test_a_recipe_is_the_systems_own_settings(tmp_path):
+    """Every lever of a recipe lands in the setting the system itself reads: the server's configuration, the sites'
+    data preparation (in process and as `asyndgan-site join --set`), generate's samples."""
+    from asyndgan.common.config import SiteConfig, load_config, parse_override
+    from asyndgan.experiments import synthetic_learning as sl
+    from asyndgan.experiments.recipe import PAPERS, GANRecipe
+
+    recipe = GANRecipe(generator="spade", d_scales=2, ema_decay=0.999, diff_augment=["translation"],
+                       healthy_ratio=0.5, samples=2)
+    cfg = sl.preset_config("cpu", tmp_path)
+    cfg = cfg.model_copy(update={"gan": cfg.gan.model_copy(update={"recipe": recipe})})
+    scfg = sl.server_config(cfg, tmp_path / "run", 3, 4)
+    assert (scfg.site.model.image2d.generator, scfg.site.model.image2d.d_scales) == ("spade", 2)
+    assert scfg.train.ema_decay == 0.999 and scfg.site.diff_augment == ["translation"]
+    assert recipe.prep(tmp_path).healthy_ratio == 0.5
+    options = recipe.site_options()  # read as `asyndgan-site join` reads its --set options
+    sets = dict(parse_override(o) for flag, o in zip(options[::2], options[1::2]) if flag == "--set")
+    site = load_config(SiteConfig, None, {"site_id": "s", "data": str(tmp_path), **sets})
+    assert site.prep.healthy_ratio == 0.5
+    papers = sl.server_config(sl.preset_config("cpu", tmp_path), tmp_path / "run", 3, 4)
+    assert (papers.site.model.image2d.generator, papers.train.ema_decay, papers.site.diff_augment) == ("resnet", None, [])
+    assert PAPERS.site_options() == [] and PAPERS.with_lever("samples3").samples == 3
+    assert PAPERS.with_lever("longer") == PAPERS == PAPERS.with_lever("baseline")
