@@ -28,6 +28,9 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+MEMBER_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"  # a registered generator's or discriminator's name
+
+
 class Image2DConfig(_Section):
     """Label map -> multi-channel image (pix2pix-style)."""
 
@@ -36,15 +39,19 @@ class Image2DConfig(_Section):
                                   "crop of image_size (pix2pix: 286 for 256); None: same as image_size, no crop")
     modalities: list[str] = Field(default_factory=lambda: list(BRATS_MODALITIES), min_length=1)
     num_classes: int = Field(5, ge=2, le=64, description="label values 0..num_classes-1 in the label maps")
-    generator: Literal["resnet", "spade", "unet"] = Field(
-        "resnet", description="resnet: pix2pix's ResNet generator (the papers'); spade: the same with the label map "
-        "in every block of its second half (SPADE normalisation, GauGAN; needs MONAI: the server's 'research' "
-        "extra); unet: a U-Net with skip connections")
+    generator: str = Field(
+        "resnet", pattern=MEMBER_PATTERN, description="a generator registered in common/families.py "
+        "(register_generator): resnet, pix2pix's ResNet generator (the papers'); spade, the same with the label "
+        "map in every block of its second half (SPADE normalisation, GauGAN; needs MONAI: the server's 'research' "
+        "extra); unet, a U-Net with skip connections. Only the server builds it")
     ngf: int = Field(64, ge=1, le=512)
     n_blocks: int = Field(9, ge=0, le=32, description="residual blocks (resnet and spade generators)")
     unet_depth: int = Field(7, ge=2, le=8, description="down-samplings (unet generator)")
     ndf: int = Field(64, ge=1, le=512)
     d_layers: int = Field(3, ge=1, le=6, description="PatchGAN strided layers (3 -> 70x70 receptive field)")
+    d_network: str = Field("patchgan", pattern=MEMBER_PATTERN, description="a discriminator network registered in "
+                           "common/families.py (register_discriminator), built by every site: patchgan, pix2pix's "
+                           "PatchGAN (d_layers, d_scales)")
     d_scales: int = Field(1, ge=1, le=3, description="PatchGANs per discriminator, each at half the resolution of "
                           "the one before (pix2pixHD's multi-scale discriminator: the coarse ones judge the layout); "
                           "1 (default): the papers' single PatchGAN")

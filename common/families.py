@@ -7,8 +7,12 @@ real image (`paired`: conditional discriminators and an L1 term in L_G). Familie
 takes the run's ModelConfig, so one object serves every run. `get_family` fails loudly on unknown names.
 
 - image2d: label map -> multi-channel image. The condition is the site's uploaded uint8 label map, one-hot
-  [n, K, H, W], cropped and flipped by the server's draw; one PatchGAN per modality the site holds, each seeing
-  the one-hot map and that one channel; G is a ResNet or U-Net.
+  [n, K, H, W], cropped and flipped by the server's draw; one discriminator per modality the site holds, each
+  seeing the one-hot map and that one channel (or one over every channel). Its generators and discriminator
+  networks are members registered by name (`register_generator`, `register_discriminator`) and chosen in the
+  server's config (`model.image2d.generator`, `model.image2d.d_network`): a new one is a function registered in
+  an imported module, nothing else changes. The server builds the generator, each site its discriminators, so a
+  site refuses a discriminator it does not know, and never needs to know the generator.
 - mlp1d: the paper's 1-D experiment. The condition is Gaussian noise drawn by the server; nothing is uploaded,
   there is no augmentation, the discriminator is an unconditional MLP on the scalar sample.
 """
@@ -16,13 +20,13 @@ takes the run's ModelConfig, so one object serves every run. `get_family` fails 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from asyndgan.common.conditions import Augmentation, draw_augmentation, one_hot
-from asyndgan.common.config import ModelConfig
+from asyndgan.common.config import Image2DConfig, ModelConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.common.networks import (MultiScalePatchGAN, PatchGAN, ResNetGenerator, SPADEGenerator, UNetGenerator,
                                       initialise, mlp)
@@ -103,6 +107,65 @@ def get_family(name: str) -> Family:
 
 JOINT = "joint"  # the name of the one discriminator over every modality (image2d.discriminator = "joint")
 
+# image2d's members. A generator: (config, input channels = classes, output channels = modalities) -> module
+# mapping a one-hot map [n, K, H, W] to images [n, C, H, W] in [-1, 1]. A discriminator network: (config, input
+# channels) -> module mapping [n, in_ch, H, W] to logits [n, ...] (every logit is one real/fake judgement).
+GeneratorBuilder = Callable[[Image2DConfig, int, int], nn.Module]
+DiscriminatorBuilder = Callable[[Image2DConfig, int], nn.Module]
+_GENERATORS: dict[str, GeneratorBuilder] = {}
+_DISCRIMINATORS: dict[str, DiscriminatorBuilder] = {}
+
+
+def register_generator(name: str) -> Callable[[GeneratorBuilder], GeneratorBuilder]:
+    """Decorator: make an image2d generator available as `model.image2d.generator = name`."""
+    def add(build: GeneratorBuilder) -> GeneratorBuilder:
+        _GENERATORS[name] = build
+        return build
+    return add
+
+
+def register_discriminator(name: str) -> Callable[[DiscriminatorBuilder], DiscriminatorBuilder]:
+    """Decorator: make an image2d discriminator network available as `model.image2d.d_network = name`."""
+    def add(build: DiscriminatorBuilder) -> DiscriminatorBuilder:
+        _DISCRIMINATORS[name] = build
+        return build
+    return add
+
+
+def image2d_members() -> dict[str, list[str]]:
+    return {"generator": sorted(_GENERATORS), "d_network": sorted(_DISCRIMINATORS)}
+
+
+def _member(table: dict, name: str, what: str):
+    if name not in table:
+        raise ConfigError(f"unknown image2d {what} {name!r}; registered: {', '.join(sorted(table))}")
+    return table[name]
+
+
+@register_generator("resnet")
+def _resnet(cfg: Image2DConfig, in_ch: int, out_ch: int) -> nn.Module:
+    """pix2pix's ResNet generator: the papers'."""
+    return ResNetGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks)
+
+
+@register_generator("unet")
+def _unet(cfg: Image2DConfig, in_ch: int, out_ch: int) -> nn.Module:
+    return UNetGenerator(in_ch, out_ch, cfg.ngf, cfg.unet_depth)
+
+
+@register_generator("spade")
+def _spade(cfg: Image2DConfig, in_ch: int, out_ch: int) -> nn.Module:
+    """The ResNet generator with the label map in every block of its second half (SPADE normalisation)."""
+    return SPADEGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks)
+
+
+@register_discriminator("patchgan")
+def _patchgan(cfg: Image2DConfig, in_ch: int) -> nn.Module:
+    """pix2pix's PatchGAN; at d_scales > 1 one per scale (pix2pixHD's multi-scale discriminator)."""
+    if cfg.d_scales == 1:
+        return PatchGAN(in_ch, cfg.ndf, cfg.d_layers)
+    return MultiScalePatchGAN(in_ch, cfg.ndf, cfg.d_layers, cfg.d_scales)
+
 
 @register_family
 class Image2D(Family):
@@ -146,28 +209,17 @@ class Image2D(Family):
 
     def build_generator(self, model):
         cfg = model.image2d
-        in_ch, out_ch = cfg.num_classes, len(cfg.modalities)
-        if cfg.generator == "resnet":
-            return initialise(ResNetGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks), cfg.init)
-        if cfg.generator == "unet":
-            return initialise(UNetGenerator(in_ch, out_ch, cfg.ngf, cfg.unet_depth), cfg.init)
-        if cfg.generator == "spade":
-            return initialise(SPADEGenerator(in_ch, out_ch, cfg.ngf, cfg.n_blocks), cfg.init)
-        raise ConfigError(f"unknown image2d generator {cfg.generator!r}; choose resnet, spade or unet")
+        build = _member(_GENERATORS, cfg.generator, "generator")
+        return initialise(build(cfg, cfg.num_classes, len(cfg.modalities)), cfg.init)
 
     def build_discriminators(self, model, modalities):
-        # One PatchGAN per modality held (the multi-modal method): input is the one-hot map plus that channel;
-        # or one "joint" PatchGAN over the map and every held channel.
+        # One discriminator per modality held (the multi-modal method): input is the one-hot map plus that
+        # channel; or one "joint" discriminator over the map and every held channel.
         cfg = model.image2d
-
-        def patchgan(in_ch: int) -> nn.Module:
-            if cfg.d_scales == 1:
-                return PatchGAN(in_ch, cfg.ndf, cfg.d_layers)
-            return MultiScalePatchGAN(in_ch, cfg.ndf, cfg.d_layers, cfg.d_scales)
-
+        build = _member(_DISCRIMINATORS, cfg.d_network, "discriminator network (d_network)")
         if cfg.discriminator == "joint":
-            return initialise(nn.ModuleDict({JOINT: patchgan(cfg.num_classes + len(modalities))}), cfg.init)
-        return initialise(nn.ModuleDict({m: patchgan(cfg.num_classes + 1) for m in modalities}), cfg.init)
+            return initialise(nn.ModuleDict({JOINT: build(cfg, cfg.num_classes + len(modalities))}), cfg.init)
+        return initialise(nn.ModuleDict({m: build(cfg, cfg.num_classes + 1) for m in modalities}), cfg.init)
 
     def discriminator_inputs(self, names, samples):
         if names == [JOINT]:

@@ -24,7 +24,10 @@ def settings_digest(cfg: SiteFacingConfig, modalities: list[str], private: str |
     "slice", with ":last:K" when only part of it learnt); state trained without DP, or under a weaker unit, is
     never loaded into a private site (its weights would carry the images unprotected, or protected per slice
     only)."""
-    shape: dict[str, object] = {"model": cfg.model.model_dump(), "modalities": modalities, "d_optim": cfg.d_optim.name}
+    model = cfg.model.model_dump()
+    if model["image2d"]["d_network"] == "patchgan":
+        del model["image2d"]["d_network"]  # the one network before members were registered: digests as before
+    shape: dict[str, object] = {"model": model, "modalities": modalities, "d_optim": cfg.d_optim.name}
     if private == "slice":
         shape["dp_sgd"] = True  # as digests were before the patient unit existed
     elif private:

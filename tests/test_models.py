@@ -66,6 +66,41 @@ def test_one_patchgan_per_held_modality():
     assert ds["t2"](torch.rand(1, 6, 64, 64)).shape == (1, 1, 6, 6)
 
 
+def test_a_registered_member_is_chosen_in_the_config_and_an_unknown_one_is_named():
+    """A new generator or discriminator network is a registered function chosen by name in the server's config;
+    the engine needs no other change, and a name nobody registered fails in one line listing the known ones."""
+    from pydantic import ValidationError
+    from torch import nn
+
+    from asyndgan.common import families
+
+    @families.register_generator("test_pointwise")
+    def _pointwise(cfg, in_ch, out_ch):
+        return nn.Conv2d(in_ch, out_ch, 1)
+
+    @families.register_discriminator("test_pixel")
+    def _pixel(cfg, in_ch):
+        return nn.Conv2d(in_ch, 1, 1)  # one logit per pixel
+
+    try:
+        cfg = ModelConfig.model_validate({"image2d": {"generator": "test_pointwise", "d_network": "test_pixel"}})
+        assert build_generator(cfg)(torch.rand(2, 5, 16, 16)).shape == (2, 4, 16, 16)
+        assert build_discriminators(cfg, ["t1"])["t1"](torch.rand(2, 6, 16, 16)).shape == (2, 1, 16, 16)
+        assert {"resnet", "spade", "unet", "test_pointwise"} <= set(families.image2d_members()["generator"])
+    finally:
+        families._GENERATORS.pop("test_pointwise")
+        families._DISCRIMINATORS.pop("test_pixel")
+    with pytest.raises(ValidationError, match="generator"):
+        ModelConfig.model_validate({"image2d": {"generator": "Bad Name"}})  # not a name anything can register
+    bad = ModelConfig.model_validate({"image2d": {"generator": "gaugan2"}})
+    with pytest.raises(ConfigError, match=r"unknown image2d generator 'gaugan2'; registered: resnet, spade, unet"):
+        build_generator(bad)
+    bad = ModelConfig.model_validate({"image2d": {"d_network": "oasis"}})
+    with pytest.raises(ConfigError, match=r"unknown image2d discriminator network \(d_network\) 'oasis'; "
+                                          r"registered: patchgan"):
+        build_discriminators(bad, ["t1"])
+
+
 def test_mlp1d_models():
     cfg = ModelConfig(family="mlp1d")
     assert build_generator(cfg)(torch.randn(7, cfg.mlp1d.noise_dim)).shape == (7, 1)
