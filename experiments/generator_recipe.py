@@ -23,6 +23,12 @@ segmentation seeds; against the baseline: the mean paired per-patient difference
 between GAN seeds is reported beside it. Nothing is tuned on the test patients: every lever's setting was fixed
 before any run. Cost: generator steps and seconds per GAN.
 
+Which levers a new recipe adopts is decided on validation patients, never on the test patients: every
+segmentation model is also scored on `validation_cases` patients of a validation cohort (the same phantom layout
+and sites' scanners, its own random streams: no training or test patient), and a lever is adopted when its paired
+difference against the baseline there has its 95% interval above zero (generator_recipe_report.ADOPT_RULE). The test patients' numbers
+report what the chosen recipe gives; they choose nothing.
+
 Resumable: every GAN, synthetic set and segmentation model is kept in OUT; two processes of the command on one OUT
 share the GANs.
 """
@@ -32,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 import threading
 import time
 
@@ -40,6 +47,7 @@ from pydantic import Field
 
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig
+from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments import synthetic_learning as sl
 from asyndgan.experiments.recipe import LEVERS, Lever
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
@@ -59,6 +67,8 @@ class GeneratorRecipeConfig(ExperimentConfig):
     segmentation: SegmentationRecipe
     levers: list[Lever] = Field(default_factory=lambda: list(LEVERS), min_length=1)
     gan_seeds: int = Field(2, ge=1, description="GANs per lever (seed, seed+1, ...)")
+    validation_cases: int = Field(30, ge=2, description="patients of the validation cohort the levers are chosen "
+                                  "on (the test patients choose nothing)")
     segmentation_seeds: int = Field(3, ge=1, description="segmentation models per GAN")
     device: str = "cpu"
     threads: int = Field(2, ge=1)
@@ -72,7 +82,8 @@ def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRec
     base = sl.preset_config(preset, out, seed)  # type: ignore[arg-type]
     return GeneratorRecipeConfig(preset=preset, out=out, seed=seed, phantom=base.phantom, gan=base.gan,  # type: ignore[arg-type]
                                  segmentation=base.segmentation, device=base.device,
-                                 segmentation_seeds=1 if preset == "smoke" else 3)
+                                 segmentation_seeds=1 if preset == "smoke" else 3,
+                                 validation_cases=base.phantom.test_cases)
 
 
 # ---- one GAN ----------------------------------------------------------------------------------------------------
@@ -119,12 +130,59 @@ def synthetic(cfg: GeneratorRecipeConfig, name: str, gan: dict, maps: pathlib.Pa
     return out
 
 
+# ---- validation patients ------------------------------------------------------------------------------------------
+VALIDATION = "validation"  # the evaluation folder of each segmentation model scored on the validation patients
+
+
+def make_validation(cfg: GeneratorRecipeConfig) -> pathlib.Path:
+    """The validation patients (written once; two processes of the command wait for one another): the phantom's
+    layout with the cohort name `validation`, so its own random streams and case ids; only its test folder is
+    used (each site gets the one case the layout needs, unused)."""
+    import fcntl
+
+    root, done = cfg.out / "validation", cfg.out / "validation.done"
+    layout = cfg.phantom.layout(cfg.seed).model_copy(update={
+        "cohort": VALIDATION, "test_cases": cfg.validation_cases,
+        "cases_per_site": [1] * len(cfg.phantom.cases_per_site)})
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    with open(cfg.out / "validation.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            write_phantom(root, PhantomConfig.model_validate(layout.model_dump()))
+            done.write_text("complete\n")
+    return root / "test"
+
+
+def validate(cfg: GeneratorRecipeConfig, name: str, seeds: list[int], cases) -> list[SeedScore]:
+    """Each segmentation model of piece `name` scored on the validation patients (kept next to its test
+    evaluation, in <model folder>/../validation). `cases`: a callable giving the prepared validation patients."""
+    from asyndgan.segmentation import evaluate_model, write_results
+
+    out = []
+    for s in seeds:
+        folder = cfg.out / "segmentation" / name / f"seed{s}"
+        if not (folder / VALIDATION / "summary.json").is_file():
+            write_results(evaluate_model(folder / "model", cases(), cfg.device, progress=False), folder / VALIDATION)
+        out.append(SeedScore.read(folder, VALIDATION))
+    return out
+
+
 # ---- the experiment ---------------------------------------------------------------------------------------------
 def run(cfg: GeneratorRecipeConfig) -> dict:
-    start = sl.start_pooled(cfg, choose=("levers",))
+    from asyndgan.segmentation import load_test_cases
+
+    start = sl.start_pooled(cfg, choose=("levers",), added=("validation_cases",))
     timings, timed, test_dir, pooled = start.timings, start.timed, start.test_dir, start.pooled
     gan_seeds, seg_seeds = start.gan_seeds, start.segmentation_seeds
     names = [f"{lever}_g{g}" for lever in cfg.levers for g in gan_seeds]
+    validation_dir = timed("validation_phantom", make_validation, cfg)
+    prepared: list = []
+
+    def validation_cases():
+        if not prepared:
+            prepared.append(load_test_cases(validation_dir, cfg.segmentation.preprocessing, progress=False))
+        return prepared[0]
 
     def piece(name: str) -> dict:
         lever, g = name.rsplit("_g", 1)
@@ -132,11 +190,17 @@ def run(cfg: GeneratorRecipeConfig) -> dict:
         data = timed(f"synthesis_{name}", synthetic, cfg, name, gan, pooled)
         scores = timed(f"segmentation_{name}", score_rows, cfg.out / "segmentation", {name: [data]},
                        cfg.segmentation, seg_seeds, test_dir, cfg.device)[name]
-        out = {"gan": gan, "segmentation": [s.as_json() for s in scores]}
+        checked = timed(f"validation_{name}", validate, cfg, name, seg_seeds, validation_cases)
+        out = {"gan": gan, "segmentation": [s.as_json() for s in scores],
+               "validation": [s.as_json() for s in checked]}
         write_json(cfg.out / "pieces" / f"{name}.json", out)
         return out
 
-    done = shared_pieces(cfg, "gan", names, piece, lambda n: json_if_file(cfg.out / "pieces" / f"{n}.json"))
+    def finished(name: str) -> dict | None:
+        record = json_if_file(cfg.out / "pieces" / f"{name}.json")
+        return record if record is not None and "validation" in record else None  # earlier pieces: scored now
+
+    done = shared_pieces(cfg, "gan", names, piece, finished)
     from asyndgan.experiments import generator_recipe_report as report
 
     return report.write_all(cfg, summarise(cfg, done, gan_seeds), timings)
@@ -151,13 +215,18 @@ def summarise(cfg: GeneratorRecipeConfig, done: dict, gan_seeds: list[int]) -> d
         per_gan = [RowScore.of([SeedScore.from_json(s) for s in r["segmentation"]]) for r in runs]
         every = RowScore.of([SeedScore.from_json(s) for r in runs for s in r["segmentation"]])
         dice_per_gan = [p.dice for p in per_gan]
+        checked = RowScore.of([SeedScore.from_json(s) for r in runs for s in r["validation"]])
         levers[lever] = {"dice": float(np.mean(dice_per_gan)), "dice_per_gan": dice_per_gan,
                          "gan_sd": float(np.std(dice_per_gan, ddof=1)) if len(dice_per_gan) > 1 else 0.0,
                          "collapsed": every.collapsed, "patients": every.patients,
+                         "validation_dice": checked.dice, "validation_patients": checked.patients,
                          "steps": runs[0]["gan"]["steps"], "samples": runs[0]["gan"]["samples"],
                          "gan_seconds": float(np.mean([r["gan"]["seconds"] for r in runs]))}
     if "baseline" in levers:
         for lever, row in levers.items():
             if lever != "baseline":
                 row["minus_baseline"] = paired(row["patients"], levers["baseline"]["patients"])
+                row["validation_minus_baseline"] = gap = paired(row["validation_patients"],
+                                                                levers["baseline"]["validation_patients"])
+                row["adopted"] = bool(gap["low"] > 0)  # ADOPT_RULE
     return levers

@@ -40,13 +40,14 @@ class SeedScore:
     csv: str = field(default="", repr=False, compare=False)
 
     @classmethod
-    def read(cls, folder: pathlib.Path) -> SeedScore:
-        """From a finished piece FOLDER (= .../seed<s>) holding model/training.json and eval/."""
-        path = folder / "eval" / "per_patient.csv"
+    def read(cls, folder: pathlib.Path, evaluation: str = "eval") -> SeedScore:
+        """From a finished piece FOLDER (= .../seed<s>) holding model/training.json and the evaluation folder
+        (`eval`: the test patients; another name: the same model scored on other patients)."""
+        path = folder / evaluation / "per_patient.csv"
         with open(path, newline="") as f:
             table = tuple(csv.DictReader(f))
         training = json.loads((folder / "model" / "training.json").read_text())
-        summary = json.loads((folder / "eval" / "summary.json").read_text())
+        summary = json.loads((folder / evaluation / "summary.json").read_text())
         return cls(seed=int(folder.name.removeprefix("seed")), dice=float(summary["dice"]["mean"]),
                    hd95_mm=float(summary["hd95_mm"]["mean"]), patients={r["case"]: float(r["dice"]) for r in table},
                    collapsed=bool(training.get("collapsed", False)), summary=summary, table=table, csv=str(path))

@@ -205,12 +205,13 @@ class PooledStart:
     segmentation_seeds: list[int]
 
 
-def start_pooled(cfg, choose: tuple[str, ...] = ()) -> PooledStart:
+def start_pooled(cfg, choose: tuple[str, ...] = (), added: tuple[str, ...] = ()) -> PooledStart:
     """Threads and device checked, settings checked against OUT, the phantom written (once), its sites pooled, the
     GAN and segmentation seeds: cfg.seed, cfg.seed + 1, ... `choose`: settings that pick which pieces run (a
-    subset, or pieces added later), not how: another choice resumes the same OUT."""
+    subset, or pieces added later), not how: another choice resumes the same OUT. `added`: settings the
+    experiment gained after runs were made (check_settings)."""
     prepare_compute(cfg)
-    check_settings(cfg, exclude=choose)
+    check_settings(cfg, added=added, exclude=choose)
     timings, timed = piece_timer(cfg.out / "timings.json")
     sites, test_dir = timed("phantom", make_phantom, cfg)
     return PooledStart(timings, timed, sites, test_dir, pooled_tree(sites, cfg.out / "pooled"),

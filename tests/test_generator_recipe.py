@@ -39,7 +39,15 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
         assert len(row["dice_per_gan"]) == 2 and 0 <= row["dice"] <= 1
         gap = row["minus_baseline"]
         assert gap["patients"] == 3 and gap["low"] <= gap["mean"] <= gap["high"]
-    assert "| spade |" in (out / "report.md").read_text()
+    # the levers are chosen on validation patients, a cohort of their own: the test patients choose nothing
+    spade = results["levers"]["spade"]
+    validation = sorted(p.name for p in (out / "validation" / "test").iterdir() if p.is_dir())
+    test = sorted(p.name for p in (out / "phantom" / "test").iterdir() if p.is_dir())
+    assert len(validation) == 3 and not set(validation) & set(test)
+    assert sorted(spade["validation_patients"]) == validation and sorted(spade["patients"]) == test
+    gap = spade["validation_minus_baseline"]
+    assert spade["adopted"] == (gap["low"] > 0) and gap["patients"] == 3
+    assert "| spade |" in (out / "report.md").read_text() and "Adopted by the rule" in (out / "report.md").read_text()
     assert (out / "levers.png").stat().st_size > 5_000 and (out / "samples.png").stat().st_size > 1_000
     timings = json.loads((out / "timings.json").read_text())
     again = CliRunner().invoke(main, args)
