@@ -59,6 +59,32 @@ def asynchrony(out, seeds, steps, lag, log_level):
     click.echo(f"report: {out / 'report.md'}")
 
 
+@experiment.command("compare-samples")
+@click.option("--generator", "generators", multiple=True, required=True, metavar="NAME=CHECKPOINT",
+              help="A generator to show: a name and its checkpoint, run folder or published generator file "
+                   "(repeat; shown in this order).")
+@click.option("--cases", type=click.Path(path_type=pathlib.Path), required=True,
+              help="A BraTS folder whose cases give the label maps (and the real slices beside them).")
+@click.option("--out", type=click.Path(path_type=pathlib.Path), required=True, help="The PNG to write.")
+@click.option("--count", default=4, show_default=True, type=click.IntRange(1, 32), help="Cases (rows).")
+@click.option("--modality", default="flair", show_default=True)
+@log_level_option
+@friendly_errors
+def compare_samples(generators, cases, out, count, modality, log_level):
+    """Generators side by side on the same label maps (e.g. the old recipe against the new): for the first COUNT
+    cases, the middle tumour slice's label map, the real image and each generator's image."""
+    from asyndgan.experiments.compare_samples import compare
+
+    setup_logging(log_level)
+    named = {}
+    for item in generators:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{item!r} must look like NAME=CHECKPOINT", param_hint="--generator")
+        named[name] = pathlib.Path(path)
+    click.echo(compare(named, cases, out, count, modality))
+
+
 @experiment.command("asynchrony-images")
 @click.option("--preset", type=click.Choice(["smoke", "cpu"]), required=True,
               help="smoke: the plumbing in about a minute; cpu: the synthetic-learning cpu data with a smaller "

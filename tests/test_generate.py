@@ -395,3 +395,24 @@ def test_several_samples_per_case_move_the_label_maps_and_their_seg_together(bra
     assert len(found) == 6 and not problems
     again = generate(args)
     assert again.exit_code == 0 and "wrote 0 synthetic cases (6 already there)" in again.output
+
+
+def test_compare_samples_puts_generators_side_by_side_on_the_same_maps(brats_run, tree, tmp_path):
+    """`asyndgan experiment compare-samples`: one row per case, the label map, the real slice and each generator's
+    image of it; a malformed --generator or a folder without cases is one line."""
+    from click.testing import CliRunner
+
+    from asyndgan.cli.main import main
+
+    out = tmp_path / "grid.png"
+    args = ["experiment", "compare-samples", "--generator", f"a={brats_run['checkpoint']}",
+            "--generator", f"b={brats_run['checkpoint']}", "--cases", str(tree), "--out", str(out), "--count", "2"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert out.stat().st_size > 5_000 and str(out) in r.output
+    r = CliRunner().invoke(main, [*args[:2], "--generator", "no-equals-sign", *args[6:]])
+    assert r.exit_code == 2 and "NAME=CHECKPOINT" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = CliRunner().invoke(main, [*args[:6], "--cases", str(empty), "--out", str(out)])
+    assert r.exit_code != 0 and "no BraTS case" in r.output and "Traceback" not in r.output
