@@ -104,6 +104,23 @@ class _Flight:
     applied_at: int = -1  # the step its in-time answers were applied in
 
 
+def warm_ema(decay: float):
+    """The moving average's update with train.ema_warmup: the n-th update (n >= 1; the first, n = 0, copies)
+    moves the average by 1 - min(decay, (1 + n) / (10 + n))."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = int(n_averaged)
+        step = 1 - min(decay, (1 + n) / (10 + n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, step)
+        else:  # integer buffers (counters): the same rule, rounded
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(torch.round(a * (1 - step) + c * step).to(a.dtype))
+
+    return update
+
+
 class Trainer:
     def __init__(self, cfg: ServerConfig, registry: SitePool, bank: LabelMapStore, run_dir: pathlib.Path):
         self.cfg = cfg
@@ -119,7 +136,8 @@ class Trainer:
         # The moving average of the weights (train.ema_decay): its first update copies the generator as it is then
         # (a public start loaded after this constructor included), each later one moves it by (1 - decay).
         self.ema = None if cfg.train.ema_decay is None else AveragedModel(
-            self.generator, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            self.generator, use_buffers=True, multi_avg_fn=warm_ema(cfg.train.ema_decay) if cfg.train.ema_warmup
+            else get_ema_multi_avg_fn(cfg.train.ema_decay))
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
         self.step = 0
         self.round = 0

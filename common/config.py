@@ -229,6 +229,10 @@ class TrainConfig(_Section):
                                     "generator's weights with this decay per step (e.g. 0.999); checkpoints keep "
                                     "it, and it is the generator a run publishes (export, generate, samples from a "
                                     "checkpoint, the public start). Unset: off")
+    ema_warmup: bool = Field(False, description="the moving average's decay at its n-th update is min(ema_decay, "
+                             "(1 + n) / (10 + n)), TensorFlow's num_updates rule: the average forgets the untrained "
+                             "start within a few hundred steps, where a constant decay keeps ema_decay^steps of it "
+                             "(13.5% of the first step's weights after 2000 steps at 0.999)")
     pipeline: int = Field(0, ge=0, le=1, description="0 (default): lock-step; each gradient is applied to the "
                           "weights that made its fakes (exact). 1: the next step's fakes go out while the sites answer "
                           "the last ones, so a round trip hides behind the server's and the sites' compute; the "

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 
-Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer"]
-LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer")
+Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer", "ema_warmup"]
+LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer",
+                             "ema_warmup")
 
 
 class GANRecipe(BaseModel):
@@ -26,6 +27,7 @@ class GANRecipe(BaseModel):
     generator: Literal["resnet", "spade"] = Field("resnet", description="Image2DConfig.generator")
     d_scales: int = Field(1, ge=1, le=3, description="Image2DConfig.d_scales: PatchGANs per discriminator")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="TrainConfig.ema_decay (None: off)")
+    ema_warmup: bool = Field(False, description="TrainConfig.ema_warmup")
     diff_augment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=list, description="SiteFacingConfig.diff_augment at every site's discriminators")
     healthy_ratio: float = Field(0.0, ge=0, le=4, description="DataPrepConfig.healthy_ratio at every site")
@@ -33,7 +35,7 @@ class GANRecipe(BaseModel):
 
     def with_lever(self, lever: Lever) -> "GANRecipe":
         """This recipe with one lever pulled (`baseline` and `longer`, a matter of steps, change nothing here)."""
-        change = {"ema": {"ema_decay": 0.999}, "spade": {"generator": "spade"}, "multiscale": {"d_scales": 2},
+        change = {"ema": {"ema_decay": 0.999}, "ema_warmup": {"ema_decay": 0.999, "ema_warmup": True}, "spade": {"generator": "spade"}, "multiscale": {"d_scales": 2},
                   "diffaug": {"diff_augment": ["translation", "cutout"]}, "healthy": {"healthy_ratio": 0.5},
                   "samples3": {"samples": 3}}.get(lever, {})
         return self.model_copy(update=change)
@@ -43,6 +45,7 @@ class GANRecipe(BaseModel):
         scfg.site.model.image2d.generator = self.generator
         scfg.site.model.image2d.d_scales = self.d_scales
         scfg.train.ema_decay = self.ema_decay
+        scfg.train.ema_warmup = self.ema_warmup
         scfg.site.diff_augment = list(self.diff_augment)
 
     def prep(self, cache_dir: pathlib.Path) -> DataPrepConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from asyndgan.formats import checkpoint as ckpt
@@ -123,3 +124,25 @@ def test_the_moving_average_of_the_generator_is_kept_resumed_and_published(tmp_p
     resumed.load_state_dict(state)
     assert int(resumed.ema.n_averaged) == 3 and torch.equal(resumed.ema.module.state_dict()[name], ema)
     assert ckpt.published_generator({"generator": {"w": 1}}) == {"w": 1}  # a run without the average
+
+
+def test_a_warmed_up_moving_average_forgets_the_untrained_start():
+    """train.ema_warmup: the n-th update moves the average by 1 - min(decay, (1 + n) / (10 + n)), so after 2000
+    updates almost nothing of the first weights is left, where a constant 0.999 keeps 0.999^2000 = 13.5% of them."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from asyndgan.central_server.trainer import warm_ema
+
+    warm, constant = warm_ema(0.999), get_ema_multi_avg_fn(0.999)
+    a, b = [torch.zeros(3)], [torch.zeros(3)]  # the copy of the first weights (0); every later weight is 1
+    for n in range(1, 2001):
+        warm(a, [torch.ones(3)], torch.tensor(n))
+        constant(b, [torch.ones(3)], torch.tensor(n))
+    assert float(1 - b[0][0]) == pytest.approx(0.999 ** 2000, rel=1e-3)
+    assert float(1 - a[0][0]) < 1e-3  # the start's share
+    one = [torch.zeros(1)]
+    warm(one, [torch.ones(1)], torch.tensor(1))
+    assert float(one[0][0]) == pytest.approx(1 - 2 / 11)  # the first move: min(0.999, 2 / 11)
+    counters = [torch.zeros(1, dtype=torch.long)]
+    warm(counters, [torch.full((1,), 10, dtype=torch.long)], torch.tensor(1))
+    assert counters[0].dtype == torch.long and int(counters[0]) == 8
