@@ -12,7 +12,8 @@ Levers (`LEVERS`; each a named change of the baseline, measured alone):
     multiscale   image2d.d_scales 2: a PatchGAN at full and at half resolution
     diffaug      site.diff_augment translation + cutout at the discriminator
     healthy      prep.healthy_ratio 0.5: healthy brain slices beside the tumour slices
-    samples3     generate --samples 3: three synthetic cases per label-map case (the label maps moved)
+    samples3     generate --samples 3: three synthetic cases per label-map case (the label maps moved); it trains
+                 as the baseline does, so its GANs are the baseline's
     longer       twice the generator steps (the decay stretched with them)
     ema_warmup   ema with train.ema_warmup: the average's decay warmed up from 0.1, so that it forgets the
                  untrained start (added after `ema` measured below the baseline: at a constant 0.999 the average
@@ -80,7 +81,7 @@ class GeneratorRecipeConfig(ExperimentConfig):
 def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRecipeConfig:
     """smoke: the plumbing in a few minutes; cpu: the synthetic-learning cpu preset's data and GAN (64 px,
     ResNet-6, 2000 steps: about 34 minutes a GAN on one core, about 45 with its synthesis and 3 segmentation
-    models, so the 8 levers x 2 GAN seeds take about 6 hours with two processes, resumable); gpu: its gpu
+    models, so the 9 levers x 2 GAN seeds take about 6 hours with two processes, resumable); gpu: its gpu
     preset's."""
     base = sl.preset_config(preset, out, seed)  # type: ignore[arg-type]
     return GeneratorRecipeConfig(preset=preset, out=out, seed=seed, phantom=base.phantom, gan=base.gan,  # type: ignore[arg-type]
@@ -104,13 +105,29 @@ def lever_settings(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, run_
     return scfg, recipe.prep(cfg.out / "cache"), recipe.samples
 
 
+def _training(scfg: ServerConfig, prep: DataPrepConfig) -> str:
+    """What makes a GAN: every setting but where it is written."""
+    return json.dumps([json.loads(scfg.model_dump_json(exclude={"run_dir"})),
+                       json.loads(prep.model_dump_json())], sort_keys=True)
+
+
 def fit(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, pooled: pathlib.Path) -> dict:
-    """One GAN of one lever on the pooled data, in this process: {checkpoint, steps, seconds, samples}."""
+    """One GAN of one lever on the pooled data, in this process: {checkpoint, steps, seconds, samples}. A lever
+    that changes nothing in training (samples3: only the synthesis differs) uses the baseline's finished GAN of
+    the same seed, so that the comparison isolates the lever exactly ("shared_with" in the record)."""
     run_dir = cfg.out / "gan" / lever / f"seed{gan_seed}"
     record = run_dir / "gan.json"
     if record.is_file():
         return json.loads(record.read_text())
     scfg, prep, samples = lever_settings(cfg, lever, gan_seed, run_dir)
+    base = cfg.out / "gan" / "baseline" / f"seed{gan_seed}" / "gan.json"
+    if lever != "baseline" and base.is_file() and \
+            _training(scfg, prep) == _training(*lever_settings(cfg, "baseline", gan_seed, run_dir)[:2]):
+        result = {**json.loads(base.read_text()), "lever": lever, "samples": samples, "shared_with": "baseline"}
+        write_json(record, result)
+        log.info("%s seed %d trains as the baseline does: its GAN is the baseline's (%s)", lever, gan_seed,
+                 result["checkpoint"])
+        return result
     steps = scfg.site.schedule.steps
     started = time.monotonic()
     if kept_or_reset(run_dir, steps) is None:

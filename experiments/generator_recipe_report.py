@@ -19,7 +19,7 @@ WHAT = {
     "multiscale": "multi-scale discriminator (2 scales)",
     "diffaug": "differentiable augmentation at the discriminator (translation, cutout)",
     "healthy": "healthy brain slices beside the tumour slices (0.5 per tumour slice)",
-    "samples3": "three synthetic cases per label-map case (label maps moved)",
+    "samples3": "three synthetic cases per label-map case (label maps moved; the baseline's GANs)",
     "longer": "twice the generator steps",
     "ema_warmup": "the moving average with its decay warmed up (min(0.999, (1 + n) / (10 + n)))",
 }
