@@ -273,19 +273,27 @@ def train_asyndgan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path]) -> p
         return done
     scfg = server_config(cfg, run_dir, len(sites), cfg.gan.batch_per_site)
     started = time.monotonic()
+    # the papers' algorithm: privacy off (lambda_L1 > 0 is refused by private sites)
+    run_cluster(cfg, scfg, sites, "asyndgan", privacy=False)
+    log.info("asyndgan over gRPC with mutual TLS: %d steps in %.0f s", cfg.gan.steps, time.monotonic() - started)
+    return require_checkpoint(run_dir, cfg.gan.steps)
+
+
+def run_cluster(cfg: SyntheticLearningConfig, scfg: ServerConfig, sites: list[pathlib.Path], desc: str,
+                privacy: bool | None) -> None:
+    """A server process and one `asyndgan-site join` per site folder over mutual TLS, until the run ends.
+    privacy: None keeps the sites' default (on)."""
     cluster = Cluster(scfg, threads=1, tls=True)
     try:
         cluster.start_server()
         for i, folder in enumerate(sites):
             cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
                                                                 "--device", cfg.device, *cfg.gan.recipe.site_options()],
-                               privacy=False)  # the papers' algorithm (lambda_L1 > 0 is refused by private sites)
-        cluster.follow(cfg.gan.steps, desc="asyndgan")
+                               privacy=privacy)
+        cluster.follow(scfg.site.schedule.steps, desc=desc)
         cluster.wait(cfg.gan.timeout_s)
     finally:
         cluster.stop()
-    log.info("asyndgan over gRPC with mutual TLS: %d steps in %.0f s", cfg.gan.steps, time.monotonic() - started)
-    return require_checkpoint(run_dir, cfg.gan.steps)
 
 
 def make_public(cfg: SyntheticLearningConfig) -> pathlib.Path:
@@ -329,16 +337,7 @@ def train_private(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], start
     scfg = server_config(cfg.model_copy(update={"gan": gan}), run_dir, len(sites), cfg.gan.batch_per_site)
     scfg.init = start
     started = time.monotonic()
-    cluster = Cluster(scfg, threads=1, tls=True)
-    try:
-        cluster.start_server()
-        for i, folder in enumerate(sites):
-            cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
-                                                                "--device", cfg.device, *cfg.gan.recipe.site_options()])
-        cluster.follow(steps, desc="asyndgan_private")
-        cluster.wait(cfg.gan.timeout_s)
-    finally:
-        cluster.stop()
+    run_cluster(cfg, scfg, sites, "asyndgan_private", privacy=None)
     spent = {}
     for i in range(len(sites)):
         site = f"site{i + 1}"
