@@ -31,6 +31,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from asyndgan.experiments.recipe import PAPERS
 from asyndgan.experiments import synthetic_learning as sl
 from asyndgan.experiments.asynchrony import LaggingSession, _TickingRegistry
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
@@ -57,7 +58,7 @@ class AsynchronyImagesConfig(ExperimentConfig):
 
 def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> AsynchronyImagesConfig:
     base = sl.preset_config(preset, out, seed)  # type: ignore[arg-type]
-    gan = base.gan
+    gan = base.gan.model_copy(update={"recipe": PAPERS})  # the reports' recipe, whatever the system ships
     if preset == "cpu":
         gan = gan.model_copy(update={"ngf": 16, "n_blocks": 3, "ndf": 16, "steps": 600})
     return AsynchronyImagesConfig(preset=preset, out=out, seed=seed, phantom=base.phantom, gan=gan,  # type: ignore[arg-type]
@@ -69,7 +70,7 @@ def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> AsynchronyIm
 def fit(cfg: AsynchronyImagesConfig, row: Row, gan_seed: int, sites: list[pathlib.Path]) -> dict:
     """One GAN of one row, every site its own session in this process: {checkpoint, steps, seconds, late}."""
     from asyndgan.central_server.trainer import Trainer
-    from asyndgan.common.config import DataPrepConfig, ServerConfig
+    from asyndgan.common.config import ServerConfig
     from asyndgan.formats.datasets import open_dataset
     from asyndgan.simulation.local_sites import CountingBank, LocalSession
 
@@ -83,7 +84,7 @@ def fit(cfg: AsynchronyImagesConfig, row: Row, gan_seed: int, sites: list[pathli
             "late_catch_up": {"late_steps": cfg.lag, "late_weight": "catch_up"}}.get(row, {})
     scfg = ServerConfig.model_validate({**json.loads(scfg.model_dump_json()), "tensorboard": False,
                                         "train": {**scfg.train.model_dump(mode="json"), **mode}})
-    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    prep = cfg.gan.recipe.prep(cfg.out / "cache")
     slow = 0 if row in ("late", "late_catch_up", "dropped") else None  # the largest site
     started = time.monotonic()
     sessions: list = []

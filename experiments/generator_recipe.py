@@ -53,7 +53,7 @@ from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments import synthetic_learning as sl
-from asyndgan.experiments.recipe import LEVERS, Lever
+from asyndgan.experiments.recipe import LEVERS, PAPERS, Lever
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
                                          require_checkpoint, shared_pieces, write_json)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
@@ -84,7 +84,8 @@ def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRec
     models, so the 9 levers x 2 GAN seeds take about 6 hours with two processes, resumable); gpu: its gpu
     preset's."""
     base = sl.preset_config(preset, out, seed)  # type: ignore[arg-type]
-    return GeneratorRecipeConfig(preset=preset, out=out, seed=seed, phantom=base.phantom, gan=base.gan,  # type: ignore[arg-type]
+    gan = base.gan.model_copy(update={"recipe": PAPERS})  # every lever is a change of the papers' recipe
+    return GeneratorRecipeConfig(preset=preset, out=out, seed=seed, phantom=base.phantom, gan=gan,  # type: ignore[arg-type]
                                  segmentation=base.segmentation, device=base.device,
                                  segmentation_seeds=1 if preset == "smoke" else 3,
                                  validation_cases=base.phantom.test_cases)

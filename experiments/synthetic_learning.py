@@ -48,7 +48,7 @@ from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import (
     ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint, write_json,
 )
-from asyndgan.experiments.recipe import GANRecipe
+from asyndgan.experiments.recipe import SHIPPED, GANRecipe
 from asyndgan.experiments.scoring import SeedScore, score_rows
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Syntheti
             preset=preset, out=out, seed=seed,
             phantom=PhantomSection(cases_per_site=[3, 2, 1], test_cases=3, shape=(64, 64, 40)),
             gan=GANSection(image_size=32, ngf=8, n_blocks=1, ndf=8, d_layers=2, steps=6, batch_per_site=2,
-                           timeout_s=300),
+                           timeout_s=300, recipe=SHIPPED),
             segmentation=SegmentationRecipe(
                 preprocessing=Preprocessing(image_size=32), network=NetworkConfig(channels=[8, 16, 32],
                                                                                   num_res_units=1),
@@ -148,7 +148,7 @@ def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Syntheti
             preset=preset, out=out, seed=seed,
             phantom=PhantomSection(cases_per_site=[12, 6, 3], test_cases=30),
             # the demo's generator (64 px, ResNet-6, 32 filters); 2000 steps is ~10 min per GAN on this machine
-            gan=GANSection(image_size=64, ngf=32, n_blocks=6, ndf=32, steps=2000, batch_per_site=4),
+            gan=GANSection(image_size=64, ngf=32, n_blocks=6, ndf=32, steps=2000, batch_per_site=4, recipe=SHIPPED),
             # the segmentation package's default net; 1000 steps (~1.5 min a model) so 8 rows x 3 seeds fit
             segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=64),
                                             training=TrainingConfig(steps=1000, batch_size=16)),
@@ -158,7 +158,8 @@ def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> Syntheti
     return SyntheticLearningConfig(
         preset=preset, out=out, seed=seed,
         phantom=PhantomSection(cases_per_site=[30, 15, 8], test_cases=42),
-        gan=GANSection(image_size=256, ngf=64, n_blocks=9, ndf=64, steps=20000, batch_per_site=4, timeout_s=36000),
+        gan=GANSection(image_size=256, ngf=64, n_blocks=9, ndf=64, steps=20000, batch_per_site=4, timeout_s=36000,
+                       recipe=SHIPPED),
         segmentation=SegmentationRecipe(preprocessing=Preprocessing(image_size=128),
                                         network=NetworkConfig(channels=[32, 64, 128, 256, 512]),
                                         training=TrainingConfig(steps=4000, batch_size=16)),

@@ -88,3 +88,22 @@ def test_a_recipe_is_the_systems_own_settings(tmp_path):
     assert (papers.site.model.image2d.generator, papers.train.ema_decay, papers.site.diff_augment) == ("resnet", None, [])
     assert PAPERS.site_options() == [] and PAPERS.with_lever("samples3").samples == 3
     assert PAPERS.with_lever("longer") == PAPERS == PAPERS.with_lever("baseline")
+
+
+def test_the_shipped_recipe_is_what_a_user_gets_by_default():
+    """SHIPPED names the recipe the system runs without settings: the server's defaults, the sites' data
+    preparation, `asyndgan generate`'s samples. A change of SHIPPED without the defaults (or back) fails here."""
+    from asyndgan.cli.main import main as cli
+    from asyndgan.common.config import DataPrepConfig, ServerConfig
+    from asyndgan.experiments.recipe import SHIPPED
+    from asyndgan.synthesis.generate import GenerateConfig
+
+    server = ServerConfig()
+    image2d = server.site.model.image2d
+    assert (image2d.generator, image2d.d_scales) == (SHIPPED.generator, SHIPPED.d_scales)
+    assert (server.train.ema_decay, server.train.ema_warmup) == (SHIPPED.ema_decay, SHIPPED.ema_warmup)
+    assert server.site.diff_augment == SHIPPED.diff_augment
+    assert DataPrepConfig().healthy_ratio == SHIPPED.healthy_ratio
+    assert GenerateConfig.model_fields["samples"].default == SHIPPED.samples
+    generate = next(p for p in cli.commands["generate"].params if p.name == "samples")
+    assert generate.default == SHIPPED.samples
