@@ -294,8 +294,10 @@ def _report(cfg, rows, quality, targets, timings, wall, seeds, test_dir, paired=
     lines += [
         "", "## Protocol", "",
         f"- Data: the MNI152 phantom, {len(ph.cases_per_site)} sites with {ph.cases_per_site} training cases "
-        f"(they differ by scanner, tumour size and grade, so each site sees a skewed part of the distribution), "
-        f"{ph.test_cases} held-out test cases in {test_dir}, volume {ph.shape}. Nothing was tuned on the test cases.",
+        + ("(the heterogeneous layout: each site its own lesion type, population and scanner, the test patients "
+           "from all of them in turn), " if ph.preset == "heterogeneous" else
+           "(they differ by scanner, tumour size and grade, so each site sees a skewed part of the distribution), ")
+        + f"{ph.test_cases} held-out test cases in {test_dir}, volume {ph.shape}. Nothing was tuned on the test cases.",
         f"- GANs: the same generator ({g.recipe.generator}, {g.image_size} px, ngf {g.ngf}, {g.n_blocks} blocks), "
         f"PatchGAN discriminators (ndf {g.ndf}, {g.d_layers} layers, {g.recipe.d_scales} scale(s)), {g.steps} "
         f"generator steps, L1 weight {g.lambda_l1}; the recipe (experiments/recipe.py): "
