@@ -112,7 +112,7 @@ def asynchrony_images(preset, out, seed, threads, log_level):
 
 @experiment.command("synthetic-learning")
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "gpu"]), required=True,
-              help="smoke: the plumbing in under 2 minutes; cpu: meaningful numbers on 2 cores in ~90 minutes; "
+              help="smoke: the plumbing in under 2 minutes; cpu: meaningful numbers on 2 cores in about 3.5 hours; "
                    "gpu: the papers' settings (256 px, ResNet-9 generator).")
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
               help="Output folder (the same command again resumes: finished pieces are kept).")
