@@ -129,8 +129,8 @@ def preset_config(preset: Preset, out: pathlib.Path, seed: int = 0,
 
 def _preset_config(preset: Preset, out: pathlib.Path, seed: int = 0) -> SyntheticLearningConfig:
     """The three presets. smoke: the plumbing in under 2 minutes; cpu: meaningful numbers on a 2-core machine
-    in about 3.5 hours (the last run without the private rows took 2.2; 30+ test patients, 3 seeds per row, thousands of generator steps); gpu:
-    the papers' settings (256 px, ResNet-9 generator)."""
+    in about 3.5 hours (the last run without the private rows took 2.2; 30+ test patients, 3 seeds per row,
+    thousands of generator steps); gpu: the papers' settings (256 px, ResNet-9 generator)."""
     if preset == "smoke":
         return SyntheticLearningConfig(
             preset=preset, out=out, seed=seed,
