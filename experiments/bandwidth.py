@@ -33,7 +33,6 @@ import time
 
 
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common.config import DataPrepConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 from asyndgan.experiments.relay import DOWN, UP, Relay, Traffic
@@ -96,7 +95,8 @@ def wire_run(cfg: BandwidthConfig, encoding: str, sites: list[pathlib.Path], ste
             listen = (link.host_addresses[i], 0) if link else ("127.0.0.1", 0)
             relay = Relay((host, int(port)), listen=listen, delay_s=link.delay_s if link else 0.0)
             relays.append(relay)
-            extra = ["--server", relay.address, "--set", f"prep.cache_dir={cfg.out / 'cache'}", "--device", cfg.device]
+            extra = ["--server", relay.address, "--set", f"prep.cache_dir={cfg.out / 'cache'}", "--device", cfg.device,
+                     *cfg.gan.recipe.site_options()]
             cluster.start_site(f"site{i + 1}", folder, extra=extra, privacy=False,
                                prefix=link.prefix(i) if link else None)
         started = time.monotonic()
@@ -146,7 +146,7 @@ def train_gan(cfg: BandwidthConfig, encoding: str, sites: list[pathlib.Path]) ->
     shutil.rmtree(run_dir, ignore_errors=True)
     dtype, _ = _split(encoding)
     scfg = _wire_config(cfg, run_dir, encoding, cfg.gan.steps, len(sites))
-    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    prep = cfg.gan.recipe.prep(cfg.out / "cache")
     sessions = [LocalSession(f"site{i + 1}", open_dataset(f, scfg.site, prep), scfg.site, device=cfg.device,
                              wire=dtype) for i, f in enumerate(sites)]
     started = time.monotonic()

@@ -31,6 +31,7 @@ from asyndgan.experiments.runner import Cluster
 from asyndgan.formats.datasets import Samples1DDataset
 from asyndgan.demo_data.toy import GAUSSIAN_SUBSETS, write_gaussian_sites
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 METHODS = ("syn_all", "syn_subset_1", "syn_subset_2", "syn_subset_3", "asyndgan")
@@ -62,7 +63,7 @@ class Gaussian1DConfig(BaseModel):
 
 def server_config(cfg: Gaussian1DConfig, run_dir: pathlib.Path, min_sites: int) -> ServerConfig:
     opt = dict(beta1=cfg.beta1, beta2=cfg.beta2)
-    return ServerConfig(
+    scfg = ServerConfig(
         host="127.0.0.1", port=0, run_dir=run_dir, checkpoint_every=max(1, cfg.steps // 2), sample_every=cfg.steps,
         g_optim=OptimizerConfig(lr=cfg.g_lr, **opt),
         train=TrainConfig(batch_size=cfg.batch_size, sampling="balance", min_sites=min_sites, step_deadline_s=60,
@@ -75,6 +76,8 @@ def server_config(cfg: Gaussian1DConfig, run_dir: pathlib.Path, min_sites: int) 
             schedule=ScheduleConfig(steps=cfg.steps, decay_start=cfg.decay_start), seed=cfg.seed,
         ),
     )
+    PAPERS.apply(scfg)  # the reports' recipe (no moving average), whatever the system ships
+    return scfg
 
 
 def train_local(cfg: Gaussian1DConfig, name: str, folders: list[pathlib.Path]) -> torch.nn.Module:

@@ -26,6 +26,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 MODES = {"exact": {}, "pipelined": {"pipeline": 1}, "late": {"late_steps": 4, "straggler_wait": 1.0}}
@@ -92,7 +93,7 @@ def measure(cfg: LinksConfig, mode: str, delays_s: list[float], data: pathlib.Pa
             cmd = [sys.executable, "-m", "asyndgan.experiments.site_pool", "--server", relay.address,
                    "--kits", str(kits), "--data", str(data), "--sites", site, "--state", str(run_dir / "state"),
                    "--set", "privacy.enabled=false", "--set", f"prep.cache_dir={cfg.out / 'cache'}",
-                   *([] if cfg.tls else ["--set", "insecure=true"])]
+                   *PAPERS.site_options(), *([] if cfg.tls else ["--set", "insecure=true"])]
             cluster._spawn(site, cmd, run_dir / f"{site}.out")
         marks: dict[str, tuple] = {}
 

@@ -28,9 +28,10 @@ import torch
 
 from asyndgan.common import serde
 from asyndgan.common.conditions import brain_region
-from asyndgan.common.config import DataPrepConfig, SiteFacingConfig
+from asyndgan.common.config import SiteFacingConfig
 from asyndgan.common.families import get_family
 from asyndgan.formats.datasets import open_dataset
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 METHOD = 2  # see the module docstring
@@ -100,7 +101,7 @@ def audit(checkpoint: pathlib.Path, members: list[pathlib.Path], nonmembers: lis
     loaded = load_from_checkpoint(checkpoint)
     model = loaded.model
     cfg = SiteFacingConfig(model=model)
-    prep = DataPrepConfig(cache_dir=cache_dir)
+    prep = PAPERS.prep(cache_dir)  # tumour slices: where a patient's images are most their own
     generator = loaded.generator.eval()
 
     def scores(trees):

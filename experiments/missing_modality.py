@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field
 
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common.config import BRATS_MODALITIES, DataPrepConfig
+from asyndgan.common.config import BRATS_MODALITIES
 from asyndgan.common.errors import ConfigError
 from asyndgan.demo_data.phantom import write_phantom
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
@@ -159,13 +159,14 @@ def train_gan(cfg: MissingModalityConfig, name: str, sites: list[pathlib.Path]) 
             cluster.start_server()
             for i, folder in enumerate(sites):
                 cluster.start_site(f"site{i + 1}", folder, extra=["--set", f"prep.cache_dir={cfg.out / 'cache'}",
-                                                                    "--device", cfg.device], privacy=False)
+                                                                    "--device", cfg.device,
+                                                                    *cfg.gan.recipe.site_options()], privacy=False)
             cluster.follow(cfg.gan.steps, desc=name)
             cluster.wait(cfg.gan.timeout_s)
         finally:
             cluster.stop()
     else:
-        prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+        prep = cfg.gan.recipe.prep(cfg.out / "cache")
         sessions = [LocalSession(f"site{i + 1}", open_dataset(f, scfg.site, prep), scfg.site, device=cfg.device)
                     for i, f in enumerate(sites)]
         for s in sessions:

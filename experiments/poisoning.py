@@ -38,6 +38,7 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 
 from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 ATTACKS = ("targeted", "targeted_quiet", "flipped", "huge", "huge30")
@@ -96,12 +97,14 @@ class HostileSession(LocalSession):
 
 
 def _server_config(cfg: PoisoningConfig, run_dir: pathlib.Path, guard: GuardConfig, seed: int) -> ServerConfig:
-    return ServerConfig.model_validate({
+    scfg = ServerConfig.model_validate({
         "run_dir": str(run_dir), "tensorboard": False, "checkpoint_every": 10**6, "sample_every": 10**6,
         "train": {"batch_size": cfg.batch_per_site, "min_sites": 3, "seed": seed, "guard": guard.model_dump()},
         "site": {"model": {"image2d": {"image_size": cfg.image_size, "load_size": cfg.image_size, "ngf": 8,
                                        "n_blocks": 2, "ndf": 8, "d_layers": 2}},
                  "schedule": {"steps": cfg.steps}, "seed": seed}})
+    PAPERS.apply(scfg)  # the reports' recipe, whatever the system ships
+    return scfg
 
 
 def run_once(cfg: PoisoningConfig, sites: list[pathlib.Path], attack: str | None, guard: str, seed: int) -> dict:

@@ -47,7 +47,6 @@ from tqdm import tqdm
 from asyndgan.common import serde
 from asyndgan.common.conditions import Augmentation
 from asyndgan.common.config import (
-    DataPrepConfig,
     Image2DConfig,
     LossConfig,
     ModelConfig,
@@ -59,6 +58,7 @@ from asyndgan.common.config import (
 from asyndgan.common.families import get_family
 from asyndgan.formats.datasets import SiteDataset, open_dataset
 from asyndgan.site_agent.worker import SiteWorker
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,10 @@ def site_config(cfg: AuditConfig, setting: DefenceSetting) -> SiteFacingConfig:
         image_size=cfg.image_size, modalities=list(cfg.modalities), num_classes=5, generator="resnet", ngf=cfg.ngf,
         n_blocks=3, ndf=cfg.ndf, d_layers=cfg.d_layers))
     # A schedule far longer than the audit: the discriminator's learning rate stays at its start value.
-    return SiteFacingConfig(model=model, loss=LossConfig(lambda_l1=setting.lambda_l1),
+    site = SiteFacingConfig(model=model, loss=LossConfig(lambda_l1=setting.lambda_l1),
                             schedule=ScheduleConfig(steps=1_000_000), seed=cfg.seed)
+    PAPERS.apply_site(site)  # the reports' recipe, whatever the system ships
+    return site
 
 
 def make_worker(cfg: AuditConfig, setting: DefenceSetting, dataset: SiteDataset, ledger: pathlib.Path) -> SiteWorker:
@@ -386,7 +388,7 @@ def run(cfg: AuditConfig) -> dict:
     (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
     folder = make_site_data(cfg)
     # The data set is opened once per setting's site config; the images do not depend on the loss.
-    dataset = open_dataset(folder, site_config(cfg, cfg.settings[0]), DataPrepConfig(cache_dir=cfg.out / "cache"))
+    dataset = open_dataset(folder, site_config(cfg, cfg.settings[0]), PAPERS.prep(cfg.out / "cache"))
     if cfg.attacked_keys > len(dataset):
         raise ValueError(f"attacked_keys {cfg.attacked_keys} is more than the site's {len(dataset)} images")
     all_real = dataset.real(torch.arange(len(dataset))).float()  # [N, C, H, W]

@@ -25,7 +25,7 @@ import threading
 import time
 
 from asyndgan.central_server.trainer import Trainer
-from asyndgan.common.config import DataPrepConfig, PrivacyConfig
+from asyndgan.common.config import PrivacyConfig
 from asyndgan.common.errors import ConfigError
 from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSession
 
@@ -84,7 +84,7 @@ def train_private_gan(cfg: SyntheticLearningConfig, sites: list[pathlib.Path], n
     scfg.site.loss.lambda_l1 = lambda_l1
     if ndf is not None:
         scfg.site.model.image2d.ndf = ndf
-    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    prep = cfg.gan.recipe.prep(cfg.out / "cache")
     # The earlier slice-level mechanism this experiment measured (rate 0.01 of slices, fixed noise); the
     # patient-level one is measured by `asyndgan experiment privacy-utility`.
     privacy = None if noise is None else PrivacyConfig(epsilon=BUDGET_FOR_MEASURING, noise_multiplier=noise,

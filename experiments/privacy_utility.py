@@ -69,7 +69,7 @@ from asyndgan.formats import checkpoint as ckpt
 from asyndgan.simulation.pretrain import pretrain
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.formats import public_start
-from asyndgan.common.config import (DataPrepConfig, GuardConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
+from asyndgan.common.config import (GuardConfig, Image2DConfig, LossConfig, ModelConfig, OptimizerConfig,
                                     PrivacyConfig, ScheduleConfig, ServerConfig, SiteFacingConfig, TrainConfig)
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.demo_data.phantom.presets import HETEROGENEOUS_PROFILES, phantom_config
@@ -83,6 +83,7 @@ from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import ExperimentConfig, write_json, piece_timer, shared_pieces, json_if_file
 from asyndgan.common.errors import ConfigError
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 Preset = Literal["smoke", "cpu", "gpu"]
@@ -229,7 +230,7 @@ def server_config(cfg: PrivacyUtilityConfig, run_dir: pathlib.Path, steps: int, 
                   lambda_l1: float = 0.0) -> ServerConfig:
     g = cfg.gan
     opt = OptimizerConfig(lr=g.lr)
-    return ServerConfig(
+    scfg = ServerConfig(
         host="127.0.0.1", port=0, run_dir=run_dir, device=cfg.device, checkpoint_every=max(1, steps // 2),
         sample_every=max(1, steps // 4), g_optim=opt, tensorboard=False,
         # every site is the experiment's own: the papers' n_j / N weighting, no guard against hostile sites
@@ -239,13 +240,15 @@ def server_config(cfg: PrivacyUtilityConfig, run_dir: pathlib.Path, steps: int, 
             model=ModelConfig(family="image2d", image2d=Image2DConfig(
                 image_size=g.image_size, ngf=g.ngf, n_blocks=g.n_blocks, ndf=g.ndf, d_layers=g.d_layers)),
             d_optim=opt, loss=LossConfig(lambda_l1=lambda_l1), schedule=ScheduleConfig(steps=steps), seed=cfg.seed))
+    PAPERS.apply(scfg)  # the reports' recipe, whatever the system ships
+    return scfg
 
 
 def run_pretrain(cfg: PrivacyUtilityConfig, phantoms: dict[str, pathlib.Path]) -> pathlib.Path:
     g = cfg.gan
     scfg = server_config(cfg, cfg.out / "gan" / "public_pretrain", g.pretrain_steps,
                          g.batch_per_site * len(cfg.site_cases), g.pretrain_lambda_l1)
-    return pretrain(scfg, phantoms["public"] / "public", DataPrepConfig(cache_dir=cfg.out / "cache"))
+    return pretrain(scfg, phantoms["public"] / "public", PAPERS.prep(cfg.out / "cache"))
 
 
 class GANRow(NamedTuple):
@@ -309,7 +312,7 @@ def fit_gan(cfg: PrivacyUtilityConfig, name: str, folder: pathlib.Path, settings
     if from_public:
         info, data = public_start.read_folder(pre)
         initial = public_start.weights_from_bytes(data, info["discriminator_sha256"])
-    prep = DataPrepConfig(cache_dir=cfg.out / "cache")
+    prep = PAPERS.prep(cfg.out / "cache")
     sessions = [LocalSession(f"site{i + 1}", open_dataset(path, scfg.site, prep), scfg.site, device=cfg.device,
                              privacy=privacy, ledger_path=folder / "ledgers" / f"site{i + 1}.json", initial=initial)
                 for i, path in enumerate(sites)]
@@ -357,7 +360,7 @@ def canary_audit(cfg: PrivacyUtilityConfig, name: str, sites: list[pathlib.Path]
     scfg = server_config(cfg, folder, steps, cfg.gan.batch_per_site)
     info, data = public_start.read_folder(pre)
     initial = public_start.weights_from_bytes(data, info["discriminator_sha256"]) if from_public else None
-    dataset = open_dataset(smallest, scfg.site, DataPrepConfig(cache_dir=cfg.out / "cache"))
+    dataset = open_dataset(smallest, scfg.site, PAPERS.prep(cfg.out / "cache"))
     worker = SiteWorker(scfg.site, dataset, cfg.device, privacy=privacy, ledger_path=folder / "ledger.json",
                         site_id="audit", initial=initial)
     canaries = dp_audit.attach(worker.learner, count=cfg.canaries, seed=cfg.seed)

@@ -5,7 +5,8 @@ configuration (the server's ServerConfig, the sites' DataPrepConfig, generate's 
 is one a consortium runs with the same settings.
 
 PAPERS is the papers' pix2pix recipe. An experiment's settings name their recipe explicitly, so that a run made
-with one recipe is never resumed or re-read as another.
+with one recipe is never resumed or re-read as another; the experiments whose settings hold no recipe train the
+papers' (they pin it), so that their committed reports stay reproducible whatever the system ships (SHIPPED).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from asyndgan.common.config import DataPrepConfig, ServerConfig
+from asyndgan.common.config import DataPrepConfig, ServerConfig, SiteFacingConfig
 
 Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer", "ema_warmup"]
 LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer",
@@ -42,19 +43,24 @@ class GANRecipe(BaseModel):
 
     def apply(self, scfg: ServerConfig) -> None:
         """Set the server's part of the recipe in `scfg` (in place)."""
-        scfg.site.model.image2d.generator = self.generator
-        scfg.site.model.image2d.d_scales = self.d_scales
         scfg.train.ema_decay = self.ema_decay
         scfg.train.ema_warmup = self.ema_warmup
-        scfg.site.diff_augment = list(self.diff_augment)
+        self.apply_site(scfg.site)
+
+    def apply_site(self, site: SiteFacingConfig) -> None:
+        """Set what the server tells the sites (the networks, the discriminators' augmentation) in place."""
+        site.model.image2d.generator = self.generator
+        site.model.image2d.d_scales = self.d_scales
+        site.diff_augment = list(self.diff_augment)
 
     def prep(self, cache_dir: pathlib.Path) -> DataPrepConfig:
         """A site's data preparation under this recipe (in-process sites)."""
         return DataPrepConfig(cache_dir=cache_dir, healthy_ratio=self.healthy_ratio)
 
     def site_options(self) -> list[str]:
-        """`asyndgan-site join` options for the sites' part of the recipe (site processes)."""
-        return ["--set", f"prep.healthy_ratio={self.healthy_ratio:g}"] if self.healthy_ratio else []
+        """`asyndgan-site join` options for the sites' part of the recipe (site processes): always explicit, so
+        that a site's own default never decides it."""
+        return ["--set", f"prep.healthy_ratio={self.healthy_ratio:g}"]
 
 
 PAPERS = GANRecipe()

@@ -27,6 +27,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.recipe import PAPERS
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,15 @@ def server_config(cfg: ScaleConfig, run_dir: pathlib.Path, n: int):
     from asyndgan.common.config import (Image2DConfig, ModelConfig, ScheduleConfig, ServerConfig, SiteFacingConfig,
                                         TrainConfig)
 
-    return ServerConfig(
+    scfg = ServerConfig(
         host="127.0.0.1", port=0, run_dir=run_dir, device="cpu", tensorboard=False,
         checkpoint_every=cfg.steps, sample_every=cfg.steps,
         train=TrainConfig(batch_size=cfg.batch_per_site, min_sites=n, step_deadline_s=300, seed=cfg.seed),
         site=SiteFacingConfig(model=ModelConfig(family="image2d", image2d=Image2DConfig(
             image_size=cfg.image_size, ngf=8, n_blocks=1, ndf=8, d_layers=2)),
             schedule=ScheduleConfig(steps=cfg.steps), seed=cfg.seed))
+    PAPERS.apply(scfg)  # the reports' recipe, whatever the system ships
+    return scfg
 
 
 def measure(cfg: ScaleConfig, n: int, data: pathlib.Path) -> dict:
@@ -99,7 +102,8 @@ def measure(cfg: ScaleConfig, n: int, data: pathlib.Path) -> dict:
             cmd = [sys.executable, "-m", "asyndgan.experiments.site_pool", "--server", cluster.address,
                    "--kits", str(kits), "--data", str(data), "--sites", ",".join(group), "--state",
                    str(run_dir / "site_state"), "--set", "privacy.enabled=false",
-                   "--set", f"prep.cache_dir={cfg.out / 'cache'}", *([] if cfg.tls else ["--set", "insecure=true"])]
+                   "--set", f"prep.cache_dir={cfg.out / 'cache'}", *PAPERS.site_options(),
+                   *([] if cfg.tls else ["--set", "insecure=true"])]
             cluster._spawn(f"pool{k // cfg.sites_per_process}", cmd, run_dir / f"pool{k // cfg.sites_per_process}.out")
         marks: dict[str, tuple] = {}
         rss_peak = [0.0]

@@ -86,7 +86,8 @@ def test_a_recipe_is_the_systems_own_settings(tmp_path):
     assert site.prep.healthy_ratio == 0.5
     papers = sl.server_config(sl.preset_config("cpu", tmp_path), tmp_path / "run", 3, 4)
     assert (papers.site.model.image2d.generator, papers.train.ema_decay, papers.site.diff_augment) == ("resnet", None, [])
-    assert PAPERS.site_options() == [] and PAPERS.with_lever("samples3").samples == 3
+    assert PAPERS.site_options() == ["--set", "prep.healthy_ratio=0"]  # explicit: a site's default never decides
+    assert PAPERS.with_lever("samples3").samples == 3
     assert PAPERS.with_lever("longer") == PAPERS == PAPERS.with_lever("baseline")
 
 
