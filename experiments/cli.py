@@ -294,9 +294,11 @@ def generator_recipe(preset, out, levers, seed, threads, log_level):
         raise ConfigError(describe_validation_error(exc)) from None
     results = run(cfg)
     for lever, r in results["levers"].items():
-        gap = r.get("minus_baseline")
+        gap, checked = r.get("minus_baseline"), r.get("validation_minus_baseline")
         click.echo(f"{lever:11s} Dice {r['dice']:.3f}" + ("" if gap is None else
-                   f"  minus baseline {gap['mean']:+.3f} ({gap['low']:+.3f} to {gap['high']:+.3f})"))
+                   f"  minus baseline {gap['mean']:+.3f} ({gap['low']:+.3f} to {gap['high']:+.3f}); on the "
+                   f"validation patients {checked['mean']:+.3f} ({checked['low']:+.3f} to {checked['high']:+.3f}): "
+                   f"{'adopted' if r['adopted'] else 'not adopted'}"))
     click.echo(f"report: {out / 'report.md'}")
 
 
