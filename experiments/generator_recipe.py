@@ -15,8 +15,11 @@ Levers (`LEVERS`; each a named change of the baseline, measured alone):
     samples3     generate --samples 3: three synthetic cases per label-map case (the label maps moved); it trains
                  as the baseline does, so its GANs are the baseline's
     longer       twice the generator steps (the decay stretched with them)
-    ema_warmup   ema with train.ema_warmup: the average's decay warmed up from 0.1, so that it forgets the
-                 untrained start (added after `ema` measured below the baseline: at a constant 0.999 the average
+    appearance   segmentation.training.appearance: the segmentation models trained on the baseline's very
+                 synthetic data with random bias field, gamma, noise and blur (a lever of the segmentation recipe;
+                 adopted, it holds for every row of every table)
+    ema_warmup   ema with train.ema_warmup: the average's decay warmed up ((1 + n) / (10 + n) at its n-th update
+                 until 0.999), so that it forgets the untrained start (added after `ema` measured below the baseline: at a constant 0.999 the average
                  of a 2000-step run still holds 13.5% of the first step's weights)
 The levers that need a term computed on real images (the L1 term is one) work only with privacy off; every lever
 above but the baseline's L1 term is available to private sites.
@@ -53,7 +56,7 @@ from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments import synthetic_learning as sl
-from asyndgan.experiments.recipe import LEVERS, PAPERS, Lever
+from asyndgan.experiments.recipe import LEVERS, PAPERS, SEGMENTATION_LEVERS, Lever
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
                                          require_checkpoint, shared_pieces, write_json)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
@@ -140,6 +143,14 @@ def fit(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, pooled: pathlib
     return result
 
 
+def segmentation_recipe(cfg: GeneratorRecipeConfig, lever: str) -> SegmentationRecipe:
+    """The experiment's segmentation recipe, with the lever's change where it is a segmentation lever."""
+    change = SEGMENTATION_LEVERS.get(lever)
+    if change is None:
+        return cfg.segmentation
+    return cfg.segmentation.model_copy(update={"training": cfg.segmentation.training.model_copy(update=change)})
+
+
 def synthetic(cfg: GeneratorRecipeConfig, name: str, gan: dict, maps: pathlib.Path) -> pathlib.Path:
     from asyndgan.synthesis.generate import GenerateConfig, run
 
@@ -208,9 +219,11 @@ def run(cfg: GeneratorRecipeConfig) -> dict:
     def piece(name: str) -> dict:
         lever, g = name.rsplit("_g", 1)
         gan = timed(f"gan_{name}", fit, cfg, lever, int(g), pooled)
-        data = timed(f"synthesis_{name}", synthetic, cfg, name, gan, pooled)
+        # a segmentation lever segments the baseline's very synthetic data
+        same_data = lever in SEGMENTATION_LEVERS and gan.get("shared_with") == "baseline"
+        data = timed(f"synthesis_{name}", synthetic, cfg, f"baseline_g{g}" if same_data else name, gan, pooled)
         scores = timed(f"segmentation_{name}", score_rows, cfg.out / "segmentation", {name: [data]},
-                       cfg.segmentation, seg_seeds, test_dir, cfg.device)[name]
+                       segmentation_recipe(cfg, lever), seg_seeds, test_dir, cfg.device)[name]
         checked = timed(f"validation_{name}", validate, cfg, name, seg_seeds, validation_cases)
         out = {"gan": gan, "segmentation": [s.as_json() for s in scores],
                "validation": [s.as_json() for s in checked]}

@@ -21,6 +21,7 @@ WHAT = {
     "healthy": "healthy brain slices beside the tumour slices (0.5 per tumour slice)",
     "samples3": "three synthetic cases per label-map case (label maps moved; the baseline's GANs)",
     "longer": "twice the generator steps",
+    "appearance": "appearance augmentation when segmenting (bias field, gamma, noise, blur; the baseline's data)",
     "ema_warmup": "the moving average with its decay warmed up (min(0.999, (1 + n) / (10 + n)))",
 }
 

@@ -18,9 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from asyndgan.common.config import DataPrepConfig, ServerConfig, SiteFacingConfig
 
-Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer", "ema_warmup"]
+Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer", "ema_warmup",
+                "appearance"]
 LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer",
-                             "ema_warmup")
+                             "ema_warmup", "appearance")
+# Levers of the segmentation recipe, not of the generator's: the baseline's GANs and synthetic data, segmented with
+# this change of SegmentationRecipe.training (adopted, it holds for every row of every table, real rows included).
+SEGMENTATION_LEVERS: dict[str, dict] = {"appearance": {"appearance": True}}
 
 
 class GANRecipe(BaseModel):

@@ -28,18 +28,23 @@ def test_each_lever_changes_one_thing(tmp_path):
 
 def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     out = tmp_path / "gr"
-    args = ["experiment", "generator-recipe", "--preset", "smoke", "--out", str(out), "--levers", "spade,samples3",
+    args = ["experiment", "generator-recipe", "--preset", "smoke", "--out", str(out), "--levers", "spade,samples3,appearance",
             "--threads", "1", "--log-level", "WARNING"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, (r.output, r.exception)
     results = json.loads((out / "results.json").read_text())
-    assert list(results["levers"]) == ["baseline", "spade", "samples3"]
+    assert list(results["levers"]) == ["baseline", "spade", "samples3", "appearance"]
     # samples3 trains as the baseline does: its GANs are the baseline's, only the synthesis differs
     for g in (0, 1):
         shared = json.loads((out / "gan" / "samples3" / f"seed{g}" / "gan.json").read_text())
         base = json.loads((out / "gan" / "baseline" / f"seed{g}" / "gan.json").read_text())
         assert shared["checkpoint"] == base["checkpoint"] and shared["shared_with"] == "baseline"
         assert shared["samples"] == 3 and not (out / "gan" / "samples3" / f"seed{g}" / "checkpoints").exists()
+    # appearance changes the segmentation recipe only: the baseline's very synthetic data, segmented with it
+    assert not (out / "synthetic" / "appearance_g0").exists()
+    recipe = json.loads((out / "segmentation" / "appearance_g0" / "seed0" / "model" / "recipe.json").read_text())
+    base = json.loads((out / "segmentation" / "baseline_g0" / "seed0" / "model" / "recipe.json").read_text())
+    assert recipe["training"]["appearance"] and not base["training"]["appearance"]
     cases = [p for p in (out / "synthetic" / "samples3_g0").iterdir() if p.is_dir()]
     assert len(cases) == 3 * len([p for p in (out / "synthetic" / "baseline_g0").iterdir() if p.is_dir()])
     for lever in ("spade",):
