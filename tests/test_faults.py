@@ -90,8 +90,8 @@ def test_server_killed_then_resumed_sites_reconnect_on_their_own(tmp_path, secur
 
 def test_server_killed_while_writing_a_checkpoint_loses_nothing_older(tmp_path):
     folders = write_toy_sites(tmp_path / "d", sites=1, per_site=[6], size=20)
-    over = _overrides(**{"site.schedule.steps": 60, "checkpoint_every": 5})
-    hold = {"ASYNDGAN_TEST_HOLD_WRITES_S": "2"}
+    over = _overrides(**{"site.schedule.steps": 40, "checkpoint_every": 5})
+    hold = {"ASYNDGAN_TEST_HOLD_WRITES_S": "1"}
     ckdir = tmp_path / "run" / "checkpoints"
     server = Server(tmp_path / "run", over, env=hold)
     port = server.port
@@ -116,7 +116,7 @@ def test_server_killed_while_writing_a_checkpoint_loses_nothing_older(tmp_path):
         site.kill()
     assert kills == 3
     steps = [load_checkpoint(p)["step"] for p in list_checkpoints(ckdir)]
-    assert steps[0] == 60 and steps == sorted(steps, reverse=True)
+    assert steps[0] == 40 and steps == sorted(steps, reverse=True)
     assert server.output().count("resumed from") == 3
 
 
