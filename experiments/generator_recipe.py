@@ -19,8 +19,9 @@ Levers (`LEVERS`; each a named change of the baseline, measured alone):
                  synthetic data with random bias field, gamma, noise and blur (a lever of the segmentation recipe;
                  adopted, it holds for every row of every table)
     ema_warmup   ema with train.ema_warmup: the average's decay warmed up ((1 + n) / (10 + n) at its n-th update
-                 until 0.999), so that it forgets the untrained start (added after `ema` measured below the baseline: at a constant 0.999 the average
-                 of a 2000-step run still holds 13.5% of the first step's weights)
+                 until 0.999), so that it forgets the untrained start (added after `ema`'s first GAN measured below
+                 the baseline: at a constant 0.999 the average of a 2000-step run still holds 13.5% of the first
+                 step's weights)
 The levers that need a term computed on real images (the L1 term is one) work only with privacy off; every lever
 above but the baseline's L1 term is available to private sites.
 
@@ -33,8 +34,8 @@ before any run. Cost: generator steps and seconds per GAN.
 Which levers a new recipe adopts is decided on validation patients, never on the test patients: every
 segmentation model is also scored on `validation_cases` patients of a validation cohort (the same phantom layout
 and sites' scanners, its own random streams: no training or test patient), and a lever is adopted when its paired
-difference against the baseline there has its 95% interval above zero (generator_recipe_report.ADOPT_RULE). The test patients' numbers
-report what the chosen recipe gives; they choose nothing.
+difference against the baseline there has its 95% interval above zero (generator_recipe_report.ADOPT_RULE). The
+test patients' numbers report what the chosen recipe gives; they choose nothing.
 
 Resumable: every GAN, synthetic set and segmentation model is kept in OUT; two processes of the command on one OUT
 share the GANs.
