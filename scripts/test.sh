@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: the unit tier on both cores (pytest-xdist), then the integration tier one
-# test at a time (its tests start servers, sites, network namespaces and containers, and some measure time: they
-# must not compete with other tests). Arguments go to both runs (e.g. -k NAME, -x); a tier they leave empty is fine.
+# The whole test suite, as CI runs it, in three runs: the unit tier on both cores (pytest-xdist); the integration
+# tests on both cores (they start servers and sites; their deadlines are generous); then the `serial` ones one at a
+# time (they measure time, or hold the machine: network namespaces, containers). Arguments go to every run (e.g.
+# -k NAME, -x); a run they leave empty is fine. ASYNDGAN_TEST_WORKERS=1 runs everything one test at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tier() {
@@ -9,5 +10,7 @@ tier() {
   .venv/bin/python -m pytest "$@" || rc=$?
   [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]  # 5: nothing selected in this tier
 }
-tier -m "not integration" -n "${ASYNDGAN_TEST_WORKERS:-2}" "$@"
-tier -m integration "$@"
+workers=${ASYNDGAN_TEST_WORKERS:-2}
+tier -m "not integration" -n "$workers" "$@"
+tier -m "integration and not serial" -n "$workers" "$@"
+tier -m "integration and serial" "$@"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from asyndgan.cli.main import main
 from asyndgan.experiments.scoring import SeedScore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # measures time or holds the machine: alone
 
 
 @pytest.fixture(scope="module")

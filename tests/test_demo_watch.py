@@ -17,7 +17,7 @@ from asyndgan.demo_data.toy import write_toy_sites
 from asyndgan.experiments.runner import Cluster
 from procs import TINY_IMAGE2D, run_cli, wait_status
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # measures time or holds the machine: alone
 
 
 def _cluster(tmp_path, steps: int, sites: int) -> Cluster:

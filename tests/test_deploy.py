@@ -15,7 +15,7 @@ import pytest
 
 import deploy_stack
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # measures time or holds the machine: alone
 log = logging.getLogger(__name__)
 
 

@@ -20,7 +20,7 @@ from procs import site_status as _site
 from procs import status as _status
 from procs import wait_status as _wait
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # measures time or holds the machine: alone
 HERE = os.path.dirname(__file__)
 
 

@@ -46,6 +46,7 @@ def _call(address: str, messages, timeout: float = 10) -> tuple[str, str]:
 
 # ---- 1: site ids -------------------------------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.serial  # measures time: alone
 def test_site_ids_that_could_steer_paths_or_forge_log_lines_are_refused(tmp_path):
     server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 1})
     try:
@@ -64,6 +65,7 @@ def test_site_ids_that_could_steer_paths_or_forge_log_lines_are_refused(tmp_path
 
 # ---- 2: shutdown after undecodable frames --------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.serial  # measures time: alone
 def test_server_exits_after_undecodable_frames_and_sigterm(tmp_path):
     server = Server(tmp_path / "run", {**TINY_IMAGE2D, "site.schedule.steps": 1000})
     with grpc.insecure_channel(server.address, options=OPTIONS) as ch:
@@ -129,6 +131,7 @@ def test_late_and_duplicate_answers_are_dropped_and_the_right_one_is_kept():
 
 # ---- 4: silent peers -----------------------------------------------------------------------------------------
 @pytest.mark.integration
+@pytest.mark.serial  # measures time: alone
 def test_silent_peers_are_refused_or_timed_out_and_real_sites_still_train(tmp_path):
     data = write_toy_sites(tmp_path / "d", sites=1, per_site=[4], size=16)[0]
     limits = {"limits.max_sessions": 3, "limits.status_threads": 2, "limits.hello_timeout_s": 8,
@@ -190,6 +193,7 @@ def _status_with(address: str, kit) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.serial  # measures time: alone
 def test_status_refuses_revoked_and_not_allowed_certificates(tmp_path):
     certs = tmp_path / "certs"
     pki.init_ca(certs)

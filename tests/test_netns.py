@@ -16,7 +16,7 @@ import pytest
 from asyndgan.demo_data.toy import write_toy_sites
 from procs import ENV, TINY_IMAGE2D, Server, site_status, start_site, status
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.serial]  # measures time or holds the machine: alone
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
