@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import shutil
 import threading
 import time
 
@@ -59,7 +58,7 @@ from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments import synthetic_learning as sl
 from asyndgan.experiments.recipe import LEVERS, PAPERS, SEGMENTATION_LEVERS, Lever
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
-                                         require_checkpoint, shared_pieces, write_json)
+                                         require_checkpoint, shared_pieces, write_json, written_once)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 from asyndgan.experiments.statistics import paired
 from asyndgan.formats.datasets import open_dataset
@@ -171,19 +170,11 @@ def make_validation(cfg: GeneratorRecipeConfig) -> pathlib.Path:
     """The validation patients (written once; two processes of the command wait for one another): the phantom's
     layout with the cohort name `validation`, so its own random streams and case ids; only its test folder is
     used (each site gets the one case the layout needs, unused)."""
-    import fcntl
-
-    root, done = cfg.out / "validation", cfg.out / "validation.done"
     layout = cfg.phantom.layout(cfg.seed).model_copy(update={
         "cohort": VALIDATION, "test_cases": cfg.validation_cases,
         "cases_per_site": [1] * len(cfg.phantom.cases_per_site)})
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out / "validation.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            write_phantom(root, PhantomConfig.model_validate(layout.model_dump()))
-            done.write_text("complete\n")
+    root = written_once(cfg.out / "validation",
+                        lambda folder: write_phantom(folder, PhantomConfig.model_validate(layout.model_dump())))
     return root / "test"
 
 

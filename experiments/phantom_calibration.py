@@ -19,10 +19,8 @@ same OUT are refused.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import pathlib
-import shutil
 from typing import Literal
 
 import numpy as np
@@ -41,7 +39,7 @@ from asyndgan.segmentation import (
     NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig,
 )
 from asyndgan.segmentation.config import earlier_recipe
-from asyndgan.experiments.pieces import ExperimentConfig, piece_timer, check_settings
+from asyndgan.experiments.pieces import ExperimentConfig, check_settings, piece_timer, written_once
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 
 log = logging.getLogger(__name__)
@@ -110,17 +108,9 @@ def make_phantoms(cfg: CalibrationConfig) -> dict[str, pathlib.Path]:
     """Layout name -> its folder under OUT/phantom (each written once; a marker says it is complete). A second
     process of this command waits on the lock while the first writes them."""
     folders = {}
-    (cfg.out / "phantom").mkdir(parents=True, exist_ok=True)
-    with open(cfg.out / "phantom" / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, layout in phantom_layouts(cfg).items():
-            root, done = cfg.out / "phantom" / name, cfg.out / "phantom" / f"{name}.done"
-            if not done.exists():
-                shutil.rmtree(root, ignore_errors=True)
-                log.info("phantom %s: %s cases", name, layout.cases_per_site)
-                write_phantom(root, layout)
-                done.write_text("complete\n")
-            folders[name] = root
+    for name, layout in phantom_layouts(cfg).items():
+        folders[name] = written_once(cfg.out / "phantom" / name,
+                                     lambda folder, layout=layout: write_phantom(folder, layout))
     return folders
 
 

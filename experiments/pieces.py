@@ -4,6 +4,7 @@ the settings a run was made with.
     check_settings      OUT/settings.json: a re-run with other settings is refused; settings added later resume
     piece_timer         seconds per piece, summed over resumed runs and merged between processes
     write_json          whole or not at all
+    written_once        a folder (a phantom) written by one process while the others wait
     claim_file          a piece claimed by a file holding the claimant's PID (taken over when it died)
     shared_pieces       name -> work(name) for every piece, the pieces divided between processes
     claim_folder, wait_for_eval
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import os
 import pathlib
-import shutil
 import time
 from typing import Literal
 
@@ -73,6 +74,24 @@ def piece_timer(path: pathlib.Path):
         return value
 
     return timings, timed
+
+
+def written_once(root: pathlib.Path, write) -> pathlib.Path:
+    """`write(root)` run once for the folder `root`: a marker (<root>.done) says it is complete, and a lock next
+    to it makes a second process of the command wait while the first writes (a half-written folder from an
+    interrupted run is removed and written again). Returns root."""
+    import fcntl
+
+    done = root.with_name(f"{root.name}.done")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(f".{root.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            log.info("writing %s", root)
+            write(root)
+            done.write_text("complete\n")
+    return root
 
 
 def claim_file(path: pathlib.Path) -> bool:

@@ -80,7 +80,8 @@ from asyndgan.simulation.local_sites import CountingBank, LocalRegistry, LocalSe
 
 from asyndgan.segmentation import (NetworkConfig, Preprocessing, SegmentationRecipe, TrainingConfig)
 from asyndgan.formats.datasets import open_dataset
-from asyndgan.experiments.pieces import ExperimentConfig, write_json, piece_timer, shared_pieces, json_if_file
+from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, piece_timer, shared_pieces, write_json,
+                                         written_once)
 from asyndgan.common.errors import ConfigError
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
 from asyndgan.experiments.recipe import PAPERS
@@ -199,19 +200,10 @@ def layouts(cfg: PrivacyUtilityConfig) -> dict[str, PhantomConfig]:
 
 
 def make_phantoms(cfg: PrivacyUtilityConfig) -> dict[str, pathlib.Path]:
-    import fcntl
-
     folders = {}
-    (cfg.out / "phantom").mkdir(parents=True, exist_ok=True)
-    with open(cfg.out / "phantom" / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        for name, layout in layouts(cfg).items():
-            root, done = cfg.out / "phantom" / name, cfg.out / "phantom" / f"{name}.done"
-            if not done.exists():
-                shutil.rmtree(root, ignore_errors=True)
-                write_phantom(root, layout)
-                done.write_text("complete\n")
-            folders[name] = root
+    for name, layout in layouts(cfg).items():
+        folders[name] = written_once(cfg.out / "phantom" / name,
+                                     lambda folder, layout=layout: write_phantom(folder, layout))
     return folders
 
 

@@ -46,7 +46,7 @@ from asyndgan.segmentation import (
 )
 from asyndgan.formats.datasets import open_dataset
 from asyndgan.experiments.pieces import (
-    ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint, write_json,
+    ExperimentConfig, piece_timer, check_settings, kept_or_reset, require_checkpoint, write_json, written_once,
 )
 from asyndgan.experiments.recipe import SHIPPED, GANRecipe
 from asyndgan.experiments.scoring import SeedScore, score_rows
@@ -183,13 +183,8 @@ def prepare_compute(cfg) -> None:
 
 def make_phantom(cfg: SyntheticLearningConfig) -> tuple[list[pathlib.Path], pathlib.Path]:
     """(site folders, test folder); the phantom is written once (a marker file says it is complete)."""
-    root = cfg.out / "phantom"
-    done = cfg.out / "phantom.done"
     layout = cfg.phantom.layout(cfg.seed)
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)  # a half-written phantom from an interrupted run
-        write_phantom(root, layout)
-        done.write_text("complete\n")
+    root = written_once(cfg.out / "phantom", lambda folder: write_phantom(folder, layout))
     return [root / name for name in layout.site_names], root / "test"
 
 

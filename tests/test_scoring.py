@@ -49,3 +49,35 @@ def test_a_row_averages_patients_over_seeds_and_spreads_between_seeds():
     assert set(row.as_json()) == {"dice_per_seed", "dice", "dice_sd", "hd95", "collapsed", "patients"}
     with pytest.raises(ValueError):
         RowScore.of([])
+
+
+def test_a_shared_folder_is_written_once_while_a_second_process_waits(tmp_path):
+    """Two processes of one experiment start together: the second waits for the first's phantom instead of
+    removing it half-written (flock holds between threads too: each opens the lock file itself)."""
+    import threading
+    import time
+
+    from asyndgan.experiments.pieces import written_once
+
+    calls = []
+
+    def write(folder):
+        calls.append(folder)
+        folder.mkdir()
+        time.sleep(0.3)  # the second caller arrives while this one writes
+        (folder / "case.nii.gz").write_text("whole")
+
+    root = tmp_path / "phantom"
+    threads = [threading.Thread(target=written_once, args=(root, write)) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert calls == [root] and (root / "case.nii.gz").read_text() == "whole"
+    assert (tmp_path / "phantom.done").is_file()
+
+    (tmp_path / "phantom.done").unlink()  # an interrupted write: what it left is removed and written again
+    (root / "stray").write_text("half")
+    written_once(root, write)
+    assert len(calls) == 2 and not (root / "stray").exists()
