@@ -264,7 +264,8 @@ def anchor_tuning(preset, out, pretraining, seed, threads, log_level):
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
               help="Output folder (resumable: finished pieces are kept).")
 @click.option("--levers", help="Comma-separated levers to measure [all: baseline, ema, spade, multiscale, diffaug, "
-                               "healthy, samples3, longer, ema_warmup, appearance]; the baseline is always measured.")
+                               "healthy, samples3, longer, ema_warmup, appearance, no_l1]; the baseline is always "
+                               "measured.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads [2]. Two processes of this command "
               "on one OUT share the GANs.")

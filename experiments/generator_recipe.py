@@ -22,6 +22,9 @@ Levers (`LEVERS`; each a named change of the baseline, measured alone):
                  until 0.999), so that it forgets the untrained start (added after `ema`'s first GAN measured below
                  the baseline: at a constant 0.999 the average of a 2000-step run still holds 13.5% of the first
                  step's weights)
+    no_l1        site.loss.lambda_l1 0: the papers' recipe without its L1 term, as a private site must train it
+                 (privacy.enabled, the sites' default, refuses the term: its gradient gives each real pixel away);
+                 what dropping it costs is what privacy costs the recipe before any noise is added
 The levers that need a term computed on real images (the L1 term is one) work only with privacy off; every lever
 above but the baseline's L1 term is available to private sites.
 
@@ -105,6 +108,8 @@ def lever_settings(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, run_
     if lever == "longer":
         scfg.site.schedule.steps = 2 * cfg.gan.steps
         scfg.checkpoint_every = max(1, scfg.site.schedule.steps // 4)
+    if lever == "no_l1":
+        scfg.site.loss.lambda_l1 = 0.0
     scfg = ServerConfig.model_validate(json.loads(scfg.model_dump_json()))  # the changed settings checked
     return scfg, recipe.prep(cfg.out / "cache"), recipe.samples
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 import numpy as np
 
 from asyndgan.experiments.pieces import write_json
+
+log = logging.getLogger(__name__)
 
 ADOPT_RULE = ("a lever is adopted when its paired per-patient difference against the baseline on the validation "
               "patients has its 95% interval above zero")
@@ -22,6 +25,7 @@ WHAT = {
     "samples3": "three synthetic cases per label-map case (label maps moved; the baseline's GANs)",
     "longer": "twice the generator steps",
     "appearance": "appearance augmentation when segmenting (bias field, gamma, noise, blur; the baseline's data)",
+    "no_l1": "no L1 term (what a private site requires: the system's default)",
     "ema_warmup": "the moving average with its decay warmed up (min(0.999, (1 + n) / (10 + n)))",
 }
 
@@ -114,9 +118,11 @@ def sample_grid(cfg, path: pathlib.Path, levers: list[str], count: int = 4) -> N
     maps = None
     for lever in levers:
         record = cfg.out / "gan" / lever / f"seed{cfg.seed}" / "gan.json"
-        if not record.is_file():
+        checkpoint = pathlib.Path(json.loads(record.read_text())["checkpoint"]) if record.is_file() else None
+        if checkpoint is None or not checkpoint.is_file():  # its scores came from an earlier machine's run
+            log.info("sample grid: no generator of %s on this machine, left out", lever)
             continue
-        loaded = load_from_checkpoint(pathlib.Path(json.loads(record.read_text())["checkpoint"]))
+        loaded = load_from_checkpoint(checkpoint)
         if maps is None:
             bank = _pooled_maps(cfg, loaded)
             order = np.argsort(-(bank >= 2).reshape(len(bank), -1).sum(1), kind="stable")

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from asyndgan.common.config import DataPrepConfig, ServerConfig, SiteFacingConfig
 
 Lever = Literal["baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer", "ema_warmup",
-                "appearance"]
+                "appearance", "no_l1"]
 LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug", "healthy", "samples3", "longer",
-                             "ema_warmup", "appearance")
+                             "ema_warmup", "appearance", "no_l1")
 # Levers of the segmentation recipe, not of the generator's: the baseline's GANs and synthetic data, segmented with
 # this change of SegmentationRecipe.training (adopted, it holds for every row of every table, real rows included).
 SEGMENTATION_LEVERS: dict[str, dict] = {"appearance": {"appearance": True}}
@@ -39,8 +39,10 @@ class GANRecipe(BaseModel):
     samples: int = Field(1, ge=1, le=16, description="synthetic cases per label-map case (generate --samples)")
 
     def with_lever(self, lever: Lever) -> "GANRecipe":
-        """This recipe with one lever pulled (`baseline` and `longer`, a matter of steps, change nothing here)."""
-        change = {"ema": {"ema_decay": 0.999}, "ema_warmup": {"ema_decay": 0.999, "ema_warmup": True}, "spade": {"generator": "spade"}, "multiscale": {"d_scales": 2},
+        """This recipe with one lever pulled (`baseline`, and `longer` and `no_l1`, matters of the schedule and the
+        loss that experiments set themselves, change nothing here)."""
+        change = {"ema": {"ema_decay": 0.999}, "ema_warmup": {"ema_decay": 0.999, "ema_warmup": True},
+                  "spade": {"generator": "spade"}, "multiscale": {"d_scales": 2},
                   "diffaug": {"diff_augment": ["translation", "cutout"]}, "healthy": {"healthy_ratio": 0.5},
                   "samples3": {"samples": 3}}.get(lever, {})
         return self.model_copy(update=change)

@@ -23,6 +23,8 @@ def test_each_lever_changes_one_thing(tmp_path):
     assert changed["spade"] == ({"site", "run_dir"}, False, False) and changed["diffaug"][0] == {"site", "run_dir"}
     assert changed["healthy"] == ({"run_dir"}, True, False) and changed["samples3"] == ({"run_dir"}, False, True)
     assert changed["longer"][0] == {"site", "checkpoint_every", "run_dir"}
+    no_l1 = lever_settings(cfg, "no_l1", 0, tmp_path / "n")[0]
+    assert changed["no_l1"][0] == {"site", "run_dir"} and (base.site.loss.lambda_l1, no_l1.site.loss.lambda_l1) == (100, 0)
     assert lever_settings(cfg, "baseline", 1, tmp_path / "b").__getitem__(0).train.seed == 1  # a GAN seed is its own
 
 

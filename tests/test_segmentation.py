@@ -181,7 +181,18 @@ def trained(trees, tmp_path_factory):
     return model, r
 
 
-def test_train_then_eval_through_the_cli(trees, trained):
+@pytest.fixture(scope="module")
+def evaluated(trees, trained):
+    """The trained model scored on the test tree through the CLI: (results folder, the command's result)."""
+    model, _ = trained
+    out = model.parent / "results"
+    r = run_cli(["asyndgan.cli.main", "segment", "eval", "--model", str(model), "--data",
+                 str(trees / "test"), "--out", str(out), "--threads", "1", "--no-progress"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_train_then_eval_through_the_cli(trees, trained, evaluated):
     model, r = trained
     assert "trained 120 steps" in r.stdout and "from 8 cases" in r.stdout  # both naming schemes pooled
     assert {"model.pt", "recipe.json", "training.json", "train.log"} <= {p.name for p in model.iterdir()}
@@ -190,10 +201,7 @@ def test_train_then_eval_through_the_cli(trees, trained):
     assert training["slices"]["healthy"] > 0 and training["slices"]["tumour"] > 0  # healthy anatomy seen too
     assert math.isfinite(training["final_loss"])
 
-    out = model.parent / "results"
-    r = run_cli(["asyndgan.cli.main", "segment", "eval", "--model", str(model), "--data",
-                 str(trees / "test"), "--out", str(out), "--threads", "1", "--no-progress"], timeout=120)
-    assert r.returncode == 0, r.stderr
+    out, r = evaluated
     assert "whole tumour, 4 patients: Dice" in r.stdout
     with open(out / "per_patient.csv") as f:
         rows = {row["case"]: row for row in csv.DictReader(f)}
@@ -224,7 +232,7 @@ def test_train_then_eval_through_the_cli(trees, trained):
     assert summary["dice_tumour_slices"]["n"] == 3
 
 
-def test_library_evaluation_matches_the_recipe_and_refuses_other_preprocessing(trees, trained):
+def test_library_evaluation_matches_the_recipe_and_refuses_other_preprocessing(trees, trained, evaluated):
     model, _ = trained
     net, recipe = load_model(model)
     assert recipe.preprocessing.image_size == 16 and recipe.network.channels == [8, 16, 32]
@@ -234,7 +242,7 @@ def test_library_evaluation_matches_the_recipe_and_refuses_other_preprocessing(t
     assert [c.name for c in in_two.cases] == [c.name for c in test.cases]
     assert all(torch.equal(a.inputs, b.inputs) and (a.seg == b.seg).all() for a, b in zip(test.cases, in_two.cases))
     result = evaluate_model(model, test, "cpu", progress=False)
-    with open(model.parent / "results" / "per_patient.csv") as f:
+    with open(evaluated[0] / "per_patient.csv") as f:  # what the CLI wrote
         assert [row["dice"] for row in csv.DictReader(f)] == [str(r["dice"]) for r in result.rows]  # deterministic
     other = load_test_cases(trees / "test", Preprocessing(image_size=32), progress=False)
     with pytest.raises(ConfigError, match="different preprocessing"):
