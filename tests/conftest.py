@@ -28,7 +28,11 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [i for i in items if i.fspath.basename != DEPLOY_TEST] + deploy
     import deploy_stack
 
-    if deploy_stack.missing() is None and not config.option.collectonly:
+    if os.environ.get(deploy_stack.STARTED_ENV) and not config.option.collectonly:
+        # scripts/test.sh started the job before the first tier, so that it overlaps the whole suite
+        work = pathlib.Path(os.environ[deploy_stack.STARTED_ENV])
+        config._asyndgan_deploy = (deploy_stack.StartedJob(work), work / "outcome.json", work / "deploy.log")
+    elif deploy_stack.missing() is None and not config.option.collectonly:
         work = pathlib.Path(tempfile.mkdtemp(prefix="asyndgan-deploy-test-"))
         out, logfile = work / "outcome.json", work / "deploy.log"
         # nice 19: dockerd, the build and the containers inherit it, so the rest of the suite keeps the CPUs
@@ -40,7 +44,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     job = getattr(session.config, "_asyndgan_deploy", None)
-    if job is not None and job[0].poll() is None:  # the session ended early: let the job tear everything down
+    # (a job scripts/test.sh started outlives this session: the script tears it down)
+    if job is not None and getattr(job[0], "owned", True) and job[0].poll() is None:  # the session ended early: let the job tear everything down
         job[0].terminate()
         try:
             job[0].wait(180)
