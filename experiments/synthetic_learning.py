@@ -222,8 +222,11 @@ def pooled_tree(sites: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path
     for site in sites:
         for case in sorted(p for p in site.iterdir() if p.is_dir()):
             link = folder / case.name
-            if not link.exists():
-                os.symlink(case.resolve(), link)
+            if not link.is_symlink():
+                try:
+                    os.symlink(case.resolve(), link)
+                except FileExistsError:  # another process of the command made it just now
+                    pass
     return folder
 
 
