@@ -221,12 +221,14 @@ def pooled_tree(sites: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path
     folder.mkdir(parents=True, exist_ok=True)
     for site in sites:
         for case in sorted(p for p in site.iterdir() if p.is_dir()):
-            link = folder / case.name
-            if not link.is_symlink():
-                try:
-                    os.symlink(case.resolve(), link)
-                except FileExistsError:  # another process of the command made it just now
-                    pass
+            link, target = folder / case.name, case.resolve()
+            if link.is_symlink() and link.resolve() == target:
+                continue
+            link.unlink(missing_ok=True)  # a link left by a run whose data was elsewhere
+            try:
+                os.symlink(target, link)
+            except FileExistsError:  # another process of the command made it just now (the same link)
+                pass
     return folder
 
 

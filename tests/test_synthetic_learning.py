@@ -125,6 +125,21 @@ def test_rows_augment_the_smallest_site(tmp_path):
     assert set(sl.rows(sites, None, [5, 2, 9])) == {"real_all", "real_site1", "real_site2", "real_site3"}
 
 
+def test_the_pooled_tree_links_every_case_once_whoever_made_it_first(tmp_path):
+    from asyndgan.experiments.synthetic_learning import pooled_tree
+
+    sites = [tmp_path / "site1", tmp_path / "site2"]
+    for k, site in enumerate(sites):
+        (site / f"CASE_{k}").mkdir(parents=True)
+    pooled = tmp_path / "pooled"
+    pooled.mkdir()
+    (pooled / "CASE_0").symlink_to(sites[0] / "CASE_0")  # a second process of the command linked it already
+    (pooled / "CASE_1").symlink_to(tmp_path / "gone")  # left by a run whose data was elsewhere: made right
+    assert pooled_tree(sites, pooled) == pooled and pooled_tree(sites, pooled) == pooled
+    assert {p.name: p.resolve() for p in pooled.iterdir()} == {"CASE_0": (sites[0] / "CASE_0").resolve(),
+                                                               "CASE_1": (sites[1] / "CASE_1").resolve()}
+
+
 def test_pick_slices_spreads_through_the_tumour_only():
     seg = np.zeros((4, 4, 20), np.uint8)
     seg[..., 5:15] = 1  # brain only: not picked
