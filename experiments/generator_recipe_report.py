@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 
 from asyndgan.experiments.pieces import write_json
+from asyndgan.experiments.recipe import LEVERS
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def markdown(cfg, levers: dict, timings: dict) -> str:
                      f"{r['gan_seconds']:.0f} |")
     chosen = [lever for lever, r in levers.items() if r.get("adopted")]
     lines += ["", f"Adopted by the rule: {', '.join(chosen) if chosen else 'none'}."]
+    unmeasured = [lever for lever in LEVERS if lever not in levers]
+    if unmeasured:
+        lines += ["", f"Not measured in this run (`--levers` chose the others): {', '.join(unmeasured)}."]
     lines += ["", "Figures: `levers.png` (Dice per lever, GAN seeds as dots); `samples.png` (the same label maps "
               "through each lever's first generator: label map, then FLAIR).", ""]
     return "\n".join(lines)

@@ -62,7 +62,9 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     assert sorted(spade["validation_patients"]) == validation and sorted(spade["patients"]) == test
     gap = spade["validation_minus_baseline"]
     assert spade["adopted"] == (gap["low"] > 0) and gap["patients"] == 3
-    assert "| spade |" in (out / "report.md").read_text() and "Adopted by the rule" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| spade |" in report and "Adopted by the rule" in report
+    assert "Not measured in this run (`--levers` chose the others): ema, multiscale," in report
     assert (out / "levers.png").stat().st_size > 5_000 and (out / "samples.png").stat().st_size > 1_000
     timings = json.loads((out / "timings.json").read_text())
     again = CliRunner().invoke(main, args)
