@@ -41,7 +41,8 @@ difference against the baseline there has its 95% interval above zero (generator
 test patients' numbers report what the chosen recipe gives; they choose nothing.
 
 Resumable: every GAN, synthetic set and segmentation model is kept in OUT; two processes of the command on one OUT
-share the GANs.
+share the GANs. A piece's record (OUT/pieces/<lever>_g<seed>.json) is all the report needs: records copied with
+OUT/settings.json into a new OUT are kept, and only the missing pieces run.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ with an interval, resumes without redoing anything, and a lever name it does not
 from __future__ import annotations
 
 import json
+import shutil
 
 from click.testing import CliRunner
 
@@ -70,6 +71,16 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and json.loads((out / "results.json").read_text())["levers"] == results["levers"]
     assert json.loads((out / "timings.json").read_text())["gan_spade_g1"] < timings["gan_spade_g1"] + 1
+    # the piece records and the settings they were made with, copied into a new OUT (another machine), are kept:
+    # nothing is trained again
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "pieces", moved / "pieces")
+    shutil.copy(out / "settings.json", moved / "settings.json")
+    shutil.rmtree(out / "gan")  # the generators are not there: the sample grid leaves them out
+    elsewhere = CliRunner().invoke(main, [*args[:5], str(moved), *args[6:]])
+    assert elsewhere.exit_code == 0, (elsewhere.output, elsewhere.exception)
+    assert json.loads((moved / "results.json").read_text())["levers"] == results["levers"]
+    assert not (moved / "gan").exists() and not (moved / "segmentation").exists()
     bad = CliRunner().invoke(main, [*args[:6], "--levers", "zoom", "--log-level", "WARNING"])
     assert bad.exit_code == 2 and "zoom" in bad.output
 
