@@ -315,6 +315,7 @@ def main() -> int:
     outcome: dict = {"ok": False, "error": "", "timings": {}}
     reason = missing()
     if reason:  # nothing to try here: the test is skipped with this reason
+        log.warning("the stack is not tried on this machine: %s", reason)
         outcome["skipped"] = reason
         if args.json:
             args.json.write_text(json.dumps(outcome, indent=2))
