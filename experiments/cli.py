@@ -259,13 +259,15 @@ def anchor_tuning(preset, out, pretraining, seed, threads, log_level):
 
 @experiment.command("generator-recipe")
 @click.option("--preset", type=click.Choice(["smoke", "cpu", "gpu"]), default="smoke", show_default=True,
-              help="smoke: the plumbing in minutes; cpu: the synthetic-learning cpu data and GAN (about 4 h for "
-                   "every lever, resumable); gpu: its gpu settings.")
+              help="smoke: the plumbing in minutes; cpu: the synthetic-learning cpu data and GAN (about 40 min "
+                   "per lever and GAN seed on one core, so about 7 h for every lever with two processes; "
+                   "resumable); gpu: its gpu settings.")
 @click.option("--out", type=click.Path(path_type=pathlib.Path), required=True,
               help="Output folder (resumable: finished pieces are kept).")
 @click.option("--levers", help="Comma-separated levers to measure [all: baseline, ema, spade, multiscale, diffaug, "
-                               "healthy, samples3, longer, ema_warmup, appearance, no_l1]; the baseline is always "
-                               "measured.")
+                               "healthy, samples3, longer, ema_warmup, appearance, no_l1]; several joined by + are "
+                               "pulled together (spade+no_l1: spade as private sites must train it) and compared "
+                               "with each measured lever they contain as well; the baseline is always measured.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--threads", type=click.IntRange(1, 256), help="Torch CPU threads [2]. Two processes of this command "
               "on one OUT share the GANs.")
@@ -278,25 +280,29 @@ def generator_recipe(preset, out, levers, seed, threads, log_level):
 
     from asyndgan.common.config import describe_validation_error
     from asyndgan.common.errors import ConfigError
-    from asyndgan.experiments.generator_recipe import LEVERS, preset_config, run
+    from asyndgan.experiments.generator_recipe import preset_config, run
+    from asyndgan.experiments.recipe import lever_parts
 
     setup_logging(log_level, out / "experiment.log")
     cfg = preset_config(preset, out, seed)
     update: dict = {"threads": threads} if threads else {}
     if levers:
         chosen = ["baseline", *(x.strip() for x in levers.split(",") if x.strip() and x.strip() != "baseline")]
-        unknown = [x for x in chosen if x not in LEVERS]
-        if unknown:
-            raise ConfigError(f"unknown lever {unknown[0]!r} (known: {', '.join(LEVERS)})")
+        for lever in chosen:
+            try:
+                lever_parts(lever)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         update["levers"] = chosen
     try:
         cfg = type(cfg).model_validate({**cfg.model_dump(), **update})
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
     results = run(cfg)
+    width = max(map(len, results["levers"]))
     for lever, r in results["levers"].items():
         gap, checked = r.get("minus_baseline"), r.get("validation_minus_baseline")
-        click.echo(f"{lever:11s} Dice {r['dice']:.3f}" + ("" if gap is None else
+        click.echo(f"{lever:{width}s} Dice {r['dice']:.3f}" + ("" if gap is None else
                    f"  minus baseline {gap['mean']:+.3f} ({gap['low']:+.3f} to {gap['high']:+.3f}); on the "
                    f"validation patients {checked['mean']:+.3f} ({checked['low']:+.3f} to {checked['high']:+.3f}): "
                    f"{'adopted' if r['adopted'] else 'not adopted'}"))

@@ -54,13 +54,14 @@ import threading
 import time
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from asyndgan.central_server.trainer import Trainer
 from asyndgan.common.config import DataPrepConfig, ServerConfig
 from asyndgan.demo_data.phantom import PhantomConfig, write_phantom
 from asyndgan.experiments import synthetic_learning as sl
-from asyndgan.experiments.recipe import LEVERS, PAPERS, SEGMENTATION_LEVERS, Lever
+from asyndgan.experiments.recipe import (LEVERS, PAPERS, SEGMENTATION_LEVERS, lever_name, lever_parts,
+                                         synthesis_lever, training_lever)
 from asyndgan.experiments.pieces import (ExperimentConfig, json_if_file, kept_or_reset,
                                          require_checkpoint, shared_pieces, write_json, written_once)
 from asyndgan.experiments.scoring import RowScore, SeedScore, score_rows
@@ -76,13 +77,22 @@ class GeneratorRecipeConfig(ExperimentConfig):
     phantom: sl.PhantomSection
     gan: sl.GANSection
     segmentation: SegmentationRecipe
-    levers: list[Lever] = Field(default_factory=lambda: list(LEVERS), min_length=1)
+    levers: list[str] = Field(default_factory=lambda: list(LEVERS), min_length=1,
+                              description="levers to measure, each one of LEVERS or several joined by +")
     gan_seeds: int = Field(2, ge=1, description="GANs per lever (seed, seed+1, ...)")
     validation_cases: int = Field(30, ge=2, description="patients of the validation cohort the levers are chosen "
                                   "on (the test patients choose nothing)")
     segmentation_seeds: int = Field(3, ge=1, description="segmentation models per GAN")
     device: str = "cpu"
     threads: int = Field(2, ge=1)
+
+    @field_validator("levers")
+    @classmethod
+    def _known_levers(cls, levers: list[str]) -> list[str]:
+        names = [lever_name(lever_parts(lever)) for lever in levers]  # `no_l1+spade` is `spade+no_l1`
+        if len(set(names)) != len(names):
+            raise ValueError("a lever is named twice")
+        return names
 
 
 def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRecipeConfig:
@@ -99,17 +109,18 @@ def preset_config(preset: str, out: pathlib.Path, seed: int = 0) -> GeneratorRec
 
 
 # ---- one GAN ----------------------------------------------------------------------------------------------------
-def lever_settings(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, run_dir: pathlib.Path
+def lever_settings(cfg: GeneratorRecipeConfig, lever: str, gan_seed: int, run_dir: pathlib.Path
                    ) -> tuple[ServerConfig, DataPrepConfig, int]:
     """(server settings, the pooled site's data preparation, synthetic cases per label-map case) of one GAN: the
-    experiment's recipe (cfg.gan.recipe, the papers' by default) with one lever pulled."""
+    experiment's recipe (cfg.gan.recipe, the papers' by default) with a lever pulled (or several: `spade+no_l1`)."""
+    parts = lever_parts(lever)
     recipe = cfg.gan.recipe.with_lever(lever)
     seeded = cfg.model_copy(update={"seed": gan_seed, "gan": cfg.gan.model_copy(update={"recipe": recipe})})
     scfg = sl.server_config(seeded, run_dir, 1, cfg.gan.batch_per_site * len(cfg.phantom.cases_per_site))  # type: ignore[arg-type]
-    if lever == "longer":
+    if "longer" in parts:
         scfg.site.schedule.steps = 2 * cfg.gan.steps
         scfg.checkpoint_every = max(1, scfg.site.schedule.steps // 4)
-    if lever == "no_l1":
+    if "no_l1" in parts:
         scfg.site.loss.lambda_l1 = 0.0
     scfg = ServerConfig.model_validate(json.loads(scfg.model_dump_json()))  # the changed settings checked
     return scfg, recipe.prep(cfg.out / "cache"), recipe.samples
@@ -121,21 +132,23 @@ def _training(scfg: ServerConfig, prep: DataPrepConfig) -> str:
                        json.loads(prep.model_dump_json())], sort_keys=True)
 
 
-def fit(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, pooled: pathlib.Path) -> dict:
+def fit(cfg: GeneratorRecipeConfig, lever: str, gan_seed: int, pooled: pathlib.Path) -> dict:
     """One GAN of one lever on the pooled data, in this process: {checkpoint, steps, seconds, samples}. A lever
-    that changes nothing in training (samples3: only the synthesis differs) uses the baseline's finished GAN of
-    the same seed, so that the comparison isolates the lever exactly ("shared_with" in the record)."""
+    whose parts change nothing in training (samples3: only the synthesis differs; appearance+no_l1 trains as
+    no_l1) uses the finished GAN of the same seed of the lever it trains as, so that the comparison isolates the
+    lever exactly ("shared_with" in the record)."""
     run_dir = cfg.out / "gan" / lever / f"seed{gan_seed}"
     record = run_dir / "gan.json"
     if record.is_file():
         return json.loads(record.read_text())
     scfg, prep, samples = lever_settings(cfg, lever, gan_seed, run_dir)
-    base = cfg.out / "gan" / "baseline" / f"seed{gan_seed}" / "gan.json"
-    if lever != "baseline" and base.is_file() and \
-            _training(scfg, prep) == _training(*lever_settings(cfg, "baseline", gan_seed, run_dir)[:2]):
-        result = {**json.loads(base.read_text()), "lever": lever, "samples": samples, "shared_with": "baseline"}
+    trains_as = training_lever(lever)
+    base = cfg.out / "gan" / trains_as / f"seed{gan_seed}" / "gan.json"
+    if trains_as != lever and base.is_file() and \
+            _training(scfg, prep) == _training(*lever_settings(cfg, trains_as, gan_seed, run_dir)[:2]):
+        result = {**json.loads(base.read_text()), "lever": lever, "samples": samples, "shared_with": trains_as}
         write_json(record, result)
-        log.info("%s seed %d trains as the baseline does: its GAN is the baseline's (%s)", lever, gan_seed,
+        log.info("%s seed %d trains as %s does: its GAN is that one (%s)", lever, gan_seed, trains_as,
                  result["checkpoint"])
         return result
     steps = scfg.site.schedule.steps
@@ -150,9 +163,9 @@ def fit(cfg: GeneratorRecipeConfig, lever: Lever, gan_seed: int, pooled: pathlib
 
 
 def segmentation_recipe(cfg: GeneratorRecipeConfig, lever: str) -> SegmentationRecipe:
-    """The experiment's segmentation recipe, with the lever's change where it is a segmentation lever."""
-    change = SEGMENTATION_LEVERS.get(lever)
-    if change is None:
+    """The experiment's segmentation recipe, with the lever's changes where it pulls segmentation levers."""
+    change = {k: v for part in lever_parts(lever) for k, v in SEGMENTATION_LEVERS.get(part, {}).items()}
+    if not change:
         return cfg.segmentation
     return cfg.segmentation.model_copy(update={"training": cfg.segmentation.training.model_copy(update=change)})
 
@@ -217,9 +230,11 @@ def run(cfg: GeneratorRecipeConfig) -> dict:
     def piece(name: str) -> dict:
         lever, g = name.rsplit("_g", 1)
         gan = timed(f"gan_{name}", fit, cfg, lever, int(g), pooled)
-        # a segmentation lever segments the baseline's very synthetic data
-        same_data = lever in SEGMENTATION_LEVERS and gan.get("shared_with") == "baseline"
-        data = timed(f"synthesis_{name}", synthetic, cfg, f"baseline_g{g}" if same_data else name, gan, pooled)
+        # a segmentation lever segments the very synthetic data of the lever it is pulled on (appearance: the
+        # baseline's)
+        makes = synthesis_lever(lever)
+        same_data = makes != lever and gan.get("shared_with") == training_lever(makes)
+        data = timed(f"synthesis_{name}", synthetic, cfg, f"{makes}_g{g}" if same_data else name, gan, pooled)
         scores = timed(f"segmentation_{name}", score_rows, cfg.out / "segmentation", {name: [data]},
                        segmentation_recipe(cfg, lever), seg_seeds, test_dir, cfg.device)[name]
         checked = timed(f"validation_{name}", validate, cfg, name, seg_seeds, validation_cases)
@@ -261,4 +276,10 @@ def summarise(cfg: GeneratorRecipeConfig, done: dict, gan_seeds: list[int]) -> d
                 row["validation_minus_baseline"] = gap = paired(row["validation_patients"],
                                                                 levers["baseline"]["validation_patients"])
                 row["adopted"] = bool(gap["low"] > 0)  # ADOPT_RULE
+    for lever, row in levers.items():  # levers pulled together, against each measured part of them
+        parts = set(lever_parts(lever))
+        row["minus_parts"] = {
+            other: {"test": paired(row["patients"], levers[other]["patients"]),
+                    "validation": paired(row["validation_patients"], levers[other]["validation_patients"])}
+            for other in levers if other != "baseline" and set(lever_parts(other)) < parts}
     return levers

@@ -9,12 +9,14 @@ import pathlib
 import numpy as np
 
 from asyndgan.experiments.pieces import write_json
-from asyndgan.experiments.recipe import LEVERS
+from asyndgan.experiments.recipe import LEVERS, lever_parts
 
 log = logging.getLogger(__name__)
 
 ADOPT_RULE = ("a lever is adopted when its paired per-patient difference against the baseline on the validation "
               "patients has its 95% interval above zero")
+PRIVATE_RULE = ("a lever goes into the shipped default only when, pulled together with no_l1 (as private sites "
+                "must train), it beats no_l1 alone on the validation patients with its 95% interval above zero")
 
 WHAT = {
     "baseline": "the papers' recipe (ResNet generator, PatchGAN, L1 100, tumour slices)",
@@ -25,10 +27,15 @@ WHAT = {
     "healthy": "healthy brain slices beside the tumour slices (0.5 per tumour slice)",
     "samples3": "three synthetic cases per label-map case (label maps moved; the baseline's GANs)",
     "longer": "twice the generator steps",
-    "appearance": "appearance augmentation when segmenting (bias field, gamma, noise, blur; the baseline's data)",
+    "appearance": "appearance augmentation when segmenting (bias field, gamma, noise, blur; the same synthetic data)",
     "no_l1": "no L1 term (what a private site requires: the system's default)",
     "ema_warmup": "the moving average with its decay warmed up (min(0.999, (1 + n) / (10 + n)))",
 }
+
+
+def what(lever: str) -> str:
+    """What a lever changes, in words (levers pulled together: each part's)."""
+    return " + ".join(WHAT.get(part, part) for part in lever_parts(lever))
 
 
 def write_all(cfg, levers: dict, timings: dict) -> dict:
@@ -64,7 +71,7 @@ def markdown(cfg, levers: dict, timings: dict) -> str:
              *(["- `ema_warmup` was added after `ema`'s first GAN had scored below the baseline on the test "
                 "patients (diagnosis: a constant decay keeps 0.999^2000 = 13.5% of the first step's weights); its "
                 "rule is TensorFlow's standard one, nothing in it was tuned, and whether it is adopted is decided on "
-                "the validation patients like every lever's."] if "ema_warmup" in levers else []),
+                "the validation patients like every lever's."] if any("ema_warmup" in lever_parts(x) for x in levers) else []),
              "", "## Levers", "",
              "| lever | what | Dice (test) | per GAN seed | minus baseline, test (95% interval) | "
              "minus baseline, validation (95% interval) | adopted | steps | s per GAN |",
@@ -75,13 +82,23 @@ def markdown(cfg, levers: dict, timings: dict) -> str:
 
     for lever, r in levers.items():
         adopted = "-" if "adopted" not in r else ("**yes**" if r["adopted"] else "no")
-        lines.append(f"| {lever} | {WHAT.get(lever, lever)} | {r['dice']:.3f} ± {r['gan_sd']:.3f} | "
+        lines.append(f"| {lever} | {what(lever)} | {r['dice']:.3f} ± {r['gan_sd']:.3f} | "
                      f"{', '.join(f'{d:.3f}' for d in r['dice_per_gan'])} | {gap_text(r.get('minus_baseline'))} | "
                      f"{gap_text(r.get('validation_minus_baseline'))} | {adopted} | {r['steps']} | "
                      f"{r['gan_seconds']:.0f} |")
     chosen = [lever for lever, r in levers.items() if r.get("adopted")]
     lines += ["", f"Adopted by the rule: {', '.join(chosen) if chosen else 'none'}."]
-    unmeasured = [lever for lever in LEVERS if lever not in levers]
+    combined = {lever: r["minus_parts"] for lever, r in levers.items() if r.get("minus_parts")}
+    if combined:
+        lines += ["", "## Levers pulled together, against their parts", "",
+                  f"Each row: the combination minus one measured lever it contains (the lever it adds to), per "
+                  f"patient, as above. The shipped default: {PRIVATE_RULE}.", "",
+                  "| combination | minus | test (95% interval) | validation (95% interval) |", "|---|---|---|---|"]
+        for lever, against in combined.items():
+            for other, gaps in against.items():
+                lines.append(f"| {lever} | {other} | {gap_text(gaps['test'])} | {gap_text(gaps['validation'])} |")
+    measured = {part for lever in levers for part in lever_parts(lever)}
+    unmeasured = [lever for lever in LEVERS if lever not in measured]
     if unmeasured:
         lines += ["", f"Not measured in this run (`--levers` chose the others): {', '.join(unmeasured)}."]
     lines += ["", "Figures: `levers.png` (Dice per lever, GAN seeds as dots); `samples.png` (the same label maps "

@@ -25,6 +25,41 @@ LEVERS: tuple[Lever, ...] = ("baseline", "ema", "spade", "multiscale", "diffaug"
 # Levers of the segmentation recipe, not of the generator's: the baseline's GANs and synthetic data, segmented with
 # this change of SegmentationRecipe.training (adopted, it holds for every row of every table, real rows included).
 SEGMENTATION_LEVERS: dict[str, dict] = {"appearance": {"appearance": True}}
+# Levers that change nothing in how the GAN trains: a lever made of these and others trains as the others do.
+NOT_TRAINING: frozenset[str] = frozenset({"samples3", *SEGMENTATION_LEVERS})
+
+
+def lever_parts(name: str) -> tuple[Lever, ...]:
+    """The single levers a measured lever pulls: `spade`, or several pulled together, `spade+no_l1` (how a lever
+    chosen with L1 is confirmed as private sites must train it). Raises ValueError naming what is wrong."""
+    parts = tuple(p.strip() for p in name.split("+"))
+    unknown = [p for p in parts if p not in LEVERS]
+    if unknown:
+        raise ValueError(f"unknown lever {unknown[0]!r} in {name!r} (known: {', '.join(LEVERS)}; join several "
+                         "with +)")
+    if len(parts) > 1 and "baseline" in parts:
+        raise ValueError(f"{name!r}: baseline is no lever to combine (it is what every lever changes)")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{name!r} names a lever twice")
+    return parts  # type: ignore[return-value]
+
+
+def lever_name(parts) -> str:
+    """The canonical name of levers pulled together (`baseline` for none), in LEVERS' order."""
+    pulled = set(parts)
+    chosen = [lever for lever in LEVERS if lever in pulled and lever != "baseline"]
+    return "+".join(chosen) or "baseline"
+
+
+def training_lever(name: str) -> str:
+    """The lever whose GAN `name` trains as: `name` without the parts that change only the synthesis or the
+    segmentation (`appearance+no_l1` trains as `no_l1`, `samples3` as `baseline`)."""
+    return lever_name(p for p in lever_parts(name) if p not in NOT_TRAINING)
+
+
+def synthesis_lever(name: str) -> str:
+    """The lever whose synthetic data `name` segments: `name` without its segmentation parts."""
+    return lever_name(p for p in lever_parts(name) if p not in SEGMENTATION_LEVERS)
 
 
 class GANRecipe(BaseModel):
@@ -38,9 +73,15 @@ class GANRecipe(BaseModel):
     healthy_ratio: float = Field(0.0, ge=0, le=4, description="DataPrepConfig.healthy_ratio at every site")
     samples: int = Field(1, ge=1, le=16, description="synthetic cases per label-map case (generate --samples)")
 
-    def with_lever(self, lever: Lever) -> "GANRecipe":
-        """This recipe with one lever pulled (`baseline`, and `longer` and `no_l1`, matters of the schedule and the
-        loss that experiments set themselves, change nothing here)."""
+    def with_lever(self, lever: str) -> "GANRecipe":
+        """This recipe with a lever pulled, or several (`spade+diffaug`; `baseline`, and `longer` and `no_l1`,
+        matters of the schedule and the loss that experiments set themselves, change nothing here)."""
+        parts = lever_parts(lever)
+        if len(parts) > 1:
+            recipe = self
+            for part in parts:
+                recipe = recipe.with_lever(part)
+            return recipe
         change = {"ema": {"ema_decay": 0.999}, "ema_warmup": {"ema_decay": 0.999, "ema_warmup": True},
                   "spade": {"generator": "spade"}, "multiscale": {"d_scales": 2},
                   "diffaug": {"diff_augment": ["translation", "cutout"]}, "healthy": {"healthy_ratio": 0.5},

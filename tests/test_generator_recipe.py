@@ -29,14 +29,36 @@ def test_each_lever_changes_one_thing(tmp_path):
     assert lever_settings(cfg, "baseline", 1, tmp_path / "b").__getitem__(0).train.seed == 1  # a GAN seed is its own
 
 
+def test_levers_pulled_together_change_each_of_their_things(tmp_path):
+    from asyndgan.experiments.recipe import lever_parts, synthesis_lever, training_lever
+
+    cfg = preset_config("cpu", tmp_path)
+    both, prep, samples = lever_settings(cfg, "spade+no_l1+longer+healthy", 0, tmp_path / "x")
+    assert (both.site.model.image2d.generator, both.site.loss.lambda_l1) == ("spade", 0)
+    assert both.site.schedule.steps == 2 * cfg.gan.steps and prep.healthy_ratio == 0.5 and samples == 1
+    assert training_lever("appearance+no_l1") == "no_l1" and training_lever("samples3+appearance") == "baseline"
+    assert synthesis_lever("appearance+samples3+spade") == "spade+samples3"
+    assert training_lever("no_l1+spade") == "spade+no_l1"  # one name, whatever the order
+    cfg = type(cfg).model_validate({**cfg.model_dump(), "levers": ["baseline", "no_l1+spade"]})
+    assert cfg.levers == ["baseline", "spade+no_l1"]
+    for bad, why in (("spade+zoom", "unknown lever 'zoom'"), ("no_l1+no_l1", "twice"), ("baseline+ema", "baseline")):
+        try:
+            lever_parts(bad)
+        except ValueError as exc:
+            assert why in str(exc)
+        else:
+            raise AssertionError(bad)
+
+
 def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     out = tmp_path / "gr"
-    args = ["experiment", "generator-recipe", "--preset", "smoke", "--out", str(out), "--levers", "spade,samples3,appearance",
+    args = ["experiment", "generator-recipe", "--preset", "smoke", "--out", str(out), "--levers",
+            "spade,samples3,appearance,appearance+spade",
             "--threads", "1", "--log-level", "WARNING"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, (r.output, r.exception)
     results = json.loads((out / "results.json").read_text())
-    assert list(results["levers"]) == ["baseline", "spade", "samples3", "appearance"]
+    assert list(results["levers"]) == ["baseline", "spade", "samples3", "appearance", "spade+appearance"]
     # samples3 trains as the baseline does: its GANs are the baseline's, only the synthesis differs
     for g in (0, 1):
         shared = json.loads((out / "gan" / "samples3" / f"seed{g}" / "gan.json").read_text())
@@ -48,6 +70,14 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     recipe = json.loads((out / "segmentation" / "appearance_g0" / "seed0" / "model" / "recipe.json").read_text())
     base = json.loads((out / "segmentation" / "baseline_g0" / "seed0" / "model" / "recipe.json").read_text())
     assert recipe["training"]["appearance"] and not base["training"]["appearance"]
+    # levers pulled together: spade's GAN and synthetic data, segmented with appearance, and compared with each part
+    combined = json.loads((out / "gan" / "spade+appearance" / "seed0" / "gan.json").read_text())
+    assert combined["shared_with"] == "spade" and not (out / "synthetic" / "spade+appearance_g0").exists()
+    recipe = json.loads((out / "segmentation" / "spade+appearance_g0" / "seed0" / "model" / "recipe.json").read_text())
+    assert recipe["training"]["appearance"]
+    against = results["levers"]["spade+appearance"]["minus_parts"]
+    assert set(against) == {"spade", "appearance"} and against["spade"]["validation"]["patients"] == 3
+    assert results["levers"]["spade"]["minus_parts"] == {}
     cases = [p for p in (out / "synthetic" / "samples3_g0").iterdir() if p.is_dir()]
     assert len(cases) == 3 * len([p for p in (out / "synthetic" / "baseline_g0").iterdir() if p.is_dir()])
     for lever in ("spade",):
@@ -65,6 +95,7 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     assert spade["adopted"] == (gap["low"] > 0) and gap["patients"] == 3
     report = (out / "report.md").read_text()
     assert "| spade |" in report and "Adopted by the rule" in report
+    assert "| spade+appearance | spade |" in report and "SPADE generator (the label map in every block) + " in report
     assert "Not measured in this run (`--levers` chose the others): ema, multiscale," in report
     assert (out / "levers.png").stat().st_size > 5_000 and (out / "samples.png").stat().st_size > 1_000
     timings = json.loads((out / "timings.json").read_text())
@@ -83,6 +114,8 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     assert not (moved / "gan").exists() and not (moved / "segmentation").exists()
     bad = CliRunner().invoke(main, [*args[:6], "--levers", "zoom", "--log-level", "WARNING"])
     assert bad.exit_code == 2 and "zoom" in bad.output
+    bad = CliRunner().invoke(main, [*args[:6], "--levers", "spade+spade", "--log-level", "WARNING"])
+    assert bad.exit_code == 2 and "'spade+spade' names a lever twice" in bad.output
 
 
 def test_a_recipe_is_the_systems_own_settings(tmp_path):
