@@ -157,8 +157,10 @@ def sample_grid(cfg, path: pathlib.Path, levers: list[str], count: int = 4) -> N
         from PIL import ImageDraw
 
         grid = Image.fromarray(np.concatenate(rows, axis=0))
-        named = Image.new("RGB", (grid.width + 90, grid.height), "white")
-        named.paste(grid, (90, 0))
+        draw = ImageDraw.Draw(grid)  # only to measure the names: the label column fits the longest
+        margin = 12 + max(int(draw.textlength(lever)) for lever in drawn)
+        named = Image.new("RGB", (grid.width + margin, grid.height), "white")
+        named.paste(grid, (margin, 0))
         draw, height = ImageDraw.Draw(named), grid.height // len(rows)
         for i, lever in enumerate(drawn):
             draw.text((4, i * height + height // 2 - 5), lever, fill="black")
