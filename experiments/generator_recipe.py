@@ -282,4 +282,6 @@ def summarise(cfg: GeneratorRecipeConfig, done: dict, gan_seeds: list[int]) -> d
             other: {"test": paired(row["patients"], levers[other]["patients"]),
                     "validation": paired(row["validation_patients"], levers[other]["validation_patients"])}
             for other in levers if other != "baseline" and set(lever_parts(other)) < parts}
+        if "no_l1" in row["minus_parts"]:  # PRIVATE_RULE: what the lever adds to the recipe private sites train
+            row["private_default"] = bool(row["minus_parts"]["no_l1"]["validation"]["low"] > 0)
     return levers

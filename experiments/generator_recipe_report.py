@@ -97,6 +97,8 @@ def markdown(cfg, levers: dict, timings: dict) -> str:
         for lever, against in combined.items():
             for other, gaps in against.items():
                 lines.append(f"| {lever} | {other} | {gap_text(gaps['test'])} | {gap_text(gaps['validation'])} |")
+        private = [lever for lever, r in levers.items() if r.get("private_default")]
+        lines += ["", f"Into the shipped default by that rule: {', '.join(private) if private else 'none'}."]
     measured = {part for lever in levers for part in lever_parts(lever)}
     unmeasured = [lever for lever in LEVERS if lever not in measured]
     if unmeasured:

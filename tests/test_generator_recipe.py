@@ -78,6 +78,7 @@ def test_smoke_runs_the_levers_against_the_baseline_and_resumes(tmp_path):
     against = results["levers"]["spade+appearance"]["minus_parts"]
     assert set(against) == {"spade", "appearance"} and against["spade"]["validation"]["patients"] == 3
     assert results["levers"]["spade"]["minus_parts"] == {}
+    assert "private_default" not in results["levers"]["spade+appearance"]  # only a row with no_l1 in it decides that
     cases = [p for p in (out / "synthetic" / "samples3_g0").iterdir() if p.is_dir()]
     assert len(cases) == 3 * len([p for p in (out / "synthetic" / "baseline_g0").iterdir() if p.is_dir()])
     for lever in ("spade",):
